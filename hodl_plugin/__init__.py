@@ -1,0 +1,59 @@
+"""hodl_plugin — Hierarchical Optimization-Derived Learning for the PyTorch bilevel ecosystem.
+
+The public API in one place:
+
+- :class:`GKMSolver` — the lower-level GKM fixed-point solver with HODL aggregation
+  (:mod:`hodl_plugin.solver`, iteration in :mod:`hodl_plugin.gkm`);
+- hypergradient methods :class:`Unrolled`, :class:`Truncated`, :class:`Implicit`, :class:`Inexact`,
+  :class:`FirstOrder` (:mod:`hodl_plugin.hypergrad`);
+- the operator library (:mod:`hodl_plugin.operators`) and proximal maps (:mod:`hodl_plugin.prox`);
+- schedules (:mod:`hodl_plugin.schedules`) and adjoint linear solvers
+  (:mod:`hodl_plugin.linear_solve`);
+- the inexact error bound (:mod:`hodl_plugin.inexact`).
+
+The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that imports Betty.
+"""
+
+from . import errors, inexact, linear_solve, operators, prox, schedules
+from .errors import ConvergenceWarning, DivergenceError, HODLError, LinearSolveError, ScheduleError
+from .gkm import SolverInfo
+from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
+from .inexact import BoundConstants
+from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
+from .schedules import Constant, Harmonic, Log, Polynomial
+from .solver import GKMSolver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GKMSolver",
+    "SolverInfo",
+    "HypergradMethod",
+    "Unrolled",
+    "Truncated",
+    "Implicit",
+    "Inexact",
+    "FirstOrder",
+    "get_method",
+    "GradientStep",
+    "ProximalGradient",
+    "LearnedResidual",
+    "KMAveraged",
+    "functional_operator",
+    "Constant",
+    "Polynomial",
+    "Harmonic",
+    "Log",
+    "BoundConstants",
+    "HODLError",
+    "ScheduleError",
+    "DivergenceError",
+    "LinearSolveError",
+    "ConvergenceWarning",
+    "errors",
+    "inexact",
+    "linear_solve",
+    "operators",
+    "prox",
+    "schedules",
+]

@@ -1,0 +1,69 @@
+"""Input validation shared by the solver and the methods (clear errors naming the culprit)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def module_tensors(*objs: object) -> list[Tensor]:
+    """Parameters and buffers of the objects that are ``nn.Module``s."""
+    out: list[Tensor] = []
+    for obj in objs:
+        if isinstance(obj, nn.Module):
+            out.extend(obj.parameters())
+            out.extend(obj.buffers())
+    return out
+
+
+def check_inputs(u0: object, params: Sequence[object], modules: Iterable[Tensor] = ()) -> None:
+    """Types, dtypes, devices and finiteness of ``u0``, ``params`` and the operator's tensors."""
+    if not isinstance(u0, Tensor):
+        raise TypeError(f"u0 must be a torch.Tensor, got {type(u0).__name__}")
+    if not u0.is_floating_point():
+        raise TypeError(f"u0 must have a floating dtype, got {u0.dtype}")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"params[{i}] must be a torch.Tensor, got {type(p).__name__}; "
+                "wrap numbers as tensors, e.g. torch.tensor([0.1], dtype=u0.dtype)"
+            )
+        _check_like(p, u0, f"params[{i}]")
+    for j, t in enumerate(modules):
+        _check_like(t, u0, f"a parameter/buffer of the operator (#{j})")
+    tensors = [u0, *(p for p in params if p.is_floating_point())]  # type: ignore[union-attr]
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
+    if not bool(finite.all()):
+        bad = [("u0" if i == 0 else f"params[{i - 1}]") for i, ok in enumerate(finite.tolist()) if not ok]
+        raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
+
+
+def _check_like(t: Tensor, u0: Tensor, what: str) -> None:
+    if t.device != u0.device:
+        raise ValueError(f"{what} is on {t.device} but u0 is on {u0.device}; move them to one device")
+    if t.is_floating_point() and t.dtype != u0.dtype:
+        raise TypeError(f"{what} has dtype {t.dtype} but u0 has dtype {u0.dtype}; use one dtype")
+
+
+def check_operator_output(out: object, u: Tensor) -> None:
+    """``T(u, *params)`` must return a tensor shaped, typed and placed like ``u``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the operator T(u, *params) must return a tensor, got {type(out).__name__}")
+    if out.shape != u.shape:
+        raise ValueError(
+            f"the operator T(u, *params) returned shape {tuple(out.shape)}, expected u's shape "
+            f"{tuple(u.shape)}"
+        )
+    if out.dtype != u.dtype:
+        raise TypeError(f"the operator T(u, *params) returned dtype {out.dtype}, expected {u.dtype}")
+    if out.device != u.device:
+        raise ValueError(f"the operator T(u, *params) returned a tensor on {out.device}, expected {u.device}")
+
+
+def check_upper_output(out: object) -> None:
+    """The upper objective ``F(u, *params)`` must return a scalar tensor."""
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the upper objective F(u, *params) must return a scalar tensor, got {shape}")

@@ -1,0 +1,170 @@
+r"""Operators :math:`T(u; x)` for the GKM solver.
+
+An operator is any callable ``T(u, *params) -> tensor shaped like u``; the GKM iteration converges
+when it is nonexpansive (averaged) in u. These ``nn.Module``\ s cover the common cases; their
+learnable parts receive gradients from every hypergradient method.
+
+- :class:`GradientStep` — :math:`T(u) = u - s\nabla_u f(u; x)`, averaged for :math:`s\in(0,2/L)`;
+  its Jacobian is symmetric, so the implicit mode uses CG.
+- :class:`ProximalGradient` — :math:`T(u) = \mathrm{prox}_{s g}(u - s\nabla_u f(u; x))`.
+- :class:`LearnedResidual` — :math:`T(u) = u - \tau N_\omega(u; x)` around an ``nn.Module``.
+- :class:`KMAveraged` — :math:`T_\beta = (1-\beta)I + \beta T`.
+- :func:`functional_operator` — a module as a pure function of explicit parameter tensors
+  (``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._autodiff import grad_u
+from .prox import Prox
+
+__all__ = ["GradientStep", "ProximalGradient", "LearnedResidual", "KMAveraged", "functional_operator"]
+
+
+def _gradient(grad: Optional[Callable[..., Tensor]], objective: Optional[Callable[..., Tensor]]):
+    if (grad is None) == (objective is None):
+        raise ValueError("give exactly one of grad= (∇_u f) or objective= (f, differentiated by autograd)")
+    if grad is not None:
+        return grad
+    return lambda u, *params: grad_u(objective, u, params)
+
+
+def _check_step(step: float) -> float:
+    if not (isinstance(step, (int, float)) and step > 0):
+        raise ValueError(f"step must be a positive number, got {step!r}")
+    return float(step)
+
+
+class GradientStep(nn.Module):
+    r"""Gradient step :math:`T(u; x) = u - s\,\nabla_u f(u; x)`.
+
+    Averaged (hence GKM-convergent) when :math:`f(\cdot; x)` is convex and L-smooth and
+    :math:`s \in (0, 2/L)`; a contraction with factor :math:`\max(|1-s\mu|, |1-sL|)` when it is also
+    μ-strongly convex. ``symmetric_jacobian = True``: :math:`I - \partial_u T = s\nabla^2 f`.
+
+    Args:
+        grad: ``∇_u f(u, *params)``; or
+        objective: ``f(u, *params)`` (scalar), differentiated by autograd.
+        step: s.
+
+    >>> import torch
+    >>> T = GradientStep(grad=lambda u, b: u - b, step=0.5)
+    >>> T(torch.zeros(2), torch.ones(2))
+    tensor([0.5000, 0.5000])
+    """
+
+    symmetric_jacobian = True
+
+    def __init__(self, grad=None, *, objective=None, step: float) -> None:
+        super().__init__()
+        self.grad_fn = _gradient(grad, objective)
+        self.step = _check_step(step)
+
+    def forward(self, u: Tensor, *params: Tensor) -> Tensor:
+        return u - self.step * self.grad_fn(u, *params)
+
+
+class ProximalGradient(nn.Module):
+    r"""Proximal-gradient step :math:`T(u; x) = \mathrm{prox}_{s g}(u - s\nabla_u f(u; x))`.
+
+    Averaged for convex L-smooth f, convex g and :math:`s\in(0,2/L)` (SPEC T4). ``prox`` is
+    ``prox(v, step, *params)`` (see :mod:`hodl_plugin.prox`), so g may carry learned weights.
+
+    LASSO :math:`\tfrac12\|Au-b\|^2 + \lambda\|u\|_1` with a learned λ:
+
+    >>> import torch
+    >>> from hodl_plugin import prox
+    >>> A = torch.eye(2); b = torch.tensor([2.0, 0.1])
+    >>> T = ProximalGradient(grad=lambda u, lam: A.T @ (A @ u - b), prox=prox.l1_param(0), step=1.0)
+    >>> T(torch.zeros(2), torch.tensor(0.5))
+    tensor([1.5000, 0.0000])
+    """
+
+    def __init__(self, grad=None, *, prox: Prox, objective=None, step: float) -> None:
+        super().__init__()
+        self.grad_fn = _gradient(grad, objective)
+        if not callable(prox):
+            raise TypeError("prox must be callable prox(v, step, *params)")
+        self.prox = prox
+        self.step = _check_step(step)
+
+    def forward(self, u: Tensor, *params: Tensor) -> Tensor:
+        return self.prox(u - self.step * self.grad_fn(u, *params), self.step, *params)
+
+
+class LearnedResidual(nn.Module):
+    r"""Learned-residual operator :math:`T(u; x) = u - \tau\,N_\omega(u, *x)`.
+
+    Wraps a network :math:`N_\omega` (``net(u, *params)``); its parameters ω are learned by the
+    upper level. T is a contraction when :math:`I - \tau N_\omega` is (e.g. :math:`N_\omega` strongly
+    monotone and Lipschitz, or spectrally normalised layers and a small τ); the solver detects
+    divergence otherwise.
+
+    >>> import torch
+    >>> net = torch.nn.Linear(3, 3)
+    >>> T = LearnedResidual(net, step=0.1)
+    >>> T(torch.zeros(2, 3)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, net: nn.Module, step: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.step = _check_step(step)
+
+    def forward(self, u: Tensor, *params: Tensor) -> Tensor:
+        return u - self.step * self.net(u, *params)
+
+
+class KMAveraged(nn.Module):
+    r"""Krasnoselskii–Mann averaging :math:`T_\beta(u) = (1-\beta)u + \beta T(u)`, :math:`\beta\in(0,1]`.
+
+    Same fixed points as T; averaged when T is nonexpansive.
+
+    >>> import torch
+    >>> KMAveraged(lambda u: -u, beta=0.5)(torch.ones(2))
+    tensor([0., 0.])
+    """
+
+    def __init__(self, T: Callable[..., Tensor], beta: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < beta <= 1:
+            raise ValueError(f"beta must lie in (0, 1], got {beta}")
+        self.T = T
+        self.beta = float(beta)
+        self.symmetric_jacobian = getattr(T, "symmetric_jacobian", False)
+
+    def forward(self, u: Tensor, *params: Tensor) -> Tensor:
+        return (1 - self.beta) * u + self.beta * self.T(u, *params)
+
+
+def functional_operator(module: nn.Module) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]]:
+    r"""A module as a pure function of explicit tensors, via ``torch.func.functional_call``.
+
+    Returns ``(fn, weights)`` with ``fn(u, *params, *weights) == module(u, *params)``: pass
+    ``weights`` to the solver as trailing params to treat the module's parameters like any other
+    learned variable (the TorchOpt / ``torch.func`` style). ``weights`` are the module's own
+    parameter tensors, so their ``.grad`` fills as usual.
+
+    >>> import torch, hodl_plugin as hp
+    >>> net = torch.nn.Linear(2, 2, dtype=torch.float64)
+    >>> fn, w = functional_operator(hp.LearnedResidual(net, step=0.1))
+    >>> u = torch.ones(1, 2, dtype=torch.float64)
+    >>> bool(torch.equal(fn(u, *w), hp.LearnedResidual(net, step=0.1)(u)))
+    True
+    """
+    names = [n for n, _ in module.named_parameters()]
+    weights = tuple(p for _, p in module.named_parameters())
+    n_w = len(names)
+
+    def fn(u: Tensor, *args: Tensor) -> Tensor:
+        user, mod = args[: len(args) - n_w], args[len(args) - n_w :]
+        return torch.func.functional_call(module, dict(zip(names, mod)), (u, *user))
+
+    fn.symmetric_jacobian = getattr(module, "symmetric_jacobian", False)  # type: ignore[attr-defined]
+    return fn, weights
