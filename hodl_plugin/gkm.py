@@ -34,7 +34,7 @@ from ._autodiff import grad_u
 from ._checks import check_operator_output
 from .errors import ConvergenceWarning, DivergenceError
 from .linear_solve import LinearSolveInfo
-from .schedules import Schedule
+from .schedules import Constant, Schedule
 
 __all__ = ["SolverInfo", "GKMIteration"]
 
@@ -119,7 +119,9 @@ class GKMIteration:
 
     @property
     def aggregates(self) -> bool:
-        return self.alpha is not None and (self.upper is not None or self.upper_grad is not None)
+        if self.alpha is None or (self.upper is None and self.upper_grad is None):
+            return False
+        return not (isinstance(self.alpha, Constant) and self.alpha.c == 0)
 
     # -- pieces -------------------------------------------------------------------------------
     def grad_upper(self, u: Tensor, params: Sequence[Tensor]) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linear_solve as ls
+from ._autodiff import make_vjp
 from .errors import ConvergenceWarning, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
 from .inexact import BoundConstants, estimate_constants, with_v_norm
@@ -185,14 +186,17 @@ def _attach_implicit(
     if not z.requires_grad:
         return z
 
-    def hook(g: Tensor) -> Tensor:
+    def hook(g: Optional[Tensor]) -> Optional[Tensor]:
+        if g is None:  # an undefined gradient (e.g. torch.autograd.gradcheck's check) passes through
+            return None
         with torch.enable_grad():
             u_req = u_star.clone().requires_grad_(True)
             f0 = it.T(u_req, *_detached(params))
 
+        vjp = make_vjp(f0, u_req)
+
         def matvec(v: Tensor) -> Tensor:
-            (jt,) = torch.autograd.grad(f0, u_req, v, retain_graph=True, allow_unused=True)
-            return v if jt is None else v - jt
+            return v - vjp(v)
 
         v, linfo = make_solver()(matvec, g, x0())
         info.adjoint = linfo
@@ -285,7 +289,9 @@ class Inexact(HypergradMethod):
         solver: adjoint solver, as for :class:`Implicit`.
         maxiter: cap on adjoint iterations.
         constants: known :class:`~hodl_plugin.inexact.BoundConstants`, ``"estimate"`` (default:
-            power iterations every ``estimate_every`` calls, running maxima) or ``None`` (no bound).
+            power iterations every ``estimate_every`` calls, running maxima; needs the solver's
+            ``upper=F`` — with ``alpha=0`` to use F without aggregating — else the bound is
+            ``None`` and ``info.message`` says why) or ``None`` (no bound).
         warm_start: reuse the previous ``u`` and ``v`` of the same key.
 
     >>> from hodl_plugin.schedules import Polynomial
@@ -361,6 +367,12 @@ class Inexact(HypergradMethod):
             return None
         if isinstance(self.constants, BoundConstants):
             c = with_v_norm(self.constants, v)
+        elif it.upper is None:
+            info.message = (
+                "no error bound: estimating it needs the upper objective (GKMSolver(..., upper=F, "
+                "alpha=0) uses F without aggregating) or known BoundConstants"
+            )
+            return None
         else:
             if self.estimated is None or call % max(1, self.estimate_every) == 0:
                 new = estimate_constants(it.T, it.upper, u_star, params, learned, v)

@@ -213,9 +213,13 @@ def check_aggregation(alpha: Schedule) -> list[str]:
 
     >>> check_aggregation(Harmonic(1.0))
     []
+    >>> check_aggregation(Constant(0.0))   # alpha ≡ 0 switches the aggregation off
+    []
     >>> check_aggregation(Polynomial(1.0, 2.0))[0]
     'sum of alpha_k must diverge for the aggregation to select the upper-optimal fixed point (power 2.0 > 1 makes it summable)'
     """
+    if isinstance(alpha, Constant) and alpha.c == 0:
+        return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)
     problems = []
     if not (0.0 <= alpha(0) <= 1.0) or not (0.0 <= alpha.sup <= 1.0):
         problems.append(f"alpha_k must lie in [0, 1], got alpha_0 = {alpha(0)}")

@@ -60,7 +60,8 @@ class GKMSolver(nn.Module):
         upper_grad: ``∇_u F(u, *params)`` directly, instead of autograd on ``upper``.
         upper_step: s, the step of the upper descent direction (:math:`s \le 1/L_F`).
         alpha: aggregation weights :math:`\alpha_k` (number or Schedule): in [0, 1],
-            non-increasing, to 0, not summable.
+            non-increasing, to 0, not summable; ``alpha=0`` switches the aggregation off while
+            keeping ``upper`` (used then by the inexact mode's error bound).
         beta: KM relaxation :math:`\beta_k \in (0, 1]`, bounded away from 0 (default 1).
         upper_lipschitz: :math:`L_F`, if known: ``upper_step`` is checked against it.
         check_every: steps between convergence/divergence checks (each costs one host sync).

@@ -1,0 +1,31 @@
+# The two set-up commands of the README:  make install  &&  make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install test test-slow lint bench clean
+
+install:
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# the CPU wheel of torch first: an unpinned torch would pull gigabytes of CUDA wheels
+	$(PIP) install --quiet "torch==2.13.0"
+	# betty-ml 0.2.1 declares python<3.11 but installs and runs on 3.11 (numpy 2.3+ needs 3.12)
+	$(PIP) install --quiet --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"
+	$(PIP) install --quiet -e ".[dev,recipes,docs]"
+	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
+
+test:
+	$(PY) -m pytest -q
+
+test-slow:
+	$(PY) -m pytest -q -m slow tests
+
+lint:
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks
+
+bench:
+	$(PY) -m benchmarks.hypergrad
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

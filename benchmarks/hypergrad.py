@@ -1,0 +1,313 @@
+"""Hypergradient accuracy, time and memory of every GKMSolver mode, side by side with TorchOpt.
+
+    python -m benchmarks.hypergrad            # full: K in {10, 100, 1000}, quadratic n=1000 + conv net
+    python -m benchmarks.hypergrad --quick    # small sizes, a few seconds
+
+Prints, per problem and K, for each mode: relative error of the hypergradient against an independent
+reference (closed form for the quadratic; unrolled to convergence for the conv net), its time as a
+ratio to the K-step forward solve (``total/fwd``: solve + backward; ``bwd/fwd``: the backward alone),
+the bytes autograd saved for the backward, and the peak RSS growth measured in a fresh subprocess.
+Then the reference comparison of the core issue (quadratic n=200, condition 100, K=2000, float64)
+against ``torchopt.diff.implicit.custom_root`` + CG and plain autograd through the K steps.
+Writes a JSON of everything to ``--out`` (default ``out/bench_hypergrad.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+import hodl_plugin as hp
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------------------- problems
+def quadratic(n: int, cond: float, seed: int = 0) -> dict[str, Any]:
+    """T(u; x) = u - s(Qu - x), F = ½||u - y||²: u* = Q⁻¹x, ∇f(x) = Q⁻¹(u* - y)."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    eig = torch.logspace(0, math.log10(cond), n, dtype=DT)
+    Q = (U * eig) @ U.T
+    Q = 0.5 * (Q + Q.T)
+    s = 1.0 / cond
+    y = torch.randn(n, generator=g, dtype=DT)
+    x0 = torch.randn(n, generator=g, dtype=DT)
+    T = hp.GradientStep(grad=lambda u, x: Q @ u - x, step=s)
+    F = lambda u, x: 0.5 * ((u - y) ** 2).sum()  # noqa: E731
+    u_star = torch.linalg.solve(Q, x0)
+    ref = torch.linalg.solve(Q, u_star - y)
+    return {"T": T, "F": F, "u0": torch.zeros(n, dtype=DT), "x0": x0, "ref": ref, "module": None,
+            "Q": Q, "s": s, "y": y}
+
+
+class ConvBlock(torch.nn.Module):
+    """T(u; x) = x + ½ tanh(conv(u)): a contraction (factor ≤ ½) with learned conv weights."""
+
+    def __init__(self, channels: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False, dtype=DT)
+        with torch.no_grad():  # ||conv||₂ ≤ ||w||₁ summed over taps and input channels: make it ≤ 1
+            self.conv.weight.div_(self.conv.weight.abs().sum(dim=(1, 2, 3)).max())
+
+    def forward(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * torch.tanh(self.conv(u))
+
+
+def convnet(batch: int, channels: int, size: int, seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    T = ConvBlock(channels, seed)
+    y = torch.randn(batch, channels, size, size, generator=g, dtype=DT)
+    x0 = torch.randn(batch, channels, size, size, generator=g, dtype=DT)
+    F = lambda u, x: 0.5 * ((u - y) ** 2).sum()  # noqa: E731
+    # independent reference: unrolled back-propagation run to convergence (contraction ½: 80 steps)
+    ref_solver = hp.GKMSolver(T, max_steps=80, tol=0.0, hypergrad="unrolled")
+    x = x0.clone().requires_grad_(True)
+    F(ref_solver(torch.zeros_like(x0), x), x).backward()
+    return {"T": T, "F": F, "u0": torch.zeros_like(x0), "x0": x0, "ref": x.grad.detach(), "module": T}
+
+
+PROBLEMS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "quadratic": lambda quick: quadratic(200 if quick else 1000, 100.0),
+    "convnet": lambda quick: convnet(2, 4 if quick else 8, 16 if quick else 32),
+}
+
+
+def methods(problem: str, K: int) -> dict[str, dict[str, Any]]:
+    solver = "cg" if problem == "quadratic" else "gmres"
+    return {
+        "unrolled": {"hypergrad": "unrolled"},
+        "truncated(10)": {"hypergrad": "truncated", "steps": min(10, K)},
+        f"implicit({solver})": {"hypergrad": "implicit", "solver": solver, "rtol": 1e-10, "on_fail": "warn"},
+        "inexact": {"hypergrad": "inexact", "eps": 1e-8, "delta": 1e-8, "solver": solver, "constants": None,
+                    "warm_start": False},
+        "first_order": {"hypergrad": "first_order"},
+    }
+
+
+# ---------------------------------------------------------------------------- measurement
+def _saved_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(problem: str, K: int, name: str, opts: dict[str, Any], quick: bool, repeats: int) -> dict[str, Any]:
+    import warnings
+
+    P = PROBLEMS[problem](quick)
+    T, F, u0, x0, ref = P["T"], P["F"], P["u0"], P["x0"], P["ref"]
+    opts = dict(opts)
+    mode = opts.pop("hypergrad")
+    solver = hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad=mode, **opts)
+    fwd_solver = hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="implicit")
+
+    def forward() -> None:
+        with torch.no_grad():
+            fwd_solver(u0, x0)
+
+    state: dict[str, Any] = {}
+
+    def call() -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        if P["module"] is not None:
+            P["module"].zero_grad()
+        u = solver(u0, x)
+        loss = F(u, x)
+        state["x"] = x
+        return loss
+
+    def full() -> None:
+        call().backward()
+
+    def backward_only() -> float:
+        loss = call()
+        t0 = time.perf_counter()
+        loss.backward()
+        return time.perf_counter() - t0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full()  # warm-up
+        t_fwd = _median_time(forward, repeats)
+        t_full = _median_time(full, repeats)
+        t_bwd = statistics.median(backward_only() for _ in range(repeats))
+        loss, saved = _saved_bytes(call)
+        loss.backward()
+    g = state["x"].grad
+    err = float((g - ref).norm() / ref.norm())
+    return {"problem": problem, "K": K, "method": name, "rel_error": err, "t_forward_s": t_fwd,
+            "total_over_fwd": t_full / t_fwd, "bwd_over_fwd": t_bwd / t_fwd, "saved_MB": saved / 2**20}
+
+
+def _rss_worker(args: tuple, q: "mp.Queue[float]") -> None:
+    problem, K, name, opts, quick = args
+    torch.set_num_threads(1)
+    P = PROBLEMS[problem](quick)
+    opts = dict(opts)
+    mode = opts.pop("hypergrad")
+    import warnings
+
+    warnings.simplefilter("ignore")
+    small = hp.GKMSolver(P["T"], max_steps=1, tol=0.0, hypergrad=mode if mode != "truncated" else "unrolled")
+    x = P["x0"].clone().requires_grad_(True)
+    P["F"](small(P["u0"], x), x).backward()  # touch the working set once
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    solver = hp.GKMSolver(P["T"], max_steps=K, tol=0.0, hypergrad=mode, **opts)
+    x = P["x0"].clone().requires_grad_(True)
+    P["F"](solver(P["u0"], x), x).backward()
+    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)  # KiB -> MiB
+
+
+def peak_rss_growth(problem: str, K: int, opts: dict[str, Any], quick: bool) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_rss_worker, args=((problem, K, "", opts, quick), q))
+    p.start()
+    val = q.get(timeout=600)
+    p.join()
+    return val
+
+
+# ---------------------------------------------------------------------------- reference comparison
+def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int = 2000) -> dict[str, Any]:
+    """Core issue's reference point: our implicit/unrolled vs TorchOpt custom_root+CG and plain autograd."""
+    import torchopt
+
+    P = quadratic(n, cond, seed=1)
+    Q, s, y, x0, ref = P["Q"], P["s"], P["y"], P["x0"], P["ref"]
+    u0 = torch.zeros(n, dtype=DT)
+    F = P["F"]
+
+    def step(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return u - s * (Q @ u - x)
+
+    def plain_forward(x: torch.Tensor) -> torch.Tensor:
+        u = u0
+        for _ in range(K):
+            u = step(u, x)
+        return u
+
+    def forward_nograd() -> None:
+        with torch.no_grad():
+            plain_forward(x0)
+
+    rows: dict[str, Any] = {}
+    t_fwd = _median_time(forward_nograd, repeats)
+    rows["plain torch loop, no_grad (the forward)"] = {"time_ratio": 1.0, "rel_error": None}
+
+    def grad_and_time(fn_total: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
+        def run() -> tuple[torch.Tensor, float]:
+            x = x0.clone().requires_grad_(True)
+            loss = F(fn_total(x), x)
+            t0 = time.perf_counter()
+            loss.backward()
+            return x.grad, time.perf_counter() - t0
+
+        run()
+        t_total = _median_time(lambda: run(), repeats)
+        g, _ = run()
+        t_bwd = statistics.median(run()[1] for _ in range(repeats))
+        return float((g - ref).norm() / ref.norm()), t_total / t_fwd, t_bwd / t_fwd
+
+    # plain autograd through the K steps
+    e, tot, bwd = grad_and_time(plain_forward)
+    rows["plain autograd through K steps"] = {"rel_error": e, "total_over_fwd": tot, "bwd_over_fwd": bwd}
+
+    # TorchOpt custom_root + CG (its documented pattern)
+    def optimality(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return Q @ u - x
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1,
+                                        solve=torchopt.linear_solve.solve_cg(rtol=1e-10, maxiter=1000))
+    def torchopt_solve(u_init: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            u = u_init
+            for _ in range(K):
+                u = step(u, x)
+        return u
+
+    e, tot, bwd = grad_and_time(lambda x: torchopt_solve(u0, x))
+    rows["torchopt custom_root + solve_cg(rtol=1e-10)"] = {"rel_error": e, "total_over_fwd": tot, "bwd_over_fwd": bwd}
+
+    for label, opts in [
+        ("hodl_plugin implicit (cg, rtol=1e-10)", {"hypergrad": "implicit", "solver": "cg", "rtol": 1e-10}),
+        ("hodl_plugin implicit (gmres, rtol=1e-10)", {"hypergrad": "implicit", "solver": "gmres", "rtol": 1e-10}),
+        ("hodl_plugin unrolled", {"hypergrad": "unrolled"}),
+    ]:
+        opts = dict(opts)
+        solver = hp.GKMSolver(step, max_steps=K, tol=0.0, check_every=K, hypergrad=opts.pop("hypergrad"), **opts)
+        e, tot, bwd = grad_and_time(lambda x, solver=solver: solver(u0, x))
+        rows[label] = {"rel_error": e, "total_over_fwd": tot, "bwd_over_fwd": bwd}
+    return {"n": n, "cond": cond, "K": K, "t_forward_s": t_fwd, "rows": rows}
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-rss", action="store_true", help="skip the subprocess peak-RSS measurements")
+    ap.add_argument("--out", default="out/bench_hypergrad.json")
+    args = ap.parse_args(argv)
+    Ks = [10, 100] if args.quick else [10, 100, 1000]
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"# hodl_plugin hypergradient benchmark ({'quick' if args.quick else 'full'}); {machine}")
+    results: list[dict[str, Any]] = []
+    for problem in PROBLEMS:
+        print(f"\n## {problem}  (float64, CPU; reference: "
+              f"{'closed form' if problem == 'quadratic' else 'unrolled to convergence'})")
+        print(f"{'K':>5} {'method':<18} {'rel.err':>9} {'total/fwd':>9} {'bwd/fwd':>8} {'saved MB':>9} {'ΔRSS MB':>8}")
+        for K in Ks:
+            for name, opts in methods(problem, K).items():
+                r = measure(problem, K, name, opts, args.quick, args.repeats)
+                r["rss_growth_MB"] = None if args.no_rss else peak_rss_growth(problem, K, opts, args.quick)
+                results.append(r)
+                rss = "-" if r["rss_growth_MB"] is None else f"{r['rss_growth_MB']:.1f}"
+                print(f"{K:>5} {name:<18} {r['rel_error']:>9.2e} {r['total_over_fwd']:>9.2f} "
+                      f"{r['bwd_over_fwd']:>8.2f} {r['saved_MB']:>9.2f} {rss:>8}", flush=True)
+    ref = reference_comparison(args.repeats, n=200, cond=100.0, K=500 if args.quick else 2000)
+    print(f"\n## reference: quadratic n={ref['n']}, condition {ref['cond']:g}, K={ref['K']}, float64 "
+          f"(forward {ref['t_forward_s'] * 1e3:.1f} ms)")
+    print(f"{'method':<46} {'rel.err':>9} {'total/fwd':>9} {'bwd/fwd':>8}")
+    for label, r in ref["rows"].items():
+        if r["rel_error"] is None:
+            print(f"{label:<46} {'-':>9} {1.0:>9.2f} {'-':>8}")
+        else:
+            print(f"{label:<46} {r['rel_error']:>9.2e} {r['total_over_fwd']:>9.2f} {r['bwd_over_fwd']:>8.2f}")
+    out = {"machine": machine, "quick": args.quick, "results": results, "reference": ref}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Shared fixtures: small float64 problems with closed-form solutions (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+DT = torch.float64
+
+
+@dataclass
+class Quadratic:
+    r"""Lower level :math:`\min_u \tfrac12 u^\top Q u - (Bx)^\top u`, i.e. :math:`T(u;x) = u - s(Qu - Bx)`;
+    upper :math:`F(u;x) = \tfrac12\|u-y\|^2 + \tfrac{c}{2}\|x\|^2`.
+
+    Closed forms: :math:`u^* = Q^{-1}Bx`, :math:`\nabla f(x) = B^\top Q^{-1}(u^*-y) + c x`.
+    """
+
+    Q: torch.Tensor
+    B: torch.Tensor
+    y: torch.Tensor
+    s: float
+    c: float = 0.1
+
+    def T(self, u, x):
+        return u - self.s * (self.Q @ u - self.B @ x)
+
+    def F(self, u, x):
+        return 0.5 * ((u - self.y) ** 2).sum() + 0.5 * self.c * (x**2).sum()
+
+    def u_star(self, x):
+        return torch.linalg.solve(self.Q, self.B @ x)
+
+    def hypergrad(self, x):
+        return self.B.T @ torch.linalg.solve(self.Q, self.u_star(x) - self.y) + self.c * x
+
+    @property
+    def n(self) -> int:
+        return self.Q.shape[0]
+
+
+def make_quadratic(n: int = 40, m: int = 3, cond: float = 20.0, seed: int = 0) -> Quadratic:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)
+    Q = U @ torch.diag(eig) @ U.T
+    Q = 0.5 * (Q + Q.T)
+    B = torch.randn(n, m, generator=g, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    return Quadratic(Q, B, y, s=1.0 / cond)
+
+
+@pytest.fixture
+def quad() -> Quadratic:
+    return make_quadratic()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
