@@ -16,6 +16,7 @@ install:
 	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
 
 test:
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks
 	$(PY) -m pytest -q
 
 test-slow:

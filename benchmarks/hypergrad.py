@@ -6,7 +6,8 @@
 Prints, per problem and K, for each mode: relative error of the hypergradient against an independent
 reference (closed form for the quadratic; unrolled to convergence for the conv net), its time as a
 ratio to the K-step forward solve (``total/fwd``: solve + backward; ``bwd/fwd``: the backward alone),
-the bytes autograd saved for the backward, and the peak RSS growth measured in a fresh subprocess.
+the bytes of the distinct tensors autograd saved for the backward, and the peak resident-memory growth
+of one solve + backward (Linux high-water mark, reset before the call).
 Then the reference comparison of the core issue (quadratic n=200, condition 100, K=2000, float64)
 against ``torchopt.diff.implicit.custom_root`` + CG and plain autograd through the K steps.
 Writes a JSON of everything to ``--out`` (default ``out/bench_hypergrad.json``).
@@ -17,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -98,10 +97,15 @@ def methods(problem: str, K: int) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- measurement
 def _saved_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
     total = [0]
+    seen: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total[0] += st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -160,39 +164,39 @@ def measure(problem: str, K: int, name: str, opts: dict[str, Any], quick: bool, 
         t_bwd = statistics.median(backward_only() for _ in range(repeats))
         loss, saved = _saved_bytes(call)
         loss.backward()
+        rss = peak_rss_growth(full)
     g = state["x"].grad
     err = float((g - ref).norm() / ref.norm())
     return {"problem": problem, "K": K, "method": name, "rel_error": err, "t_forward_s": t_fwd,
-            "total_over_fwd": t_full / t_fwd, "bwd_over_fwd": t_bwd / t_fwd, "saved_MB": saved / 2**20}
+            "total_over_fwd": t_full / t_fwd, "bwd_over_fwd": t_bwd / t_fwd, "saved_MB": saved / 2**20,
+            "rss_growth_MB": rss}
 
 
-def _rss_worker(args: tuple, q: "mp.Queue[float]") -> None:
-    problem, K, name, opts, quick = args
-    torch.set_num_threads(1)
-    P = PROBLEMS[problem](quick)
-    opts = dict(opts)
-    mode = opts.pop("hypergrad")
-    import warnings
-
-    warnings.simplefilter("ignore")
-    small = hp.GKMSolver(P["T"], max_steps=1, tol=0.0, hypergrad=mode if mode != "truncated" else "unrolled")
-    x = P["x0"].clone().requires_grad_(True)
-    P["F"](small(P["u0"], x), x).backward()  # touch the working set once
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    solver = hp.GKMSolver(P["T"], max_steps=K, tol=0.0, hypergrad=mode, **opts)
-    x = P["x0"].clone().requires_grad_(True)
-    P["F"](solver(P["u0"], x), x).backward()
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)  # KiB -> MiB
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
-def peak_rss_growth(problem: str, K: int, opts: dict[str, Any], quick: bool) -> float:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_rss_worker, args=((problem, K, "", opts, quick), q))
-    p.start()
-    val = q.get(timeout=600)
-    p.join()
-    return val
+def peak_rss_growth(run: Callable[[], Any]) -> float | None:
+    """Peak resident-memory growth (MiB) while ``run`` executes, on Linux.
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after,
+    minus ``VmRSS`` before; ``None`` where that interface is unavailable.
+    """
+    import gc
+
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kib("VmRSS")
+        run()
+        return (_status_kib("VmHWM") - before) / 1024.0
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------- reference comparison
@@ -201,7 +205,7 @@ def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int
     import torchopt
 
     P = quadratic(n, cond, seed=1)
-    Q, s, y, x0, ref = P["Q"], P["s"], P["y"], P["x0"], P["ref"]
+    Q, s, x0, ref = P["Q"], P["s"], P["x0"], P["ref"]
     u0 = torch.zeros(n, dtype=DT)
     F = P["F"]
 
@@ -273,7 +277,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-rss", action="store_true", help="skip the subprocess peak-RSS measurements")
     ap.add_argument("--out", default="out/bench_hypergrad.json")
     args = ap.parse_args(argv)
     Ks = [10, 100] if args.quick else [10, 100, 1000]
@@ -287,7 +290,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for K in Ks:
             for name, opts in methods(problem, K).items():
                 r = measure(problem, K, name, opts, args.quick, args.repeats)
-                r["rss_growth_MB"] = None if args.no_rss else peak_rss_growth(problem, K, opts, args.quick)
                 results.append(r)
                 rss = "-" if r["rss_growth_MB"] is None else f"{r['rss_growth_MB']:.1f}"
                 print(f"{K:>5} {name:<18} {r['rel_error']:>9.2e} {r['total_over_fwd']:>9.2f} "

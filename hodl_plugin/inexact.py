@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -74,7 +74,7 @@ class BoundConstants:
             return math.inf
         return self.c1 * eps + self.c2 * delta + self.c3 * eps**2
 
-    def running_max(self, other: "BoundConstants") -> "BoundConstants":
+    def running_max(self, other: BoundConstants) -> BoundConstants:
         """Elementwise maximum of the estimated constants (MAID keeps running maxima)."""
         return BoundConstants(
             rho=max(self.rho, other.rho),

@@ -379,7 +379,9 @@ _BY_NAME: dict[str, Callable[..., LinearSolver]] = {
 
 
 def get(name: str, **kwargs: float) -> LinearSolver:
-    """Solver factory by name (``"cg"``, ``"torchopt_cg"``, ``"gmres"``, ``"bicgstab"``, ``"fixed_point"``/``"neumann"``).
+    """Solver factory by name.
+
+    Names: ``"cg"``, ``"torchopt_cg"``, ``"gmres"``, ``"bicgstab"``, ``"fixed_point"``/``"neumann"``.
 
     >>> callable(get("gmres", rtol=1e-8))
     True

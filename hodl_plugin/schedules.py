@@ -215,8 +215,9 @@ def check_aggregation(alpha: Schedule) -> list[str]:
     []
     >>> check_aggregation(Constant(0.0))   # alpha ≡ 0 switches the aggregation off
     []
-    >>> check_aggregation(Polynomial(1.0, 2.0))[0]
-    'sum of alpha_k must diverge for the aggregation to select the upper-optimal fixed point (power 2.0 > 1 makes it summable)'
+    >>> print(check_aggregation(Polynomial(1.0, 2.0))[0])  # doctest: +NORMALIZE_WHITESPACE
+    sum of alpha_k must diverge for the aggregation to select the upper-optimal fixed point
+    (power 2.0 > 1 makes it summable)
     """
     if isinstance(alpha, Constant) and alpha.c == 0:
         return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hodl_plugin import linear_solve as ls
 from conftest import DT, rel_err
+from hodl_plugin import linear_solve as ls
 
 
 def spd(n, cond, seed):
