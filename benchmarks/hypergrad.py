@@ -186,10 +186,15 @@ def peak_rss_growth(run: Callable[[], Any]) -> float | None:
     Resets the kernel's high-water mark (``/proc/self/clear_refs`` ← 5) and reads ``VmHWM`` after,
     minus ``VmRSS`` before; ``None`` where that interface is unavailable.
     """
+    import ctypes
     import gc
 
     try:
         gc.collect()
+        try:  # hand freed heap pages back to the OS, so the baseline is what is really in use
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_kib("VmRSS")

@@ -48,7 +48,9 @@ class SolverInfo:
     Attributes:
         mode: the hypergradient method that ran (``"implicit"``, ``"unrolled"``, ...).
         steps: GKM steps taken in this call.
-        residuals: 1-D tensor, the residual :math:`r_k` of every step taken.
+        residuals: 1-D tensor, the residual :math:`r_k` at every check (every ``check_every``
+            steps and the last step; ``check_every=1`` records every step).
+        residual_steps: the step index k of each entry of ``residuals``.
         converged: the last checked residual met the tolerance.
         diverged: the iteration produced non-finite values or a residual that grew past
             ``divergence_factor`` times the first one.
@@ -63,6 +65,7 @@ class SolverInfo:
     mode: str
     steps: int = 0
     residuals: Tensor = field(default_factory=lambda: torch.empty(0))
+    residual_steps: list[int] = field(default_factory=list)
     converged: bool = False
     diverged: bool = False
     tol: float = 0.0
@@ -78,10 +81,11 @@ class SolverInfo:
         return float(self.residuals[-1]) if self.residuals.numel() else math.nan
 
 
-def _append(info: SolverInfo, hist: list[Tensor]) -> None:
+def _append(info: SolverInfo, hist: list[Tensor], steps: list[int]) -> None:
     if hist:
         new = torch.stack(hist)
         info.residuals = torch.cat([info.residuals.to(new.device, new.dtype), new])
+        info.residual_steps = info.residual_steps + steps
 
 
 class GKMIteration:
@@ -146,50 +150,62 @@ class GKMIteration:
     ) -> Tensor:
         """Run up to ``num_steps`` GKM steps from step index ``start``; update ``info`` in place.
 
-        Autograd records the steps iff grad mode is on (the caller decides). Convergence and
-        divergence are checked every ``check_every`` steps and at the last one (one host sync
-        per check).
+        Autograd records the steps iff grad mode is on (the caller decides). The residual is
+        computed, recorded and tested (convergence, divergence) every ``check_every`` steps and
+        at the last one — one host sync per check; the steps in between are bare
+        ``u ← (1-β)u + βT(w)``.
         """
         tol = self.tol if tol is None else float(tol)
         rtol = self.rtol if rtol is None else float(rtol)
         T, beta_s, alpha_s, s = self.T, self.beta, self.alpha, self.upper_step
         aggregate = self.aggregates
         hist: list[Tensor] = []
+        hist_steps: list[int] = []
         first_res: Optional[float] = None
         prev = u
         checked_output = info.steps > 0
         every = max(1, self.check_every)
+        last = num_steps - 1
+        b_const = float(beta_s.c) if isinstance(beta_s, Constant) else None
+        countdown = every
         for j in range(num_steps):
             k = start + j
-            a = alpha_s(k) if aggregate else 0.0  # type: ignore[misc]
-            w = u - (a * s) * self.grad_upper(u, params) if a != 0.0 else u
+            if aggregate:
+                a = alpha_s(k)  # type: ignore[misc]
+                w = u - (a * s) * self.grad_upper(u, params) if a != 0.0 else u
+            else:
+                w = u
             Tw = T(w, *params)
             if not checked_output:
                 check_operator_output(Tw, u)
                 checked_output = True
+            b = b_const if b_const is not None else beta_s(k)
+            countdown -= 1
+            if countdown and j != last:  # the hot path: no residual, no host sync
+                u = Tw if b == 1.0 else u + b * (Tw - u)
+                continue
+            countdown = every
             diff = Tw - u
             hist.append(torch.linalg.vector_norm(diff.detach()))
-            b = beta_s(k)
+            hist_steps.append(k)
             prev = u
             u = Tw if b == 1.0 else u + b * diff
-            if (j + 1) % every == 0 or j == num_steps - 1:
-                r = float(hist[-1])
-                if first_res is None:
-                    first_res = float(hist[0])
-                thresh = tol + (rtol * float(torch.linalg.vector_norm(u.detach())) if rtol else 0.0)
-                info.tol = thresh
-                bad = not math.isfinite(r) or r > self.divergence_factor * max(first_res, 1e-30)
-                if bad:
-                    info.steps += j + 1
-                    _append(info, hist)
-                    return self._diverged(prev, info, r, first_res, k)
-                info.converged = r <= thresh
-                if stop_on_tol and info.converged:
-                    info.steps += j + 1
-                    break
+            r = float(hist[-1])
+            if first_res is None:
+                first_res = r
+            thresh = tol + (rtol * float(torch.linalg.vector_norm(u.detach())) if rtol else 0.0)
+            info.tol = thresh
+            if not math.isfinite(r) or r > self.divergence_factor * max(first_res, 1e-30):
+                info.steps += j + 1
+                _append(info, hist, hist_steps)
+                return self._diverged(prev, info, r, first_res, k)
+            info.converged = r <= thresh
+            if stop_on_tol and thresh > 0 and info.converged:  # tol = 0: exactly num_steps
+                info.steps += j + 1
+                break
         else:
             info.steps += num_steps
-        _append(info, hist)
+        _append(info, hist, hist_steps)
         return u
 
     def _diverged(self, last_finite: Tensor, info: SolverInfo, r: float, r0: float, k: int) -> Tensor:

@@ -64,7 +64,8 @@ class GKMSolver(nn.Module):
             keeping ``upper`` (used then by the inexact mode's error bound).
         beta: KM relaxation :math:`\beta_k \in (0, 1]`, bounded away from 0 (default 1).
         upper_lipschitz: :math:`L_F`, if known: ``upper_step`` is checked against it.
-        check_every: steps between convergence/divergence checks (each costs one host sync).
+        check_every: steps between residual checks (convergence, divergence, history); each
+            costs a norm and one host sync, the steps in between cost one evaluation of T.
         divergence_factor: the iteration has diverged when the residual exceeds this multiple of
             the first residual (or becomes non-finite).
         on_divergence: ``"raise"`` a :class:`~hodl_plugin.errors.DivergenceError` (default) or

@@ -86,7 +86,7 @@ def test_km_residual_is_monotone_on_lasso():
     """KM with a nonexpansive T: ||u_k - T(u_k)|| is non-increasing (SPEC T4 invariant)."""
     A, b, _, s = problem(seed=2)
     T = lasso_operator(A, b, 1.8 * s)
-    solver = hp.GKMSolver(T, max_steps=3000, tol=0.0, beta=0.7)
+    solver = hp.GKMSolver(T, max_steps=3000, tol=0.0, beta=0.7, check_every=1)
     with torch.no_grad():
         solver(torch.zeros(A.shape[1], dtype=DT), torch.tensor(0.02, dtype=DT))
     r = solver.info.residuals
