@@ -88,7 +88,7 @@ def methods(problem: str, K: int) -> dict[str, dict[str, Any]]:
     return {
         "unrolled": {"hypergrad": "unrolled"},
         "truncated(10)": {"hypergrad": "truncated", "steps": min(10, K)},
-        f"implicit({solver})": {"hypergrad": "implicit", "solver": solver, "rtol": 1e-10, "on_fail": "warn"},
+        f"implicit({solver})": {"hypergrad": "implicit", "solver": solver, "adjoint_rtol": 1e-10, "on_fail": "warn"},
         "inexact": {"hypergrad": "inexact", "eps": 1e-8, "delta": 1e-8, "solver": solver, "constants": None,
                     "warm_start": False},
         "first_order": {"hypergrad": "first_order"},
@@ -254,7 +254,7 @@ def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int
         return Q @ u - x
 
     @torchopt.diff.implicit.custom_root(optimality, argnums=1,
-                                        solve=torchopt.linear_solve.solve_cg(rtol=1e-10, maxiter=1000))
+                                        solve=torchopt.linear_solve.solve_cg(rtol=1e-10, adjoint_maxiter=1000))
     def torchopt_solve(u_init: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             u = u_init
@@ -266,8 +266,10 @@ def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int
     rows["torchopt custom_root + solve_cg(rtol=1e-10)"] = {"rel_error": e, "total_over_fwd": tot, "bwd_over_fwd": bwd}
 
     for label, opts in [
-        ("hodl_plugin implicit (cg, rtol=1e-10)", {"hypergrad": "implicit", "solver": "cg", "rtol": 1e-10}),
-        ("hodl_plugin implicit (gmres, rtol=1e-10)", {"hypergrad": "implicit", "solver": "gmres", "rtol": 1e-10}),
+        ("hodl_plugin implicit (cg, rtol=1e-10)",
+         {"hypergrad": "implicit", "solver": "cg", "adjoint_rtol": 1e-10}),
+        ("hodl_plugin implicit (gmres, rtol=1e-10)",
+         {"hypergrad": "implicit", "solver": "gmres", "adjoint_rtol": 1e-10}),
         ("hodl_plugin unrolled", {"hypergrad": "unrolled"}),
     ]:
         opts = dict(opts)

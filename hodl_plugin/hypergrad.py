@@ -232,12 +232,15 @@ class Implicit(HypergradMethod):
             :data:`~hodl_plugin.linear_solve.LinearSolver`. Default: CG when the operator declares
             ``symmetric_jacobian = True`` (e.g. :class:`~hodl_plugin.operators.GradientStep`), else
             GMRES.
-        rtol, atol, maxiter: stopping rule of the adjoint solve.
+        adjoint_rtol, adjoint_atol, adjoint_maxiter: stopping rule of the adjoint solve,
+            ``‖(I - J_u^T)v - ∇_u F‖ ≤ max(adjoint_rtol·‖∇_u F‖, adjoint_atol)`` within
+            ``adjoint_maxiter`` matrix products (named apart from the solver's own ``tol``/``rtol``,
+            which stop the forward iteration).
         on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when the
             adjoint solve misses its tolerance, or ``"warn"``.
 
-    >>> Implicit("cg", rtol=1e-8)
-    Implicit(solver='cg', rtol=1e-08)
+    >>> Implicit("cg", adjoint_rtol=1e-8)
+    Implicit(solver='cg', adjoint_rtol=1e-08)
     """
 
     name = "implicit"
@@ -245,16 +248,17 @@ class Implicit(HypergradMethod):
     def __init__(
         self,
         solver: SolverSpec = None,
-        rtol: float = 1e-10,
-        atol: float = 0.0,
-        maxiter: int = 1000,
+        adjoint_rtol: float = 1e-10,
+        adjoint_atol: float = 0.0,
+        adjoint_maxiter: int = 1000,
         on_fail: str = "raise",
     ) -> None:
         if on_fail not in ("raise", "warn"):
             raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
         if isinstance(solver, str):
             ls.get(solver)  # validate the name now
-        self.solver, self.rtol, self.atol, self.maxiter, self.on_fail = solver, rtol, atol, maxiter, on_fail
+        self.solver, self.on_fail = solver, on_fail
+        self.rtol, self.atol, self.maxiter = adjoint_rtol, adjoint_atol, adjoint_maxiter
 
     def run(self, it, u0, params, info, max_steps, key=None):
         with torch.no_grad():
@@ -269,7 +273,7 @@ class Implicit(HypergradMethod):
         return _attach_implicit(it, u, params, info, make, self.on_fail)
 
     def __repr__(self) -> str:
-        return f"Implicit(solver={self.solver!r}, rtol={self.rtol:g})"
+        return f"Implicit(solver={self.solver!r}, adjoint_rtol={self.rtol:g})"
 
 
 class Inexact(HypergradMethod):
@@ -287,7 +291,7 @@ class Inexact(HypergradMethod):
             :class:`~hodl_plugin.schedules.Schedule`), e.g. ``Polynomial(1e-2, 0.5)``.
         delta: adjoint accuracy schedule :math:`\delta_k`; default: same as ``eps``.
         solver: adjoint solver, as for :class:`Implicit`.
-        maxiter: cap on adjoint iterations.
+        adjoint_maxiter: cap on the adjoint solver's matrix products.
         constants: known :class:`~hodl_plugin.inexact.BoundConstants`, ``"estimate"`` (default:
             power iterations every ``estimate_every`` calls, running maxima; needs the solver's
             ``upper=F`` — with ``alpha=0`` to use F without aggregating — else the bound is
@@ -306,7 +310,7 @@ class Inexact(HypergradMethod):
         eps: Union[float, Schedule] = 1e-4,
         delta: Union[float, Schedule, None] = None,
         solver: SolverSpec = None,
-        maxiter: int = 1000,
+        adjoint_maxiter: int = 1000,
         constants: Union[str, BoundConstants, None] = "estimate",
         estimate_every: int = 10,
         warm_start: bool = True,
@@ -321,7 +325,7 @@ class Inexact(HypergradMethod):
             raise ScheduleError("; ".join(problems))
         if not (constants is None or constants == "estimate" or isinstance(constants, BoundConstants)):
             raise ValueError("constants must be 'estimate', None or a BoundConstants")
-        self.solver, self.maxiter, self.constants = solver, maxiter, constants
+        self.solver, self.maxiter, self.constants = solver, adjoint_maxiter, constants
         self.estimate_every, self.warm_start, self.on_fail = int(estimate_every), warm_start, on_fail
         self.k = 0
         self.u_cache: dict[Hashable, Tensor] = {}
@@ -421,4 +425,11 @@ def get_method(spec: Union[str, HypergradMethod], **kwargs: Any) -> HypergradMet
         return spec
     if not isinstance(spec, str) or spec not in _METHODS:
         raise ValueError(f"unknown hypergrad {spec!r}; choose one of {sorted(_METHODS)} or pass a method object")
-    return _METHODS[spec](**kwargs)
+    import inspect
+
+    factory = _METHODS[spec]
+    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"hypergrad={spec!r} takes the options {allowed}; got unknown {unknown}")
+    return factory(**kwargs)

@@ -98,6 +98,8 @@ def test_bad_options():
         hp.GKMSolver(T, max_steps=0)
     with pytest.raises(ValueError, match="needs max_steps >= 5"):
         hp.GKMSolver(T, max_steps=3, hypergrad="truncated", steps=5)
+    with pytest.raises(TypeError, match=r"takes the options .*adjoint_maxiter.*unknown \['maxiter'\]"):
+        hp.GKMSolver(T, hypergrad="implicit", maxiter=5)
     with pytest.raises(TypeError, match="T must be callable"):
         hp.GKMSolver(3.0)
 
@@ -115,11 +117,11 @@ def test_unconverged_implicit_warns():
 def test_adjoint_failure_raises_by_default_and_can_warn():
     slow = lambda u, x: 0.999 * u + x  # noqa: E731  contraction 0.999: Neumann needs ~10^4 terms
     x = torch.ones(3, dtype=DT, requires_grad=True)
-    s = hp.GKMSolver(slow, max_steps=100000, tol=1e-11, hypergrad="implicit", solver="fixed_point", maxiter=50)
+    s = hp.GKMSolver(slow, max_steps=100000, tol=1e-11, hypergrad="implicit", solver="fixed_point", adjoint_maxiter=50)
     with pytest.raises(hp.LinearSolveError, match="not solved"):
         s(torch.zeros(3, dtype=DT), x).sum().backward()
     s = hp.GKMSolver(slow, max_steps=100000, tol=1e-11, hypergrad="implicit", solver="fixed_point",
-                     maxiter=50, on_fail="warn")
+                     adjoint_maxiter=50, on_fail="warn")
     with pytest.warns(hp.ConvergenceWarning, match="not solved"):
         s(torch.zeros(3, dtype=DT), x).sum().backward()
     assert not s.info.adjoint.converged

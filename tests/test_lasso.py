@@ -49,7 +49,7 @@ def test_fixed_point_matches_sklearn_lasso():
 @pytest.mark.parametrize("mode,opts", [
     ("implicit", {"solver": "gmres"}),
     ("implicit", {"solver": "bicgstab"}),
-    ("implicit", {"solver": "fixed_point", "maxiter": 100000}),
+    ("implicit", {"solver": "fixed_point", "adjoint_maxiter": 100000}),
     ("unrolled", {}),
 ])
 def test_hypergradient_wrt_lambda_matches_support_closed_form(shape, mode, opts):

@@ -80,7 +80,8 @@ def test_implicit_mode_reports_singular_adjoint(ns):
     """Fix(T) is not a singleton, so I - ∂T is singular: the implicit method must not return garbage."""
     A, b, z, proj, T = ns
     T2 = lambda u, x: T(u) + 0 * x  # noqa: E731
-    solver = hp.GKMSolver(T2, max_steps=5000, tol=1e-12, hypergrad="implicit", solver="fixed_point", maxiter=200)
+    solver = hp.GKMSolver(T2, max_steps=5000, tol=1e-12, hypergrad="implicit", solver="fixed_point",
+                          adjoint_maxiter=200)
     x = torch.zeros(12, dtype=DT, requires_grad=True)
     u = solver(torch.zeros(12, dtype=DT), x)
     with pytest.raises(hp.LinearSolveError, match="singular"):

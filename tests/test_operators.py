@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DT, rel_err
 
 import hodl_plugin as hp
+from conftest import DT, rel_err
 
 
 def test_gradient_step_and_prox_values():

@@ -32,7 +32,7 @@ def test_contractive_affine_operator_implicit_is_closed_form(c, solver_name):
     x = torch.randn(m, generator=g, dtype=DT, requires_grad=True)
     I = torch.eye(n, dtype=DT)
     solver = hp.GKMSolver(lambda u, x: W @ u + B @ x, max_steps=5000, tol=1e-14,
-                          solver=solver_name, maxiter=5000)
+                          solver=solver_name, adjoint_maxiter=5000)
     u = solver(torch.zeros(n, dtype=DT), x)
     (0.5 * ((u - y) ** 2).sum()).backward()
     u_star = torch.linalg.solve(I - W, B @ x.detach())

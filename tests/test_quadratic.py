@@ -12,7 +12,7 @@ EXACT = [
     ("implicit", {"solver": "cg"}),
     ("implicit", {"solver": "gmres"}),
     ("implicit", {"solver": "bicgstab"}),
-    ("implicit", {"solver": "fixed_point", "maxiter": 20000}),
+    ("implicit", {"solver": "fixed_point", "adjoint_maxiter": 20000}),
     ("unrolled", {}),
 ]
 
