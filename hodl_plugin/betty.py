@@ -89,6 +89,10 @@ __all__ = [
     "IMPLICIT_METHODS",
     "register",
     "set_log_level",
+    "engine_state_dict",
+    "load_engine_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
     "gkm_vjp",
     "implicit_vjp",
 ]
@@ -118,6 +122,7 @@ class HODLConfig(_BettyConfig):
     upper_step: float = 1.0
     check_every: int = 10
     on_divergence: str = "raise"
+    warm_start: bool = True  # start each solve from the last iterate (per sample with sample_keys)
     # hypergradients
     linear_solver: Optional[str] = None  # None: CG for GradientStep operators, else GMRES
     adjoint_rtol: float = 1e-10
@@ -191,7 +196,11 @@ class GKMProblem(_ImplicitProblem):
 
     Each Betty step of the node runs one complete GKM solve (``config.max_steps``, ``config.tol``)
     with the hypergradient method named by ``config.type`` and stores the result as ``self.u``,
-    which the upper node's ``training_step`` reads. Diagnostics of the last solve and
+    which the upper node's ``training_step`` reads. (A node that must differentiate *through* the
+    solution inside its own loss — e.g. the middle node of a three-level graph, whose Hessian the top
+    node's implicit method needs — calls :meth:`solve` instead, which returns a fresh
+    differentiable solution with its own autograd graph; use ``gkm_unrolled`` with
+    ``warm_start=False`` there, whose graph is twice differentiable.) Diagnostics of the last solve and
     hypergradient are in :attr:`stats` (and are logged through Betty's logger every
     ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
     and for the inexact mode ε_k, δ_k and the error bound.
@@ -247,6 +256,22 @@ class GKMProblem(_ImplicitProblem):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.u
 
+    def solve(self, batch: Any = None) -> Tensor:
+        """A fresh GKM solve with the current upper variables, differentiable by ``config.type``.
+
+        Its autograd graph is its own (Betty frees the graphs of the losses it differentiates, so
+        nodes that differentiate through this node's solution in their own ``training_step`` call
+        this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
+        unchanged.
+        """
+        batch = self.cur_batch if batch is None else batch
+        self._batch = batch
+        if self._solver is None:
+            self._solver = self._build_solver()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return self._solver(self._start(batch), key=self._key(batch))
+
     # -- Betty's side ---------------------------------------------------------------------------------
     def get_batch(self) -> Any:
         """The next batch of ``train_data_loader``; ``None`` for a node without data."""
@@ -298,10 +323,18 @@ class GKMProblem(_ImplicitProblem):
         """One key per sample of ``u``'s first dimension, for per-sample warm starts (optional)."""
         return None
 
+    def _key(self, batch: Any) -> Optional[Hashable]:
+        """The solver's warm-start key of a batch (its sample keys), so that the inexact mode's own
+        caches of u and v never carry one batch's iterate over to another."""
+        keys = self.sample_keys(batch)
+        return None if keys is None else tuple(int(k) if isinstance(k, Tensor) else k for k in keys)
+
     def _start(self, batch: Any) -> Tensor:
         u0 = self.initial_state(batch)
         if not isinstance(u0, Tensor):
             raise TypeError(f"GKM node {self.name!r}: initial_state must return a tensor")
+        if not _cfg(self.config, "warm_start", True):
+            return u0
         keys = self.sample_keys(batch)
         if keys is None:
             prev = self.warm.get(None)
@@ -334,7 +367,7 @@ class GKMProblem(_ImplicitProblem):
         u0 = self._start(batch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported through stats/logs instead
-            z = self._solver(u0)
+            z = self._solver(u0, key=self._key(batch))
         info = self._solver.info
         self.info = info
         self.solution = z
@@ -535,3 +568,91 @@ def register() -> None:
 
 register()
 
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def engine_state_dict(engine: Any) -> dict[str, Any]:
+    """Everything needed to resume a Betty ``Engine`` of HODL nodes exactly (Betty has no checkpoints).
+
+    Per problem: module, optimizer, scheduler, step counter, data-loader epochs and, for
+    :class:`GKMProblem` nodes, the iterate, the warm starts and the hypergradient method's state
+    (inexact counters, warm-started adjoints, estimated bound constants); plus the engine's global
+    step and the torch / python / numpy RNG states. Take it between global steps (after ``run()``
+    or in a callback), not inside a step.
+    """
+    problems = {}
+    for p in engine.problems:
+        st: dict[str, Any] = {
+            "module": p.module.state_dict(),
+            "optimizer": p.optimizer.state_dict() if p.optimizer is not None else None,
+            "scheduler": p.scheduler.state_dict() if p.scheduler is not None else None,
+            "count": p._count,
+            "epoch_counter": list(p.epoch_counter) if p.epoch_counter is not None else None,
+        }
+        if isinstance(p, GKMProblem):
+            st["hodl"] = p.hodl_state_dict()
+        problems[p.name] = st
+    return {"global_step": engine.global_step, "problems": problems, "rng": _rng_state()}
+
+
+def load_engine_state_dict(engine: Any, state: dict[str, Any]) -> None:
+    """Restore :func:`engine_state_dict` into an engine built the same way (same problems, loaders,
+    ``train_iters`` = the total): ``engine.run()`` then runs the remaining iterations and the result
+    equals an uninterrupted run bit for bit on CPU (for deterministic data loaders: no shuffling, or
+    a seeded ``generator``, which the replay below reproduces).
+    """
+    by_name = {p.name: p for p in engine.problems}
+    missing = set(state["problems"]) ^ set(by_name)
+    if missing:
+        raise HODLError(f"checkpoint and engine have different problems: {sorted(missing)}")
+    for name, st in state["problems"].items():
+        p = by_name[name]
+        if isinstance(p, GKMProblem):
+            p.load_hodl_state_dict(st["hodl"])  # first: it sets u's shape
+        p.module.load_state_dict(st["module"])
+        if st["optimizer"] is not None:
+            p.optimizer.load_state_dict(st["optimizer"])
+        if st["scheduler"] is not None:
+            p.scheduler.load_state_dict(st["scheduler"])
+        # replay the data loaders to the same position (one batch per local step)
+        if p.train_data_loader is not None:
+            for _ in range(st["count"]):
+                for idx in range(len(p.train_data_loader)):
+                    p.get_batch_single_loader(idx)
+        p._count = st["count"]
+    engine.global_step = state["global_step"]
+    engine.train_iters = engine.config.train_iters - state["global_step"]
+    _set_rng_state(state["rng"])
+
+
+def save_checkpoint(engine: Any, path: str) -> None:
+    """``torch.save(engine_state_dict(engine), path)``."""
+    torch.save(engine_state_dict(engine), path)
+
+
+def load_checkpoint(engine: Any, path: str) -> None:
+    """Load a file written by :func:`save_checkpoint` into a freshly built engine."""
+    load_engine_state_dict(engine, torch.load(path, weights_only=False))

@@ -213,16 +213,20 @@ def test_wiring_errors():
         run(upper, Detached("lower", hb.HODLConfig(type="gkm_implicit")), 1)
 
 
-def test_per_sample_warm_starts_across_betty_steps():
-    """A data loader of per-sample problems: the second epoch starts every sample from its own iterate."""
+@pytest.mark.parametrize("kind,opts", [("gkm_implicit", {"tol": 1e-10}), ("gkm_inexact", {"eps": 1e-10})])
+def test_per_sample_warm_starts_across_betty_steps(kind, opts):
+    """A data loader of per-sample problems: the second epoch starts every sample from its own iterate,
+    and no batch ever starts from another batch's iterate (first epoch = cold solves)."""
     Q, B, y, s = quad(n=8, m=2, cond=10.0, seed=3)
     N = 6
     data = [(torch.tensor([i, i + 1]), torch.randn(2, 2, dtype=DT)) for i in range(0, N, 2)]
 
+    def T(u, c, x):
+        return u - s * (u @ Q.T - (c + x) @ B.T)
+
     class Lower(hb.GKMProblem):
         def operator(self, u, batch):
-            idx, c = batch
-            return u - s * (u @ Q.T - (c + self.upper.module.x) @ B.T)
+            return T(u, batch[1], self.upper.module.x)
 
         def initial_state(self, batch):
             return torch.zeros(batch[0].shape[0], Q.shape[0], dtype=DT)
@@ -232,7 +236,7 @@ def test_per_sample_warm_starts_across_betty_steps():
 
     upper, _ = make_upper(torch.zeros(2, dtype=DT), torch.zeros(8, dtype=DT), lr=0.0)
     upper.training_step = lambda batch: 0.5 * (upper.lower.u**2).sum()
-    lower = Lower("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-10, max_steps=5000), train_data_loader=data)
+    lower = Lower("lower", hb.HODLConfig(type=kind, max_steps=5000, **opts), train_data_loader=data)
     steps = []
     orig = lower.one_step_descent
 
@@ -244,8 +248,16 @@ def test_per_sample_warm_starts_across_betty_steps():
     lower.one_step_descent = spy
     run(upper, lower, 2 * len(data))
     assert len(lower.warm) == N
+    cold = []
+    for idx, c in data:
+        solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=5000,
+                              tol=opts.get("tol", opts.get("eps")))
+        with torch.no_grad():
+            solver(torch.zeros(2, 8, dtype=DT))
+        cold.append(solver.info.steps)
     first, second = steps[: len(data)], steps[len(data):]
-    assert all(b <= 10 for b in second) and all(a > 50 for a in first)
+    assert first == cold
+    assert all(b <= 10 for b in second)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -258,3 +270,126 @@ def test_gkm_node_on_cuda():
                  dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
     eng.run()
     assert lower.u.is_cuda and upper.grads[0].is_cuda
+
+
+def test_three_level_graph_reaches_closed_form_optimum():
+    """top tunes the ridge weight w = e^θ of mid, which tunes x of the GKM node u*(x) = Q⁻¹Bx.
+
+    mid:  x*(w) = argmin ½||u*(x) - y||² + (w/2)||x||²  = (GᵀG + wI)⁻¹Gᵀy,  G = Q⁻¹B
+    top:  θ* = argmin ½||G x*(e^θ) - y_val||²   (closed form per w; 1-D minimisation for θ*)
+    Our implicit_cg serves the mid -> top edge, which Betty's cg/neumann refuse (two-level assertion).
+    """
+    import scipy.optimize
+
+    g = torch.Generator().manual_seed(7)
+    n, m = 6, 3
+    R = torch.randn(n, n, generator=g, dtype=DT)
+    Q = 0.2 * R @ R.T / n + torch.eye(n, dtype=DT)  # well conditioned: each solve is ~40 GKM steps
+    L = float(torch.linalg.eigvalsh(Q).max())
+    B = torch.randn(n, m, generator=g, dtype=DT)
+    G = torch.linalg.solve(Q, B)
+    x_true = torch.randn(m, generator=g, dtype=DT)
+    y = G @ x_true + 0.5 * torch.randn(n, generator=g, dtype=DT)
+    y_val = G @ x_true + 0.5 * torch.randn(n, generator=g, dtype=DT)
+
+    def x_of(w):
+        return torch.linalg.solve(G.T @ G + w * torch.eye(m, dtype=DT), G.T @ y)
+
+    def f_top(th):
+        return float(0.5 * ((G @ x_of(float(torch.tensor(th).exp())) - y_val) ** 2).sum())
+
+    th_star = scipy.optimize.minimize_scalar(f_top, bounds=(-6, 4), method="bounded", options={"xatol": 1e-10}).x
+
+    class Low(hb.GKMProblem):
+        def operator(self, u, batch):
+            return u - (1 / L) * (Q @ u - B @ self.mid.module.x)
+
+        def initial_state(self, batch):
+            return torch.zeros(n, dtype=DT)
+
+    class Mid(ImplicitProblem):
+        def get_batch(self):
+            return None
+
+        def training_step(self, batch):
+            x = self.module.x
+            return 0.5 * ((self.low.solve() - y) ** 2).sum() + 0.5 * self.top.module.th.exp() * (x**2).sum()
+
+    class Top(ImplicitProblem):
+        def get_batch(self):
+            return None
+
+        def training_step(self, batch):
+            return 0.5 * ((self.low.solve() - y_val) ** 2).sum()
+
+    xm = torch.nn.Module()
+    xm.x = torch.nn.Parameter(torch.zeros(m, dtype=DT))
+    tm = torch.nn.Module()
+    tm.th = torch.nn.Parameter(torch.zeros(1, dtype=DT))
+    low = Low("low", hb.HODLConfig(type="gkm_unrolled", max_steps=400, tol=1e-14, warm_start=False))
+    Hmid = float(torch.linalg.eigvalsh(G.T @ G).max()) + 1.0
+    mid = Mid("mid", hb.HODLConfig(type="implicit_cg", unroll_steps=20),
+              module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=1.0 / Hmid))
+    top = Top("top", hb.HODLConfig(type="darts"), module=tm, optimizer=torch.optim.Adam(tm.parameters(), lr=0.1))
+    eng = Engine([top, mid, low], EngineConfig(train_iters=20 * 100, strategy="cpu"),
+                 dependencies={"u2l": {mid: [low], top: [mid]}, "l2u": {low: [mid], mid: [top]}})
+    eng.run()
+    assert abs(float(tm.th) - th_star) < 2e-3
+    assert rel_err(xm.x.detach(), x_of(float(tm.th.detach().exp()))) < 1e-3
+
+
+def _ckpt_engine(total):
+    """Two levels with data, an inexact GKM node (accuracy schedule, warm starts), Adam + LR schedule."""
+    Q, B, y, s = quad(n=8, m=2, cond=10.0, seed=4)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.tensor([i, i + 1]), torch.randn(2, 2, generator=g, dtype=DT)) for i in range(0, 8, 2)]
+
+    class Lower(hb.GKMProblem):
+        def operator(self, u, batch):
+            idx, c = batch
+            return u - s * (u @ Q.T - (c + self.upper.module.x) @ B.T)
+
+        def initial_state(self, batch):
+            return torch.zeros(batch[0].shape[0], Q.shape[0], dtype=DT)
+
+        def sample_keys(self, batch):
+            return batch[0].tolist()
+
+    class Up(ImplicitProblem):
+        def get_batch(self):
+            return None
+
+        def training_step(self, batch):
+            noise = 1e-3 * torch.randn((), dtype=DT)  # the global RNG reaches the gradient: resuming must restore it
+            return 0.5 * ((self.lower.u - y) ** 2).sum() * (1 + noise)
+
+    xm = XModule(torch.zeros(2, dtype=DT))
+    opt = torch.optim.Adam(xm.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    up = Up("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=opt, scheduler=sched)
+    low = Lower("lower", hb.HODLConfig(type="gkm_inexact", eps=hp.Polynomial(1e-3, 0.5), max_steps=5000),
+                train_data_loader=data)
+    eng = Engine([up, low], EngineConfig(train_iters=total, strategy="cpu"),
+                 dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}})
+    return eng, xm, low
+
+
+def test_checkpoint_resume_is_bit_for_bit(tmp_path):
+    torch.manual_seed(123)
+    eng, xm, low = _ckpt_engine(20)
+    eng.run()
+    straight = (xm.x.detach().clone(), low.u.detach().clone(), low.method.k)
+
+    torch.manual_seed(123)
+    eng1, xm1, _ = _ckpt_engine(20)
+    eng1.train_iters = 9  # interrupted after 9 of 20 global steps
+    eng1.run()
+    hb.save_checkpoint(eng1, tmp_path / "ckpt.pt")
+
+    torch.manual_seed(999)  # a different process state: everything must come from the checkpoint
+    eng2, xm2, low2 = _ckpt_engine(20)
+    hb.load_checkpoint(eng2, tmp_path / "ckpt.pt")
+    eng2.run()
+    assert torch.equal(xm2.x.detach(), straight[0])
+    assert torch.equal(low2.u.detach(), straight[1])
+    assert low2.method.k == straight[2]
