@@ -249,7 +249,7 @@ def test_per_sample_warm_starts_across_betty_steps(kind, opts):
     run(upper, lower, 2 * len(data))
     assert len(lower.warm) == N
     cold = []
-    for idx, c in data:
+    for _, c in data:
         solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=5000,
                               tol=opts.get("tol", opts.get("eps")))
         with torch.no_grad():
