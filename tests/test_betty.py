@@ -393,3 +393,21 @@ def test_checkpoint_resume_is_bit_for_bit(tmp_path):
     assert torch.equal(xm2.x.detach(), straight[0])
     assert torch.equal(low2.u.detach(), straight[1])
     assert low2.method.k == straight[2]
+
+
+def test_data_parallel_on_cpu_with_gloo_equals_full_batch(tmp_path):
+    """2 processes on loopback (gloo): the learned upper variable equals the single-process full-batch run."""
+    import socket
+
+    import ddp_case
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(ddp_case.worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    x0, x1 = (torch.load(tmp_path / f"x{r}.pt") for r in (0, 1))
+    ref = ddp_case.single_process()
+    assert torch.equal(x0, x1)
+    assert float((x0 - ref).abs().max()) < 1e-6
+    assert float(ref.abs().max()) > 1e-2  # it moved
