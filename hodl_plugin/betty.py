@@ -208,6 +208,10 @@ class GKMProblem(_ImplicitProblem):
     and for the inexact mode ε_k, δ_k and the error bound.
     """
 
+    #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
+    #: modes then solve the adjoint system by CG instead of GMRES (unless ``config.linear_solver``)
+    symmetric_jacobian: bool = False
+
     def __init__(
         self,
         name: str,
@@ -303,8 +307,13 @@ class GKMProblem(_ImplicitProblem):
         has_upper = type(self).upper_objective is not GKMProblem.upper_objective
         upper = (lambda u: self.upper_objective(u, self._batch)) if has_upper else None
         alpha = _cfg(cfg, "alpha", None)
+
+        def T(u: Tensor) -> Tensor:
+            return self.operator(u, self._batch)
+
+        T.symmetric_jacobian = self.symmetric_jacobian  # type: ignore[attr-defined]
         return GKMSolver(
-            lambda u: self.operator(u, self._batch),
+            T,
             max_steps=_cfg(cfg, "max_steps", 1000),
             tol=_cfg(cfg, "tol", 1e-8),
             rtol=_cfg(cfg, "rtol", 0.0),

@@ -411,3 +411,35 @@ def test_data_parallel_on_cpu_with_gloo_equals_full_batch(tmp_path):
     assert torch.equal(x0, x1)
     assert float((x0 - ref).abs().max()) < 1e-6
     assert float(ref.abs().max()) > 1e-2  # it moved
+
+
+def test_diagnostics_reach_bettys_logger():
+    import logging
+
+    from betty.logging import get_logger
+
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    h = Grab(level=logging.INFO)
+    log = get_logger()
+    log.addHandler(h)
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        Q, B, y, s = quad(n=10, m=2, cond=5.0, seed=5)
+        upper, _ = make_upper(torch.zeros(2, dtype=DT), y)
+        lower = gkm_lower(Q, B, s, hb.HODLConfig(type="gkm_inexact", eps=hp.Polynomial(1e-4, 0.5), log_step=1,
+                                                 max_steps=5000))
+        run(upper, lower, 3)
+    finally:
+        log.removeHandler(h)
+        log.setLevel(old)
+    lines = [r for r in records if '"lower"' in r]
+    assert len(lines) == 3
+    for key in ("residual", "steps", "converged", "eps", "delta"):
+        assert key in lines[0]
+    assert "hypergrad_norm" in lines[-1] and "adjoint_iterations" in lines[-1]
