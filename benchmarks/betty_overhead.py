@@ -191,7 +191,8 @@ def betty_methods() -> list[dict[str, Any]]:
         um = torch.nn.Module()
         um.u = torch.nn.Parameter(torch.linalg.solve(Q, x0))  # the lower level solved
         xm = _X(x0)
-        low = Lower("lower", hb.HODLConfig(type=kind, **opts), module=um, optimizer=torch.optim.SGD(um.parameters(), lr=s))
+        low = Lower("lower", hb.HODLConfig(type=kind, **opts), module=um,
+                    optimizer=torch.optim.SGD(um.parameters(), lr=s))
         up = Upper("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
         eng = Engine([up, low], EngineConfig(train_iters=1, strategy="cpu"),
                      dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}})
