@@ -99,6 +99,10 @@ __all__ = [
     "implicit_vjp",
 ]
 
+import inspect as _inspect  # noqa: E402
+
+_ACCEPTS_EXTRA_CONFIG = "extra_config" in _inspect.signature(_ImplicitProblem.__init__).parameters
+
 #: Config types of GKM nodes and the core method each selects
 GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order")
 #: Config types of our methods for Betty's argmin ``ImplicitProblem`` nodes
@@ -222,6 +226,7 @@ class GKMProblem(_ImplicitProblem):
     ) -> None:
         config = config if config is not None else HODLConfig()
         self.method = _method_for(config)
+        kwargs: dict[str, Any] = {"extra_config": extra_config} if _ACCEPTS_EXTRA_CONFIG else {}
         super().__init__(
             name,
             config,
@@ -229,7 +234,7 @@ class GKMProblem(_ImplicitProblem):
             optimizer=None,
             scheduler=None,
             train_data_loader=train_data_loader,
-            extra_config=extra_config,
+            **kwargs,
         )
         self.solution: Optional[Tensor] = None
         self.info: Optional[SolverInfo] = None
@@ -285,8 +290,8 @@ class GKMProblem(_ImplicitProblem):
             return None
         return super().get_batch()
 
-    def initialize(self) -> None:
-        super().initialize()
+    def initialize(self, *args: Any) -> None:  # Betty 0.1.1 passes the engine config
+        super().initialize(*args)
         if not self._parents:
             raise HODLError(
                 f"GKM node {self.name!r} has no upper node: add it to the Engine's dependencies "
