@@ -3,10 +3,13 @@
 Not collected by pytest (the suite targets 0.2.1). Run in a venv with betty-ml==0.1.1:
     python tests/compat/betty011_smoke.py     # prints x = A y = [1.5, -0.5]
 """
-import torch, hodl_plugin.betty as hb
-from betty.engine import Engine
+import torch
 from betty.configs import EngineConfig
+from betty.engine import Engine
 from betty.problems import ImplicitProblem
+
+import hodl_plugin.betty as hb
+
 A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64); y = torch.tensor([1.0, -1.0], dtype=torch.float64)
 class Lower(hb.GKMProblem):
     def operator(self, u, batch): return u - 0.4 * (A @ u - self.upper.module.x)
