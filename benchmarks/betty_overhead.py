@@ -53,6 +53,21 @@ class _X(torch.nn.Module):
         self.x = torch.nn.Parameter(x0.clone())
 
 
+class _ArgminLower(ImplicitProblem):
+    """Betty's argmin node u*(x) = argmin ½uᵀQu - xᵀu (x: the upper node's parameter)."""
+
+    def __init__(self, Q: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.Q = Q
+
+    def get_batch(self):
+        return None
+
+    def training_step(self, batch):
+        u = self.module.u
+        return 0.5 * u @ (self.Q @ u) - self.upper.module.x @ u
+
+
 def engine_vs_core(K: int, repeats: int) -> dict[str, Any]:
     P = quadratic(200, 100.0, seed=1)
     Q, s, y, x0, ref = P["Q"], P["s"], P["y"], P["x0"], P["ref"]
@@ -109,14 +124,6 @@ def betty_per_step(K: int, repeats: int) -> dict[str, Any]:
     P = quadratic(200, 100.0, seed=1)
     Q, s, x0 = P["Q"], P["s"], P["x0"]
 
-    class Lower(ImplicitProblem):
-        def get_batch(self):
-            return None
-
-        def training_step(self, batch):
-            u = self.module.u
-            return 0.5 * u @ (Q @ u) - self.upper.module.x @ u
-
     class Upper(ImplicitProblem):
         def get_batch(self):
             return None
@@ -127,7 +134,7 @@ def betty_per_step(K: int, repeats: int) -> dict[str, Any]:
     um = torch.nn.Module()
     um.u = torch.nn.Parameter(torch.zeros(200, dtype=DT))
     xm = _X(x0)
-    low = Lower("lower", hb.HODLConfig(type="darts", unroll_steps=K), module=um,
+    low = _ArgminLower(Q, "lower", hb.HODLConfig(type="darts", unroll_steps=K), module=um,
                 optimizer=torch.optim.SGD(um.parameters(), lr=s))
     up = Upper("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
     eng = Engine([up, low], EngineConfig(train_iters=K, strategy="cpu"),
@@ -170,14 +177,6 @@ def betty_methods() -> list[dict[str, Any]]:
     for kind, opts, its in cases:
         got: dict[str, torch.Tensor] = {}
 
-        class Lower(ImplicitProblem):
-            def get_batch(self):
-                return None
-
-            def training_step(self, batch):
-                u = self.module.u
-                return 0.5 * u @ (Q @ u) - self.upper.module.x @ u
-
         class Upper(ImplicitProblem):
             def get_batch(self):
                 return None
@@ -191,7 +190,7 @@ def betty_methods() -> list[dict[str, Any]]:
         um = torch.nn.Module()
         um.u = torch.nn.Parameter(torch.linalg.solve(Q, x0))  # the lower level solved
         xm = _X(x0)
-        low = Lower("lower", hb.HODLConfig(type=kind, **opts), module=um,
+        low = _ArgminLower(Q, "lower", hb.HODLConfig(type=kind, **opts), module=um,
                     optimizer=torch.optim.SGD(um.parameters(), lr=s))
         up = Upper("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
         eng = Engine([up, low], EngineConfig(train_iters=1, strategy="cpu"),

@@ -89,6 +89,14 @@ def _threshold(b: Tensor, rtol: float, atol: float) -> float:
     return max(rtol * _norm(b), atol)
 
 
+def _start(matvec: MatVec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
+    """Initial iterate, residual and product count: ``(0, b, 0)`` or ``(x0, b - A x0, 1)``."""
+    if x0 is None:
+        return torch.zeros_like(b), b.clone(), 0
+    x = x0.clone()
+    return x, b - matvec(x), 1
+
+
 def _check_tols(rtol: float, atol: float, maxiter: int) -> None:
     if rtol < 0 or atol < 0 or (rtol == 0 and atol == 0):
         raise ValueError(f"need rtol >= 0, atol >= 0 and one of them > 0, got rtol={rtol}, atol={atol}")
@@ -114,14 +122,7 @@ def cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSol
 
     def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, LinearSolveInfo]:
         thresh = _threshold(b, rtol, atol)
-        its = 0
-        if x0 is None:
-            x = torch.zeros_like(b)
-            r = b.clone()
-        else:
-            x = x0.clone()
-            r = b - matvec(x)
-            its += 1
+        x, r, its = _start(matvec, b, x0)
         p = r.clone()
         rs = _dot(r, r)
         thresh2 = thresh * thresh
@@ -277,14 +278,7 @@ def bicgstab(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> Lin
 
     def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, LinearSolveInfo]:
         thresh = _threshold(b, rtol, atol)
-        its = 0
-        if x0 is None:
-            x = torch.zeros_like(b)
-            r = b.clone()
-        else:
-            x = x0.clone()
-            r = b - matvec(x)
-            its += 1
+        x, r, its = _start(matvec, b, x0)
         r_hat = r.clone()
         rho = alpha = omega = 1.0
         v = torch.zeros_like(b)
