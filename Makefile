@@ -16,14 +16,14 @@ install:
 	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
 
 test:
-	$(VENV)/bin/ruff check hodl_plugin tests benchmarks
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes
 	$(PY) -m pytest -q
 
 test-slow:  # exit code 5 (no test marked slow) is not a failure
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
 lint:
-	$(VENV)/bin/ruff check hodl_plugin tests benchmarks
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes
 
 bench:
 	$(PY) -m benchmarks.hypergrad

@@ -1,0 +1,115 @@
+"""Helpers shared by the recipes: command line, seeding, results (JSON, PNG, a printed table).
+
+Every recipe is ``python -m recipes.<name> [--quick] [--seed S] [--device D] [--out DIR]
+[--data-dir DIR]``; it writes ``<name>.json`` and PNG plots into ``--out`` and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The common command line of a recipe."""
+    ap = argparse.ArgumentParser(prog=f"python -m recipes.{name}", description=description)
+    ap.add_argument("--quick", action="store_true", help="a small run that finishes in < 60 s on 2 CPU cores")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (torch, numpy, python)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ap.add_argument("--out", default=f"out/{name}", help="folder for the JSON of results and the plots")
+    ap.add_argument("--data-dir", default=None, help="folder of the paper's data set, in its usual on-disk format")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return ap
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Seed every generator, make the output folder, return the device."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def progress(iterable: Iterable[Any], args: argparse.Namespace, **kwargs: Any) -> Iterable[Any]:
+    """tqdm over ``iterable`` unless ``--no-progress`` (tqdm writes to stderr)."""
+    if getattr(args, "no_progress", False):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, leave=False, **kwargs)
+
+
+def save_json(args: argparse.Namespace, name: str, results: dict[str, Any]) -> str:
+    """Write ``results`` (plus the command line and a timestamp) to ``<out>/<name>.json``."""
+    path = os.path.join(args.out, f"{name}.json")
+    payload = {"recipe": name, "args": vars(args), "time": time.strftime("%Y-%m-%d %H:%M:%S"), **results}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=float)
+    return path
+
+
+def plot_curves(
+    path: str,
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    logy: bool = True,
+    ax_pairs: Optional[list[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]]] = None,
+) -> str:
+    """Line plot(s) of named curves ``name -> (x, y)`` into a PNG; several panels with ``ax_pairs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ax_pairs or [(ylabel, curves)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (label, cs) in zip(axes[0], panels):
+        for name, (x, y) in cs.items():
+            ax.plot(list(x), list(y), label=name, lw=1.6)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], title: str = "") -> str:
+    """Print (and return) a plain-text table of ``rows`` (dicts) with the given columns."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text)
+    return text
