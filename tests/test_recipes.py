@@ -24,3 +24,15 @@ def test_nonsingleton_quick(tmp_path):
     saved = json.load(open(tmp_path / "nonsingleton.json"))
     assert saved["rows"][1]["dist_u"] == hodl["dist_u"]
     assert os.path.getsize(tmp_path / "nonsingleton.png") > 10_000
+
+
+def test_sparse_coding_quick(tmp_path):
+    from recipes import sparse_coding
+
+    res = sparse_coding.main(["--quick", "--no-progress", "--out", str(tmp_path), "--settings", "noiseless"])
+    K = res["K"]
+    nm = {r["method"].split(" (")[0]: r[f"NMSE@{K} (dB)"] for r in res["rows"]}
+    # at equal K the learned iterations beat ISTA
+    assert nm["HODL"] < nm["ISTA"] - 0.5
+    assert nm["LISTA"] < nm["ISTA"] - 0.5
+    assert os.path.getsize(tmp_path / "sparse_coding.png") > 10_000
