@@ -36,3 +36,17 @@ def test_sparse_coding_quick(tmp_path):
     assert nm["HODL"] < nm["ISTA"] - 0.5
     assert nm["LISTA"] < nm["ISTA"] - 0.5
     assert os.path.getsize(tmp_path / "sparse_coding.png") > 10_000
+
+
+def test_hyper_cleaning_quick(tmp_path):
+    from recipes import hyper_cleaning
+
+    res = hyper_cleaning.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in res["rows"]}
+    noisy = rows["no cleaning (noisy labels)"]["test_acc"]
+    modes = [r for r in res["rows"] if "F1_flags" in r]
+    assert len(modes) == 5
+    for r in modes:  # every hypergradient mode cleans: better than training on the noisy labels
+        assert r["test_acc"] > noisy + 0.03, r["method"]
+        assert r["F1_flags"] > 0.85, r["method"]
+    assert os.path.getsize(tmp_path / "hyper_cleaning.png") > 10_000
