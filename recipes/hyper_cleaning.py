@@ -127,8 +127,9 @@ def run_mode(name: str, opts: dict[str, Any], D: dict[str, Any], mu: float, K: i
             W = Wx.detach()
             val_curve.append(float(val.detach()))
     dt = time.perf_counter() - t0
-    return {"method": name, "test_acc": accuracy(W, D["Xte"], D["yte"]), "F1_flags": f1_flags(x.detach(), D["corrupted"]),
-            "val_loss": val_curve[-1], "time_s": dt, "curve": val_curve}
+    return {"method": name, "test_acc": accuracy(W, D["Xte"], D["yte"]),
+            "F1_flags": f1_flags(x.detach(), D["corrupted"]), "val_loss": val_curve[-1], "time_s": dt,
+            "curve": val_curve}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

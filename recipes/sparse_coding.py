@@ -212,8 +212,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             train(solver, modules, A, snr, K, iters, args.batch, lr, g, args, f"{tag}: {label}")
             per[label] = per_layer_learned(solver, b_test, u_test, L, K)
         for method, vals in per.items():
-            rows.append({"setting": tag, "method": method, "NMSE@4 (dB)": vals[3], f"NMSE@{K} (dB)": vals[K - 1],
-                         f"NMSE@{L} (dB)": vals[L - 1], "per_layer": vals})
+            rows.append({"setting": tag, "method": method, "NMSE@4 (dB)": vals[3],
+                         f"NMSE@{K} (dB)": vals[K - 1], f"NMSE@{L} (dB)": vals[L - 1], "per_layer": vals})
         curves[tag] = {mth: (list(range(1, L + 1)), v) for mth, v in per.items()}
     png = plot_curves(f"{args.out}/{NAME}.png", {}, "layer k", "", logy=False,
                       title=f"sparse coding 250×500: trained with K={K} layers ({iters} its), run to {L}",
