@@ -171,7 +171,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--gamma", type=float, default=0.5)
     ap.add_argument("--settings", default="noiseless,40", help="comma list: noiseless and/or SNRs in dB")
     ap.add_argument("--test-layers", type=int, default=None,
-                    help="evaluate every method up to this many layers (default 2K quick / 4K): trained for K, run longer")
+                    help="evaluate up to this many layers (default 2K quick / 4K): trained for K, run longer")
     args = ap.parse_args(argv)
     setup(args)
     torch.set_default_dtype(DT)
