@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-slow lint bench clean
+.PHONY: install test test-slow lint docs bench clean
 
 install:
 	python3 -m venv $(VENV)
@@ -18,6 +18,12 @@ install:
 test:
 	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes
 	$(PY) -m pytest -q
+	$(MAKE) docs
+
+# HTML with warnings as errors, then the pages' examples (docstring examples run in pytest above)
+docs:
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
 
 test-slow:  # exit code 5 (no test marked slow) is not a failure
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]

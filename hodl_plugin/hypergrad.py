@@ -5,18 +5,19 @@ max_steps, key) -> u``: it runs the GKM iteration (:mod:`hodl_plugin.gkm`) and r
 whose autograd graph carries the chosen hypergradient. Pass one to
 ``GKMSolver(..., hypergrad=method)`` or use its name.
 
-=================  ===================================================  =====================
-name               gradient that reaches ``x``                          memory
-=================  ===================================================  =====================
-``"unrolled"``     exact derivative of the K-step map :math:`u_K(x)`    grows with K
-``"truncated"``    back-propagation through the last k steps only      grows with k
-``"implicit"``     :math:`\nabla_x F + J_x^\top v`, with                flat in K
-                   :math:`(I-J_u)^\top v = \nabla_u F` at :math:`u^*`
-``"inexact"``      implicit, forward to :math:`\varepsilon_k`, adjoint  flat in K
-                   to :math:`\delta_k`, warm starts, error bound
-``"first_order"``  :math:`\nabla_x F + J_x^\top\nabla_u F`              flat in K
-                   (Jacobian-free: the implicit term is dropped)
-=================  ===================================================  =====================
+``"unrolled"``
+    exact derivative of the K-step map :math:`u_K(x)`; memory grows with K.
+``"truncated"``
+    back-propagation through the last k steps only; memory grows with k.
+``"implicit"``
+    :math:`\nabla_x F + J_x^\top v` with :math:`(I-J_u)^\top v = \nabla_u F` at :math:`u^*`;
+    memory flat in K.
+``"inexact"``
+    implicit, forward to :math:`\varepsilon_k`, adjoint to :math:`\delta_k`, warm starts, error
+    bound; memory flat in K.
+``"first_order"``
+    :math:`\nabla_x F + J_x^\top\nabla_u F` (Jacobian-free: the implicit term is dropped); memory
+    flat in K.
 
 with :math:`J_u = \partial_u T(u^*; x)` and :math:`J_x = \partial_x T(u^*; x)`.
 """
