@@ -116,6 +116,10 @@ class HODLConfig(_BettyConfig):
     Usable for every node (it *is* a Betty ``Config``). ``type`` selects the hypergradient of the
     edge from this node to its upper node: one of :data:`GKM_METHODS` for a :class:`GKMProblem`,
     one of :data:`IMPLICIT_METHODS` (or Betty's own names) for an argmin ``ImplicitProblem``.
+
+    >>> cfg = HODLConfig(type="gkm_inexact", eps=1e-3, max_steps=500, log_step=10)
+    >>> _method_for(cfg)
+    Inexact(eps=Constant(c=0.001), delta=Constant(c=0.001), k=0)
     """
 
     type: str = "gkm_implicit"
@@ -598,7 +602,13 @@ def set_log_level(level: Union[int, str]) -> None:
 
 
 def register() -> None:
-    """Add our methods to Betty's hypergradient registry (done on import; idempotent)."""
+    """Add our methods to Betty's hypergradient registry (done on import; idempotent).
+
+    >>> import betty.hypergradient
+    >>> register()
+    >>> sorted(k for k in betty.hypergradient.jvp_fn_mapping if k.startswith(("gkm", "implicit")))
+    ['gkm_first_order', 'gkm_implicit', 'gkm_inexact', 'gkm_truncated', 'gkm_unrolled', 'implicit_cg', 'implicit_gmres']
+    """
     _betty_hypergradient.jvp_fn_mapping.update(_REGISTRY)
 
 
@@ -608,7 +618,12 @@ register()
 
 # ------------------------------------------------------------------------------ data parallel on CPU
 def unwrap(module: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (Betty wraps modules for ``strategy="distributed"``)."""
+    """The user's module inside a DDP wrapper (Betty wraps modules for ``strategy="distributed"``).
+
+    >>> lin = torch.nn.Linear(2, 2)
+    >>> unwrap(lin) is lin
+    True
+    """
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 

@@ -22,16 +22,44 @@ class HODLError(Exception):
 
 
 class ScheduleError(HODLError, ValueError):
-    """A step-size / weight schedule violates the convergence conditions of the GKM scheme."""
+    """A step-size / weight schedule violates the convergence conditions of the GKM scheme.
+
+    >>> import hodl_plugin as hp
+    >>> try:
+    ...     hp.GKMSolver(lambda u: u, beta=hp.Harmonic(1.0))
+    ... except hp.ScheduleError as e:
+    ...     print("bounded away from 0" in str(e))
+    True
+    """
 
 
 class DivergenceError(HODLError, RuntimeError):
-    """The lower-level fixed-point iteration produced non-finite values or a growing residual."""
+    """The lower-level fixed-point iteration produced non-finite values or a growing residual.
+
+    >>> import torch, hodl_plugin as hp
+    >>> try:
+    ...     hp.GKMSolver(lambda u: 2.0 * u + 1.0)(torch.zeros(2))
+    ... except hp.DivergenceError as e:
+    ...     print(str(e)[:40])
+    the GKM iteration diverged at step 29: t
+    """
 
 
 class LinearSolveError(HODLError, RuntimeError):
-    """The adjoint linear system ``(I - ∂_u T)ᵀ v = ∇_u F`` was not solved to the asked tolerance."""
+    """The adjoint linear system ``(I - ∂_u T)ᵀ v = ∇_u F`` was not solved to the asked tolerance.
+
+    Raised from ``backward()`` by the implicit mode (``on_fail="raise"``, the default); e.g. when the
+    fixed-point set is not a singleton and ``I - ∂_u T`` is singular.
+    """
 
 
 class ConvergenceWarning(UserWarning):
-    """A solve stopped before its tolerance and the user asked for a warning instead of an error."""
+    """A solve stopped before its tolerance and the user asked for a warning instead of an error.
+
+    >>> import warnings, torch, hodl_plugin as hp
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     _ = hp.GKMSolver(lambda u: 2.0 * u + 1.0, on_divergence="warn")(torch.zeros(2))
+    >>> w[0].category is hp.ConvergenceWarning
+    True
+    """

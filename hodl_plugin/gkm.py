@@ -60,6 +60,12 @@ class SolverInfo:
         eps, delta: accuracies used by the inexact mode at this call.
         error_bound: a-posteriori bound on the hypergradient error (inexact mode, after
             ``backward()``).
+
+    Example:
+        >>> import torch, hodl_plugin as hp
+        >>> u, info = hp.GKMSolver(lambda u: 0.5 * u + 1.0, tol=1e-10).solve(torch.zeros(2))
+        >>> info.converged, info.steps, info.residual < 1e-10
+        (True, 30, True)
     """
 
     mode: str

@@ -75,6 +75,15 @@ class GKMSolver(nn.Module):
         **method_options: options of the method named by ``hypergrad`` (e.g. ``steps=5`` for
             ``"truncated"``, ``solver="cg"`` for ``"implicit"``, ``eps=...`` for ``"inexact"``).
 
+    Example:
+        >>> import torch, hodl_plugin as hp
+        >>> T = lambda u, x: 0.5 * u + x                     # contraction, u*(x) = 2x
+        >>> solver = hp.GKMSolver(T, tol=1e-12)
+        >>> x = torch.ones(3, requires_grad=True)
+        >>> solver(torch.zeros(3), x).sum().backward()
+        >>> x.grad                                           # du*/dx = 2 I
+        tensor([2., 2., 2.])
+
     Raises:
         ScheduleError: a schedule breaks the convergence conditions (``strict=True``).
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
