@@ -25,7 +25,9 @@ napoleon_numpy_docstring = False
 nitpicky = False
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
-html_static_path = []
+html_static_path = ["_static"]
+# MathJax bundled (docs/_static/mathjax, Apache-2.0): formulas render without network access
+mathjax_path = "mathjax/tex-chtml.js"
 html_theme_options = {"description": "HODL for Betty & TorchOpt", "fixed_sidebar": True, "page_width": "1100px"}
 doctest_global_setup = "import torch\nimport hodl_plugin as hp"
 suppress_warnings = ["config.cache"]
