@@ -445,7 +445,8 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
     carries the chosen method in its autograd graph (the implicit adjoint hook, or the unrolled
     steps), so one backward through it gives :math:`(\partial u^*/\partial x)^\top` ``vector``
     w.r.t. the trainable parameters of ``prev``. With ``sync`` the result is accumulated into
-    ``.grad`` (Betty's convention) and ``None`` returned.
+    ``.grad`` (Betty's convention) and ``None`` returned. Betty calls it for ``type="gkm_*"``; the
+    module example runs it.
     """
     if not isinstance(curr, GKMProblem):
         raise HODLError(
@@ -538,7 +539,8 @@ def implicit_vjp(
     ``config.adjoint_rtol`` (default 1e-10) with ``solver`` (``"cg"`` or ``"gmres"``), then returns
     :math:`-\nabla^2_{\lambda\theta} L\, q`. Correct where Betty's ``cg`` is not (its direction
     update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
-    path of the graph.
+    path of the graph. Betty calls it for ``type="implicit_cg"`` / ``"implicit_gmres"``
+    (``tests/test_betty.py`` checks it against the closed form).
     """
     if isinstance(curr, GKMProblem):
         raise HODLError(
@@ -639,7 +641,8 @@ class HODLEngine(_BettyEngine):
     ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``, or a group the caller initialised),
     places every rank on the CPU and leaves the rest to Betty: data loaders split by rank, modules
     wrapped in DDP. GKM edges average the full hypergradient over the ranks. Where CUDA is present,
-    Betty's own path runs unchanged.
+    Betty's own path runs unchanged. With any other strategy it is Betty's ``Engine`` (example in
+    :func:`save_checkpoint`; the 2-process run is ``tests/ddp_case.py``).
     """
 
     def configure_systems(self) -> dict[str, Any]:
@@ -748,7 +751,35 @@ def load_engine_state_dict(engine: Any, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(engine: Any, path: str) -> None:
-    """``torch.save(engine_state_dict(engine), path)``."""
+    """``torch.save(engine_state_dict(engine), path)``.
+
+    Example — interrupt after 5 of 10 steps, resume in a fresh engine, get the uninterrupted result:
+
+    >>> import tempfile, os, torch
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> set_log_level("WARNING")
+    >>> class Low(GKMProblem):
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build():
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", HODLConfig(), module=m, optimizer=torch.optim.Adam(m.parameters(), lr=0.1))
+    ...     low = Low("low", HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     eng = HODLEngine([up, low], EngineConfig(train_iters=10, strategy="cpu"),
+    ...                      dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}})
+    ...     return eng, m
+    >>> straight, m0 = build(); straight.run()
+    >>> first, _ = build(); first.train_iters = 5; first.run()
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    >>> save_checkpoint(first, path)
+    >>> resumed, m1 = build(); load_checkpoint(resumed, path); resumed.run()
+    >>> torch.equal(m0.x, m1.x)
+    True
+    """
     torch.save(engine_state_dict(engine), path)
 
 
