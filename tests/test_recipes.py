@@ -50,3 +50,16 @@ def test_hyper_cleaning_quick(tmp_path):
         assert r["test_acc"] > noisy + 0.03, r["method"]
         assert r["F1_flags"] > 0.85, r["method"]
     assert os.path.getsize(tmp_path / "hyper_cleaning.png") > 10_000
+
+
+def test_learned_regularizer_quick(tmp_path):
+    from recipes import learned_regularizer
+
+    res = learned_regularizer.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
+    noisy = rows["observation y"]["test_psnr"]
+    assert 19.5 < noisy < 20.5  # SPEC T6 sanity: σ = 25/255 gives ≈ 20.2 dB
+    isgd = rows["ISGD"]
+    assert isgd["test_psnr"] > noisy + 4  # the learned regulariser denoises
+    assert isgd["test_psnr"] > rows["MAID-style"]["test_psnr"]  # at equal cost
+    assert os.path.getsize(tmp_path / "learned_regularizer.png") > 10_000
