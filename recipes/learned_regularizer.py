@@ -123,12 +123,9 @@ def _adam(foe: FoE, lr0: float, q: float):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) ** (-q))
 
 
-def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
-    foe = FoE(args.filters, args.ksize, args.seed)
-    T = task.operator(foe)
-    eps = hp.Polynomial(args.eps0, args.p)
-    solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps, delta=eps, solver="cg",
-                          constants=None, check_every=5)
+def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: FoE, T: hp.GradientStep,
+                        solve, step_cost) -> dict[str, Any]:
+    """Adam on θ over mini-batches in a fixed order until the cost budget; test PSNR every few steps."""
     opt, sched = _adam(foe, args.lr, args.q)
     B, N = args.batch, len(task.y_train)
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
@@ -138,12 +135,11 @@ def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
         y, x = task.y_train[b * B:(b + 1) * B], task.x_train[b * B:(b + 1) * B]
         task.set_step(T, foe)
         opt.zero_grad()
-        loss = _loss(solver(y.clone(), y, key=b), x)
-        loss.backward()
+        _loss(solve(y, b), x).backward()
         opt.step()
         sched.step()
         foe.project()
-        cost += B * (solver.info.steps + solver.info.adjoint.iterations)
+        cost += B * step_cost()
         k += 1
         next(bar, None)
         if k % args.eval_every == 0 or cost >= budget:
@@ -152,28 +148,26 @@ def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
     return {"method": label, "test_psnr": ys[-1], "cost": cost, "steps": k, "curve_cost": xs, "curve_psnr": ys}
 
 
+def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
+    """Inexact hypergradients with ε_k = δ_k = ε₀(k+1)^-p and per-batch warm starts (key = batch)."""
+    foe = FoE(args.filters, args.ksize, args.seed)
+    T = task.operator(foe)
+    eps = hp.Polynomial(args.eps0, args.p)
+    solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps, delta=eps, solver="cg",
+                          constants=None, check_every=5)
+    return _minibatch_training(task, args, budget, label, foe, T,
+                               solve=lambda y, b: solver(y.clone(), y, key=b),
+                               step_cost=lambda: solver.info.steps + solver.info.adjoint.iterations)
+
+
 def run_unrolled(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
+    """K fixed lower steps from y, back-propagated (cost: K forward + K backward per patch)."""
     foe = FoE(args.filters, args.ksize, args.seed)
     T = task.operator(foe)
     solver = hp.GKMSolver(T, max_steps=args.unroll, tol=0.0, hypergrad="unrolled", check_every=args.unroll)
-    opt, sched = _adam(foe, args.lr, args.q)
-    B, N = args.batch, len(task.y_train)
-    cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
-    while cost < budget:
-        b = k % (N // B)
-        y, x = task.y_train[b * B:(b + 1) * B], task.x_train[b * B:(b + 1) * B]
-        task.set_step(T, foe)
-        opt.zero_grad()
-        _loss(solver(y.clone(), y), x).backward()
-        opt.step()
-        sched.step()
-        foe.project()
-        cost += B * 2 * args.unroll
-        k += 1
-        if k % args.eval_every == 0 or cost >= budget:
-            xs.append(cost)
-            ys.append(task.test_psnr(foe))
-    return {"method": label, "test_psnr": ys[-1], "cost": cost, "steps": k, "curve_cost": xs, "curve_psnr": ys}
+    return _minibatch_training(task, args, budget, label, foe, T,
+                               solve=lambda y, b: solver(y.clone(), y),
+                               step_cost=lambda: 2 * args.unroll)
 
 
 def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
