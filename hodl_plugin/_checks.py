@@ -60,10 +60,3 @@ def check_operator_output(out: object, u: Tensor) -> None:
         raise TypeError(f"the operator T(u, *params) returned dtype {out.dtype}, expected {u.dtype}")
     if out.device != u.device:
         raise ValueError(f"the operator T(u, *params) returned a tensor on {out.device}, expected {u.device}")
-
-
-def check_upper_output(out: object) -> None:
-    """The upper objective ``F(u, *params)`` must return a scalar tensor."""
-    if not isinstance(out, Tensor) or out.numel() != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"the upper objective F(u, *params) must return a scalar tensor, got {shape}")

@@ -60,6 +60,7 @@ Example (a two-level quadratic; the upper learns ``x`` so that ``u*(x) = A⁻¹x
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
@@ -69,6 +70,7 @@ from torch import Tensor, nn
 try:
     import betty.hypergradient as _betty_hypergradient
     from betty.configs import Config as _BettyConfig
+    from betty.engine import Engine as _BettyEngine
     from betty.problems import ImplicitProblem as _ImplicitProblem
 except ImportError as exc:  # pragma: no cover - betty is a declared dependency
     raise ImportError(
@@ -99,9 +101,7 @@ __all__ = [
     "implicit_vjp",
 ]
 
-import inspect as _inspect  # noqa: E402
-
-_ACCEPTS_EXTRA_CONFIG = "extra_config" in _inspect.signature(_ImplicitProblem.__init__).parameters
+_ACCEPTS_EXTRA_CONFIG = "extra_config" in inspect.signature(_ImplicitProblem.__init__).parameters
 
 #: Config types of GKM nodes and the core method each selects
 GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order")
@@ -627,9 +627,6 @@ def unwrap(module: nn.Module) -> nn.Module:
     True
     """
     return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-from betty.engine import Engine as _BettyEngine  # noqa: E402
 
 
 class HODLEngine(_BettyEngine):

@@ -205,10 +205,7 @@ def gmres(
             return matvec(v.view(shape)).reshape(-1)
 
         thresh = _threshold(b, rtol, atol)
-        x = torch.zeros_like(bf) if x0 is None else x0.reshape(-1).clone()
-        its = 0
-        r = bf - mv(x) if x0 is not None else bf.clone()
-        its += x0 is not None
+        x, r, its = _start(mv, bf, None if x0 is None else x0.reshape(-1))
         beta = _norm(r)
         while beta > thresh and its < maxiter:
             m = min(restart, maxiter - its, n)
