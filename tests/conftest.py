@@ -52,6 +52,24 @@ def make_quadratic(n: int = 40, m: int = 3, cond: float = 20.0, seed: int = 0) -
     return Quadratic(Q, B, y, s=1.0 / cond)
 
 
+def nonsingleton(seed: int = 1, p: int = 5, n: int = 12):
+    """SPEC T5: T(u) = u - sAᵀ(Au - b) with A p×n, p < n, so Fix T = {u : Au = b} (not a singleton).
+
+    Returns ``(A, b, s, z, proj)``: ``z`` a random point, ``proj(v)`` the closed-form projection of v
+    onto Fix T (so ``proj(z)`` = argmin ½||u - z||² over Fix T).
+    """
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(p, n, generator=g, dtype=DT)
+    b = A @ torch.randn(n, generator=g, dtype=DT)
+    s = 1.0 / torch.linalg.matrix_norm(A, 2).item() ** 2
+    z = torch.randn(n, generator=g, dtype=DT)
+
+    def proj(v):
+        return v - A.T @ torch.linalg.solve(A @ A.T, A @ v - b)
+
+    return A, b, s, z, proj
+
+
 @pytest.fixture
 def quad() -> Quadratic:
     return make_quadratic()

@@ -6,21 +6,12 @@ import pytest
 import torch
 
 import hodl_plugin as hp
-from conftest import DT, rel_err
+from conftest import DT, nonsingleton, rel_err
 
 
 @pytest.fixture
 def ns():
-    g = torch.Generator().manual_seed(1)
-    p, n = 5, 12
-    A = torch.randn(p, n, generator=g, dtype=DT)
-    b = A @ torch.randn(n, generator=g, dtype=DT)
-    s = 1.0 / torch.linalg.matrix_norm(A, 2).item() ** 2
-    z = torch.randn(n, generator=g, dtype=DT)
-
-    def proj(v):  # projection onto the affine set {u : Au = b} = Fix(T)
-        return v - A.T @ torch.linalg.solve(A @ A.T, A @ v - b)
-
+    A, b, s, z, proj = nonsingleton()
     T = lambda u, *x: u - s * A.T @ (A @ u - b)  # noqa: E731  (rank-deficient least squares)
     return A, b, z, proj, T
 
