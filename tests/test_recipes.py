@@ -63,3 +63,48 @@ def test_learned_regularizer_quick(tmp_path):
     assert isgd["test_psnr"] > noisy + 4  # the learned regulariser denoises
     assert isgd["test_psnr"] > rows["MAID-style"]["test_psnr"]  # at equal cost
     assert os.path.getsize(tmp_path / "learned_regularizer.png") > 10_000
+
+
+def _rows(res):
+    return {r["method"]: r for r in res["rows"]}
+
+
+def _restoration_checks(res, K):
+    rows = _rows(res)
+    hodl, unrolled = rows[f"HODL α_k=(k+1)^-½, K={K}"], rows[f"unrolled α≡1, K={K}"]
+    # at the trained K the learned GKM beats the task model run for as many steps, Tikhonov and the observation
+    assert hodl["PSNR"] > rows[f"TV, {K} steps"]["PSNR"] + 0.3
+    assert hodl["PSNR"] > rows["Tikhonov (tuned)"]["PSNR"] + 0.2
+    assert hodl["PSNR"] > rows["observation b"]["PSNR"] + 1.0
+    assert hodl["PSNR"] > unrolled["PSNR"]
+    # beyond K, HODL stays a convergent iteration: its PSNR stays above the TV task model's at K
+    assert rows[f"HODL α_k=(k+1)^-½, {4 * K} steps"]["PSNR"] > rows[f"TV, {K} steps"]["PSNR"]
+    assert 0 < hodl["SSIM"] <= 1
+
+
+def test_deconvolution_quick(tmp_path):
+    from recipes import deconvolution
+
+    res = deconvolution.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    _restoration_checks(res, res["K"])
+    assert os.path.getsize(tmp_path / "deconvolution.png") > 10_000
+
+
+def test_derain_quick(tmp_path):
+    from recipes import derain
+
+    res = derain.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    _restoration_checks(res, res["K"])
+    assert os.path.getsize(tmp_path / "derain.png") > 10_000
+
+
+def test_few_shot_quick(tmp_path):
+    from recipes import few_shot
+
+    res = few_shot.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
+    plain, hodl = rows["plain unrolled inner loop"], rows["HODL-aggregated inner loop"]
+    assert 0.2 < plain["test_acc"] < 1  # better than chance (5-way)
+    # the aggregated inner loop beats the plain one by more than the two confidence intervals
+    assert hodl["test_acc"] > plain["test_acc"] + plain["ci95"] + hodl["ci95"]
+    assert os.path.getsize(tmp_path / "few_shot.png") > 10_000
