@@ -13,6 +13,9 @@ install:
 	# betty-ml 0.2.1 declares python<3.11 but installs and runs on 3.11 (numpy 2.3+ needs 3.12)
 	$(PIP) install --quiet --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"
 	$(PIP) install --quiet -e ".[dev,recipes,docs]"
+	# peers of benchmarks/compare.py (not dependencies of the package); boat-torch's torchvision
+	# requirement would pull a CUDA torch, so --no-deps (its other needs are installed above)
+	$(PIP) install --quiet --no-deps "higher==0.2.1" "boat-torch==1.1.1"
 	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
 
 test:
@@ -33,6 +36,8 @@ lint:
 
 bench:
 	$(PY) -m benchmarks.hypergrad
+	$(PY) -m benchmarks.betty_overhead
+	$(PY) -m benchmarks.compare
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
