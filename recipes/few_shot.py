@@ -1,9 +1,9 @@
 r"""Few-shot classification in a Betty Engine: a HODL-aggregated inner loop vs a plain unrolled inner loop.
 
 HODL's "other learning tasks" (SPEC §1) at CPU scale: 5-way 1-shot / 5-shot episodes built from
-scikit-learn's digits (meta-training on classes 0–4, meta-testing on the unseen classes 5–9, 15
-queries per class), or from ``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes
-for meta-training).
+scikit-learn's digits (meta-training on classes 0–4 and their 90°/180°/270° rotations as 15 more
+classes, the Omniglot convention; meta-testing on the unseen classes 5–9, 15 queries per class),
+or from ``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes for meta-training).
 
 A two-node Betty graph (the way we want users to write bilevel code):
 
@@ -19,7 +19,10 @@ P_ω(S) is the prototype head (rows ρ·mean of the class's normalised support f
 −ρ/2·||mean||²): w_k = W_k − α_k (W_k − P_ω), α_k = (k+1)^-½ → 0, so the head starts at the
 prototypes and still converges to the task's fixed point. The plain inner loop is the same node
 without ``upper_objective``. Both meta-learn φ with the same budget; the table gives the mean
-meta-test accuracy over episodes with its 95 % confidence interval.
+meta-test accuracy over episodes with its 95 % confidence interval, after K inner steps and after
+4K, next to the prototype classifier on raw pixels (no meta-training). The validation curve
+(Betty's ``validation`` hook) uses other episodes of the unseen classes; it is for reading, no
+model is selected on it.
 """
 
 from __future__ import annotations
@@ -274,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             rows.append({"setting": f"{args.ways}-way {k}-shot", "method": label, "test_acc": acc, "ci95": ci,
                          f"acc_{4 * args.K}_steps": acc4, "train_s": train_s})
             curves[label] = (xs, ys)
-        panels.append((f"{args.ways}-way {k}-shot: accuracy (50 episodes, unseen classes)", curves))
+        panels.append((f"{args.ways}-way {k}-shot accuracy, unseen classes", curves))
     png = plot_curves(f"{args.out}/{NAME}.png", {}, "meta-training episodes", "", logy=False,
                       title=f"few-shot digits, K={args.K} inner steps", ax_pairs=panels)
     print_table(rows, ["setting", "method", "test_acc", "ci95", f"acc_{4 * args.K}_steps", "train_s"],

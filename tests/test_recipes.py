@@ -71,14 +71,16 @@ def _rows(res):
 
 def _restoration_checks(res, K):
     rows = _rows(res)
-    hodl, unrolled = rows[f"HODL α_k=(k+1)^-½, K={K}"], rows[f"unrolled α≡1, K={K}"]
-    # at the trained K the learned GKM beats the task model run for as many steps, Tikhonov and the observation
-    assert hodl["PSNR"] > rows[f"TV, {K} steps"]["PSNR"] + 0.3
+    hodl, hodl_long = rows[f"HODL α_k=(k+1)^-½, K={K}"], rows[f"HODL α_k=(k+1)^-½, {4 * K} steps"]
+    unrolled_long = rows[f"unrolled α≡1, {4 * K} steps"]
+    # at the trained K the learned GKM beats the task model run as many steps from the same u_0,
+    # the tuned Tikhonov solution (its u_0) and the observation
+    assert hodl["PSNR"] > rows[f"TV, {K} steps from u_0"]["PSNR"] + 0.2
     assert hodl["PSNR"] > rows["Tikhonov (tuned)"]["PSNR"] + 0.2
     assert hodl["PSNR"] > rows["observation b"]["PSNR"] + 1.0
-    assert hodl["PSNR"] > unrolled["PSNR"]
-    # beyond K, HODL stays a convergent iteration: its PSNR stays above the TV task model's at K
-    assert rows[f"HODL α_k=(k+1)^-½, {4 * K} steps"]["PSNR"] > rows[f"TV, {K} steps"]["PSNR"]
+    # beyond K, HODL is still a convergent iteration: no collapse, and above the unrolled network there
+    assert hodl_long["PSNR"] > hodl["PSNR"] - 0.5
+    assert hodl_long["PSNR"] > unrolled_long["PSNR"]
     assert 0 < hodl["SSIM"] <= 1
 
 
