@@ -16,14 +16,20 @@ Problems (float64, CPU):
 (a2) the same with a non-symmetric Jacobian: T(u; x) = u − s((Q + S)u − x), S skew, so the
     adjoint system is not symmetric (TorchOpt's documented choice is ``solve_normal_cg``; ours
     GMRES). Betty and BOAT express lower levels as losses only and have no entry here.
+(b) data hyper-cleaning on digits (recipes/hyper_cleaning.py's problem, 800 samples, 50 % corrupted):
+    the same outer loop (Adam on per-sample weight logits, K lower steps per outer step continuing
+    from the last solution) through each library; wall time to a fixed validation loss (1.02 × the
+    best final one), final test accuracy.
+(c) sparse coding (LISTA setting, K = 16): time per upper step and NMSE after a fixed training
+    time, hodl_plugin vs the same loop in plain torch (no peer has a proximal-layer lower level).
 (d) memory: bytes autograd saves for the backward (saved-tensor hooks, every library in the same
     process) for unrolled and implicit methods of each library, as K grows 10 → 1000.
 
 Peers and their settings (documented defaults or the settings their docs recommend):
 TorchOpt 0.7.3 ``custom_root`` + ``solve_cg`` / ``solve_normal_cg`` (its README pattern) and
 ``MetaSGD`` unrolling; ``higher`` ``innerloop_ctx`` + SGD; Betty 0.2.1 through its ``Engine`` with
-the lower node solved by K_fwd Betty steps (``unroll_steps``) and ``darts`` / ``neumann`` / ``cg``
-(iterations as the knob, step ``alpha`` = s); BOAT 1.1.1 ``NGD`` lower loop with ``CG`` (``k`` the
+the lower node solved by K_fwd Betty steps (``unroll_steps``) and ``darts`` / ``sama`` (defaults) /
+``neumann`` / ``cg`` (iterations as the knob, step ``alpha`` = s); BOAT 1.1.1 ``NGD`` lower loop with ``CG`` (``k`` the
 knob) or ``RAD`` (K the knob), ``return_grad=True``.
 """
 
@@ -219,7 +225,7 @@ def betty_method(P: Quadratic, K_fwd: int, kind: str) -> Callable[[int], torch.T
         with torch.no_grad():
             xm.u.copy_(P.x0)
         opts = {"neumann": {"neumann_iterations": iters, "neumann_alpha": P.s},
-                "cg": {"cg_iterations": iters, "cg_alpha": P.s}, "darts": {}}[kind]
+                "cg": {"cg_iterations": iters, "cg_alpha": P.s}, "darts": {}, "sama": {}}[kind]
         low = Lower("lower", Config(type=kind, unroll_steps=K_fwd, **opts), module=um,
                     optimizer=torch.optim.SGD(um.parameters(), lr=P.s))
         up = Upper("upper", Config(), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
@@ -395,6 +401,8 @@ def problem_a(quick: bool, repeats: int, symmetric: bool = True) -> dict[str, An
             ("Betty neumann (Engine, K_fwd Betty steps)", "neumann_iterations",
              lambda: betty_method(P, K_fwd, "neumann"), b_knobs, _peer_available("betty")),
             ("Betty darts (Engine, K_fwd Betty steps)", "-", lambda: betty_method(P, K_fwd, "darts"), [0],
+             _peer_available("betty")),
+            ("Betty sama (Engine, K_fwd Betty steps)", "-", lambda: betty_method(P, K_fwd, "sama"), [0],
              _peer_available("betty")),
             ("BOAT NGD + CG", "CG k", lambda: boat_method(P, K_fwd, "CG"), adj, _peer_available("boat_torch")),
             ("BOAT NGD + RAD (unrolled)", "K", lambda: boat_method(P, K_fwd, "RAD"), few,
@@ -612,7 +620,7 @@ def hyper_cleaning(quick: bool) -> dict[str, Any]:
                     return v
 
             wm, xm = _W(d, c), _Logits(n_train)
-            opts = {"neumann": {"neumann_iterations": 20, "neumann_alpha": s}, "darts": {},
+            opts = {"neumann": {"neumann_iterations": 20, "neumann_alpha": s}, "darts": {}, "sama": {},
                     "cg": {"cg_iterations": 20, "cg_alpha": s}}[kind]
             low = Lower("lower", Config(type=kind, unroll_steps=K, **opts), module=wm,
                         optimizer=torch.optim.SGD(wm.parameters(), lr=s))
@@ -660,6 +668,7 @@ def hyper_cleaning(quick: bool) -> dict[str, Any]:
                ("TorchOpt custom_root + solve_cg", torchopt_root, _peer_available("torchopt")),
                ("higher unrolled", higher_unrolled, _peer_available("higher")),
                ("Betty darts", betty("darts"), _peer_available("betty")),
+               ("Betty sama", betty("sama"), _peer_available("betty")),
                ("Betty neumann (20)", betty("neumann"), _peer_available("betty")),
                ("BOAT NGD + CG (k=10)", boat("CG"), _peer_available("boat_torch")),
                ("BOAT NGD + RAD", boat("RAD"), _peer_available("boat_torch"))]
@@ -708,6 +717,64 @@ def boat_hc_ul(ul_feed_dict: dict, ul_model: torch.nn.Module, ll_model: torch.nn
                params: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
     _, val_loss = _BOAT_P["hc"]
     return val_loss(ll_model.W if params is None else params[0])
+
+
+def sparse_coding(quick: bool) -> dict[str, Any]:
+    """(c) LISTA setting (recipes/sparse_coding.py): learning the HODL/BMO model (K = 16 GKM steps with
+    the learned layer aggregated) and unrolled-only LISTA, by hodl_plugin and by the same loop written
+    in plain torch; wall time per upper step and NMSE after a fixed wall-clock budget. The proximal
+    layer is not an optimizer step or a loss, so TorchOpt's meta-optimizers, higher, Betty's and
+    BOAT's lower-level solvers cannot express it; they would run this same autograd loop."""
+    from recipes import sparse_coding as sc
+
+    K, batch, budget = 16, 64, (8.0 if quick else 40.0)
+    g = torch.Generator().manual_seed(0)
+    A = sc.make_dictionary(250, 500, g)
+    s = 1.0 / float(torch.linalg.matrix_norm(A, 2)) ** 2
+    u_test = sc.sample_codes(1000, 500, 0.1, g)
+    b_test = sc.observe(A, u_test, None, g)
+    alpha = hp.Polynomial(1.0, 0.5)
+
+    def plain_forward(kind: str, mods: torch.nn.ModuleList, b: torch.Tensor) -> torch.Tensor:
+        u = torch.zeros(b.shape[0], 500, dtype=sc.DT)
+        if kind == "lista":
+            layer = mods[0]
+            for _ in range(K):
+                u = layer(u, b)
+            return u
+        T, layer = mods[0], mods[1]
+        for k in range(K):
+            a = alpha(k)
+            u = T(u - a * (u - layer(u, b)), b)
+        return u
+
+    out: dict[str, Any] = {"K": K, "batch": batch, "budget_s": budget, "rows": []}
+    for kind in ("hodl", "lista"):
+        for impl in ("hodl_plugin", "plain torch"):
+            torch.manual_seed(0)
+            solver, mods = sc.learned_solver(kind, A, s, 0.1, K, alpha)
+            fwd = ((lambda b, solver=solver: solver(torch.zeros(b.shape[0], 500, dtype=sc.DT), b))
+                   if impl == "hodl_plugin" else (lambda b, kind=kind, mods=mods: plain_forward(kind, mods, b)))
+            opt = torch.optim.Adam([p for p in mods.parameters() if p.requires_grad], lr=1e-3)
+            gg = torch.Generator().manual_seed(1)
+            steps, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < budget:
+                u_gt = sc.sample_codes(batch, 500, 0.1, gg)
+                loss = ((fwd(sc.observe(A, u_gt, None, gg)) - u_gt) ** 2).sum(1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+            dt = time.perf_counter() - t0
+            with torch.no_grad():
+                nmse = sc.nmse_db(fwd(b_test), u_test)
+            out["rows"].append({"model": "HODL/BMO" if kind == "hodl" else "LISTA", "implementation": impl,
+                                "upper_steps": steps, "ms_per_step": 1e3 * dt / steps, f"NMSE@{K} (dB)": nmse})
+            print(f"  {out['rows'][-1]}", flush=True)
+    for r in out["rows"]:
+        base = next(x for x in out["rows"] if x["model"] == r["model"] and x["implementation"] == "plain torch")
+        r["time_ratio_to_plain"] = r["ms_per_step"] / base["ms_per_step"]
+    return out
 
 
 def plot(path: str, results: dict[str, Any]) -> str:
@@ -764,7 +831,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="n = 300, fewer points (about 2 minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (median; default 1 quick / 3)")
-    ap.add_argument("--only", default="a,a2,b,d", help="comma list of problems: a, a2, b, d")
+    ap.add_argument("--only", default="a,a2,b,c,d", help="comma list of problems: a, a2, b, c, d")
     ap.add_argument("--out", default="out/benchmarks", help="folder for compare.json and compare.png")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -797,6 +864,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         b = results["b"]
         _table(b["rows"], f"# (b) hyper-cleaning: time to validation loss {b['target_val_loss']:.4f} "
                f"(1.02 × the best final), {b['outer_steps']} outer steps, K={b['K']}")
+    if "c" in only:
+        print("(c) sparse coding (LISTA setting)", flush=True)
+        results["c"] = sparse_coding(args.quick)
+        _table(results["c"]["rows"], f"# (c) sparse coding, K={results['c']['K']}: time per upper step and NMSE "
+               f"after {results['c']['budget_s']:g} s of training")
     if "d" in only:
         print("(d) memory", flush=True)
         results["d"] = memory(args.quick)

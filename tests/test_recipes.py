@@ -45,7 +45,10 @@ def test_hyper_cleaning_quick(tmp_path):
     rows = {r["method"]: r for r in res["rows"]}
     noisy = rows["no cleaning (noisy labels)"]["test_acc"]
     modes = [r for r in res["rows"] if "F1_flags" in r]
-    assert len(modes) == 5
+    assert len(modes) == 6  # five core modes and the implicit mode in a Betty Engine
+    betty, core = rows["implicit (cg), Betty Engine"], rows["implicit (cg)"]
+    assert abs(betty["val_loss"] - core["val_loss"]) < 1e-6  # the same computation through Betty
+    assert betty["F1_flags"] == core["F1_flags"]
     for r in modes:  # every hypergradient mode cleans: better than training on the noisy labels
         assert r["test_acc"] > noisy + 0.03, r["method"]
         assert r["F1_flags"] > 0.85, r["method"]
