@@ -1,35 +1,37 @@
 """hodl_plugin against the libraries users would otherwise pick, on the same problems, in one process.
 
-``python -m benchmarks.compare [--quick] [--out DIR]`` (peers are optional extras of the benchmark,
-not dependencies of the package: ``pip install torchopt higher`` and
-``pip install --no-deps boat-torch`` after the pinned CPU torch; Betty is installed by ``make
-install``). A peer that is not installed is reported as such, not silently skipped.
+``python -m benchmarks.compare [--quick] [--only a,a2,h,b,c,d] [--out DIR]``. The peers are
+optional extras of the benchmark, not dependencies of the package; ``make install`` adds them
+(``higher`` and ``boat-torch``, the latter with ``--no-deps`` after the pinned CPU torch; TorchOpt
+and Betty are installed anyway). A peer that is not installed is reported as such in the table.
 
 Problems (float64, CPU):
 
-(a) the quadratic bilevel problem with a closed form — lower T(u; x) = u − s(Qu − x), i.e. the
-    gradient step of ½uᵀQu − xᵀu (n = 1000, condition number 100, s = 1/λ_max), upper
-    F(u) = ½||u − y||², ∇f(x) = Q⁻¹(Q⁻¹x − y). Each method has one accuracy knob (adjoint
-    iterations for implicit methods after a converged forward of K_fwd steps; K for unrolled
-    ones); every (knob, time, relative error) point is one curve point. Summary: the time each
-    method needs to reach a relative error of 1e-3 / 1e-6 / 1e-9, and its ratio to ours.
-(a2) the same with a non-symmetric Jacobian: T(u; x) = u − s((Q + S)u − x), S skew, so the
-    adjoint system is not symmetric (TorchOpt's documented choice is ``solve_normal_cg``; ours
-    GMRES). Betty and BOAT express lower levels as losses only and have no entry here.
-(b) data hyper-cleaning on digits (recipes/hyper_cleaning.py's problem, 800 samples, 50 % corrupted):
-    the same outer loop (Adam on per-sample weight logits, K lower steps per outer step continuing
-    from the last solution) through each library; wall time to a fixed validation loss (1.02 × the
-    best final one), final test accuracy.
-(c) sparse coding (LISTA setting, K = 16): time per upper step and NMSE after a fixed training
-    time, hodl_plugin vs the same loop in plain torch (no peer has a proximal-layer lower level).
-(d) memory: bytes autograd saves for the backward (saved-tensor hooks, every library in the same
-    process) for unrolled and implicit methods of each library, as K grows 10 → 1000.
+- **(a)** the quadratic bilevel problem with a closed form — lower T(u; x) = u − s(Qu − x), the
+  gradient step of ½uᵀQu − xᵀu (n = 1000, condition number 100, s = 1/λ_max), upper
+  F(u) = ½||u − y||², ∇f(x) = Q⁻¹(Q⁻¹x − y). Each method has one accuracy knob (adjoint
+  iterations for implicit methods after a converged forward of K_fwd steps; K for unrolled ones);
+  every (knob, time, relative error) is one curve point. Summary: the time each method needs to
+  reach a relative error of 1e-3 / 1e-6 / 1e-9, and its ratio to ours.
+- **(a2)** the same with a non-symmetric Jacobian, T(u; x) = u − s((Q + S)u − x) with S skew
+  (TorchOpt's documented choice is then ``solve_normal_cg``; ours GMRES). Betty, BOAT, higher and
+  MetaSGD take lower levels as losses only and have no entry here.
+- **(h)** ours implicit vs TorchOpt ``custom_root``, interleaved call by call at a fixed iteration
+  count (machine noise hits both alike).
+- **(b)** data hyper-cleaning on digits (recipes/hyper_cleaning.py's problem, 800 samples, 50 %
+  corrupted): the same outer loop (Adam on per-sample weight logits, K lower steps per outer step
+  continuing from the last solution) through each library; wall time to a fixed validation loss
+  (1.02 × the best final one), final test accuracy.
+- **(c)** sparse coding (LISTA setting, K = 16): time per upper step and NMSE after a fixed
+  training time, hodl_plugin vs the same loop in plain torch (no peer has a proximal-layer lower level).
+- **(d)** memory: bytes autograd saves for the backward (saved-tensor hooks, every library in the
+  same process) for unrolled and implicit methods of each library, as K grows 10 → 1000.
 
-Peers and their settings (documented defaults or the settings their docs recommend):
-TorchOpt 0.7.3 ``custom_root`` + ``solve_cg`` / ``solve_normal_cg`` (its README pattern) and
-``MetaSGD`` unrolling; ``higher`` ``innerloop_ctx`` + SGD; Betty 0.2.1 through its ``Engine`` with
-the lower node solved by K_fwd Betty steps (``unroll_steps``) and ``darts`` / ``sama`` (defaults) /
-``neumann`` / ``cg`` (iterations as the knob, step ``alpha`` = s); BOAT 1.1.1 ``NGD`` lower loop with ``CG`` (``k`` the
+Peers and their settings (documented defaults or the settings their docs recommend): TorchOpt 0.7.3
+``custom_root`` + ``solve_cg`` / ``solve_normal_cg`` (its README pattern) and ``MetaSGD`` unrolling;
+``higher`` ``innerloop_ctx`` + SGD; Betty 0.2.1 through its ``Engine`` with the lower node solved by
+K_fwd Betty steps (``unroll_steps``) and ``darts`` / ``sama`` (defaults) / ``neumann`` / ``cg``
+(iterations as the knob, step ``alpha`` = s); BOAT 1.1.1 ``NGD`` lower loop with ``CG`` (``k`` the
 knob) or ``RAD`` (K the knob), ``return_grad=True``.
 """
 
@@ -424,6 +426,35 @@ def problem_a(quick: bool, repeats: int, symmetric: bool = True) -> dict[str, An
         out["methods"][label] = {"knob": knob_name, "points": pts}
         best = min(p["rel_error"] for p in pts)
         print(f"  {label}: best rel. error {best:.2e}, {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def head_to_head(quick: bool, repeats: int = 9) -> dict[str, Any]:
+    """(a) ours implicit vs TorchOpt custom_root, interleaved call by call (machine noise hits both
+    alike), at a fixed iteration count (80 CG / 160 GMRES; the errors are printed next to the times)."""
+    n = 300 if quick else 1000
+    out: dict[str, Any] = {"n": n, "repeats": repeats, "rows": []}
+    for symmetric in (True, False):
+        P = Quadratic(n, 100.0, skew=0.0 if symmetric else 0.3, seed=1)
+        K_fwd = P.forward_steps(1e-12)
+        its = 80 if symmetric else 160
+        ours = ours_implicit(P, K_fwd, "cg" if symmetric else "gmres")
+        peer = torchopt_root(P, K_fwd)
+        errs = (P.rel_err(ours(its)), P.rel_err(peer(its)))
+        ratios, t_o, t_p = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            ours(its)
+            t1 = time.perf_counter()
+            peer(its)
+            t2 = time.perf_counter()
+            t_o.append(t1 - t0)
+            t_p.append(t2 - t1)
+            ratios.append((t1 - t0) / (t2 - t1))
+        out["rows"].append({"jacobian": "symmetric" if symmetric else "non-symmetric", "iterations": its,
+                            "ours_err": errs[0], "torchopt_err": errs[1], "ours_s": statistics.median(t_o),
+                            "torchopt_s": statistics.median(t_p), "median_ratio": statistics.median(ratios),
+                            "min_ratio": min(ratios), "max_ratio": max(ratios)})
     return out
 
 
@@ -831,7 +862,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="n = 300, fewer points (about 2 minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (median; default 1 quick / 3)")
-    ap.add_argument("--only", default="a,a2,b,c,d", help="comma list of problems: a, a2, b, c, d")
+    ap.add_argument("--only", default="a,a2,h,b,c,d",
+                    help="comma list of problems: a, a2, h (ours vs TorchOpt interleaved), b, c, d")
     ap.add_argument("--out", default="out/benchmarks", help="folder for compare.json and compare.png")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -858,6 +890,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         _table(summary_rows(results["a2"], "hodl_plugin implicit (gmres)"),
                f"# (a2) non-symmetric: time to a relative error (s) and ratio to hodl_plugin implicit "
                f"(n={results['a2']['n']}, K_fwd={results['a2']['K_fwd']})")
+    if "h" in only:
+        print("(a, a2) head to head with TorchOpt, interleaved", flush=True)
+        results["h"] = head_to_head(args.quick)
+        _table(results["h"]["rows"], "# ours implicit / TorchOpt custom_root, interleaved (ratio < 1: ours faster)")
     if "b" in only:
         print("(b) hyper-cleaning on digits", flush=True)
         results["b"] = hyper_cleaning(args.quick)
