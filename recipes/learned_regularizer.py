@@ -223,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--paper", action="store_true",
                     help="ISGD-like sizes: 256 patches 40×40, 10 filters 7×7, denoise and deblur, budget 2e5 "
-                         "(over 30 min on 2 cores; the default is 64 patches 24×24, 6 filters 5×5, 8 min)")
+                         "(over 30 min on 2 cores; the default is 64 patches 24×24, 6 filters 5×5, 8–11 min)")
     ap.add_argument("--tasks", default=None, help="comma list of denoise, deblur (default: denoise / both --paper)")
     ap.add_argument("--budget", type=float, default=None,
                     help="cost budget (default 2e4 --quick / 1e5 / 2e5 --paper)")
