@@ -52,6 +52,8 @@ import torch
 
 import hodl_plugin as hp
 
+from .hypergrad import saved_tensor_counter
+
 DT = torch.float64
 TARGETS = (1e-3, 1e-6, 1e-9)
 
@@ -332,22 +334,6 @@ def boat_method(P: Quadratic, K_fwd: int, na_op: str) -> Callable[[int], torch.T
 
 
 # ---------------------------------------------------------------------------- measurement
-@contextlib.contextmanager
-def _saved_tensor_counter(acc: list[int]):
-    """Add to ``acc[0]`` the bytes of the distinct storages autograd saves inside the block."""
-    seen: set[int] = set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            acc[0] += st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield
-
-
 def _peer_available(module: str) -> Optional[str]:
     try:
         __import__(module)
@@ -502,7 +488,7 @@ def memory(quick: bool) -> list[dict[str, Any]]:
             for K in Ks:
                 run = make(K)
                 bytes_ = [0]
-                _FWD[0] = lambda bytes_=bytes_: _saved_tensor_counter(bytes_)
+                _FWD[0] = lambda bytes_=bytes_: saved_tensor_counter(bytes_)
                 try:
                     run(K if knob < 0 else knob)
                     row[f"K={K} (MB)"] = bytes_[0] / 2**20
@@ -532,10 +518,11 @@ def hyper_cleaning(quick: bool) -> dict[str, Any]:
     gradient steps (step 1/L) per outer step continuing from the previous lower solution."""
     import torch.nn.functional as Fnn
 
-    from recipes.hyper_cleaning import accuracy, load, lower_objective, split
+    from recipes._common import load_xy
+    from recipes.hyper_cleaning import accuracy, lower_objective, split
 
     n_train, K, iters, mu = (400, 30, 60, 1e-2) if quick else (800, 60, 300, 1e-2)
-    X, y = load(argparse.Namespace(data_dir=None))
+    X, y = load_xy(argparse.Namespace(data_dir=None))
     D = split(X, y, n_train, 300, 0.5, 0)
     f, L = lower_objective(D, mu)
     s = 1.0 / L

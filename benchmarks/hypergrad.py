@@ -16,13 +16,14 @@ Writes a JSON of everything to ``--out`` (default ``out/bench_hypergrad.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -96,19 +97,26 @@ def methods(problem: str, K: int) -> dict[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- measurement
-def _saved_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
-    total = [0]
+@contextlib.contextmanager
+def saved_tensor_counter(acc: list[int]) -> Iterator[None]:
+    """Add to ``acc[0]`` the bytes of the distinct storages autograd saves inside the block."""
     seen: set[int] = set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
-            total[0] += st.nbytes()
+            acc[0] += st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _saved_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
+    total = [0]
+    with saved_tensor_counter(total):
         out = fn()
     return out, total[0]
 

@@ -30,6 +30,16 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def load_xy(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels: ``X.npy`` / ``y.npy`` of ``--data-dir``, else scikit-learn's digits in [0, 1]."""
+    if getattr(args, "data_dir", None):
+        return np.load(os.path.join(args.data_dir, "X.npy")), np.load(os.path.join(args.data_dir, "y.npy"))
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data / 16.0, d.target
+
+
 def setup(args: argparse.Namespace) -> torch.device:
     """Seed every generator, make the output folder, return the device."""
     random.seed(args.seed)

@@ -191,14 +191,8 @@ class LearnedGKM(nn.Module):
                                        alpha=alpha, check_every=K, strict=aggregation == "hodl",
                                        on_divergence="warn")
 
-    def forward(self, b: torch.Tensor, steps: Optional[int] = None) -> torch.Tensor:
-        if steps is not None and steps != self.solver.max_steps:
-            self.solver.max_steps = steps
-            self.solver.iteration.check_every = steps
-        out = self.solver(self.init(b), b)
-        if steps is not None:
-            self.solver.max_steps = self.solver.iteration.check_every = self.K
-        return out
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return self.solver(self.init(b), b)
 
     @torch.no_grad()
     def trajectory(self, b: torch.Tensor, steps: int) -> list[torch.Tensor]:

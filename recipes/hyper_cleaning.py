@@ -18,7 +18,6 @@ it gives the core run's results.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Optional
 
@@ -28,19 +27,11 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import parser, plot_curves, print_table, progress, save_json, setup
+from ._common import load_xy, parser, plot_curves, print_table, progress, save_json, setup
 
 NAME = "hyper_cleaning"
 DT = torch.float64
 
-
-def load(args: Any) -> tuple[np.ndarray, np.ndarray]:
-    if args.data_dir:
-        return np.load(os.path.join(args.data_dir, "X.npy")), np.load(os.path.join(args.data_dir, "y.npy"))
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.data / 16.0, d.target
 
 
 def split(X: np.ndarray, y: np.ndarray, n_train: int, n_val: int, frac: float, seed: int) -> dict[str, Any]:
@@ -206,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     n_train = args.n_train or (400 if args.quick else 800)
     K = args.K or (30 if args.quick else 60)
     iters = args.iters or (50 if args.quick else 300)
-    X, y = load(args)
+    X, y = load_xy(args)
     D = split(X, y, n_train, args.n_val, args.corrupt, args.seed)
     rows = [
         {"method": "no cleaning (noisy labels)", "test_acc": accuracy(fit_plain(D, args.mu), D["Xte"], D["yte"])},

@@ -62,11 +62,11 @@ def test_memory_of_implicit_is_flat_in_K():
     sizes = []
     for K in (10, 100):
         acc = [0]
-        C._FWD[0] = lambda acc=acc: C._saved_tensor_counter(acc)
+        C._FWD[0] = lambda acc=acc: C.saved_tensor_counter(acc)
         try:
             C.ours_implicit(Q, K, "cg")(20)
             un = [0]
-            C._FWD[0] = lambda un=un: C._saved_tensor_counter(un)
+            C._FWD[0] = lambda un=un: C.saved_tensor_counter(un)
             C.ours_unrolled(Q)(K)
         finally:
             C._FWD[0] = C.contextlib.nullcontext
