@@ -27,7 +27,6 @@ model is selected on it.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Optional
 
@@ -36,19 +35,11 @@ import torch
 import torch.nn.functional as Fnn
 from torch import nn
 
-from ._common import parser, plot_curves, print_table, progress, save_json, setup
+from ._common import load_xy, parser, plot_curves, print_table, progress, save_json, setup
 
 NAME = "few_shot"
 DT = torch.float64
 
-
-def load(args: Any) -> tuple[np.ndarray, np.ndarray]:
-    if args.data_dir:
-        return np.load(os.path.join(args.data_dir, "X.npy")), np.load(os.path.join(args.data_dir, "y.npy"))
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.data / 16.0, d.target
 
 
 class Episodes:
@@ -143,15 +134,18 @@ def build(args: Any, episodes: Episodes, val: Episodes, d_in: int, aggregate: bo
             return episodes.sample()
 
         def initial_state(self, batch):
+            # once per solve (ω is fixed during it): η = 1/L, L = ½||φ(X_s)||²/n + μ, and the one-hot labels
+            with torch.no_grad():
+                Fs = hb.unwrap(self.meta.module).features(batch["Xs"])
+            n = len(batch["ys"])
+            batch["step"] = 1.0 / (0.5 * float(torch.linalg.matrix_norm(Fs, 2)) ** 2 / n + mu)
+            batch["Ys"] = Fnn.one_hot(batch["ys"], ways).to(DT)
             return torch.zeros(ways, d_in + 1, dtype=DT)
 
         def operator(self, W, batch):
             Fs = hb.unwrap(self.meta.module).features(batch["Xs"])
-            n = len(batch["ys"])
-            step = 1.0 / (0.5 * float(torch.linalg.matrix_norm(Fs.detach(), 2)) ** 2 / n + mu)
-            logits = Fs @ W.T
-            g = (torch.softmax(logits, 1) - Fnn.one_hot(batch["ys"], ways).to(DT)).T @ Fs / n + mu * W
-            return W - step * g
+            g = (torch.softmax(Fs @ W.T, 1) - batch["Ys"]).T @ Fs / len(batch["ys"]) + mu * W
+            return W - batch["step"] * g
 
         if aggregate:
             def upper_objective(self, W, batch):
@@ -248,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.test_episodes = args.test_episodes or (200 if args.quick else 600)
     args.eval_every = args.eval_every or max(1, args.iters // 10)
     shots = [int(s) for s in (args.shots or ("1" if args.quick else "1,5")).split(",")]
-    X, y = load(args)
+    X, y = load_xy(args)
     classes = sorted(set(y.tolist()))
     half = len(classes) // 2
     train_cls, test_cls = classes[:half], classes[half:]
