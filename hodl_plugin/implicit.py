@@ -37,7 +37,8 @@ Used by the ``"implicit"`` and ``"inexact"`` modes of :class:`hodl_plugin.GKMSol
 >>> torch.func.jacfwd(lambda x: solver(torch.zeros(2, dtype=x.dtype), x))(x)
 tensor([[2., 0.],
         [0., 2.]], dtype=torch.float64)
->>> torch.func.hessian(lambda x: (solver(  # Σ (2x)³ = 8 Σ x³: diagonal 48 xtorch.zeros(2, dtype=x.dtype), x) ** 3).sum())(x).diagonal()
+>>> f = lambda x: (solver(torch.zeros(2, dtype=x.dtype), x) ** 3).sum()   # = 8 Σ x³
+>>> torch.func.hessian(f)(x).diagonal()                                    # 48 x
 tensor([48., 96.], dtype=torch.float64)
 """
 
