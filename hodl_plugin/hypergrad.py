@@ -291,10 +291,13 @@ class Implicit(HypergradMethod):
             ``1e-10`` in float64, ``1.2e-5`` in float32 (:func:`default_adjoint_rtol`).
         on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when the
             adjoint solve misses its tolerance, or ``"warn"``.
-        check_unique: probe :math:`I - \partial_u T` for a zero singular value (16 Arnoldi steps
-            from a random vector) before the adjoint solve and raise
-            :class:`~hodl_plugin.errors.LinearSolveError` when Fix T is not a singleton. ``None``
-            (default): only when the solver aggregates (``upper=`` with ``alpha`` not 0).
+        check_unique: before the adjoint solve, solve :math:`(I - \partial_u T)^\top z = r` for a
+            random :math:`r` (one more solve) and raise :class:`~hodl_plugin.errors.LinearSolveError`
+            if it fails: :math:`I - \partial_u T` is singular, Fix T is not a singleton and the
+            implicit hypergradient is undefined. ``None`` (default): only when the solver aggregates
+            (``upper=`` with ``alpha`` not 0), where a non-singleton Fix T is the point. Without it,
+            a singular system with a consistent right-hand side returns the minimum-norm adjoint
+            (for an affine T: the derivative of the plain iteration's limit from the given ``u0``).
 
     >>> Implicit("cg", adjoint_rtol=1e-8)
     Implicit(solver='cg', adjoint_rtol=1e-08)
