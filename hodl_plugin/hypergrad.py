@@ -31,12 +31,13 @@ import weakref
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import linear_solve as ls
-from .errors import ConvergenceWarning, ScheduleError
+from .errors import ConvergenceWarning, HODLError, ScheduleError
 from .gkm import GKMIteration, SolverInfo
-from .implicit import FixedPoint, FixedPointProblem
+from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem, transforms_active
 from .inexact import BoundConstants, estimate_constants, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
@@ -265,7 +266,17 @@ def _implicit_solve(
         it.T, len(params), names, forward, make_solver, on_fail=on_fail, info=info, x0=x0, after=after,
         check_unique=check_unique, symmetric=bool(getattr(it.T, "symmetric_jacobian", False)),
     )
-    return FixedPoint.apply(problem, u0, *tensors)
+    u = FixedPoint.apply(problem, u0, *tensors)
+    if torch.is_grad_enabled() and not transforms_active():
+        # tensors T reads from its closure (e.g. a Betty node's parents) get first-order gradients
+        problem.closure_args = tensors
+        with torch.enable_grad():
+            w = problem.T_call(u.detach(), [t.detach() for t in tensors])
+        if w.requires_grad:
+            u = u + ClosureAdjoint.apply(problem, w, u.detach())
+        elif getattr(fwAD, "_current_level", -1) >= 0 and fwAD.unpack_dual(w).tangent is not None:
+            raise HODLError(_CLOSURE_MSG.format(what="forward-mode AD"))
+    return u
 
 
 class Implicit(HypergradMethod):

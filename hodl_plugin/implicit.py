@@ -53,9 +53,9 @@ from torch import Tensor, nn
 
 from . import linear_solve as ls
 from ._autodiff import make_vjp
-from .errors import ConvergenceWarning, LinearSolveError
+from .errors import ConvergenceWarning, HODLError, LinearSolveError
 
-__all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "transforms_active"]
+__all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
 
 
 def transforms_active() -> bool:
@@ -118,6 +118,7 @@ class FixedPointProblem:
         self.forward, self.make_solver, self.on_fail, self.info = forward, make_solver, on_fail, info
         self.x0, self.after, self.check_unique, self.symmetric = x0, after, check_unique, symmetric
         self.first_done = False
+        self.closure_args: Sequence[Tensor] = ()
 
     # -- T with explicit tensors -----------------------------------------------------------
     def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -373,3 +374,44 @@ class LinearSolve(torch.autograd.Function):
             for i in range(info.batch_size)
         ]
         return torch.stack(outs), 0
+
+
+class ClosureAdjoint(torch.autograd.Function):
+    r"""Implicit gradients for tensors that ``T`` reads from its closure (not passed as ``params``).
+
+    ``ClosureAdjoint.apply(problem, w, u*)`` returns zeros shaped like ``w = T(u*)`` (so adding it
+    leaves :math:`u^*` unchanged), and its backward turns the incoming :math:`\bar u` into
+    :math:`v = A^{-\top}\bar u`, which autograd carries through ``w``'s graph: the captured tensors
+    receive :math:`(\partial_\theta T)^\top v`. First order only: double backward, forward mode and
+    ``torch.func`` transforms raise :class:`~hodl_plugin.errors.HODLError` (pass the tensors as
+    ``params`` to get them).
+    """
+
+    @staticmethod
+    def forward(problem: FixedPointProblem, w: Tensor, u: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.zeros_like(w)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.problem = inputs[0]
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
+        if torch.is_grad_enabled() or transforms_active():
+            raise HODLError(_CLOSURE_MSG.format(what="double backward (create_graph=True) / torch.func"))
+        (u,) = ctx.saved_tensors
+        problem: FixedPointProblem = ctx.problem
+        ts = [p.detach() for p in problem.closure_args]
+        return None, problem.solve(True, g, u, ts, first=True), None
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Tensor:  # type: ignore[override]
+        raise HODLError(_CLOSURE_MSG.format(what="forward-mode AD"))
+
+
+_CLOSURE_MSG = (
+    "{what} through tensors that the operator T reads from its closure (not passed as params) is not "
+    "supported: they get first-order implicit gradients only. Pass them as params, solver(u0, *params) "
+    "with T(u, *params), or use hypergrad='unrolled'"
+)
