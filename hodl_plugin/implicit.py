@@ -119,6 +119,7 @@ class FixedPointProblem:
         self.x0, self.after, self.check_unique, self.symmetric = x0, after, check_unique, symmetric
         self.first_done = False
         self.closure_args: Sequence[Tensor] = ()
+        self.symmetric_checked = False
 
     # -- T with explicit tensors -----------------------------------------------------------
     def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -166,8 +167,9 @@ class FixedPointProblem:
 
     def _run_solver(self, matvec: Callable[[Tensor], Tensor], b: Tensor, first: bool, u: Tensor) -> Tensor:
         solver = self.make_solver()
-        if first and getattr(solver, "needs_symmetric", False):
-            _check_symmetric(matvec, b, self._fail)
+        if getattr(solver, "needs_symmetric", False) and not self.symmetric_checked:
+            _check_symmetric(matvec, b)  # once per call, on whichever solve comes first
+            self.symmetric_checked = True
         if first and self.check_unique:
             _check_nonsingular(matvec, b, solver)  # an undefined derivative is never only a warning
         x0 = self.x0() if first else None
@@ -222,7 +224,7 @@ class FixedPointProblem:
         return [next(grads) if t.requires_grad else None for t in ts]
 
 
-def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, fail: Callable[[str], None]) -> None:
+def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor) -> None:
     """CG needs a symmetric A: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random vectors (two products)."""
     gen = torch.Generator(device=b.device).manual_seed(1234)
     a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
@@ -231,10 +233,10 @@ def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, fail: Callab
     scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
     tol = 1e3 * torch.finfo(b.dtype).eps ** 0.75
     if abs(lhs - rhs) > tol * max(scale, 1e-300):
-        fail(
+        raise LinearSolveError(
             "solver='cg' needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = "
-            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric (declare "
-            "symmetric_jacobian = False, or pass solver='gmres')"
+            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric. Declare "
+            "symmetric_jacobian = False on it, or pass solver='gmres' to the implicit/inexact mode"
         )
 
 
