@@ -92,6 +92,9 @@ class HypergradMethod:
     def validate(self, max_steps: int) -> None:
         """Raise ``ValueError`` if the method cannot run with ``max_steps``."""
 
+    def bind(self, owner: object) -> None:
+        """Called by the solver that uses this method (stateful methods refuse a second one)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and warm starts (empty for stateless methods)."""
         return {}
@@ -440,24 +443,35 @@ class Inexact(HypergradMethod):
         self.v_cache: dict[Hashable, Tensor] = {}
         self.estimated: Optional[BoundConstants] = None
         self._owner: Optional[Any] = None
+        self._told_warm = False
 
-    def _bind(self, it: GKMIteration) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and owner is not it:
+    def bind(self, owner: object) -> None:
+        """Refuse a second solver: the counter :math:`k` and the warm starts belong to one problem."""
+        current = self._owner() if self._owner is not None else None
+        if current is not None and current is not owner:
             raise ValueError(
                 "this Inexact object already belongs to another GKMSolver: its step counter and warm "
                 "starts would be shared. Give each solver its own hp.Inexact(...)"
             )
-        self._owner = weakref.ref(it)
+        self._owner = weakref.ref(owner)
 
     def run(self, it, u0, params, info, max_steps, key=None):
-        self._bind(it)
+        self.bind(it)
         key = _cache_key(key)
         eps_k, delta_k = self.eps(self.k), self.delta(self.k)
         info.eps, info.delta = eps_k, delta_k
         cached = self.u_cache.get(key) if self.warm_start else None
         use_cache = cached is not None and cached.shape == u0.shape and cached.device == u0.device
         info.warm_started = bool(use_cache)
+        if use_cache and not self._told_warm:
+            self._told_warm = True
+            warnings.warn(
+                f"Inexact warm start: key {key!r} was solved before, so this solve starts from its cached "
+                "iterate and the u0 you pass is used only for new keys (warm_start=False always starts "
+                "from u0; this is said once per method object)",
+                UserWarning,
+                stacklevel=4,
+            )
 
         def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
             start = cached.to(u_start.dtype) if use_cache else u_start.detach()

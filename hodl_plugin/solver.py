@@ -165,6 +165,7 @@ class GKMSolver(nn.Module):
             divergence_factor=divergence_factor,
             on_divergence=on_divergence,
         )
+        self.method.bind(self.iteration)  # a stateful method (inexact) serves one solver only
         self.info: Optional[SolverInfo] = None
 
     def forward(self, u0: Tensor, *params: Tensor, key: Optional[Hashable] = None) -> Tensor:
