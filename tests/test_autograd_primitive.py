@@ -250,3 +250,16 @@ def test_tensors_read_from_the_operators_closure(mode):
         solver2 = hp.GKMSolver(lambda u: u - s * (Q @ u - B @ dual), tol=1e-12, hypergrad=mode, **MODES[mode])
         with pytest.raises(hp.HODLError, match="forward-mode"):
             solver2(torch.zeros(5, dtype=D))
+
+
+def test_inexact_double_backward_is_reentrant_with_warm_starts():
+    """gradgradcheck runs each backward twice and compares bit for bit: the adjoint's warm start must
+    not change between passes through one call."""
+    Q, B, y, s = quad()
+    solver = hp.GKMSolver(lambda u, x: u - s * (Q @ u - B @ x), max_steps=100000, tol=1e-13,
+                          hypergrad="inexact", eps=1e-12, delta=1e-12)
+    x = torch.randn(3, dtype=D, requires_grad=True, generator=torch.Generator().manual_seed(4))
+    fn = lambda x: solver(torch.zeros(5, dtype=D), x)  # noqa: E731
+    torch.func.jacrev(fn)(x.detach())  # earlier calls leave adjoints of other upstream gradients cached
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(lambda x: fn(x) ** 2, (x,))
