@@ -185,6 +185,25 @@ def _kw_eps(n: int, k: int, p: float) -> float:
     return e if e < 0.5 else math.inf
 
 
+def _tridiag_extremes(alphas: list[float], betas: list[float]) -> tuple[float, float]:
+    """Smallest and largest eigenvalue of the symmetric tridiagonal (alphas; betas)."""
+    try:
+        from scipy.linalg import eigvalsh_tridiagonal
+    except ImportError:  # scipy is optional: a dense symmetric eigensolver
+        Tk = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            Tk = Tk + torch.diag(off, 1) + torch.diag(off, -1)
+        ev = torch.linalg.eigvalsh(Tk)
+        return float(ev[0]), float(ev[-1])
+    k = len(alphas)
+    if k == 1:
+        return alphas[0], alphas[0]
+    lo = eigvalsh_tridiagonal(alphas, betas, select="i", select_range=(0, 0))
+    hi = eigvalsh_tridiagonal(alphas, betas, select="i", select_range=(k - 1, k - 1))
+    return float(lo[0]), float(hi[0])
+
+
 def lanczos_interval(
     matvec: Callable[[Tensor], Tensor],
     n: int,
@@ -236,16 +255,11 @@ def lanczos_interval(
         for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
             w = w - Qk.T @ (Qk @ w)
         b = float(torch.linalg.vector_norm(w))
-        Tk = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if k > 1:
-            off = torch.tensor(betas, dtype=torch.float64)
-            Tk = Tk + torch.diag(off, 1) + torch.diag(off, -1)
         scale = max(scale, abs(a), b)
         margin = 10.0 * (n + k) * unit * max(scale, 1e-300)
         exhausted = k == n or b <= margin
-        if exhausted or k % 5 == 0 or k == kmax:
-            theta = torch.linalg.eigvalsh(Tk)
-            tmin, tmax = float(theta[0]), float(theta[-1])
+        if exhausted or k == kmax or k % max(5, k // 8) == 0:
+            tmin, tmax = _tridiag_extremes(alphas, betas)
             if exhausted:
                 result = SpectralInterval(tmin - margin, tmax + margin, tmin, tmax, k, True, 0.0)
                 break
