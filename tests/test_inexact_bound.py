@@ -19,9 +19,10 @@ from hodl_plugin.inexact import BoundConstants, a_posteriori, lanczos_interval
 X0 = torch.tensor([0.3, -0.6, 1.1], dtype=DT)
 
 
-def solve_inexact(T, F, x0, eps, n, u0=None, max_steps=20000, solver="cg", symmetric=None):
+def solve_inexact(T, F, x0, eps, n, u0=None, max_steps=20000, solver="cg", symmetric=None, delta=None):
     """Hypergradient by GKMSolver(hypergrad="inexact"), and the report at the point it used."""
-    s = hp.GKMSolver(T, max_steps=max_steps, hypergrad="inexact", upper=F, alpha=0, eps=eps, delta=eps,
+    delta = eps if delta is None else delta
+    s = hp.GKMSolver(T, max_steps=max_steps, hypergrad="inexact", upper=F, alpha=0, eps=eps, delta=delta,
                      solver=solver, constants=None, adjoint_maxiter=20000)
     x = x0.clone().requires_grad_(True)
     with warnings.catch_warnings():
@@ -215,3 +216,48 @@ def test_known_sigma_min_constants():
     _, rep = solve_inexact(q.T, q.F, X0, 1e-6, q.n)
     assert c.bound(rep.forward_residual, rep.adjoint_residual) == pytest.approx(rep.bound, rel=1e-6)
     assert BoundConstants(rho=1.0, jx_norm=1.0, lip_upper=1.0).bound(1e-3, 1e-3) == math.inf
+
+
+def test_cross_term_of_the_upper_objective_counts():
+    """F(u, x) = 1/2||u - y - Cx||^2 + c/2||x||^2: the L_xF ε/σ term dominates when ||J_x|| is small."""
+    q = make_quadratic(n=30, cond=1e3, seed=4)
+    gen = torch.Generator().manual_seed(9)
+    B = 1e-3 * q.B
+    C = 10.0 * torch.randn(q.n, 3, generator=gen, dtype=DT)
+
+    def T(u, x):
+        return u - q.s * (q.Q @ u - B @ x)
+
+    def F(u, x):
+        return 0.5 * ((u - q.y - C @ x) ** 2).sum() + 0.5 * q.c * (x**2).sum()
+
+    def hypergrad(x):
+        r = torch.linalg.solve(q.Q, B @ x) - q.y - C @ x
+        return B.T @ torch.linalg.solve(q.Q, r) - C.T @ r + q.c * x
+
+    for eps in (1e-3, 1e-6):
+        g, rep = solve_inexact(T, F, X0, eps, q.n, max_steps=20000)
+        err = float((g - hypergrad(X0)).norm())
+        assert rep.constants.lip_cross == pytest.approx(float(torch.linalg.matrix_norm(C, 2)), rel=1e-9)
+        assert rep.bound is not None and err <= rep.bound <= 50 * err
+
+
+def test_nonsymmetric_large_space_sigma_is_a_lower_bound():
+    """Not exhausted (n = 300 > maxiter): the Gram path's certified sigma_min lies below the true one
+    (the Ritz value lies above it)."""
+    q, T, M, hypergrad = nonsymmetric(n=300, cond=4.0, seed=3)
+    g, rep = solve_inexact(T, q.F, X0, 1e-8, q.n, max_steps=5000, solver="gmres")
+    smin = float(torch.linalg.svdvals(q.s * M)[-1])
+    assert not rep.exact and rep.bound is not None, rep.message
+    assert smin / 3 <= rep.constants.sigma_min < smin
+    assert float((g - hypergrad(X0)).norm()) <= rep.bound
+
+
+@pytest.mark.parametrize("delta", [1e-2, 1e-5])
+def test_adjoint_error_term(delta):
+    """Tight forward, loose adjoint: the c_2 δ term carries the bound."""
+    q = make_quadratic(n=40, cond=1e2, seed=5)
+    g, rep = solve_inexact(q.T, q.F, X0, 1e-12, q.n, delta=delta, max_steps=50000)
+    err = float((g - q.hypergrad(X0)).norm())
+    assert rep.forward_residual <= 1e-12 and rep.adjoint_residual <= delta
+    assert rep.bound is not None and err <= rep.bound <= 100 * err
