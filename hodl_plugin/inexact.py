@@ -61,6 +61,7 @@ __all__ = [
     "operator_norm",
     "estimate_constants",
     "a_posteriori",
+    "residuals_at",
     "with_v_norm",
 ]
 
@@ -385,6 +386,41 @@ class ErrorReport:
     forward_residual: float
     adjoint_residual: float
     message: str = ""
+
+
+def residuals_at(
+    T: Callable[..., Tensor],
+    upper: Optional[Callable[..., Tensor]],
+    u: Tensor,
+    params: Sequence[Tensor],
+    v: Tensor,
+    point: Optional[Tensor] = None,
+) -> tuple[float, Optional[float]]:
+    r""":math:`(\varepsilon, \delta)` at the point actually used, for known :class:`BoundConstants`.
+
+    :math:`\varepsilon = \|z - T(z)\|` with :math:`z` = ``point`` (default :math:`T(u)`, what the
+    implicit/inexact modes return) and :math:`\delta = \|(I - \partial_u T(u)^\top)v - \nabla_u F(z)\|`
+    (``None`` without ``upper``). Two evaluations of T, one of :math:`\nabla F`, one product.
+
+    >>> import torch
+    >>> T = lambda u, x: 0.5 * u + x
+    >>> x = torch.ones(2, dtype=torch.float64)
+    >>> F = lambda u, x: 0.5 * (u ** 2).sum()
+    >>> eps, delta = residuals_at(T, F, torch.full((2,), 1.9, dtype=torch.float64), [x], torch.full((2,), 3.9, dtype=torch.float64))
+    >>> round(eps, 12), round(delta, 12)             # z = 1.95: |z - T(z)| = 0.025 per coordinate
+    (0.035355339059, 0.0)
+    """
+    with torch.enable_grad():
+        u_ = u.detach().requires_grad_(True)
+        out = T(u_, *params)
+        z_ = (out.detach() if point is None else point.detach()).clone().requires_grad_(True)
+        eps = float(torch.linalg.vector_norm((T(z_, *params) - z_).detach()))
+        if upper is None:
+            return eps, None
+        (gz,) = torch.autograd.grad(upper(z_, *params).sum(), z_)
+        (jtv,) = torch.autograd.grad(out, u_, v.detach(), allow_unused=True)
+        jtv = torch.zeros_like(u_) if jtv is None else jtv
+    return eps, float(torch.linalg.vector_norm(v.detach() - jtv - gz))
 
 
 def _formula(sigma: float, jx: float, lf: float, lxf: float, eps: float, delta: float) -> float:

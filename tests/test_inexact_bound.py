@@ -14,7 +14,7 @@ import torch
 
 import hodl_plugin as hp
 from conftest import DT, make_quadratic
-from hodl_plugin.inexact import BoundConstants, a_posteriori, lanczos_interval
+from hodl_plugin.inexact import BoundConstants, a_posteriori, lanczos_interval, residuals_at
 
 X0 = torch.tensor([0.3, -0.6, 1.1], dtype=DT)
 
@@ -213,8 +213,18 @@ def test_known_sigma_min_constants():
     smin = float(torch.linalg.eigvalsh(q.s * q.Q)[0])
     c = BoundConstants(rho=math.nan, jx_norm=q.s * float(torch.linalg.matrix_norm(q.B, 2)), lip_upper=1.0,
                        sigma_min=smin)
-    _, rep = solve_inexact(q.T, q.F, X0, 1e-6, q.n)
-    assert c.bound(rep.forward_residual, rep.adjoint_residual) == pytest.approx(rep.bound, rel=1e-6)
+    s = hp.GKMSolver(q.T, max_steps=20000, hypergrad="inexact", upper=q.F, alpha=0, eps=1e-6, solver="cg",
+                     constants=None)
+    x = X0.clone().requires_grad_(True)
+    q.F(s(torch.zeros(q.n, dtype=DT), x, key="k"), x).backward()
+    ut, vt = s.method.u_cache["k"], s.method.v_cache["k"]
+    rep = a_posteriori(q.T, q.F, ut, [x], [x], vt)
+    eps, delta = residuals_at(q.T, q.F, ut, [x], vt)
+    z = q.T(ut, X0)  # independent residuals: closed-form T, dT/du = I - sQ, grad_u F = u - y
+    assert eps == pytest.approx(float((z - q.T(z, X0)).norm()), rel=1e-9)
+    assert delta == pytest.approx(float((vt - (vt - q.s * q.Q @ vt) - (z - q.y)).norm()), rel=1e-6, abs=1e-15)
+    assert (eps, delta) == (rep.forward_residual, rep.adjoint_residual)
+    assert c.bound(eps, delta) == pytest.approx(rep.bound, rel=1e-6)
     assert BoundConstants(rho=1.0, jx_norm=1.0, lip_upper=1.0).bound(1e-3, 1e-3) == math.inf
 
 
