@@ -406,7 +406,8 @@ def residuals_at(
     >>> T = lambda u, x: 0.5 * u + x
     >>> x = torch.ones(2, dtype=torch.float64)
     >>> F = lambda u, x: 0.5 * (u ** 2).sum()
-    >>> eps, delta = residuals_at(T, F, torch.full((2,), 1.9, dtype=torch.float64), [x], torch.full((2,), 3.9, dtype=torch.float64))
+    >>> u, v = torch.full((2,), 1.9, dtype=torch.float64), torch.full((2,), 3.9, dtype=torch.float64)
+    >>> eps, delta = residuals_at(T, F, u, [x], v)
     >>> round(eps, 12), round(delta, 12)             # z = 1.95: |z - T(z)| = 0.025 per coordinate
     (0.035355339059, 0.0)
     """
