@@ -59,13 +59,18 @@ class _WeightCheck:
         self.ref: Optional[weakref.ref] = None
         self.version = -1
 
-    def __call__(self, w: Union[Tensor, float]) -> None:
+    def __call__(self, w: Union[Tensor, float]) -> Union[Tensor, float]:
+        """``w`` itself, after the check; under ``torch.func`` transforms (``vmap``, ...) values
+        cannot be read, so invalid entries become NaN instead (the GKM iteration then stops with a
+        DivergenceError: non-finite)."""
         if not isinstance(w, Tensor):
             if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"{self.what} must be finite and >= 0, got {w!r}")
-            return
+            return w
+        if _wrapped(w):
+            return torch.where(torch.isfinite(w) & (w >= 0), w, torch.full_like(w, math.nan))
         if self.ref is not None and self.ref() is w and w._version == self.version:
-            return
+            return w
         with torch.no_grad():
             finite = bool(torch.isfinite(w).all())
             nonneg = bool((w >= 0).all()) if finite else False
@@ -82,6 +87,13 @@ class _WeightCheck:
             self.version = w._version
         except TypeError:  # tensors that cannot be weakly referenced: check every call
             self.ref = None
+        return w
+
+
+def _wrapped(w: Tensor) -> bool:
+    """Whether ``w`` is a torch.func (functorch) wrapper whose values cannot be read."""
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(fn(w)) if fn is not None else False
 
 
 def l1_param(index: int = 0) -> Prox:
@@ -107,9 +119,7 @@ def l1_param(index: int = 0) -> Prox:
             raise ValueError(
                 f"l1_param({index}) reads params[{index}] but the operator got {len(params)} parameter(s)"
             )
-        w = params[index]
-        check(w)
-        return soft_threshold(v, step * w)
+        return soft_threshold(v, step * check(params[index]))
 
     return prox
 

@@ -100,3 +100,14 @@ def test_check_runs_once_per_tensor_version(monkeypatch):
     lam.sub_(0.1)
     with pytest.raises(ValueError):
         p(torch.ones(3, dtype=DT), 1.0, lam)
+
+
+def test_under_torch_func_invalid_weights_poison_with_nan():
+    """vmap cannot read values (no ValueError possible): invalid entries give NaN, never a number."""
+    p = prox.l1_param(0)
+    v = torch.tensor([1.0, -0.2, 3.0], dtype=DT)
+    out = torch.func.vmap(lambda w: p(v, 1.0, w))(torch.tensor([0.5, -0.1, math.nan], dtype=DT))
+    assert torch.equal(out[0], torch.tensor([0.5, 0.0, 2.5], dtype=DT))
+    assert torch.isnan(out[1:]).all()
+    jac = torch.func.jacrev(lambda w: p(v, 1.0, w))(torch.tensor(0.5, dtype=DT))
+    assert torch.equal(jac, torch.tensor([-1.0, 0.0, -1.0], dtype=DT))  # d/dλ S_λ(v) = -sign(v) off the kink
