@@ -575,7 +575,13 @@ def a_posteriori(
     consts = BoundConstants(rho=math.nan, jx_norm=jx, lip_upper=lf, lip_cross=lxf, sigma_min=sigma)
     estimate = _formula(sigma_est, jx_est, lf_est, lxf_est, eps, delta)
     bound: Optional[float] = _formula(sigma, jx, lf, lxf, eps, delta)
-    if not sigma > 0:
+    if not sigma > 0 and iv.exact:
+        notes.append(
+            f"sigma_min(I - dT/du) (Ritz value {sigma_est:.3e}) is below the rounding level of "
+            f"{u.dtype} for this operator{'' if sym else ' (the nonsymmetric path squares the condition number)'}: "
+            "use float64, declare a symmetric Jacobian, or pass BoundConstants(sigma_min=...)"
+        )
+    elif not sigma > 0:
         notes.append(
             f"sigma_min(I - dT/du) could not be certified > 0 within maxiter={maxiter} Lanczos products "
             f"(Ritz estimate {sigma_est:.3e}); raise maxiter or pass BoundConstants(sigma_min=...)"

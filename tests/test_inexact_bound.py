@@ -271,3 +271,29 @@ def test_adjoint_error_term(delta):
     err = float((g - q.hypergrad(X0)).norm())
     assert rep.forward_residual <= 1e-12 and rep.adjoint_residual <= delta
     assert rep.bound is not None and err <= rep.bound <= 100 * err
+
+
+@pytest.mark.parametrize("cond, certified", [(1e2, True), (1e4, False)])
+def test_float32_bound_or_named_refusal(cond, certified):
+    """float32: the bound holds where rounding allows certifying sigma_min, else None with the reason."""
+    q = make_quadratic(n=40, cond=cond, seed=5)
+    Q, B, y = q.Q.float(), q.B.float(), q.y.float()
+
+    def T(u, x):
+        return u - q.s * (Q @ u - B @ x)
+
+    def F(u, x):
+        return 0.5 * ((u - y) ** 2).sum() + 0.5 * q.c * (x**2).sum()
+
+    s = hp.GKMSolver(T, max_steps=20000, hypergrad="inexact", upper=F, alpha=0, eps=1e-4, solver="gmres",
+                     constants=None)
+    x = X0.float().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F(s(torch.zeros(q.n), x, key=0), x).backward()
+    rep = a_posteriori(T, F, s.method.u_cache[0], [x], [x], s.method.v_cache[0])
+    err = float((x.grad.double() - q.hypergrad(X0)).norm())
+    if certified:
+        assert rep.bound is not None and err <= rep.bound
+    else:
+        assert rep.bound is None and "rounding level of torch.float32" in rep.message
