@@ -330,12 +330,12 @@ class _Jac:
 
     def norm(self, **kw) -> SpectralInterval:
         """Interval for the singular values squared, on the smaller side (JᵀJ or JJᵀ)."""
-        dt = self.ins[0].dtype
+        dt, dev = self.ins[0].dtype, self.ins[0].device
         if self.zero:
             return SpectralInterval(0.0, 0.0, 0.0, 0.0, 0, True, 0.0)
         if self.n_in <= self.n_out:
-            return lanczos_interval(lambda w: self.t(self(w)), self.n_in, dtype=dt, need_min=False, **kw)
-        return lanczos_interval(lambda y: self(self.t(y)), self.n_out, dtype=dt, need_min=False, **kw)
+            return lanczos_interval(lambda w: self.t(self(w)), self.n_in, dtype=dt, device=dev, need_min=False, **kw)
+        return lanczos_interval(lambda y: self(self.t(y)), self.n_out, dtype=dt, device=dev, need_min=False, **kw)
 
 
 def operator_norm(out: Tensor, inputs: Sequence[Tensor], iters: int = 20, seed: int = 0) -> float:
@@ -507,13 +507,14 @@ def a_posteriori(
                 notes.append("symmetric_jacobian was declared but dT/du is not symmetric; used the general path")
                 sym = False
         kw = dict(fail_prob=p_each, maxiter=maxiter, seed=seed)
+        dev = u_.device
         if sym:
-            iv = lanczos_interval(At, n, dtype=u_.dtype, need_min=True, **kw)
+            iv = lanczos_interval(At, n, dtype=u_.dtype, device=dev, need_min=True, **kw)
             sigma, sigma_est = iv.distance_to_zero(), max(min(abs(iv.ritz_min), abs(iv.ritz_max)), 0.0)
             if iv.ritz_min <= 0 <= iv.ritz_max:
                 sigma_est = 0.0
         else:
-            iv = lanczos_interval(lambda w: At(A(w)), n, dtype=u_.dtype, need_min=True, **kw)
+            iv = lanczos_interval(lambda w: At(A(w)), n, dtype=u_.dtype, device=dev, need_min=True, **kw)
             sigma, sigma_est = math.sqrt(max(iv.lo, 0.0)), math.sqrt(max(iv.ritz_min, 0.0))
         intervals = [iv]
         # ||J_x||
@@ -528,7 +529,7 @@ def a_posteriori(
         H = _Jac([gz], [z_])
         lf = lf_est = 0.0
         if not H.zero:
-            ivh = lanczos_interval(lambda w: H.t(w), n, dtype=u_.dtype, need_min=False, **kw)
+            ivh = lanczos_interval(lambda w: H.t(w), n, dtype=u_.dtype, device=dev, need_min=False, **kw)
             intervals.append(ivh)
             lf, lf_est = ivh.abs_max(), max(abs(ivh.ritz_min), abs(ivh.ritz_max))
         # L_xF = ||d/du grad_x F||
