@@ -58,8 +58,9 @@ class SolverInfo:
         adjoint: diagnostics of the adjoint linear solve, filled in by ``backward()``
             (implicit and inexact modes).
         eps, delta: accuracies used by the inexact mode at this call.
-        error_bound: a-posteriori bound on the hypergradient error (inexact mode, after
-            ``backward()``).
+        error_bound: certified a-posteriori bound on the hypergradient error (inexact mode, after
+            ``backward()``), or ``None`` with ``message`` saying why it could not be certified.
+        error_estimate: the same formula with estimated constants — not a bound.
 
     Example:
         >>> import torch, hodl_plugin as hp
@@ -79,6 +80,7 @@ class SolverInfo:
     eps: Optional[float] = None
     delta: Optional[float] = None
     error_bound: Optional[float] = None
+    error_estimate: Optional[float] = None
     message: str = ""
 
     @property

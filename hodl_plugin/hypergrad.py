@@ -38,7 +38,7 @@ from . import linear_solve as ls
 from .errors import ConvergenceWarning, HODLError, ScheduleError
 from .gkm import GKMIteration, SolverInfo
 from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem, transforms_active
-from .inexact import BoundConstants, estimate_constants, with_v_norm
+from .inexact import BoundConstants, a_posteriori, residuals_at, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
 __all__ = [
@@ -511,24 +511,35 @@ class Inexact(HypergradMethod):
                                check_unique=self.check_unique, x0=x0, after=after)
 
     def _bound(self, it, u_star, params, learned, v, call, info) -> Optional[float]:
+        """``info.error_bound`` (a certified bound, or None with ``info.message``) and
+        ``info.error_estimate`` (not a bound), at the point the hypergradient used."""
         if self.constants is None:
             return None
-        if isinstance(self.constants, BoundConstants):
-            c = with_v_norm(self.constants, v)
-        elif it.upper is None:
+        adj = info.adjoint.residual if info.adjoint is not None else None
+        if isinstance(self.constants, BoundConstants):  # user-certified constants
+            eps, delta = residuals_at(it.T, it.upper, u_star, params, v, point=u_star)
+            delta = adj if delta is None else delta
+            return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta)
+        if it.upper is None:
             info.message = (
                 "no error bound: estimating it needs the upper objective (GKMSolver(..., upper=F, "
                 "alpha=0) uses F without aggregating) or known BoundConstants"
             )
             return None
-        else:
-            if self.estimated is None or call % max(1, self.estimate_every) == 0:
-                new = estimate_constants(it.T, it.upper, u_star, params, learned, v)
-                self.estimated = new if self.estimated is None else self.estimated.running_max(new)
-            c = with_v_norm(self.estimated, v)
-        eps_eff = min(info.eps or 0.0, info.residual) if info.converged else info.residual
-        delta_eff = info.adjoint.residual if info.adjoint is not None else math.inf
-        return c.bound(eps_eff, delta_eff)
+        if call % max(1, self.estimate_every) != 0:
+            info.message = f"error bound not computed at this call (estimate_every={self.estimate_every})"
+            return None
+        spec = self.solver if self.solver is not None else _default_solver_name(it.T)
+        rep = a_posteriori(
+            it.T, it.upper, u_star, params, learned, v,
+            point=u_star,  # the implicit primitive returns the forward iterate itself
+            adjoint_residual=adj,
+            symmetric=bool(getattr(it.T, "symmetric_jacobian", False)) or spec == "cg",
+        )
+        info.error_estimate = rep.estimate
+        if rep.message:
+            info.message = "error bound: " + rep.message
+        return rep.bound
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and warm starts as plain containers (readable by ``torch.load(weights_only=True)``)."""

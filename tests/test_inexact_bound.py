@@ -220,7 +220,7 @@ def test_known_sigma_min_constants():
     ut, vt = s.method.u_cache["k"], s.method.v_cache["k"]
     rep = a_posteriori(q.T, q.F, ut, [x], [x], vt)
     eps, delta = residuals_at(q.T, q.F, ut, [x], vt)
-    z = q.T(ut, X0)  # independent residuals: closed-form T, dT/du = I - sQ, grad_u F = u - y
+    z = ut  # the point returned; independent residuals: closed-form T, dT/du = I - sQ, grad_u F = u - y
     assert eps == pytest.approx(float((z - q.T(z, X0)).norm()), rel=1e-9)
     assert delta == pytest.approx(float((vt - (vt - q.s * q.Q @ vt) - (z - q.y)).norm()), rel=1e-6, abs=1e-15)
     assert (eps, delta) == (rep.forward_residual, rep.adjoint_residual)
