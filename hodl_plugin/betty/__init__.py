@@ -61,7 +61,9 @@ from __future__ import annotations
 
 from .checkpoint import engine_state_dict, load_checkpoint, load_engine_state_dict, save_checkpoint
 from .config import GKM_METHODS, IMPLICIT_METHODS, HODLConfig
-from .distributed import HODLEngine, unwrap
+from .distributed import unwrap
+from .engine import HODLEngine
+from .errors import CheckpointError, CheckpointWarning, WiringWarning
 from .hypergradients import gkm_vjp, implicit_vjp, register, set_log_level
 from .nodes import GKMProblem
 
@@ -80,4 +82,7 @@ __all__ = [
     "load_checkpoint",
     "gkm_vjp",
     "implicit_vjp",
+    "CheckpointError",
+    "CheckpointWarning",
+    "WiringWarning",
 ]

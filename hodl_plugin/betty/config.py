@@ -10,12 +10,13 @@ from ..hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncate
 from ..schedules import Schedule
 from ._betty import Config as _BettyConfig
 
-__all__ = ["GKM_METHODS", "IMPLICIT_METHODS", "HODLConfig"]
+__all__ = ["GKM_METHODS", "IMPLICIT_METHODS", "HODLConfig", "as_config"]
 
 #: Config types of GKM nodes and the core method each selects
 GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order")
 #: Config types of our methods for Betty's argmin ``ImplicitProblem`` nodes
 IMPLICIT_METHODS = ("implicit_cg", "implicit_gmres")
+_ON_NONCONVERGENCE = ("warn", "raise", "ignore")
 
 
 @dataclasses.dataclass
@@ -51,6 +52,47 @@ class HODLConfig(_BettyConfig):
     truncate: int = 10
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
+    # forward acceleration of the lower solve (GKMSolver(acceleration=...), e.g. hp.Anderson(5))
+    acceleration: Any = None
+    # a lower solve that stops before its tolerance: "warn" (ConvergenceWarning naming the node),
+    # "raise" (hodl_plugin.errors.HODLError) or "ignore"
+    on_nonconvergence: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.on_nonconvergence not in _ON_NONCONVERGENCE:
+            raise ValueError(
+                f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
+                f"got {self.on_nonconvergence!r}"
+            )
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
+
+
+def as_config(config: Any, node: str = "GKMProblem") -> Any:
+    """A node's config from ``None`` (defaults), a Betty ``Config`` (e.g. :class:`HODLConfig`) or a dict.
+
+    A dict becomes ``HODLConfig(**config)``; an unknown key is a ``TypeError`` that names it.
+
+    >>> as_config({"type": "gkm_unrolled", "max_steps": 50}).max_steps
+    50
+    >>> as_config({"tolerance": 1e-9})
+    Traceback (most recent call last):
+    ...
+    TypeError: GKMProblem: config dict has unknown key(s) ['tolerance']; HODLConfig takes e.g. 'tol', 'max_steps'
+    """
+    if config is None:
+        return HODLConfig()
+    if isinstance(config, _BettyConfig):
+        return config
+    if isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(HODLConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise TypeError(
+                f"{node}: config dict has unknown key(s) {unknown}; HODLConfig takes e.g. 'tol', 'max_steps'"
+            )
+        return HODLConfig(**config)
+    raise TypeError(f"{node}: config must be a HODLConfig, a Betty Config or a dict, got {type(config).__name__}")
 
 
 def _cfg(config: Any, name: str, default: Any) -> Any:

@@ -14,6 +14,7 @@ from ._betty import get_logger
 from ._betty import hypergradient as _betty_hypergradient
 from .config import GKM_METHODS, _cfg
 from .distributed import _average_grads_across_ranks
+from .errors import WiringWarning
 from .nodes import GKMProblem
 
 __all__ = ["gkm_vjp", "implicit_vjp", "register", "set_log_level"]
@@ -59,6 +60,16 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
             f"the operator of GKM node {curr.name!r} does not depend on any trainable parameter of its "
             f"upper node {prev.name!r}: read the upper variables inside operator(u, batch)"
         )
+    if not curr._fresh_served and not bool(v.ne(0).any()):
+        warnings.warn(
+            f"the loss of node {prev.name!r} has an exactly zero gradient with respect to the solution of "
+            f"GKM node {curr.name!r}, so no hypergradient reaches {prev.name!r} through this edge. If its "
+            f"training_step reads self.{curr.name}.u.detach() (or .data), read self.{curr.name}.u instead "
+            f"(or call self.{curr.name}(batch)); if the loss is exactly stationary in u, ignore this",
+            WiringWarning,
+            stacklevel=2,
+        )
+    curr._fresh_served = False
     grads = torch.autograd.grad(z, params, v, retain_graph=True, allow_unused=True)
     if all(g is None for g in grads):
         raise HODLError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from ..schedules import Harmonic
 from ..solver import GKMSolver
 from ._betty import Config as _BettyConfig
 from ._betty import ImplicitProblem as _ImplicitProblem
-from .config import HODLConfig, _cfg, _method_for
+from .config import _cfg, _method_for, as_config
 
 __all__ = ["GKMProblem", "GKMState"]
 
@@ -67,12 +67,12 @@ class GKMProblem(_ImplicitProblem):
     def __init__(
         self,
         name: str,
-        config: Optional[_BettyConfig] = None,
+        config: Union[_BettyConfig, dict[str, Any], None] = None,
         module: Optional[nn.Module] = None,
         train_data_loader: Any = None,
         extra_config: Any = None,
     ) -> None:
-        config = config if config is not None else HODLConfig()
+        config = as_config(config, f"GKMProblem {name!r}")
         self.method = _method_for(config)
         kwargs: dict[str, Any] = {"extra_config": extra_config} if _ACCEPTS_EXTRA_CONFIG else {}
         super().__init__(
@@ -88,8 +88,10 @@ class GKMProblem(_ImplicitProblem):
         self.info: Optional[SolverInfo] = None
         self.stats: dict[str, float] = {}
         self.warm: dict[Hashable, Tensor] = {}
-        self._solver: Optional[GKMSolver] = None
         self._batch: Any = None
+        self._busy = False  # inside a global step (see step()): a checkpoint now would be half-written
+        self._fresh_served = False  # forward() returned a fresh solve this step (see gkm_vjp)
+        self._solver: GKMSolver = self._build_solver()  # validates the options now, at construction
 
     # -- the user's side --------------------------------------------------------------------------
     def operator(self, u: Tensor, batch: Any) -> Tensor:
@@ -113,7 +115,22 @@ class GKMProblem(_ImplicitProblem):
         return mod.u
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.u
+        """``self.<node>(batch)`` in an upper node, as Betty users call a child: the solution for ``batch``.
+
+        With no argument, or the node's own current batch (``self.<node>.cur_batch``), it is
+        :attr:`u`, the solution of this step, whose hypergradient Betty computes along the edge by
+        ``config.type``. With any other batch it is :meth:`solve` of that batch: a fresh solve whose
+        autograd graph carries the hypergradient to the upper variables directly.
+        """
+        if kwargs or len(args) > 1:
+            raise TypeError(
+                f"GKM node {self.name!r} is called with one batch, self.{self.name}(batch), or none; "
+                f"got {len(args)} positional and {sorted(kwargs)} keyword arguments. Its solution of the "
+                f"current step is self.{self.name}.u"
+            )
+        if not args or args[0] is self.cur_batch:
+            return self.u
+        return self.solve(args[0])
 
     def solve(self, batch: Any = None) -> Tensor:
         """A fresh GKM solve with the current upper variables, differentiable by ``config.type``.
@@ -121,15 +138,15 @@ class GKMProblem(_ImplicitProblem):
         Its autograd graph is its own (Betty frees the graphs of the losses it differentiates, so
         nodes that differentiate through this node's solution in their own ``training_step`` call
         this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
-        unchanged.
+        unchanged. A solve that stops before its tolerance is reported (``config.on_nonconvergence``).
         """
         batch = self.cur_batch if batch is None else batch
-        self._batch = batch
-        if self._solver is None:
-            self._solver = self._build_solver()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            return self._solver(self._start(batch), key=self._key(batch))
+        previous, self._batch = self._batch, batch
+        self._fresh_served = True  # the caller differentiates through this solve (see gkm_vjp)
+        try:
+            return self._run_solver(self._start(batch), batch)
+        finally:
+            self._batch = previous
 
     # -- Betty's side ---------------------------------------------------------------------------------
     def get_batch(self) -> Any:
@@ -138,7 +155,7 @@ class GKMProblem(_ImplicitProblem):
             return None
         return super().get_batch()
 
-    def initialize(self, *args: Any) -> None:  # Betty 0.1.1 passes the engine config
+    def initialize(self, *args: Any) -> None:
         super().initialize(*args)
         if not self._parents:
             raise HODLError(
@@ -146,6 +163,19 @@ class GKMProblem(_ImplicitProblem):
                 "(u2l: {upper: [lower]}, l2u: {lower: [upper]}); a GKM node only exists to be "
                 "differentiated by an upper level"
             )
+        if not any(self in path for node in _ancestors(self) for path in node._paths):
+            ups = [p.name for p in self._parents]
+            raise HODLError(
+                f"GKM node {self.name!r} is in l2u (its upper nodes {ups} read it) but no upper node lists "
+                f"it in u2l, so no hypergradient ever reaches them and their variables never move: add "
+                f"u2l {{{ups[0]}: [{self.name}]}} to the Engine's dependencies"
+            )
+
+    def step(self, global_step: Optional[int] = None) -> None:
+        """Betty's step (the solve, then the upper nodes it makes ready), marked as in progress."""
+        self._busy = True
+        super().step(global_step=global_step)
+        self._busy = False
 
     def patch_optimizer(self) -> None:  # a GKM node has no optimizer: its step is the GKM solve
         if self.optimizer is not None:
@@ -165,6 +195,15 @@ class GKMProblem(_ImplicitProblem):
             return self.operator(u, self._batch)
 
         T.symmetric_jacobian = self.symmetric_jacobian  # type: ignore[attr-defined]
+        options: dict[str, Any] = {}
+        acceleration = _cfg(cfg, "acceleration", None)
+        if acceleration is not None:
+            if "acceleration" not in inspect.signature(GKMSolver.__init__).parameters:
+                raise HODLError(
+                    f"GKM node {self.name!r}: HODLConfig(acceleration=...) needs GKMSolver(acceleration=...), "
+                    "which this version of hodl_plugin does not have; leave acceleration=None"
+                )
+            options["acceleration"] = acceleration
         return GKMSolver(
             T,
             max_steps=_cfg(cfg, "max_steps", 1000),
@@ -177,7 +216,33 @@ class GKMProblem(_ImplicitProblem):
             beta=_cfg(cfg, "beta", 1.0),
             check_every=_cfg(cfg, "check_every", 10),
             on_divergence=_cfg(cfg, "on_divergence", "raise"),
+            **options,
         )
+
+    def _run_solver(self, u0: Tensor, batch: Any) -> Tensor:
+        """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            z = self._solver(u0, key=self._key(batch))
+        for w in caught:
+            warnings.warn(f"GKM node {self.name!r}: {w.message}", w.category, stacklevel=3)
+        info = self._solver.info
+        cfg = self.config
+        asked = _cfg(cfg, "tol", 1e-8) > 0 or _cfg(cfg, "rtol", 0.0) > 0
+        mode = _cfg(cfg, "on_nonconvergence", "warn")
+        if asked and not info.converged and not info.diverged and mode != "ignore":
+            reported = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            msg = (
+                f"GKM node {self.name!r}: the lower solve stopped after {info.steps} steps with residual "
+                f"{info.residual:.3e} above its tolerance {info.tol:.3e}, so this step's hypergradient is not "
+                "the fixed point's: raise HODLConfig(max_steps=...) or check that the operator is a "
+                "contraction (on_nonconvergence='ignore' silences this)"
+            )
+            if mode == "raise":
+                raise HODLError(msg)
+            if not reported:
+                warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        return z
 
     def upper_objective(self, u: Tensor, batch: Any) -> Tensor:  # pragma: no cover - optional hook
         """:math:`F(u; x)` for HODL's aggregation (optional; define it to aggregate)."""
@@ -226,12 +291,8 @@ class GKMProblem(_ImplicitProblem):
             self.cur_batch = self.get_batch()
             batch = self.cur_batch
         self._batch = batch
-        if self._solver is None:
-            self._solver = self._build_solver()
-        u0 = self._start(batch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)  # reported through stats/logs instead
-            z = self._solver(u0, key=self._key(batch))
+        self._fresh_served = False
+        z = self._run_solver(self._start(batch), batch)
         info = self._solver.info
         self.info = info
         self.solution = z
@@ -259,6 +320,7 @@ class GKMProblem(_ImplicitProblem):
     def hodl_state_dict(self) -> dict[str, Any]:
         """Warm starts, the solver method's counters/caches and the last iterate."""
         return {
+            "method_type": type(self.method).__name__,
             "warm": {k: v.clone() for k, v in self.warm.items()},
             "method": self.method.state_dict(),
             "u": self.u.detach().clone(),
@@ -270,3 +332,15 @@ class GKMProblem(_ImplicitProblem):
         self.method.load_state_dict(state["method"])
         self.u.data = state["u"].clone()
         self._count = state["count"]
+
+
+def _ancestors(node: Any) -> Iterator[Any]:
+    """The upper nodes of ``node``, their upper nodes, and so on (each once)."""
+    seen: set[int] = set()
+    stack = list(node._parents)
+    while stack:
+        p = stack.pop()
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+            stack.extend(p._parents)
