@@ -334,63 +334,6 @@ def test_three_level_graph_reaches_closed_form_optimum():
     assert rel_err(xm.x.detach(), x_of(float(tm.th.detach().exp()))) < 1e-3
 
 
-def _ckpt_engine(total):
-    """Two levels with data, an inexact GKM node (accuracy schedule, warm starts), Adam + LR schedule."""
-    Q, B, y, s = quad(n=8, m=2, cond=10.0, seed=4)
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.tensor([i, i + 1]), torch.randn(2, 2, generator=g, dtype=DT)) for i in range(0, 8, 2)]
-
-    class Lower(hb.GKMProblem):
-        def operator(self, u, batch):
-            idx, c = batch
-            return u - s * (u @ Q.T - (c + self.upper.module.x) @ B.T)
-
-        def initial_state(self, batch):
-            return torch.zeros(batch[0].shape[0], Q.shape[0], dtype=DT)
-
-        def sample_keys(self, batch):
-            return batch[0].tolist()
-
-    class Up(ImplicitProblem):
-        def get_batch(self):
-            return None
-
-        def training_step(self, batch):
-            noise = 1e-3 * torch.randn((), dtype=DT)  # the global RNG reaches the gradient: resuming must restore it
-            return 0.5 * ((self.lower.u - y) ** 2).sum() * (1 + noise)
-
-    xm = XModule(torch.zeros(2, dtype=DT))
-    opt = torch.optim.Adam(xm.parameters(), lr=0.05)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
-    up = Up("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=opt, scheduler=sched)
-    low = Lower("lower", hb.HODLConfig(type="gkm_inexact", eps=hp.Polynomial(1e-3, 0.5), max_steps=5000),
-                train_data_loader=data)
-    eng = Engine([up, low], EngineConfig(train_iters=total, strategy="cpu"),
-                 dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}})
-    return eng, xm, low
-
-
-def test_checkpoint_resume_is_bit_for_bit(tmp_path):
-    torch.manual_seed(123)
-    eng, xm, low = _ckpt_engine(20)
-    eng.run()
-    straight = (xm.x.detach().clone(), low.u.detach().clone(), low.method.k)
-
-    torch.manual_seed(123)
-    eng1, xm1, _ = _ckpt_engine(20)
-    eng1.train_iters = 9  # interrupted after 9 of 20 global steps
-    eng1.run()
-    hb.save_checkpoint(eng1, tmp_path / "ckpt.pt")
-
-    torch.manual_seed(999)  # a different process state: everything must come from the checkpoint
-    eng2, xm2, low2 = _ckpt_engine(20)
-    hb.load_checkpoint(eng2, tmp_path / "ckpt.pt")
-    eng2.run()
-    assert torch.equal(xm2.x.detach(), straight[0])
-    assert torch.equal(low2.u.detach(), straight[1])
-    assert low2.method.k == straight[2]
-
-
 def test_data_parallel_on_cpu_with_gloo_equals_full_batch(tmp_path):
     """2 processes on loopback (gloo): the learned upper variable equals the single-process full-batch run."""
     import socket
