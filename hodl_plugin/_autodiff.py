@@ -22,7 +22,14 @@ def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Te
         val = fn(u_, *args)
         if not isinstance(val, Tensor) or val.numel() != 1:
             raise ValueError("the objective must return a scalar tensor")
-        (g,) = torch.autograd.grad(val.sum(), u_, create_graph=create)
+        g = None
+        if val.requires_grad:
+            (g,) = torch.autograd.grad(val.sum(), u_, create_graph=create, allow_unused=True)
+    if g is None:
+        raise ValueError(
+            "the upper objective F(u, *params) does not depend on u: HODL's aggregation needs "
+            "∇_u F (drop upper=, or pass alpha=0 to keep F only for the inexact error bound)"
+        )
     return g
 
 

@@ -33,6 +33,8 @@ def check_inputs(u0: object, params: Sequence[object], modules: Iterable[Tensor]
         _check_like(p, u0, f"params[{i}]")
     for j, t in enumerate(modules):
         _check_like(t, u0, f"a parameter/buffer of the operator (#{j})")
+    if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+        return  # under vmap a data-dependent check cannot run here; the solve itself checks its values
     tensors = [u0, *(p for p in params if p.is_floating_point())]  # type: ignore[union-attr]
     finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
     if not bool(finite.all()):

@@ -24,17 +24,19 @@ with :math:`J_u = \partial_u T(u^*; x)` and :math:`J_x = \partial_x T(u^*; x)`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import linear_solve as ls
-from ._autodiff import make_vjp
-from .errors import ConvergenceWarning, LinearSolveError
+from .errors import ConvergenceWarning, ScheduleError
 from .gkm import GKMIteration, SolverInfo
+from .implicit import FixedPoint, FixedPointProblem
 from .inexact import BoundConstants, estimate_constants, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
@@ -157,7 +159,8 @@ class Truncated(HypergradMethod):
     def run(self, it, u0, params, info, max_steps, key=None):
         with torch.no_grad():
             u = it.run(u0.detach(), _detached(params), info, start=0, num_steps=max_steps - self.steps)
-        return it.run(u.detach(), params, info, start=info.steps, num_steps=self.steps)
+        # exactly `steps` differentiated steps: the tail never stops on the tolerance
+        return it.run(u.detach(), params, info, start=info.steps, num_steps=self.steps, stop_on_tol=False)
 
     def __repr__(self) -> str:
         return f"Truncated(steps={self.steps})"
@@ -189,6 +192,16 @@ def _default_solver_name(T: object) -> str:
     return "cg" if getattr(T, "symmetric_jacobian", False) else "gmres"
 
 
+def default_adjoint_rtol(dtype: torch.dtype) -> float:
+    """The adjoint solve's default relative tolerance for a dtype: ``1e-10`` in float64, about
+    ``100·eps`` below that (``1.2e-5`` in float32), so a default is always reachable.
+
+    >>> default_adjoint_rtol(torch.float64), default_adjoint_rtol(torch.float32)
+    (1e-10, 1.1920928955078125e-05)
+    """
+    return min(max(1e-10, 100 * torch.finfo(dtype).eps), 1e-2)
+
+
 def _make_solver(spec: SolverSpec, T: object, **tols: float) -> ls.LinearSolver:
     if spec is None:
         spec = _default_solver_name(T)
@@ -197,80 +210,94 @@ def _make_solver(spec: SolverSpec, T: object, **tols: float) -> ls.LinearSolver:
     return spec(**tols)
 
 
-def _attach_implicit(
+def _check_solver_spec(solver: SolverSpec) -> None:
+    if isinstance(solver, str):
+        ls.get(solver)  # raises ValueError naming the choices
+    elif solver is not None and not callable(solver):
+        raise TypeError(f"solver must be a name, a factory f(rtol=, atol=, maxiter=) or None, got {solver!r}")
+
+
+def _check_on_fail(on_fail: str) -> None:
+    if on_fail not in ("raise", "warn"):
+        raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
+
+
+def _check_nonneg(name: str, value: float) -> float:
+    value = float(value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def _check_maxiter(value: int) -> int:
+    if isinstance(value, bool) or not float(value).is_integer() or int(value) < 1:
+        raise ValueError(f"adjoint_maxiter must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _module_tensors(T: object) -> tuple[list[str], list[Tensor]]:
+    """The learnable tensors of an ``nn.Module`` operator, by name (they get hypergradients)."""
+    if not isinstance(T, nn.Module):
+        return [], []
+    named = [(n, p) for n, p in T.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def _implicit_solve(
     it: GKMIteration,
-    u_star: Tensor,
+    u0: Tensor,
     params: Sequence[Tensor],
     info: SolverInfo,
+    forward: Callable[[Tensor, Sequence[Tensor]], Tensor],
     make_solver: Callable[[], ls.LinearSolver],
+    *,
     on_fail: str,
+    check_unique: Optional[bool],
     x0: Callable[[], Optional[Tensor]] = lambda: None,
     after: Optional[Callable[[Tensor, Tensor], None]] = None,
 ) -> Tensor:
-    r"""Return :math:`z = T(u^*; x)` whose backward solves the adjoint system.
-
-    The hook on ``z`` replaces the incoming gradient :math:`g = \nabla_u F` by the solution of
-    :math:`(I - J_u^\top) v = g`; autograd then carries :math:`v` through :math:`T(u^*; x)` to
-    :math:`x` (and the operator's own parameters), giving :math:`J_x^\top v`. The linearisation at
-    :math:`u^*` is built in the backward, once, and reused by every matrix product.
-    """
-    u_star = u_star.detach()
-    z = it.T(u_star, *params)
-    if not z.requires_grad:
-        return z
-
-    def hook(g: Optional[Tensor]) -> Optional[Tensor]:
-        if g is None:  # an undefined gradient (e.g. torch.autograd.gradcheck's check) passes through
-            return None
-        with torch.enable_grad():
-            u_req = u_star.clone().requires_grad_(True)
-            f0 = it.T(u_req, *_detached(params))
-
-        vjp = make_vjp(f0, u_req)
-
-        def matvec(v: Tensor) -> Tensor:
-            return v - vjp(v)
-
-        v, linfo = make_solver()(matvec, g, x0())
-        info.adjoint = linfo
-        if not linfo.converged:
-            msg = (
-                f"the adjoint system (I - dT/du)^T v = dF/du was not solved: {linfo.method} stopped "
-                f"after {linfo.iterations} products with residual {linfo.residual:.3e} > "
-                f"{linfo.threshold:.3e}. (I - dT/du) may be singular (a non-singleton fixed-point "
-                "set) or the solver needs more iterations / another method"
-            )
-            if on_fail == "raise":
-                raise LinearSolveError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=2)
-        if after is not None:
-            after(v, u_star)
-        return v
-
-    z.register_hook(hook)
-    return z
+    r""":math:`u^*` through :class:`~hodl_plugin.implicit.FixedPoint` (derivatives of any order)."""
+    names, mod = _module_tensors(it.T)
+    tensors = [*params, *mod]
+    if check_unique is None:  # auto: HODL aggregation is used where Fix T may not be a singleton
+        check_unique = it.aggregates
+    problem = FixedPointProblem(
+        it.T, len(params), names, forward, make_solver, on_fail=on_fail, info=info, x0=x0, after=after,
+        check_unique=check_unique, symmetric=bool(getattr(it.T, "symmetric_jacobian", False)),
+    )
+    return FixedPoint.apply(problem, u0, *tensors)
 
 
 class Implicit(HypergradMethod):
     r"""Implicit differentiation of :math:`u = T(u; x)` at the returned fixed point.
 
-    The forward runs under ``torch.no_grad()`` (memory flat in K); ``backward()`` solves
+    The forward runs without autograd (memory flat in K); the derivative solves
     :math:`(I - \partial_u T)^\top v = \nabla_u F` with ``solver`` and returns
-    :math:`\nabla_x F + (\partial_x T)^\top v`. With HODL aggregation the forward selects a fixed
-    point; the derivative is that of the fixed-point equation at it (the :math:`\alpha=0` limit).
+    :math:`\nabla_x F + (\partial_x T)^\top v`. The solve is a PyTorch primitive
+    (:mod:`hodl_plugin.implicit`): double backward, ``gradgradcheck``, forward mode and
+    ``torch.func`` transforms are exact at every order. With HODL aggregation the forward selects a
+    fixed point; the derivative is that of the fixed-point equation at it (the :math:`\alpha=0`
+    limit), defined only when Fix T is a singleton — which ``check_unique`` probes.
 
     Args:
         solver: ``"cg"`` (symmetric ``∂_u T``, e.g. a gradient step), ``"gmres"``, ``"bicgstab"``,
             ``"fixed_point"``/``"neumann"``, or a factory ``f(rtol=, atol=, maxiter=)`` returning a
             :data:`~hodl_plugin.linear_solve.LinearSolver`. Default: CG when the operator declares
             ``symmetric_jacobian = True`` (e.g. :class:`~hodl_plugin.operators.GradientStep`), else
-            GMRES.
+            GMRES. CG checks the symmetry claim on two random vectors and raises if it is false.
         adjoint_rtol, adjoint_atol, adjoint_maxiter: stopping rule of the adjoint solve,
             ``‖(I - J_u^T)v - ∇_u F‖ ≤ max(adjoint_rtol·‖∇_u F‖, adjoint_atol)`` within
-            ``adjoint_maxiter`` matrix products (named apart from the solver's own ``tol``/``rtol``,
-            which stop the forward iteration).
+            ``adjoint_maxiter`` matrix products. ``adjoint_rtol=None`` (default) follows the dtype:
+            ``1e-10`` in float64, ``1.2e-5`` in float32 (:func:`default_adjoint_rtol`).
         on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when the
             adjoint solve misses its tolerance, or ``"warn"``.
+        check_unique: before the adjoint solve, solve :math:`(I - \partial_u T)^\top z = r` for a
+            random :math:`r` (one more solve) and raise :class:`~hodl_plugin.errors.LinearSolveError`
+            if it fails: :math:`I - \partial_u T` is singular, Fix T is not a singleton and the
+            implicit hypergradient is undefined. ``None`` (default): only when the solver aggregates
+            (``upper=`` with ``alpha`` not 0), where a non-singleton Fix T is the point. Without it,
+            a singular system with a consistent right-hand side returns the minimum-norm adjoint
+            (for an affine T: the derivative of the plain iteration's limit from the given ``u0``).
 
     >>> Implicit("cg", adjoint_rtol=1e-8)
     Implicit(solver='cg', adjoint_rtol=1e-08)
@@ -281,32 +308,57 @@ class Implicit(HypergradMethod):
     def __init__(
         self,
         solver: SolverSpec = None,
-        adjoint_rtol: float = 1e-10,
+        adjoint_rtol: Optional[float] = None,
         adjoint_atol: float = 0.0,
         adjoint_maxiter: int = 1000,
         on_fail: str = "raise",
+        check_unique: Optional[bool] = None,
     ) -> None:
-        if on_fail not in ("raise", "warn"):
-            raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
-        if isinstance(solver, str):
-            ls.get(solver)  # validate the name now
-        self.solver, self.on_fail = solver, on_fail
-        self.rtol, self.atol, self.maxiter = adjoint_rtol, adjoint_atol, adjoint_maxiter
+        _check_on_fail(on_fail)
+        _check_solver_spec(solver)
+        self.solver, self.on_fail, self.check_unique = solver, on_fail, check_unique
+        self.rtol = None if adjoint_rtol is None else _check_nonneg("adjoint_rtol", adjoint_rtol)
+        self.atol = _check_nonneg("adjoint_atol", adjoint_atol)
+        self.maxiter = _check_maxiter(adjoint_maxiter)
+        if self.rtol == 0 and self.atol == 0:
+            raise ValueError("adjoint_rtol and adjoint_atol cannot both be 0 (the adjoint solve would never stop)")
 
     def run(self, it, u0, params, info, max_steps, key=None):
-        with torch.no_grad():
-            u = it.run(u0.detach(), _detached(params), info, start=0, num_steps=max_steps)
+        def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
+            with torch.no_grad():
+                return it.run(u_start.detach(), _detached(ps), info, start=0, num_steps=max_steps)
+
         if not torch.is_grad_enabled():
-            return u
-        _warn_unconverged(info, "implicit hypergradient")
+            return forward(u0, params)
+        rtol = default_adjoint_rtol(u0.dtype) if self.rtol is None else self.rtol
 
         def make():
-            return _make_solver(self.solver, it.T, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter)
+            return _make_solver(self.solver, it.T, rtol=rtol, atol=self.atol, maxiter=self.maxiter)
 
-        return _attach_implicit(it, u, params, info, make, self.on_fail)
+        u = _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
+                            check_unique=self.check_unique)
+        _warn_unconverged(info, "implicit hypergradient")
+        return u
 
     def __repr__(self) -> str:
-        return f"Implicit(solver={self.solver!r}, adjoint_rtol={self.rtol:g})"
+        rtol = "auto" if self.rtol is None else f"{self.rtol:g}"
+        return f"Implicit(solver={self.solver!r}, adjoint_rtol={rtol})"
+
+
+def _cache_key(key: Optional[Hashable]) -> Optional[Hashable]:
+    """A warm-start key as a plain value: 0-d tensors by their value, other tensors refused."""
+    if isinstance(key, Tensor):
+        if key.numel() != 1:
+            raise TypeError(
+                f"key must be hashable by value (an int, a str, a tuple or a 0-d tensor), got a tensor of "
+                f"shape {tuple(key.shape)}"
+            )
+        return key.item()
+    try:
+        hash(key)
+    except TypeError:
+        raise TypeError(f"key must be hashable (an int, a str, a tuple), got {type(key).__name__}") from None
+    return key
 
 
 class Inexact(HypergradMethod):
@@ -314,10 +366,16 @@ class Inexact(HypergradMethod):
 
     At call :math:`k` (counted over calls with grad enabled): the forward stops when the residual
     :math:`\|u - T(u)\| \le \varepsilon_k`, warm-started from the iterate of the previous call with
-    the same ``key`` (e.g. a mini-batch index); the adjoint system is solved to absolute residual
-    :math:`\delta_k`, warm-started likewise. After ``backward()`` the solver's ``info`` holds
-    ``eps``, ``delta``, the adjoint diagnostics and the a-posteriori ``error_bound``
-    :math:`c_1\varepsilon_k + c_2\delta_k + c_3\varepsilon_k^2` (:mod:`hodl_plugin.inexact`).
+    the same ``key`` (e.g. a mini-batch index; the ``u0`` passed is then used only for keys not
+    seen before — ``info.warm_started`` says which); the adjoint system is solved to absolute
+    residual :math:`\delta_k`, warm-started likewise (a warm start worse than zero is dropped, so
+    the adjoint stays linear in the upstream gradient). After ``backward()`` the solver's ``info``
+    holds ``eps``, ``delta``, the adjoint diagnostics and the a-posteriori ``error_bound``
+    (:mod:`hodl_plugin.inexact`). Higher derivatives (double backward, forward mode, ``torch.func``)
+    go through the same primitive as :class:`Implicit`, with solves to :math:`\delta_k`.
+
+    A method object holds counters and warm starts: give each solver its own (a second solver using
+    the same object raises ``ValueError``).
 
     Args:
         eps: forward accuracy schedule :math:`\varepsilon_k` (number or
@@ -330,6 +388,8 @@ class Inexact(HypergradMethod):
             ``upper=F`` — with ``alpha=0`` to use F without aggregating — else the bound is
             ``None`` and ``info.message`` says why) or ``None`` (no bound).
         warm_start: reuse the previous ``u`` and ``v`` of the same key.
+        on_fail: ``"warn"`` (default) or ``"raise"`` when the adjoint misses :math:`\delta_k`.
+        check_unique: as for :class:`Implicit`.
 
     >>> from hodl_plugin.schedules import Polynomial
     >>> Inexact(eps=Polynomial(1e-2, 0.5)).eps(3)
@@ -348,56 +408,82 @@ class Inexact(HypergradMethod):
         estimate_every: int = 10,
         warm_start: bool = True,
         on_fail: str = "warn",
+        check_unique: Optional[bool] = None,
     ) -> None:
         self.eps = as_schedule(eps, "eps")
         self.delta = self.eps if delta is None else as_schedule(delta, "delta")
         problems = check_accuracy(self.eps, "eps") + check_accuracy(self.delta, "delta")
         if problems:
-            from .errors import ScheduleError
-
             raise ScheduleError("; ".join(problems))
         if not (constants is None or constants == "estimate" or isinstance(constants, BoundConstants)):
-            raise ValueError("constants must be 'estimate', None or a BoundConstants")
-        self.solver, self.maxiter, self.constants = solver, adjoint_maxiter, constants
-        self.estimate_every, self.warm_start, self.on_fail = int(estimate_every), warm_start, on_fail
+            raise ValueError(f"constants must be 'estimate', None or a BoundConstants, got {constants!r}")
+        _check_solver_spec(solver)
+        _check_on_fail(on_fail)
+        if isinstance(estimate_every, bool) or not float(estimate_every).is_integer() or int(estimate_every) < 1:
+            raise ValueError(f"estimate_every must be an integer >= 1, got {estimate_every!r}")
+        self.solver, self.maxiter, self.constants = solver, _check_maxiter(adjoint_maxiter), constants
+        self.estimate_every, self.warm_start, self.on_fail = int(estimate_every), bool(warm_start), on_fail
+        self.check_unique = check_unique
         self.k = 0
         self.u_cache: dict[Hashable, Tensor] = {}
         self.v_cache: dict[Hashable, Tensor] = {}
         self.estimated: Optional[BoundConstants] = None
+        self._owner: Optional[Any] = None
+
+    def _bind(self, it: GKMIteration) -> None:
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not it:
+            raise ValueError(
+                "this Inexact object already belongs to another GKMSolver: its step counter and warm "
+                "starts would be shared. Give each solver its own hp.Inexact(...)"
+            )
+        self._owner = weakref.ref(it)
 
     def run(self, it, u0, params, info, max_steps, key=None):
+        self._bind(it)
+        key = _cache_key(key)
         eps_k, delta_k = self.eps(self.k), self.delta(self.k)
         info.eps, info.delta = eps_k, delta_k
-        start = u0.detach()
         cached = self.u_cache.get(key) if self.warm_start else None
-        if cached is not None and cached.shape == start.shape and cached.device == start.device:
-            start = cached.to(start.dtype)
-        with torch.no_grad():
-            u = it.run(start, _detached(params), info, start=0, num_steps=max_steps, tol=eps_k, rtol=0.0)
-        if self.warm_start and not info.diverged:
-            self.u_cache[key] = u.detach()
-        if not torch.is_grad_enabled():
+        use_cache = cached is not None and cached.shape == u0.shape and cached.device == u0.device
+        info.warm_started = bool(use_cache)
+
+        def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
+            start = cached.to(u_start.dtype) if use_cache else u_start.detach()
+            with torch.no_grad():
+                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, tol=eps_k, rtol=0.0)
+            if self.warm_start and not info.diverged:
+                self.u_cache[key] = u.detach().clone()
             return u
+
+        if not torch.is_grad_enabled():
+            return forward(u0, params)
         call = self.k
         self.k += 1
 
         def make():
             return _make_solver(self.solver, it.T, rtol=0.0, atol=delta_k, maxiter=self.maxiter)
 
+        # the adjoint's warm start is fixed when the call is made, so every backward pass through this
+        # call starts from the same point (reentrant, as gradcheck/gradgradcheck require)
+        v_prev = self.v_cache.get(key) if self.warm_start else None
+        if v_prev is not None and (v_prev.shape != u0.shape or v_prev.dtype != u0.dtype):
+            v_prev = None
+
         def x0() -> Optional[Tensor]:
-            v = self.v_cache.get(key) if self.warm_start else None
-            return v if (v is not None and v.shape == u.shape) else None
+            return v_prev
 
         learned = [p for p in params if p.requires_grad]
         if isinstance(it.T, nn.Module):
             learned += [p for p in it.T.parameters() if p.requires_grad]
 
         def after(v: Tensor, u_star: Tensor) -> None:
-            if self.warm_start:
-                self.v_cache[key] = v.detach()
+            if self.warm_start and bool(torch.isfinite(v).all()):
+                self.v_cache[key] = v.detach().clone()
             info.error_bound = self._bound(it, u_star, params, learned, v, call, info)
 
-        return _attach_implicit(it, u, params, info, make, self.on_fail, x0, after)
+        return _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
+                               check_unique=self.check_unique, x0=x0, after=after)
 
     def _bound(self, it, u_star, params, learned, v, call, info) -> Optional[float]:
         if self.constants is None:
@@ -420,18 +506,47 @@ class Inexact(HypergradMethod):
         return c.bound(eps_eff, delta_eff)
 
     def state_dict(self) -> dict[str, Any]:
+        """Counters and warm starts as plain containers (readable by ``torch.load(weights_only=True)``)."""
+        est = None if self.estimated is None else dataclasses.asdict(self.estimated)
         return {
+            "method": "inexact",
             "k": self.k,
-            "u_cache": dict(self.u_cache),
-            "v_cache": dict(self.v_cache),
-            "estimated": self.estimated,
+            "u_cache": [[k, t] for k, t in self.u_cache.items()],
+            "v_cache": [[k, t] for k, t in self.v_cache.items()],
+            "estimated": est,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.k = int(state["k"])
-        self.u_cache = dict(state["u_cache"])
-        self.v_cache = dict(state["v_cache"])
-        self.estimated = state.get("estimated")
+        """Restore :meth:`state_dict`'s output; validated whole before anything is changed."""
+        if not isinstance(state, dict) or "k" not in state or state.get("method", "inexact") != "inexact":
+            what = state.get("method", "?") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"not the state of an Inexact method (got {what!r} state with keys "
+                f"{sorted(state) if isinstance(state, dict) else '-'}); load the state of a solver with "
+                "hypergrad='inexact'"
+            )
+        k = state["k"]
+        if isinstance(k, bool) or not float(k).is_integer() or int(k) < 0:
+            raise ValueError(f"Inexact state: k must be an integer >= 0, got {k!r}")
+
+        def pairs(name: str) -> dict:
+            raw = state.get(name, [])
+            items = raw.items() if isinstance(raw, dict) else raw
+            out = {}
+            for item in items:
+                kk, t = item
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"Inexact state: {name} must map keys to tensors, got {type(t).__name__}")
+                out[kk] = t
+            return out
+
+        u_cache, v_cache = pairs("u_cache"), pairs("v_cache")
+        est = state.get("estimated")
+        if isinstance(est, dict):
+            est = BoundConstants(**est)
+        elif est is not None and not isinstance(est, BoundConstants):
+            raise ValueError(f"Inexact state: estimated must be a dict of constants, got {type(est).__name__}")
+        self.k, self.u_cache, self.v_cache, self.estimated = int(k), u_cache, v_cache, est
 
     def __repr__(self) -> str:
         return f"Inexact(eps={self.eps!r}, delta={self.delta!r}, k={self.k})"

@@ -144,6 +144,7 @@ def cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSol
         its += 1
         return x, LinearSolveInfo("cg", its, res, thresh, res <= thresh * (1 + 1e-6))
 
+    solve.needs_symmetric = True  # type: ignore[attr-defined]  (the implicit mode checks the claim)
     return solve
 
 
@@ -174,6 +175,7 @@ def torchopt_cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> 
         res = _norm(b - counted(x))
         return x, LinearSolveInfo("torchopt_cg", count[0], res, thresh, res <= thresh * (1 + 1e-6))
 
+    solve.needs_symmetric = True  # type: ignore[attr-defined]
     return solve
 
 

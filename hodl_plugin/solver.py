@@ -82,7 +82,7 @@ class GKMSolver(nn.Module):
         >>> x = torch.ones(3, requires_grad=True)
         >>> solver(torch.zeros(3), x).sum().backward()
         >>> x.grad                                           # du*/dx = 2 I
-        tensor([2., 2., 2.])
+        tensor([2.0000, 2.0000, 2.0000])
 
     Raises:
         ScheduleError: a schedule breaks the convergence conditions (``strict=True``).

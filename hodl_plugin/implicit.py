@@ -1,0 +1,375 @@
+r"""The implicit fixed-point solve as a PyTorch primitive, differentiable to any order.
+
+:math:`u^*(\theta)` solves :math:`u = T(u; \theta)` (``θ`` = the solver's ``params`` and the
+learnable tensors of ``T``). With :math:`A = I - \partial_u T(u^*; \theta)` the implicit function
+theorem gives
+
+.. math::
+
+    \text{reverse:}\quad \bar\theta = (\partial_\theta T)^\top v,\; A^\top v = \bar u, \qquad
+    \text{forward:}\quad \dot u = A^{-1}\,\partial_\theta T\,\dot\theta .
+
+Both are built from one more primitive, the linear solve :math:`x = A^{-1} b` or
+:math:`x = A^{-\top} b` (:class:`LinearSolve`), whose own derivative is another solve with the
+transposed operator (the pattern of jaxopt's ``custom_linear_solve``):
+
+.. math::
+
+    x = A^{-\top} b:\quad \bar b = A^{-1}\bar x =: y,\qquad
+    \overline{(u,\theta)} = \nabla_{u,\theta}\,\langle x, \partial_u T(u;\theta)\, y\rangle ,
+
+and symmetrically for :math:`x = A^{-1}b` with :math:`\langle y, \partial_u T\, x\rangle`,
+:math:`y = A^{-\top}\bar x`. Every derivative is therefore made of solves and of products with
+:math:`T`'s Jacobians written with :mod:`torch.func`, so double backward, ``gradgradcheck``,
+forward-mode dual numbers and ``torch.func.grad / jacrev / jacfwd / hessian / vmap`` are exact to
+the solves' tolerance at every order.
+
+The first-order reverse pass (``loss.backward()`` without ``create_graph``) takes a lean path:
+one graph of :math:`T(u^*; \theta)` serves every adjoint product and the final
+:math:`(\partial_\theta T)^\top v`.
+
+Used by the ``"implicit"`` and ``"inexact"`` modes of :class:`hodl_plugin.GKMSolver`:
+
+>>> import torch, hodl_plugin as hp
+>>> T = lambda u, x: 0.5 * u + x                      # u* = 2x
+>>> solver = hp.GKMSolver(T, tol=1e-12)
+>>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+>>> torch.func.jacfwd(lambda x: solver(torch.zeros(2, dtype=x.dtype), x))(x)
+tensor([[2., 0.],
+        [0., 2.]], dtype=torch.float64)
+>>> f = lambda x: (solver(torch.zeros(2, dtype=x.dtype), x) ** 3).sum()   # = 8 Σ x³
+>>> torch.func.hessian(f)(x).diagonal().round(decimals=8)                  # 48 x
+tensor([48., 96.], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import linear_solve as ls
+from ._autodiff import make_vjp
+from .errors import ConvergenceWarning, LinearSolveError
+
+__all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "transforms_active"]
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap, ...) is running around this call."""
+    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(fn()) if fn is not None else False
+
+
+def _vdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum()
+
+
+def _jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tensor:
+    """``∂fn(primals)·tangents`` by ``torch.func.jvp``, or — inside a forward-mode dual level, where
+    forward AD cannot nest — by the transpose of a vjp (two reverse passes)."""
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) < 0:
+        return torch.func.jvp(fn, primals, tangents)[1]
+    out, pull = torch.func.vjp(fn, *primals)
+    z = torch.zeros_like(out)
+    _, pull2 = torch.func.vjp(lambda z_: pull(z_), z)
+    return pull2(tuple(tangents))[0]
+
+
+class FixedPointProblem:
+    r"""What the two autograd primitives need besides tensors: the operator and the solvers.
+
+    Args:
+        T: the operator ``T(u, *params)``.
+        n_params: how many of the primitive's tensor inputs are ``params`` (the rest are the
+            learnable tensors of ``T`` when it is an ``nn.Module``, named ``module_names``).
+        forward: ``(u0, params) -> u*``, the fixed-point iteration (run without autograd).
+        make_solver: ``() -> solve(matvec, b, x0)`` for every linear solve (the adjoint one and
+            those of higher derivatives).
+        on_fail: ``"raise"`` a :class:`LinearSolveError` when a solve misses its tolerance, or
+            ``"warn"``.
+        x0: warm start of the first adjoint solve (``() -> Tensor | None``).
+        after: called with ``(v, u*, info)`` after the first adjoint solve (the inexact mode's
+            bound and warm-start cache).
+        check_unique: probe :math:`I - \partial_u T` for a (numerically) zero singular value
+            before the first adjoint solve and raise :class:`LinearSolveError` if it has one.
+        symmetric: the operator claims a symmetric :math:`\partial_u T` (checked when CG runs).
+    """
+
+    def __init__(
+        self,
+        T: Callable[..., Tensor],
+        n_params: int,
+        module_names: Sequence[str],
+        forward: Callable[[Tensor, Sequence[Tensor]], Tensor],
+        make_solver: Callable[[], ls.LinearSolver],
+        *,
+        on_fail: str = "raise",
+        info: Any = None,
+        x0: Callable[[], Optional[Tensor]] = lambda: None,
+        after: Optional[Callable[[Tensor, Tensor], None]] = None,
+        check_unique: bool = False,
+        symmetric: bool = False,
+    ) -> None:
+        self.T, self.n_params, self.module_names = T, n_params, list(module_names)
+        self.forward, self.make_solver, self.on_fail, self.info = forward, make_solver, on_fail, info
+        self.x0, self.after, self.check_unique, self.symmetric = x0, after, check_unique, symmetric
+        self.first_done = False
+
+    # -- T with explicit tensors -----------------------------------------------------------
+    def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        params = tensors[: self.n_params]
+        if not self.module_names:
+            return self.T(u, *params)
+        assert isinstance(self.T, nn.Module)
+        mod = dict(zip(self.module_names, tensors[self.n_params :]))
+        return torch.func.functional_call(self.T, mod, (u, *params), strict=False)
+
+    # -- linear solves (no autograd) ---------------------------------------------------------
+    def _fail(self, msg: str) -> None:
+        if self.on_fail == "raise":
+            raise LinearSolveError(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+
+    def solve(
+        self, transpose: bool, b: Tensor, u: Tensor, tensors: Sequence[Tensor], first: bool = False
+    ) -> Tensor:
+        r""":math:`x = A^{-\top} b` (``transpose``) or :math:`A^{-1} b`, :math:`A = I - \partial_u T(u)`."""
+        b, u = b.detach(), u.detach()
+        ts = [t.detach() for t in tensors]
+        if not bool(torch.isfinite(b).all()):
+            self._fail(
+                "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
+                "the hypergradient is NaN (fix the loss above the solver)"
+            )
+            return torch.full_like(b, math.nan)
+        if transpose:
+            with torch.enable_grad():
+                u_req = u.clone().requires_grad_(True)
+                f = self.T_call(u_req, ts)
+            if not f.requires_grad:  # T does not depend on u: A = I
+                return b.clone()
+            vjp = make_vjp(f, u_req)
+
+            def matvec(z: Tensor) -> Tensor:
+                return z - vjp(z)
+        else:
+
+            def matvec(z: Tensor) -> Tensor:
+                return z - _jvp(lambda uu: self.T_call(uu, ts), (u,), (z,))
+
+        return self._run_solver(matvec, b, first and transpose, u)
+
+    def _run_solver(self, matvec: Callable[[Tensor], Tensor], b: Tensor, first: bool, u: Tensor) -> Tensor:
+        solver = self.make_solver()
+        if first and getattr(solver, "needs_symmetric", False):
+            _check_symmetric(matvec, b, self._fail)
+        if first and self.check_unique:
+            _check_nonsingular(matvec, b, solver)  # an undefined derivative is never only a warning
+        x0 = self.x0() if first else None
+        if x0 is not None:  # a warm start that is worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly)
+            if float(torch.linalg.vector_norm(b - matvec(x0))) >= float(torch.linalg.vector_norm(b)):
+                x0 = None
+        x, linfo = solver(matvec, b, x0)
+        if first and self.info is not None:
+            self.info.adjoint = linfo
+        elif self.info is not None:
+            self.info.higher_solves = getattr(self.info, "higher_solves", 0) + 1
+        if not linfo.converged:
+            self._fail(
+                f"the linear system (I - dT/du){'^T' if first else ''} v = b was not solved: {linfo.method} "
+                f"stopped after {linfo.iterations} products with residual {linfo.residual:.3e} > "
+                f"{linfo.threshold:.3e}. (I - dT/du) may be singular (a non-singleton fixed-point set: "
+                "use hypergrad='unrolled'), or the solver needs more iterations (adjoint_maxiter) / "
+                "another method (solver='gmres')"
+            )
+        if first and self.after is not None:
+            self.after(x, u)
+        return x
+
+    # -- the first-order reverse pass (no graph kept) ---------------------------------------
+    def vjp_fast(self, u: Tensor, tensors: Sequence[Tensor], g: Tensor, needs: Sequence[bool]) -> list:
+        with torch.enable_grad():
+            u_req = u.detach().clone().requires_grad_(True)
+            ts = [t.detach().requires_grad_(bool(n) and t.is_floating_point()) for t, n in zip(tensors, needs)]
+            f = self.T_call(u_req, ts)
+        g = g.detach()
+        if not bool(torch.isfinite(g).all()):
+            self._fail(
+                "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
+                "the hypergradient is NaN (fix the loss above the solver)"
+            )
+            v = torch.full_like(g, math.nan)
+        elif not f.requires_grad:
+            v = g
+        else:
+            vjp = make_vjp(f, u_req)
+            return self._finish(f, ts, self._run_solver(lambda z: z - vjp(z), g, True, u.detach()))
+        if self.after is not None:
+            self.after(v, u.detach())
+        return self._finish(f, ts, v)
+
+    @staticmethod
+    def _finish(f: Tensor, ts: Sequence[Tensor], v: Tensor) -> list:
+        wanted = [t for t in ts if t.requires_grad]
+        if not wanted or not f.requires_grad:
+            return [None] * len(ts)
+        grads = iter(torch.autograd.grad(f, wanted, v, allow_unused=True))
+        return [next(grads) if t.requires_grad else None for t in ts]
+
+
+def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, fail: Callable[[str], None]) -> None:
+    """CG needs a symmetric A: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random vectors (two products)."""
+    gen = torch.Generator(device=b.device).manual_seed(1234)
+    a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    c = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    lhs, rhs = float(_vdot(a, matvec(c))), float(_vdot(matvec(a), c))
+    scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
+    tol = 1e3 * torch.finfo(b.dtype).eps ** 0.75
+    if abs(lhs - rhs) > tol * max(scale, 1e-300):
+        fail(
+            "solver='cg' needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = "
+            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric (declare "
+            "symmetric_jacobian = False, or pass solver='gmres')"
+        )
+
+
+def _check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver) -> None:
+    r"""Solve :math:`A z = r` for a random :math:`r` with the adjoint's own solver and tolerance.
+
+    When Fix T is not a singleton, :math:`A = I - \partial_u T` is singular and a random right-hand
+    side has a component outside its range, so the solve cannot converge; the adjoint's own
+    right-hand side may lie in the range (a *consistent* system, which Krylov solvers answer with
+    the minimum-norm solution) and would not show it. Costs one more solve.
+    """
+    gen = torch.Generator(device=b.device).manual_seed(4321)
+    r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    _, info = solver(matvec, r, None)
+    if not info.converged:
+        raise LinearSolveError(
+            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "
+            f"{info.method} could not solve (I - dT/du)^T z = r for a random r (residual {info.residual:.2e} > "
+            f"{info.threshold:.2e} after {info.iterations} products). Fix T is then not a singleton and the "
+            "implicit hypergradient is undefined: differentiate the (aggregated) iteration with "
+            "hypergrad='unrolled' or 'truncated', as HODL does (check_unique=False skips this test)"
+        )
+
+
+class FixedPoint(torch.autograd.Function):
+    r""":math:`u^* = \mathrm{solve}(u_0; \theta)` with implicit derivatives (see the module docstring).
+
+    ``FixedPoint.apply(problem, u0, *tensors)``; ``u0`` gets no gradient (a fixed point does not
+    depend on where the iteration started).
+    """
+
+    @staticmethod
+    def forward(problem: FixedPointProblem, u0: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        return problem.forward(u0, tensors[: problem.n_params]).clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        problem, _u0, *tensors = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(output, *tensors)
+        ctx.save_for_forward(output, *tensors)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
+        problem: FixedPointProblem = ctx.problem
+        u, *ts = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        if not torch.is_grad_enabled() and not transforms_active():
+            return (None, None, *problem.vjp_fast(u, ts, g, needs))
+        first = not problem.first_done
+        problem.first_done = True
+        v = LinearSolve.apply(problem, True, g, u, first, *ts)
+        _, pull = torch.func.vjp(lambda *ts_: problem.T_call(u, ts_), *ts)
+        grads = pull(v)
+        return (None, None, *(gr if n else None for gr, n in zip(grads, needs)))
+
+    @staticmethod
+    def jvp(ctx: Any, _problem_t: Any, _u0_t: Optional[Tensor], *ts_t: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        problem: FixedPointProblem = ctx.problem
+        u, *ts = ctx.saved_tensors
+        tangents = [torch.zeros_like(t) if d is None else d for t, d in zip(ts, ts_t)]
+        rhs = _jvp(lambda *ts_: problem.T_call(u, ts_), tuple(ts), tuple(tangents))
+        return LinearSolve.apply(problem, False, rhs, u, False, *ts)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
+        outs = [
+            FixedPoint.apply(problem, *_slice(i, (u0, *ts), in_dims[1:]))
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
+
+
+def _slice(i: int, tensors: Sequence[Any], dims: Sequence[Optional[int]]) -> list:
+    return [t if d is None or not isinstance(t, Tensor) else t.select(d, i) for t, d in zip(tensors, dims)]
+
+
+class LinearSolve(torch.autograd.Function):
+    r""":math:`x = A^{-\top} b` (``transpose=True``) or :math:`A^{-1} b`, :math:`A = I - \partial_u T(u; \theta)`.
+
+    ``LinearSolve.apply(problem, transpose, b, u, first, *tensors)``; differentiable in ``b``,
+    ``u`` and ``θ`` to any order, forward and reverse, and under ``vmap``.
+    """
+
+    @staticmethod
+    def forward(problem, transpose, b, u, first, *ts):  # type: ignore[override]
+        return problem.solve(transpose, b, u, ts, first=first)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        problem, transpose, _b, u, _first, *ts = inputs
+        ctx.problem, ctx.transpose = problem, transpose
+        ctx.save_for_backward(output, u, *ts)
+        ctx.save_for_forward(output, u, *ts)
+
+    @staticmethod
+    def backward(ctx: Any, xbar: Tensor) -> tuple:  # type: ignore[override]
+        problem, transpose = ctx.problem, ctx.transpose
+        x, u, *ts = ctx.saved_tensors
+        y = LinearSolve.apply(problem, not transpose, xbar, u, False, *ts)
+        p, q = (x, y) if transpose else (y, x)
+
+        def pairing(u_: Tensor, *ts_: Tensor) -> Tensor:  # ⟨p, ∂_uT(u_; θ_) q⟩ = ⟨∂_uTᵀ p, q⟩
+            _, pull = torch.func.vjp(lambda uu: problem.T_call(uu, ts_), u_)
+            return _vdot(pull(p)[0], q)
+
+        grads = torch.func.grad(pairing, argnums=tuple(range(1 + len(ts))))(u, *ts)
+        needs = ctx.needs_input_grad
+        return (None, None, y if needs[2] else None, grads[0] if needs[3] else None, None,
+                *(gr if n else None for gr, n in zip(grads[1:], needs[5:])))
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, _p: Any, _t: Any, b_t: Optional[Tensor], u_t: Optional[Tensor], _f: Any, *ts_t: Optional[Tensor]
+    ) -> Tensor:
+        problem, transpose = ctx.problem, ctx.transpose
+        x, u, *ts = ctx.saved_tensors
+        u_t = torch.zeros_like(u) if u_t is None else u_t
+        tangents = tuple(torch.zeros_like(t) if d is None else d for t, d in zip(ts, ts_t))
+
+        def action(u_: Tensor, *ts_: Tensor) -> Tensor:  # ∂_uTᵀ x or ∂_uT x at (u_, θ_)
+            if transpose:
+                _, pull = torch.func.vjp(lambda uu: problem.T_call(uu, ts_), u_)
+                return pull(x)[0]
+            return _jvp(lambda uu: problem.T_call(uu, ts_), (u_,), (x,))
+
+        rhs = _jvp(action, (u, *ts), (u_t, *tangents))
+        if b_t is not None:
+            rhs = rhs + b_t
+        return LinearSolve.apply(problem, transpose, rhs, u, False, *ts)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, problem, transpose, b, u, first, *ts) -> tuple:  # type: ignore[override]
+        outs = [
+            LinearSolve.apply(problem, transpose, *_slice(i, (b, u), in_dims[2:4]), first,
+                              *_slice(i, ts, in_dims[5:]))
+            for i in range(info.batch_size)
+        ]
+        return torch.stack(outs), 0
