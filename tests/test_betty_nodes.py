@@ -173,8 +173,6 @@ def test_acceleration_is_passed_to_the_solver():
 
 
 # ---------------------------------------------------------------------------------------------- gkm_truncated
-@pytest.mark.xfail(strict=False, reason="issue 11 item 1: the core's Truncated(k) back-propagates through only "
-                   "check_every steps when the forward converges sooner; the fix is in the core (lead's branch)")
 def test_truncated_longer_than_check_every_with_warm_starts():
     """Truncated(k) back-propagates through k steps, k > check_every, also when the warm-started forward
     converges at once (closed form: Jₖ = Σ_{i<k} Mⁱ sB, M = I - sQ, at the converged u*)."""

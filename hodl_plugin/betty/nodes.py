@@ -33,6 +33,24 @@ class GKMState(nn.Module):
         return self.u
 
 
+class _NodeOperator(nn.Module):
+    r""":math:`T(u; x)` of a GKM node as an ``nn.Module`` whose parameters are the upper variables ``x``.
+
+    The node's ``operator(u, batch)`` reads ``x`` through Betty's attributes; holding the upper
+    nodes' modules as submodules makes ``x`` the operator's own parameters, which the implicit and
+    inexact modes differentiate (by ``torch.func.functional_call``), at any order.
+    """
+
+    def __init__(self, node: GKMProblem) -> None:
+        super().__init__()
+        object.__setattr__(self, "node", node)  # not a submodule: the node is not an nn.Module
+        self.uppers = nn.ModuleList()
+        self.symmetric_jacobian = bool(node.symmetric_jacobian)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.node.operator(u, self.node._batch)
+
+
 class GKMProblem(_ImplicitProblem):
     r"""A Betty node whose variable solves :math:`u^* \in \mathrm{Fix}\,T(\cdot; x)` by GKM.
 
@@ -163,6 +181,7 @@ class GKMProblem(_ImplicitProblem):
                 "(u2l: {upper: [lower]}, l2u: {lower: [upper]}); a GKM node only exists to be "
                 "differentiated by an upper level"
             )
+        self._expose_upper_variables()
         if not any(self in path for node in _ancestors(self) for path in node._paths):
             ups = [p.name for p in self._parents]
             raise HODLError(
@@ -170,6 +189,16 @@ class GKMProblem(_ImplicitProblem):
                 f"it in u2l, so no hypergradient ever reaches them and their variables never move: add "
                 f"u2l {{{ups[0]}: [{self.name}]}} to the Engine's dependencies"
             )
+
+    def _expose_upper_variables(self) -> None:
+        """Register the upper nodes' modules in the operator, so that the implicit/inexact primitive
+        receives their parameters as inputs (the operator reads them through ``self.<upper>.module``).
+
+        Only the direct upper nodes: their variables are what the edge differentiates (``gkm_vjp``);
+        a grandparent's variables, were they inputs too, would put this solve on the path of the
+        grandparent's own direct gradient, which Betty takes without ``retain_graph``."""
+        op = self._solver.T
+        op.uppers = nn.ModuleList([p.module for p in self._parents if isinstance(p.module, nn.Module)])
 
     def step(self, global_step: Optional[int] = None) -> None:
         """Betty's step (the solve, then the upper nodes it makes ready), marked as in progress."""
@@ -191,10 +220,7 @@ class GKMProblem(_ImplicitProblem):
         upper = (lambda u: self.upper_objective(u, self._batch)) if has_upper else None
         alpha = _cfg(cfg, "alpha", None)
 
-        def T(u: Tensor) -> Tensor:
-            return self.operator(u, self._batch)
-
-        T.symmetric_jacobian = self.symmetric_jacobian  # type: ignore[attr-defined]
+        T = _NodeOperator(self)
         options: dict[str, Any] = {}
         acceleration = _cfg(cfg, "acceleration", None)
         if acceleration is not None:
