@@ -71,11 +71,13 @@ class GKMProblem(_ImplicitProblem):
     which the upper node's ``training_step`` reads. (A node that must differentiate *through* the
     solution inside its own loss — e.g. the middle node of a three-level graph, whose Hessian the top
     node's implicit method needs — calls :meth:`solve` instead, which returns a fresh
-    differentiable solution with its own autograd graph; use ``gkm_unrolled`` with
-    ``warm_start=False`` there, whose graph is twice differentiable.) Diagnostics of the last solve and
+    differentiable solution with its own autograd graph; ``gkm_implicit`` and ``gkm_inexact`` are
+    exact at any order there, ``gkm_unrolled`` with ``warm_start=False``.) An upper node may also
+    call the node like a Betty child, ``self.<node>(batch)`` (see :meth:`forward`). Diagnostics of the last solve and
     hypergradient are in :attr:`stats` (and are logged through Betty's logger every
     ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
-    and for the inexact mode ε_k, δ_k and the error bound.
+    and for the inexact mode ε_k, δ_k and the error bound. A solve that stops before its tolerance
+    is reported (``config.on_nonconvergence``: ``"warn"``, ``"raise"`` or ``"ignore"``).
     """
 
     #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
