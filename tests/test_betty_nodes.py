@@ -186,3 +186,16 @@ def test_truncated_longer_than_check_every_with_warm_starts():
         u = torch.linalg.solve(Q, B @ x)
         assert rel_err(g, J.T @ (u - Y)) < 1e-8
         x = x - 0.1 * g
+
+
+# ---------------------------------------------------------------------------------------------- docs example
+def test_the_docs_example_runs_and_finds_x_star():
+    """tests/compat/betty_example.py, shown in docs/betty.rst: x* = A y."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "compat" / "betty_example.py"
+    spec = importlib.util.spec_from_file_location("betty_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert torch.allclose(mod.main(), mod.A @ mod.y, atol=1e-6)
