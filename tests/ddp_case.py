@@ -51,8 +51,10 @@ def build(batch_size, strategy):
 
     xm = torch.nn.Module()
     xm.x = torch.nn.Parameter(torch.zeros(m, dtype=DT))
-    up = Upper("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.5))
-    low = Lower("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-13, max_steps=5000), train_data_loader=loader)
+    G = torch.linalg.solve(Q, B)
+    lr = 1.0 / float(torch.linalg.eigvalsh(G.T @ G).max())  # the upper Hessian is GᵀG: a stable step
+    up = Upper("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=lr))
+    low = Lower("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-11, max_steps=5000), train_data_loader=loader)
     eng = hb.HODLEngine([up, low], EngineConfig(train_iters=12, strategy=strategy, backend="gloo"),
                         dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}})
     return eng, xm

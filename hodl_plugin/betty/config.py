@@ -1,0 +1,129 @@
+"""The node config: Betty's ``Config`` plus the GKM solver's and our hypergradients' options."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+from ..errors import HODLError
+from ..hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled
+from ..schedules import Schedule
+from ._betty import Config as _BettyConfig
+
+__all__ = ["GKM_METHODS", "IMPLICIT_METHODS", "HODLConfig", "as_config"]
+
+#: Config types of GKM nodes and the core method each selects
+GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order")
+#: Config types of our methods for Betty's argmin ``ImplicitProblem`` nodes
+IMPLICIT_METHODS = ("implicit_cg", "implicit_gmres")
+_ON_NONCONVERGENCE = ("warn", "raise", "ignore")
+
+
+@dataclasses.dataclass
+class HODLConfig(_BettyConfig):
+    """Betty's ``Config`` plus the options of the GKM solver and of our hypergradient methods.
+
+    Usable for every node (it *is* a Betty ``Config``). ``type`` selects the hypergradient of the
+    edge from this node to its upper node: one of :data:`GKM_METHODS` for a :class:`GKMProblem`,
+    one of :data:`IMPLICIT_METHODS` (or Betty's own names) for an argmin ``ImplicitProblem``.
+
+    >>> cfg = HODLConfig(type="gkm_inexact", eps=1e-3, max_steps=500, log_step=10)
+    >>> _method_for(cfg)
+    Inexact(eps=Constant(c=0.001), delta=Constant(c=0.001), k=0)
+    """
+
+    type: str = "gkm_implicit"
+    # the lower GKM solve (see hodl_plugin.GKMSolver)
+    max_steps: int = 1000
+    tol: float = 1e-8
+    rtol: float = 0.0
+    beta: Union[float, Schedule] = 1.0
+    alpha: Union[float, Schedule, None] = None  # HODL aggregation when upper_objective is defined
+    upper_step: float = 1.0
+    check_every: int = 10
+    on_divergence: str = "raise"
+    warm_start: bool = True  # start each solve from the last iterate (per sample with sample_keys)
+    # hypergradients
+    linear_solver: Optional[str] = None  # None: CG for GradientStep operators, else GMRES
+    adjoint_rtol: float = 1e-10
+    adjoint_atol: float = 0.0
+    adjoint_maxiter: int = 1000
+    on_fail: str = "raise"
+    truncate: int = 10
+    eps: Union[float, Schedule] = 1e-4
+    delta: Union[float, Schedule, None] = None
+    # forward acceleration of the lower solve (GKMSolver(acceleration=...), e.g. hp.Anderson(5))
+    acceleration: Any = None
+    # a lower solve that stops before its tolerance: "warn" (ConvergenceWarning naming the node),
+    # "raise" (hodl_plugin.errors.HODLError) or "ignore"
+    on_nonconvergence: str = "warn"
+
+    def __post_init__(self) -> None:
+        if self.on_nonconvergence not in _ON_NONCONVERGENCE:
+            raise ValueError(
+                f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
+                f"got {self.on_nonconvergence!r}"
+            )
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
+
+
+def as_config(config: Any, node: str = "GKMProblem") -> Any:
+    """A node's config from ``None`` (defaults), a Betty ``Config`` (e.g. :class:`HODLConfig`) or a dict.
+
+    A dict becomes ``HODLConfig(**config)``; an unknown key is a ``TypeError`` that names it.
+
+    >>> as_config({"type": "gkm_unrolled", "max_steps": 50}).max_steps
+    50
+    >>> as_config({"tolerance": 1e-9})
+    Traceback (most recent call last):
+    ...
+    TypeError: GKMProblem: config dict has unknown key(s) ['tolerance']; HODLConfig takes e.g. 'tol', 'max_steps'
+    """
+    if config is None:
+        return HODLConfig()
+    if isinstance(config, _BettyConfig):
+        return config
+    if isinstance(config, dict):
+        fields = {f.name for f in dataclasses.fields(HODLConfig)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise TypeError(
+                f"{node}: config dict has unknown key(s) {unknown}; HODLConfig takes e.g. 'tol', 'max_steps'"
+            )
+        return HODLConfig(**config)
+    raise TypeError(f"{node}: config must be a HODLConfig, a Betty Config or a dict, got {type(config).__name__}")
+
+
+def _cfg(config: Any, name: str, default: Any) -> Any:
+    return getattr(config, name, default)
+
+
+def _method_for(config: Any) -> HypergradMethod:
+    kind = config.type
+    if kind == "gkm_implicit":
+        return Implicit(
+            solver=_cfg(config, "linear_solver", None),
+            adjoint_rtol=_cfg(config, "adjoint_rtol", 1e-10),
+            adjoint_atol=_cfg(config, "adjoint_atol", 0.0),
+            adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
+            on_fail=_cfg(config, "on_fail", "raise"),
+        )
+    if kind == "gkm_unrolled":
+        return Unrolled()
+    if kind == "gkm_truncated":
+        return Truncated(_cfg(config, "truncate", 10))
+    if kind == "gkm_first_order":
+        return FirstOrder()
+    if kind == "gkm_inexact":
+        return Inexact(
+            eps=_cfg(config, "eps", 1e-4),
+            delta=_cfg(config, "delta", None),
+            solver=_cfg(config, "linear_solver", None),
+            adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
+            on_fail="warn" if _cfg(config, "on_fail", "raise") == "warn" else "raise",
+        )
+    raise HODLError(
+        f"a GKMProblem needs Config(type=...) in {list(GKM_METHODS)}, got {kind!r}: the edge from a GKM "
+        "node to its upper node is differentiated by one of hodl_plugin's GKM methods"
+    )

@@ -1,0 +1,85 @@
+"""``HODLEngine``: Betty's ``Engine`` with CPU data parallelism (gloo) and Ctrl-C at step boundaries."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import torch
+
+from ..errors import HODLError
+from ._betty import Engine as _BettyEngine
+
+__all__ = ["HODLEngine"]
+
+
+class HODLEngine(_BettyEngine):
+    """Betty's ``Engine``, plus data parallelism on CPU processes with the gloo backend.
+
+    Betty 0.2.1's ``distributed`` strategy assumes CUDA (``rank % torch.cuda.device_count()``,
+    ``torch.cuda.set_device``). With ``EngineConfig(strategy="distributed", backend="gloo")`` on a
+    machine without CUDA, this engine joins the process group (``torchrun`` or any launcher that sets
+    ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``, or a group the caller initialised),
+    places every rank on the CPU and leaves the rest to Betty: data loaders split by rank, modules
+    wrapped in DDP. GKM edges average the full hypergradient over the ranks. Where CUDA is present,
+    Betty's own path runs unchanged. With any other strategy it is Betty's ``Engine`` (example in
+    :func:`save_checkpoint`; the 2-process run is ``tests/ddp_case.py``).
+
+    Ctrl-C (SIGINT) during :meth:`run` finishes the current global step and then raises
+    ``KeyboardInterrupt``, so a checkpoint saved in ``except KeyboardInterrupt`` resumes exactly; a
+    second Ctrl-C interrupts at once (and such a checkpoint is refused). Outside the main thread
+    the signal is Python's default.
+    """
+
+    _hodl_in_step = False
+    _hodl_interrupted = False
+
+    def train_step(self) -> None:
+        self._hodl_in_step = True
+        super().train_step()
+        self._hodl_in_step = False
+        if self._hodl_interrupted:
+            self._hodl_interrupted = False
+            raise KeyboardInterrupt(f"interrupted after global step {self.global_step} (a step boundary)")
+
+    def run(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return super().run()
+        previous = signal.getsignal(signal.SIGINT)
+
+        def defer(signum: int, frame: Any) -> None:
+            self._hodl_interrupted = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: now
+
+        signal.signal(signal.SIGINT, defer)
+        try:
+            return super().run()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def configure_systems(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        cpu_parallel = self._strategy in ("distributed", "zero") and (
+            not torch.cuda.is_available() or self._backend == "gloo"
+        )
+        if not cpu_parallel:
+            return super().configure_systems()
+        if self._backend != "gloo":
+            raise HODLError(f"data parallel on CPU needs EngineConfig(backend='gloo'), got {self._backend!r}")
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        self._world_size = dist.get_world_size()
+        if self._world_size < 2:
+            raise HODLError("strategy='distributed' needs at least 2 processes")
+        self._rank = dist.get_rank()
+        self._local_rank = self._rank
+        self.device = "cpu"
+        return {
+            "strategy": self._strategy,
+            "backend": self._backend,
+            "world_size": self._world_size,
+            "rank": self._rank,
+            "local_rank": self._local_rank,
+        }

@@ -1,0 +1,198 @@
+"""The hypergradients registered in Betty's registry: ``gkm_*`` for GKM nodes, ``implicit_*`` for argmin nodes."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import linear_solve as ls
+from ..errors import ConvergenceWarning, HODLError, LinearSolveError
+from ._betty import get_logger
+from ._betty import hypergradient as _betty_hypergradient
+from .config import GKM_METHODS, _cfg
+from .distributed import _average_grads_across_ranks
+from .errors import WiringWarning
+from .nodes import GKMProblem
+
+__all__ = ["gkm_vjp", "implicit_vjp", "register", "set_log_level"]
+
+
+def _zeros_for_none(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _accumulate(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.detach().clone() if p.grad is None else p.grad + g.detach()
+
+
+def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool = False) -> Optional[list[Tensor]]:
+    r"""Hypergradient of a GKM edge: :math:`(\partial u^*/\partial x)^\top` times ``vector``.
+
+    ``vector`` is :math:`\partial L_{\text{upper}}/\partial u`; the GKM node's stored solution
+    carries the chosen method in its autograd graph (the implicit adjoint hook, or the unrolled
+    steps), so one backward through it gives :math:`(\partial u^*/\partial x)^\top` ``vector``
+    w.r.t. the trainable parameters of ``prev``. With ``sync`` the result is accumulated into
+    ``.grad`` (Betty's convention) and ``None`` returned. Betty calls it for ``type="gkm_*"``; the
+    module example runs it.
+    """
+    if not isinstance(curr, GKMProblem):
+        raise HODLError(
+            f"Config(type={curr.config.type!r}) is a GKM hypergradient but node {curr.name!r} is a "
+            f"{type(curr).__name__}; use it on a hodl_plugin.betty.GKMProblem, or use 'implicit_cg' "
+            "for an argmin ImplicitProblem"
+        )
+    z = curr.solution
+    if z is None:
+        raise HODLError(f"GKM node {curr.name!r} has not been solved yet")
+    params = list(prev.trainable_parameters())
+    v = vector[0] if vector and vector[0] is not None else torch.zeros_like(z)
+    if v.shape != z.shape:
+        raise HODLError(
+            f"the upper node {prev.name!r} read a {tuple(v.shape)} tensor from {curr.name!r} whose solution "
+            f"has shape {tuple(z.shape)}"
+        )
+    if not z.requires_grad:
+        raise HODLError(
+            f"the operator of GKM node {curr.name!r} does not depend on any trainable parameter of its "
+            f"upper node {prev.name!r}: read the upper variables inside operator(u, batch)"
+        )
+    if not curr._fresh_served and not bool(v.ne(0).any()):
+        warnings.warn(
+            f"the loss of node {prev.name!r} has an exactly zero gradient with respect to the solution of "
+            f"GKM node {curr.name!r}, so no hypergradient reaches {prev.name!r} through this edge. If its "
+            f"training_step reads self.{curr.name}.u.detach() (or .data), read self.{curr.name}.u instead "
+            f"(or call self.{curr.name}(batch)); if the loss is exactly stationary in u, ignore this",
+            WiringWarning,
+            stacklevel=2,
+        )
+    curr._fresh_served = False
+    grads = torch.autograd.grad(z, params, v, retain_graph=True, allow_unused=True)
+    if all(g is None for g in grads):
+        raise HODLError(
+            f"the operator of GKM node {curr.name!r} does not depend on the trainable parameters of "
+            f"{prev.name!r}: the edge {curr.name!r} -> {prev.name!r} carries no hypergradient"
+        )
+    grads = _zeros_for_none(grads, params)
+    curr.stats["hypergrad_norm"] = float(torch.sqrt(sum((g * g).sum() for g in grads)))
+    info = curr.info
+    if info is not None and info.adjoint is not None:
+        curr.stats["adjoint_iterations"] = float(info.adjoint.iterations)
+        curr.stats["adjoint_residual"] = info.adjoint.residual
+    if info is not None and info.error_bound is not None:
+        curr.stats["error_bound"] = info.error_bound
+    if sync:
+        _accumulate(params, grads)
+        _average_grads_across_ranks(params)
+        return None
+    return grads
+
+
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(v[i : i + t.numel()].view_as(t))
+        i += t.numel()
+    return out
+
+
+def _make_implicit(solver_name: str) -> Callable[..., Optional[list[Tensor]]]:
+    def implicit_vjp_named(
+        vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool = False
+    ) -> Optional[list[Tensor]]:
+        return implicit_vjp(vector, curr, prev, sync, solver=solver_name)
+
+    implicit_vjp_named.__name__ = f"implicit_{solver_name}"
+    return implicit_vjp_named
+
+
+def implicit_vjp(
+    vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool = False, solver: str = "cg"
+) -> Optional[list[Tensor]]:
+    r"""Implicit hypergradient of an argmin node :math:`\theta^*(\lambda) = \arg\min_\theta L(\theta, \lambda)`.
+
+    Solves :math:`\nabla^2_{\theta\theta} L\, q = v` (``vector``) to the tolerance
+    ``config.adjoint_rtol`` (default 1e-10) with ``solver`` (``"cg"`` or ``"gmres"``), then returns
+    :math:`-\nabla^2_{\lambda\theta} L\, q`. Correct where Betty's ``cg`` is not (its direction
+    update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
+    path of the graph. Betty calls it for ``type="implicit_cg"`` / ``"implicit_gmres"``
+    (``tests/test_betty.py`` checks it against the closed form).
+    """
+    if isinstance(curr, GKMProblem):
+        raise HODLError(
+            f"Config(type={curr.config.type!r}) is for argmin ImplicitProblem nodes; the GKM node "
+            f"{curr.name!r} needs one of {list(GKM_METHODS)}"
+        )
+    cfg = curr.config
+    params = list(curr.trainable_parameters())
+    loss = curr.training_step_exec(curr.cur_batch)
+    if isinstance(loss, dict):
+        loss = loss["loss"]
+    in_grad = torch.autograd.grad(loss, params, create_graph=True)
+    b = _flat(_zeros_for_none(vector, params)).detach()
+
+    def matvec(p: Tensor) -> Tensor:
+        hvp = torch.autograd.grad(in_grad, params, _unflat(p, params), retain_graph=True, allow_unused=True)
+        return _flat(_zeros_for_none(hvp, params))
+
+    solve = ls.get(
+        solver,
+        rtol=_cfg(cfg, "adjoint_rtol", 1e-10),
+        atol=_cfg(cfg, "adjoint_atol", 0.0),
+        maxiter=_cfg(cfg, "adjoint_maxiter", 1000),
+    )
+    q, info = solve(matvec, b)
+    curr.hodl_adjoint_info = info
+    if not info.converged:
+        msg = (
+            f"node {curr.name!r}: the Hessian system of the implicit hypergradient was not solved "
+            f"({info.method}: residual {info.residual:.3e} > {info.threshold:.3e} after {info.iterations} "
+            "products); is the lower level solved to optimality and its Hessian nonsingular?"
+        )
+        if _cfg(cfg, "on_fail", "raise") == "raise":
+            raise LinearSolveError(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+    prev_params = list(prev.trainable_parameters())
+    grads = torch.autograd.grad(in_grad, prev_params, _unflat(q, params), allow_unused=True)
+    grads = [-g for g in _zeros_for_none(grads, prev_params)]
+    if sync:
+        _accumulate(prev_params, grads)
+        _average_grads_across_ranks(prev_params)
+        return None
+    return grads
+
+
+_REGISTRY: dict[str, Callable[..., Any]] = {
+    **{name: gkm_vjp for name in GKM_METHODS},
+    "implicit_cg": _make_implicit("cg"),
+    "implicit_gmres": _make_implicit("gmres"),
+}
+
+
+def set_log_level(level: Union[int, str]) -> None:
+    """Set the level of Betty's logger (it prints every logged step at INFO on stdout).
+
+    >>> set_log_level("WARNING")
+    """
+    get_logger().setLevel(level)
+
+
+def register() -> None:
+    """Add our methods to Betty's hypergradient registry (done on import; idempotent).
+
+    >>> import betty.hypergradient
+    >>> register()
+    >>> sorted(k for k in betty.hypergradient.jvp_fn_mapping if k.startswith(("gkm", "implicit")))
+    ['gkm_first_order', 'gkm_implicit', 'gkm_inexact', 'gkm_truncated', 'gkm_unrolled', 'implicit_cg', 'implicit_gmres']
+    """
+    _betty_hypergradient.jvp_fn_mapping.update(_REGISTRY)
+
+
+register()

@@ -1,0 +1,374 @@
+"""The GKM node: a Betty problem whose variable is a fixed point of ``T(·; x)`` solved by GKM."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Hashable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConvergenceWarning, HODLError
+from ..gkm import SolverInfo
+from ..schedules import Harmonic
+from ..solver import GKMSolver
+from ._betty import Config as _BettyConfig
+from ._betty import ImplicitProblem as _ImplicitProblem
+from .config import _cfg, _method_for, as_config
+
+__all__ = ["GKMProblem", "GKMState"]
+
+_ACCEPTS_EXTRA_CONFIG = "extra_config" in inspect.signature(_ImplicitProblem.__init__).parameters
+
+
+class GKMState(nn.Module):
+    """Holds the lower variable ``u`` of a GKM node as a parameter (its shape follows the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.u = nn.Parameter(torch.zeros(0))
+
+    def forward(self) -> Tensor:
+        return self.u
+
+
+class _NodeOperator(nn.Module):
+    r""":math:`T(u; x)` of a GKM node as an ``nn.Module`` whose parameters are the upper variables ``x``.
+
+    The node's ``operator(u, batch)`` reads ``x`` through Betty's attributes; holding the upper
+    nodes' modules as submodules makes ``x`` the operator's own parameters, which the implicit and
+    inexact modes differentiate (by ``torch.func.functional_call``), at any order.
+    """
+
+    def __init__(self, node: GKMProblem) -> None:
+        super().__init__()
+        object.__setattr__(self, "node", node)  # not a submodule: the node is not an nn.Module
+        self.uppers = nn.ModuleList()
+        self.symmetric_jacobian = bool(node.symmetric_jacobian)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.node.operator(u, self.node._batch)
+
+
+class GKMProblem(_ImplicitProblem):
+    r"""A Betty node whose variable solves :math:`u^* \in \mathrm{Fix}\,T(\cdot; x)` by GKM.
+
+    Subclass it and define
+
+    - ``operator(self, u, batch) -> tensor like u``: :math:`T(u; x)`, reading the upper variables
+      ``x`` through the engine's attributes (``self.<upper name>.module...``), as Betty users do in
+      ``training_step``;
+    - ``initial_state(self, batch) -> tensor``: :math:`u_0` for a batch (used when no warm start);
+    - optionally ``upper_objective(self, u, batch) -> scalar``: :math:`F` for HODL's aggregation
+      (with ``config.alpha``, default ``Harmonic(1.0)``, and ``config.upper_step``);
+    - optionally ``sample_keys(self, batch) -> sequence of hashables``: one key per sample (the
+      first dimension of ``u``) to warm-start every sample from its own last iterate across Betty
+      steps; without it the whole previous iterate is the warm start when shapes match.
+
+    Each Betty step of the node runs one complete GKM solve (``config.max_steps``, ``config.tol``)
+    with the hypergradient method named by ``config.type`` and stores the result as ``self.u``,
+    which the upper node's ``training_step`` reads. (A node that must differentiate *through* the
+    solution inside its own loss — e.g. the middle node of a three-level graph, whose Hessian the top
+    node's implicit method needs — calls :meth:`solve` instead, which returns a fresh
+    differentiable solution with its own autograd graph; ``gkm_implicit`` and ``gkm_inexact`` are
+    exact at any order there, ``gkm_unrolled`` with ``warm_start=False``.) An upper node may also
+    call the node like a Betty child, ``self.<node>(batch)`` (see :meth:`forward`). Diagnostics of the last solve and
+    hypergradient are in :attr:`stats` (and are logged through Betty's logger every
+    ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
+    and for the inexact mode ε_k, δ_k and the error bound. A solve that stops before its tolerance
+    is reported (``config.on_nonconvergence``: ``"warn"``, ``"raise"`` or ``"ignore"``).
+    """
+
+    #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
+    #: modes then solve the adjoint system by CG instead of GMRES (unless ``config.linear_solver``)
+    symmetric_jacobian: bool = False
+
+    def __init__(
+        self,
+        name: str,
+        config: Union[_BettyConfig, dict[str, Any], None] = None,
+        module: Optional[nn.Module] = None,
+        train_data_loader: Any = None,
+        extra_config: Any = None,
+    ) -> None:
+        config = as_config(config, f"GKMProblem {name!r}")
+        self.method = _method_for(config)
+        kwargs: dict[str, Any] = {"extra_config": extra_config} if _ACCEPTS_EXTRA_CONFIG else {}
+        super().__init__(
+            name,
+            config,
+            module=module if module is not None else GKMState(),
+            optimizer=None,
+            scheduler=None,
+            train_data_loader=train_data_loader,
+            **kwargs,
+        )
+        self.solution: Optional[Tensor] = None
+        self.info: Optional[SolverInfo] = None
+        self.stats: dict[str, float] = {}
+        self.warm: dict[Hashable, Tensor] = {}
+        self._batch: Any = None
+        self._busy = False  # inside a global step (see step()): a checkpoint now would be half-written
+        self._fresh_served = False  # forward() returned a fresh solve this step (see gkm_vjp)
+        self._solver: GKMSolver = self._build_solver()  # validates the options now, at construction
+
+    # -- the user's side --------------------------------------------------------------------------
+    def operator(self, u: Tensor, batch: Any) -> Tensor:
+        """:math:`T(u; x)` for the current batch (define it in the subclass)."""
+        raise NotImplementedError(f"GKM node {self.name!r}: define operator(self, u, batch)")
+
+    def initial_state(self, batch: Any) -> Tensor:
+        """:math:`u_0` for a batch (define it in the subclass)."""
+        raise NotImplementedError(f"GKM node {self.name!r}: define initial_state(self, batch)")
+
+    def training_step(self, batch: Any) -> Tensor:
+        """The fixed-point residual of the current iterate (Betty requires a ``training_step``)."""
+        with torch.no_grad():
+            u = self.u.detach()
+            return torch.linalg.vector_norm(self.operator(u, batch) - u)
+
+    @property
+    def u(self) -> Tensor:
+        """The lower variable (a parameter holding the last solution): read it in the upper node."""
+        mod = self.module.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else self.module
+        return mod.u
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """``self.<node>(batch)`` in an upper node, as Betty users call a child: the solution for ``batch``.
+
+        With no argument, or the node's own current batch (``self.<node>.cur_batch``), it is
+        :attr:`u`, the solution of this step, whose hypergradient Betty computes along the edge by
+        ``config.type``. With any other batch it is :meth:`solve` of that batch: a fresh solve whose
+        autograd graph carries the hypergradient to the upper variables directly.
+        """
+        if kwargs or len(args) > 1:
+            raise TypeError(
+                f"GKM node {self.name!r} is called with one batch, self.{self.name}(batch), or none; "
+                f"got {len(args)} positional and {sorted(kwargs)} keyword arguments. Its solution of the "
+                f"current step is self.{self.name}.u"
+            )
+        if not args or args[0] is self.cur_batch:
+            return self.u
+        return self.solve(args[0])
+
+    def solve(self, batch: Any = None) -> Tensor:
+        """A fresh GKM solve with the current upper variables, differentiable by ``config.type``.
+
+        Its autograd graph is its own (Betty frees the graphs of the losses it differentiates, so
+        nodes that differentiate through this node's solution in their own ``training_step`` call
+        this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
+        unchanged. A solve that stops before its tolerance is reported (``config.on_nonconvergence``).
+        """
+        batch = self.cur_batch if batch is None else batch
+        previous, self._batch = self._batch, batch
+        self._fresh_served = True  # the caller differentiates through this solve (see gkm_vjp)
+        try:
+            return self._run_solver(self._start(batch), batch)
+        finally:
+            self._batch = previous
+
+    # -- Betty's side ---------------------------------------------------------------------------------
+    def get_batch(self) -> Any:
+        """The next batch of ``train_data_loader``; ``None`` for a node without data."""
+        if self.train_data_loader is None:
+            return None
+        return super().get_batch()
+
+    def initialize(self, *args: Any) -> None:
+        super().initialize(*args)
+        if not self._parents:
+            raise HODLError(
+                f"GKM node {self.name!r} has no upper node: add it to the Engine's dependencies "
+                "(u2l: {upper: [lower]}, l2u: {lower: [upper]}); a GKM node only exists to be "
+                "differentiated by an upper level"
+            )
+        self._expose_upper_variables()
+        if not any(self in path for node in _ancestors(self) for path in node._paths):
+            ups = [p.name for p in self._parents]
+            raise HODLError(
+                f"GKM node {self.name!r} is in l2u (its upper nodes {ups} read it) but no upper node lists "
+                f"it in u2l, so no hypergradient ever reaches them and their variables never move: add "
+                f"u2l {{{ups[0]}: [{self.name}]}} to the Engine's dependencies"
+            )
+
+    def _expose_upper_variables(self) -> None:
+        """Register the upper nodes' modules in the operator, so that the implicit/inexact primitive
+        receives their parameters as inputs (the operator reads them through ``self.<upper>.module``).
+
+        Only the direct upper nodes: their variables are what the edge differentiates (``gkm_vjp``);
+        a grandparent's variables, were they inputs too, would put this solve on the path of the
+        grandparent's own direct gradient, which Betty takes without ``retain_graph``."""
+        op = self._solver.T
+        op.uppers = nn.ModuleList([p.module for p in self._parents if isinstance(p.module, nn.Module)])
+
+    def step(self, global_step: Optional[int] = None) -> None:
+        """Betty's step (the solve, then the upper nodes it makes ready), marked as in progress."""
+        self._busy = True
+        super().step(global_step=global_step)
+        self._busy = False
+
+    def patch_optimizer(self) -> None:  # a GKM node has no optimizer: its step is the GKM solve
+        if self.optimizer is not None:
+            super().patch_optimizer()
+
+    def patch_module(self) -> None:
+        # the iterate is per-process data, not a replicated model: never wrap it in DDP/FSDP
+        self.module.to(self.device)
+
+    def _build_solver(self) -> GKMSolver:
+        cfg = self.config
+        has_upper = type(self).upper_objective is not GKMProblem.upper_objective
+        upper = (lambda u: self.upper_objective(u, self._batch)) if has_upper else None
+        alpha = _cfg(cfg, "alpha", None)
+
+        T = _NodeOperator(self)
+        options: dict[str, Any] = {}
+        acceleration = _cfg(cfg, "acceleration", None)
+        if acceleration is not None:
+            if "acceleration" not in inspect.signature(GKMSolver.__init__).parameters:
+                raise HODLError(
+                    f"GKM node {self.name!r}: HODLConfig(acceleration=...) needs GKMSolver(acceleration=...), "
+                    "which this version of hodl_plugin does not have; leave acceleration=None"
+                )
+            options["acceleration"] = acceleration
+        return GKMSolver(
+            T,
+            max_steps=_cfg(cfg, "max_steps", 1000),
+            tol=_cfg(cfg, "tol", 1e-8),
+            rtol=_cfg(cfg, "rtol", 0.0),
+            hypergrad=self.method,
+            upper=upper,
+            upper_step=_cfg(cfg, "upper_step", 1.0),
+            alpha=(Harmonic(1.0) if alpha is None else alpha) if has_upper else None,
+            beta=_cfg(cfg, "beta", 1.0),
+            check_every=_cfg(cfg, "check_every", 10),
+            on_divergence=_cfg(cfg, "on_divergence", "raise"),
+            **options,
+        )
+
+    def _run_solver(self, u0: Tensor, batch: Any) -> Tensor:
+        """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            z = self._solver(u0, key=self._key(batch))
+        for w in caught:
+            warnings.warn(f"GKM node {self.name!r}: {w.message}", w.category, stacklevel=3)
+        info = self._solver.info
+        cfg = self.config
+        asked = _cfg(cfg, "tol", 1e-8) > 0 or _cfg(cfg, "rtol", 0.0) > 0
+        mode = _cfg(cfg, "on_nonconvergence", "warn")
+        if asked and not info.converged and not info.diverged and mode != "ignore":
+            reported = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            msg = (
+                f"GKM node {self.name!r}: the lower solve stopped after {info.steps} steps with residual "
+                f"{info.residual:.3e} above its tolerance {info.tol:.3e}, so this step's hypergradient is not "
+                "the fixed point's: raise HODLConfig(max_steps=...) or check that the operator is a "
+                "contraction (on_nonconvergence='ignore' silences this)"
+            )
+            if mode == "raise":
+                raise HODLError(msg)
+            if not reported:
+                warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+        return z
+
+    def upper_objective(self, u: Tensor, batch: Any) -> Tensor:  # pragma: no cover - optional hook
+        """:math:`F(u; x)` for HODL's aggregation (optional; define it to aggregate)."""
+        raise NotImplementedError
+
+    def sample_keys(self, batch: Any) -> Optional[Sequence[Hashable]]:
+        """One key per sample of ``u``'s first dimension, for per-sample warm starts (optional)."""
+        return None
+
+    def _key(self, batch: Any) -> Optional[Hashable]:
+        """The solver's warm-start key of a batch (its sample keys), so that the inexact mode's own
+        caches of u and v never carry one batch's iterate over to another."""
+        keys = self.sample_keys(batch)
+        return None if keys is None else tuple(int(k) if isinstance(k, Tensor) else k for k in keys)
+
+    def _start(self, batch: Any) -> Tensor:
+        u0 = self.initial_state(batch)
+        if not isinstance(u0, Tensor):
+            raise TypeError(f"GKM node {self.name!r}: initial_state must return a tensor")
+        if not _cfg(self.config, "warm_start", True):
+            return u0
+        keys = self.sample_keys(batch)
+        if keys is None:
+            prev = self.warm.get(None)
+            return prev.clone() if prev is not None and prev.shape == u0.shape else u0
+        keys = [int(k) if isinstance(k, Tensor) else k for k in keys]
+        if len(keys) != u0.shape[0]:
+            raise ValueError(
+                f"GKM node {self.name!r}: sample_keys gave {len(keys)} keys for u of shape {tuple(u0.shape)}"
+            )
+        rows = [self.warm.get(k) for k in keys]
+        if all(r is None for r in rows):
+            return u0
+        return torch.stack([u0[i] if r is None else r for i, r in enumerate(rows)])
+
+    def _remember(self, batch: Any, u: Tensor) -> None:
+        keys = self.sample_keys(batch)
+        if keys is None:
+            self.warm[None] = u.detach().clone()
+            return
+        for i, k in enumerate(keys):
+            self.warm[int(k) if isinstance(k, Tensor) else k] = u[i].detach().clone()
+
+    def one_step_descent(self, batch: Any = None) -> dict[str, float]:
+        if batch is None:
+            self.cur_batch = self.get_batch()
+            batch = self.cur_batch
+        self._batch = batch
+        self._fresh_served = False
+        z = self._run_solver(self._start(batch), batch)
+        info = self._solver.info
+        self.info = info
+        self.solution = z
+        state = self.module.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else self.module
+        state.u.data = z.detach().clone()
+        self._remember(batch, z)
+        self.stats.update(
+            residual=info.residual, steps=float(info.steps), converged=float(info.converged)
+        )
+        if info.eps is not None:
+            self.stats.update(eps=info.eps, delta=float(info.delta))
+        return {"loss": info.residual, **self.stats}
+
+    # the roll-back hooks of ImplicitProblem assume an optimizer
+    def cache_states(self) -> None:
+        self.module_state_dict_cache = {k: v.clone() for k, v in self.module.state_dict().items()}
+
+    def recover_states(self, clean: bool = True) -> None:
+        if self.module_state_dict_cache is not None:
+            self.module.load_state_dict(self.module_state_dict_cache, strict=False)
+        if clean:
+            self.module_state_dict_cache = None
+
+    # -- state for checkpoints ---------------------------------------------------------------------
+    def hodl_state_dict(self) -> dict[str, Any]:
+        """Warm starts, the solver method's counters/caches and the last iterate."""
+        return {
+            "method_type": type(self.method).__name__,
+            "warm": {k: v.clone() for k, v in self.warm.items()},
+            "method": self.method.state_dict(),
+            "u": self.u.detach().clone(),
+            "count": self._count,
+        }
+
+    def load_hodl_state_dict(self, state: dict[str, Any]) -> None:
+        self.warm = {k: v.clone() for k, v in state["warm"].items()}
+        self.method.load_state_dict(state["method"])
+        self.u.data = state["u"].clone()
+        self._count = state["count"]
+
+
+def _ancestors(node: Any) -> Iterator[Any]:
+    """The upper nodes of ``node``, their upper nodes, and so on (each once)."""
+    seen: set[int] = set()
+    stack = list(node._parents)
+    while stack:
+        p = stack.pop()
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+            stack.extend(p._parents)
