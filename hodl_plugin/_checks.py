@@ -80,10 +80,10 @@ def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor],
     (their version counters moved): the iteration needs ``u_k`` after computing ``T(u_k)``.
 
     >>> import torch
-    >>> guard_inplace(lambda u, x: u.mul_(0.5).add_(x), torch.ones(2), [torch.ones(2)])
+    >>> guard_inplace(lambda u, x: u.mul_(0.5).add_(x), torch.ones(2), [torch.ones(2)])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: the operator T modified its input u in place (e.g. u.mul_(...), u += ...); the GKM iteration needs u_k after T(u_k): write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x))
+    ValueError: the operator T modified its input u in place (e.g. u.mul_(...), u += ...); ...
     """
     if functional:
         return T(u, *params)

@@ -140,7 +140,9 @@ class GKMSolver(nn.Module):
         if upper is not None and not callable(upper):
             raise TypeError("upper must be callable (u, *params) -> scalar tensor")
         if acceleration is not None and not isinstance(acceleration, Anderson):
-            raise TypeError(f"acceleration must be None or hodl_plugin.Anderson(...), got {type(acceleration).__name__}")
+            raise TypeError(
+                f"acceleration must be None or hodl_plugin.Anderson(...), got {type(acceleration).__name__}"
+            )
         self.T = T  # registered as a submodule when it is an nn.Module
         self.upper = upper
         self.method = get_method(hypergrad, **method_options)
