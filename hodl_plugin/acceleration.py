@@ -6,18 +6,19 @@ ridge-regularised least-squares problem
 
 .. math::
 
-    \gamma_k = \arg\min_\gamma \|f_k - \Delta F\,\gamma\|^2 + \lambda_k\|\gamma\|^2,
-    \qquad \lambda_k = \texttt{regularization}\cdot\max_i \|\Delta F_i\|^2,
+    \gamma_k = \arg\min_\gamma \|f_k - \Delta F\,\gamma\|^2 + \lambda\|D\gamma\|^2,
+    \qquad D = \mathrm{diag}(\|\Delta F_i\|),\ \lambda = \texttt{regularization},
 
-(an LU solve of the :math:`m\times m` Gram matrix :math:`\Delta F^\top\Delta F + \lambda_k I`,
-kept up to date one row per step) and moves to
+(an LU solve of the column-scaled :math:`m\times m` Gram matrix
+:math:`D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I`, the Gram kept up to date one row per step)
+and moves to
 
 .. math::  u_{k+1} = u_k + \beta f_k - (\Delta U + \beta\,\Delta F)\,\gamma_k
 
 (:math:`\beta` the mixing parameter, by default the solver's KM relaxation :math:`\beta_k`; with
 :math:`\gamma = 0` this is the plain KM step). Safeguards:
 
-- *restart*: when the Gram matrix is ill-conditioned (LU pivots spread by more than
+- *restart*: when the scaled Gram matrix is ill-conditioned (LU pivots spread by more than
   ``restart_cond``, or a failed factorisation) the history is cleared and the step is plain KM;
 - *fall-back*: when the residual at the accelerated point exceeds ``safeguard`` times the last
   accepted one, that point is rejected, the history cleared, and the iteration continues from the
@@ -81,13 +82,14 @@ class Anderson:
     Args:
         history_size: m, the number of past differences used (memory ``2·m·numel(u)``).
         mixing: the mixing parameter β of the update; ``None`` uses the solver's ``beta``.
-        regularization: ridge λ relative to the largest squared column norm of ΔF.
-        restart_cond: clear the history when the Gram matrix's condition estimate exceeds this.
+        regularization: ridge λ on the Gram matrix of the unit-scaled columns of ΔF.
+        restart_cond: clear the history when the scaled Gram matrix's condition estimate (spread of
+            its LU pivots) exceeds this.
         safeguard: reject an accelerated point whose residual exceeds ``safeguard`` times the last
             accepted residual (fall back to the plain KM step); ``inf`` switches it off.
 
     >>> Anderson(history_size=5)
-    Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+12, safeguard=10.0)
+    Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0)
     """
 
     def __init__(
@@ -95,7 +97,7 @@ class Anderson:
         history_size: int = 5,
         mixing: Optional[float] = None,
         regularization: float = 1e-10,
-        restart_cond: float = 1e12,
+        restart_cond: float = 1e8,
         safeguard: float = 10.0,
     ) -> None:
         if isinstance(history_size, bool) or not isinstance(history_size, numbers.Integral) or history_size < 1:
@@ -188,20 +190,17 @@ class Anderson:
         st.G[:, :, i] = row
         st.valid[:, i] = 1.0
         st.valid.mul_(keep)  # a rejected sample restarts with an empty history
-        # 3. ridge least squares on the valid columns (invalid ones: identity rows, gamma_i = 0)
+        # 3. ridge least squares on the valid columns, columns scaled to unit norm (invalid ones:
+        #    identity rows, gamma_i = 0); restart when the scaled Gram is ill-conditioned
         v = st.valid
-        Gm = st.G * (v.unsqueeze(-1) * v.unsqueeze(-2))
-        d = Gm.diagonal(dim1=1, dim2=2)
-        lam = self.regularization * d.amax(-1, keepdim=True)
-        H = Gm + torch.diag_embed(d * 0 + lam * v + (1 - v))
+        d = st.G.diagonal(dim1=1, dim2=2)
+        sc = torch.where(v * d > 0, d, torch.ones_like(d)).rsqrt() * v  # 1/‖ΔF_i‖ on valid columns
+        H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2)) + torch.diag_embed(self.regularization * v + (1 - v))
         LU, piv, fail = torch.linalg.lu_factor_ex(H)
-        rhs = torch.bmm(st.dF, ff.unsqueeze(-1)) * v.unsqueeze(-1)
-        gamma = torch.linalg.lu_solve(LU, piv, rhs).squeeze(-1)
-        # restart on ill-conditioning: LU pivots of the used columns spread past restart_cond
+        rhs = torch.bmm(st.dF, ff.unsqueeze(-1)) * sc.unsqueeze(-1)
+        gamma = torch.linalg.lu_solve(LU, piv, rhs).squeeze(-1) * sc
         p = LU.diagonal(dim1=1, dim2=2).abs()
-        big = p.amax(-1)
-        small = torch.where(v > 0, p, big.unsqueeze(-1)).amin(-1)
-        ok = (fail == 0) & (big <= small * self.restart_cond) & torch.isfinite(gamma).all(-1)
+        ok = (fail == 0) & (p.amax(-1) <= p.amin(-1) * self.restart_cond) & torch.isfinite(gamma).all(-1)
         okf = ok.to(uf.dtype)[:, None]
         gamma = torch.where(ok[:, None], gamma, torch.zeros_like(gamma))
         st.valid.mul_(okf)
