@@ -9,7 +9,7 @@ ridge-regularised least-squares problem
     \gamma_k = \arg\min_\gamma \|f_k - \Delta F\,\gamma\|^2 + \lambda\|D\gamma\|^2,
     \qquad D = \mathrm{diag}(\|\Delta F_i\|),\ \lambda = \texttt{regularization},
 
-(an LU solve of the column-scaled :math:`m\times m` Gram matrix
+(a solve of the column-scaled :math:`m\times m` Gram matrix
 :math:`D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I`, the Gram kept up to date one row per step)
 and moves to
 
@@ -18,8 +18,10 @@ and moves to
 (:math:`\beta` the mixing parameter, by default the solver's KM relaxation :math:`\beta_k`; with
 :math:`\gamma = 0` this is the plain KM step). Safeguards:
 
-- *restart*: when the scaled Gram matrix is ill-conditioned (LU pivots spread by more than
-  ``restart_cond``, or a failed factorisation) the history is cleared and the step is plain KM;
+- *restart*: when the scaled Gram matrix :math:`H` is ill-conditioned — its condition estimate
+  :math:`m\|H^{-1}p\|/\|p\| \le \|H\|\|H^{-1}\|` (a fixed probe :math:`p`, solved with the same
+  factorisation) exceeds ``restart_cond``, or the solve fails — the history is cleared and the step
+  is plain KM;
 - *fall-back*: when the residual at the accelerated point exceeds ``safeguard`` times the last
   accepted one, that point is rejected, the history cleared, and the iteration continues from the
   plain KM step of the last accepted point (no extra evaluation of :math:`T`: the rejected
@@ -63,16 +65,16 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _State:
-    dU: Tensor  # (B, m, n) differences of iterates (ring buffer)
-    dF: Tensor  # (B, m, n) differences of residuals
-    G: Tensor  # (B, m, m) Gram matrix of dF (all columns, valid or not)
-    valid: Tensor  # (B, m) 1.0 for the columns in use, 0.0 after a restart
-    u_prev: Tensor  # (B, n) last accepted point
-    f_prev: Tensor  # (B, n) its residual
+    W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
+    G: Tensor  # (B, m, m) Gram matrix of the Δf halves
+    z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
     r_prev: Tensor  # (B,) its residual norm
     must_accept: Tensor  # (B,) bool: the current point is a fall-back KM step
     restarts: Tensor  # (B,) restarts + fall-backs
+    probe: Tensor  # (m,) fixed probe vector of the condition estimate
+    probe_limit: float  # restart_cond · ‖probe‖
     shape: torch.Size
+    n: int
     steps: int = 0
 
 
@@ -83,8 +85,8 @@ class Anderson:
         history_size: m, the number of past differences used (memory ``2·m·numel(u)``).
         mixing: the mixing parameter β of the update; ``None`` uses the solver's ``beta``.
         regularization: ridge λ on the Gram matrix of the unit-scaled columns of ΔF.
-        restart_cond: clear the history when the scaled Gram matrix's condition estimate (spread of
-            its LU pivots) exceeds this.
+        restart_cond: clear the history when the scaled Gram matrix's condition estimate exceeds
+            this.
         safeguard: reject an accelerated point whose residual exceeds ``safeguard`` times the last
             accepted residual (fall back to the plain KM step); ``inf`` switches it off.
 
@@ -148,73 +150,71 @@ class Anderson:
         shape = u.shape
         B = int(math.prod(shape[:batch_dims])) if batch_dims else 1
         flat = u.detach().reshape(B, -1)
-        m = self.history_size
-        zeros = torch.zeros_like(flat)  # zeros_like: batched too under torch.func.vmap
-        hist = zeros.unsqueeze(1).repeat(1, m, 1)
-        col = zeros[:, :1]
-        r = zeros[:, 0]
+        m, n = self.history_size, flat.shape[1]
+        z = torch.zeros_like(flat).repeat(1, 2)  # zeros_like: batched too under torch.func.vmap
+        r = z[:, 0]
+        probe = torch.cos(torch.arange(m, dtype=z.dtype, device=z.device) * 2.3 + 0.4)  # fixed, generic
         return _State(
-            dU=hist,
-            dF=hist.clone(),
-            G=col.unsqueeze(-1).repeat(1, m, m),
-            valid=col.repeat(1, m),
-            u_prev=zeros,
-            f_prev=zeros.clone(),
+            probe=probe,
+            probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
+            W=z.unsqueeze(1).repeat(1, m, 1),
+            G=z[:, :1].unsqueeze(-1).repeat(1, m, m),
+            z_prev=z,
             r_prev=r,
             must_accept=r != r,
             restarts=r.clone(),
             shape=shape,
+            n=n,
         )
 
     def step(self, st: _State, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
 
-        About 40 small tensor operations, none of which synchronises with the host.
+        About 50 small tensor operations, none of which synchronises with the host.
         """
-        B, m = st.dU.shape[0], self.history_size
-        uf, ff, r = u.reshape(B, -1), f.reshape(B, -1), r.reshape(B)
+        B, m, n = st.W.shape[0], self.history_size, st.n
+        z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
+        uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
         mix = beta if self.mixing is None else self.mixing
         st.steps += 1
         if st.steps == 1:  # no history yet: the plain KM step
-            st.u_prev, st.f_prev, st.r_prev = uf, ff, r
+            st.z_prev, st.r_prev = z, r
             return (uf + mix * ff).reshape(st.shape)
         # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
-        reject = ~(r <= self.safeguard * st.r_prev) & ~st.must_accept
-        keep = (~reject).to(uf.dtype)[:, None]
-        # 2. the new secant pair into the ring buffer, its Gram row
+        keep = (r <= self.safeguard * st.r_prev) | st.must_accept
+        # 2. the new secant pair [Δu, Δf] into the ring buffer, its Gram row
         i = (st.steps - 2) % m
-        torch.sub(uf, st.u_prev, out=st.dU[:, i])
-        torch.sub(ff, st.f_prev, out=st.dF[:, i])
-        row = torch.bmm(st.dF, st.dF[:, i].unsqueeze(-1)).squeeze(-1)
+        torch.sub(z, st.z_prev, out=st.W[:, i])
+        dF = st.W[:, :, n:]
+        row = torch.bmm(dF, st.W[:, i, n:].unsqueeze(-1)).squeeze(-1)
         st.G[:, i] = row
         st.G[:, :, i] = row
-        st.valid[:, i] = 1.0
-        st.valid.mul_(keep)  # a rejected sample restarts with an empty history
-        # 3. ridge least squares on the valid columns, columns scaled to unit norm (invalid ones:
-        #    identity rows, gamma_i = 0); restart when the scaled Gram is ill-conditioned
-        v = st.valid
-        d = st.G.diagonal(dim1=1, dim2=2)
-        sc = torch.where(v * d > 0, d, torch.ones_like(d)).rsqrt() * v  # 1/‖ΔF_i‖ on valid columns
-        H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2)) + torch.diag_embed(self.regularization * v + (1 - v))
-        LU, piv, fail = torch.linalg.lu_factor_ex(H)
-        rhs = torch.bmm(st.dF, ff.unsqueeze(-1)) * sc.unsqueeze(-1)
-        gamma = torch.linalg.lu_solve(LU, piv, rhs).squeeze(-1) * sc
-        p = LU.diagonal(dim1=1, dim2=2).abs()
-        ok = (fail == 0) & (p.amax(-1) <= p.amin(-1) * self.restart_cond) & torch.isfinite(gamma).all(-1)
-        okf = ok.to(uf.dtype)[:, None]
-        gamma = torch.where(ok[:, None], gamma, torch.zeros_like(gamma))
-        st.valid.mul_(okf)
-        # 4. the step (plain KM when gamma = 0), or the fall-back for rejected samples
-        g = gamma.unsqueeze(1)
-        u_aa = uf + mix * ff - torch.bmm(g, st.dU).squeeze(1) - mix * torch.bmm(g, st.dF).squeeze(1)
-        rej = reject[:, None]
-        u_next = torch.where(rej, st.u_prev + beta * st.f_prev, u_aa)
-        # 5. the accepted point becomes the reference
-        st.u_prev = torch.where(rej, st.u_prev, uf)
-        st.f_prev = torch.where(rej, st.f_prev, ff)
-        st.r_prev = torch.where(reject, st.r_prev, r)
-        st.must_accept = reject
-        st.restarts = st.restarts + (reject | ~ok).to(st.restarts.dtype)
+        # 3. ridge least squares on unit-scaled columns; an unused (zero) column gets a zero row and
+        #    column and a unit diagonal, so its coefficient is 0
+        sc = st.G.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(z.dtype).tiny).rsqrt()
+        H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2))
+        H.diagonal(dim1=1, dim2=2).fill_(1.0 + self.regularization)
+        rhs = torch.bmm(dF, ff.unsqueeze(-1)).squeeze(-1) * sc
+        sol, fail = torch.linalg.solve_ex(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
+        # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
+        # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
+        ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
+        gamma = torch.where(ok.unsqueeze(-1), sol[..., 0] * sc, 0.0)
+        # 4. the step (plain KM when gamma = 0), or the fall-back KM step of the last accepted point
+        c = torch.bmm(gamma.unsqueeze(1), st.W).squeeze(1)
+        u_aa = uf - c[:, :n] + mix * (ff - c[:, n:])
+        prev = st.z_prev
+        k1 = keep.unsqueeze(-1)
+        u_next = torch.where(k1, u_aa, prev[:, :n] + beta * prev[:, n:])
+        # 5. rejected or ill-conditioned samples restart with an empty history; the accepted point
+        #    becomes the reference
+        fresh = keep & ok
+        st.W.mul_(fresh[:, None, None])
+        st.G.mul_(fresh[:, None, None])
+        st.z_prev = torch.where(k1, z, prev)
+        st.r_prev = torch.where(keep, r, st.r_prev)
+        st.must_accept = ~keep
+        st.restarts = st.restarts + ~fresh
         return u_next.reshape(st.shape)
 
     def report(self, st: _State, info: object) -> None:
