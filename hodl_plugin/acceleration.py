@@ -75,6 +75,7 @@ class _State:
     probe_limit: float  # restart_cond · ‖probe‖
     shape: torch.Size
     n: int
+    B: int
     steps: int = 0
 
 
@@ -146,45 +147,40 @@ class Anderson:
 
     # -- the batched state machine, called by GKMIteration ---------------------------------------
     def init(self, u: Tensor, batch_dims: int) -> _State:
-        """Preallocate the history for ``u`` (``batch_dims`` leading dims are independent samples)."""
-        shape = u.shape
-        B = int(math.prod(shape[:batch_dims])) if batch_dims else 1
-        flat = u.detach().reshape(B, -1)
-        m, n = self.history_size, flat.shape[1]
-        z = torch.zeros_like(flat).repeat(1, 2)  # zeros_like: batched too under torch.func.vmap
-        r = z[:, 0]
-        probe = torch.cos(torch.arange(m, dtype=z.dtype, device=z.device) * 2.3 + 0.4)  # fixed, generic
-        return _State(
-            probe=probe,
-            probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
-            W=z.unsqueeze(1).repeat(1, m, 1),
-            G=z[:, :1].unsqueeze(-1).repeat(1, m, m),
-            z_prev=z,
-            r_prev=r,
-            must_accept=r != r,
-            restarts=r.clone(),
-            shape=shape,
-            n=n,
-        )
+        """The state for ``u`` (``batch_dims`` leading dims are independent samples); the history
+        buffers are preallocated at the first step, from ``[u, T(u) - u]`` (so that under
+        ``torch.func.vmap`` they are batched like the iterates)."""
+        B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
+        m = self.history_size
+        probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
+        empty = u.new_zeros(0)
+        return _State(W=empty, G=empty, z_prev=empty, r_prev=empty, must_accept=empty, restarts=empty,
+                      probe=probe, probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
+                      shape=u.shape, n=u.numel() // B if B else 0, B=B)
 
     def step(self, st: _State, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
 
         About 50 small tensor operations, none of which synchronises with the host.
         """
-        B, m, n = st.W.shape[0], self.history_size, st.n
+        B, m, n = st.B, self.history_size, st.n
         z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
         uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
         mix = beta if self.mixing is None else self.mixing
         st.steps += 1
-        if st.steps == 1:  # no history yet: the plain KM step
+        if st.steps == 1:  # no history yet: allocate it, take the plain KM step
+            zeros = torch.zeros_like(z)
+            st.W = zeros.unsqueeze(1).repeat(1, m, 1)
+            st.G = zeros[:, :1].unsqueeze(-1).repeat(1, m, m)
+            st.must_accept = r != r
+            st.restarts = torch.zeros_like(r)
             st.z_prev, st.r_prev = z, r
             return (uf + mix * ff).reshape(st.shape)
         # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
         keep = (r <= self.safeguard * st.r_prev) | st.must_accept
         # 2. the new secant pair [Δu, Δf] into the ring buffer, its Gram row
         i = (st.steps - 2) % m
-        torch.sub(z, st.z_prev, out=st.W[:, i])
+        st.W[:, i] = z - st.z_prev
         dF = st.W[:, :, n:]
         row = torch.bmm(dF, st.W[:, i, n:].unsqueeze(-1)).squeeze(-1)
         st.G[:, i] = row
@@ -221,7 +217,7 @@ class Anderson:
         """Add the acceleration's counts to ``info`` (eager mode only)."""
         from ._checks import transforms_active
 
-        if transforms_active():
+        if transforms_active() or st.steps < 1:
             return
         info.restarts += int(st.restarts.max())  # type: ignore[attr-defined]
         info.accelerated += max(0, st.steps - 1)  # type: ignore[attr-defined]

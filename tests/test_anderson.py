@@ -175,20 +175,37 @@ def test_history_larger_than_dimension_restarts_and_converges():
     assert info.restarts >= 1
 
 
-def test_safeguard_falls_back_on_residual_growth():
-    # a nonexpansive map that is far from linear: T(u) = clamp(R u + c, -1, 1), R a rotation by 0.9 rad
-    th = 0.9
-    R = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=D) * 0.99
-    c = torch.tensor([2.0, -0.3], dtype=D)
+def test_safeguard_falls_back_to_the_km_step_of_the_last_accepted_point():
+    # drive the state machine by hand: T(u) = a ⊙ u + c, then a point whose residual is 100x larger
+    acc = hp.Anderson(3, safeguard=2.0)
+    a = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=D)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=D)
+    u = torch.zeros(5, dtype=D)
+    st = acc.init(u, 0)
+    pts = []
+    for _ in range(3):
+        f = a * u + c - u
+        pts.append((u, f))
+        u = acc.step(st, u, f, f.norm(), 0.7)
+    u2, f2 = pts[-1]
+    assert int(st.restarts) == 0 and float(st.G.abs().sum()) > 0
+    bad = 100 * f2.norm() * torch.ones(5, dtype=D) / 5**0.5
+    out = acc.step(st, u, bad, bad.norm(), 0.7)
+    assert torch.allclose(out, u2 + 0.7 * f2, rtol=0, atol=1e-15)  # the plain KM step from u2
+    assert int(st.restarts) == 1 and float(st.G.abs().sum()) == 0.0  # history cleared
+    f = a * out + c - out
+    nxt = acc.step(st, out, f, 1e6 * f.norm(), 0.7)  # the fall-back point is accepted whatever its residual
+    assert int(st.restarts) == 1 and not torch.allclose(nxt, out + 0.7 * f)  # and extrapolated from
 
-    def T(u, x):
-        return torch.clamp(R @ u + x, -1.0, 1.0)
 
-    u_plain, plain = solve(T, c, None, tol=1e-12)
-    strict = hp.Anderson(3, safeguard=1.0)
-    u, info = solve(T, c, strict, tol=1e-12)
-    assert info.converged and torch.allclose(u, u_plain, atol=1e-10)
-    assert torch.allclose(T(u, c), u, atol=1e-11)
+def test_accelerated_solve_under_vmap():
+    A = torch.tensor([[0.9, 0.05], [0.0, 0.8]], dtype=D)
+    solver = hp.GKMSolver(lambda u, x: A @ u + x, hypergrad="first_order", tol=1e-12, acceleration=hp.Anderson(3))
+    xs = torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = torch.func.vmap(lambda x: solver(torch.zeros(2, dtype=D), x))(xs)
+    exact = torch.linalg.solve(torch.eye(2, dtype=D) - A, xs.T).T
+    assert torch.allclose(out, exact, rtol=1e-10, atol=1e-12)
 
 
 def test_batched_and_float32(quadratic):
