@@ -387,13 +387,23 @@ class GKMIteration:
 
     def thresholds(self, dtype: torch.dtype, tol: Optional[float], rtol: Optional[float],
                    atol: Optional[float]) -> tuple[float, float]:
-        """``(relative, absolute)`` tolerances of a run: the arguments, else the solver's."""
+        """``(relative, absolute)`` tolerances of a run.
+
+        ``tol`` is relative and ``atol`` absolute (``None``: the solver's). The older call
+        ``run(..., tol=t, rtol=r)`` — with ``rtol`` given — keeps its old meaning: ``t`` absolute,
+        ``r`` relative (the inexact mode's absolute ``eps_k`` is passed that way).
+        """
+        if rtol is not None:  # the old (absolute tol, relative rtol) call
+            absolute = _validate_tol(self.atol if tol is None else tol, "tol")
+            rel = _validate_tol(rtol, "rtol")
+            if atol is not None:
+                absolute = max(absolute, _validate_tol(atol, "atol"))  # type: ignore[type-var]
+            return rel, absolute  # type: ignore[return-value]
         rel = self.tol if tol is None else _validate_tol(tol, "tol")
         if rel is None:
             rel = default_tol(dtype)
-        extra = self.rtol if rtol is None else _validate_tol(rtol, "rtol")
         absolute = self.atol if atol is None else _validate_tol(atol, "atol")
-        return max(rel, extra or 0.0), absolute or 0.0  # type: ignore[type-var]
+        return max(rel, self.rtol), absolute  # type: ignore[type-var, return-value]
 
     # -- the loop ------------------------------------------------------------------------------
     def run(
@@ -411,9 +421,10 @@ class GKMIteration:
     ) -> Tensor:
         """Run up to ``num_steps`` GKM steps from step index ``start``; update ``info`` in place.
 
-        ``tol`` is relative (:math:`r_k \\le \\mathrm{tol}\\max(\\|u\\|, r_0)`), ``atol`` absolute,
-        ``rtol`` an alias of ``tol`` kept for old callers (the larger one counts); ``None`` takes the
-        solver's value. ``tol=0, atol=0`` (or ``stop_on_tol=False``) runs all ``num_steps``.
+        ``tol`` is relative (:math:`r_k \\le \\mathrm{tol}\\max(\\|u\\|, r_0)`), ``atol`` absolute;
+        ``None`` takes the solver's value. Passing ``rtol`` selects the old meaning (``tol``
+        absolute, ``rtol`` relative): :meth:`thresholds`. ``tol=0, atol=0`` (or
+        ``stop_on_tol=False``) runs all ``num_steps``.
 
         Autograd records the steps iff grad mode is on (the caller decides). The residual is
         computed, recorded and tested (convergence, divergence) at the first step of the solve,
