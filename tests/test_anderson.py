@@ -217,3 +217,32 @@ def test_batched_and_float32(quadratic):
     exact = torch.linalg.solve(Q, b.double().T).T
     assert info.converged and float(((u.double() - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-3
     assert info.steps < 150
+
+
+def test_anderson_adjoint_solver_against_dense_solve_and_plain_neumann(tanh_eq):
+    from hodl_plugin import linear_solve as ls
+
+    J = tanh_eq[0]  # nonsymmetric, spectral radius 0.9986: a slow Neumann series
+    b = torch.randn(100, dtype=D, generator=torch.Generator().manual_seed(11))
+    A = torch.eye(100, dtype=D) - J.T
+    exact = torch.linalg.solve(A, b)
+    x, info = ls.anderson_fixed_point(rtol=1e-10, maxiter=20000)(lambda v: A @ v, b)
+    _, plain = ls.fixed_point(rtol=1e-10, maxiter=20000)(lambda v: A @ v, b)
+    assert info.converged and float((x - exact).norm() / exact.norm()) < 1e-8
+    assert info.iterations < 0.2 * plain.iterations, (info.iterations, plain.iterations)
+    x0 = exact + 1e-3
+    _, warm = ls.anderson_fixed_point(rtol=1e-10)(lambda v: A @ v, b, x0)
+    assert warm.converged
+
+
+def test_anderson_adjoint_in_implicit_mode(tanh_eq):
+    A, x0 = tanh_eq
+    ref = newton(A, x0)
+    D_ = 1 - torch.tanh(A @ ref + x0) ** 2
+    exact = torch.linalg.solve(torch.eye(100, dtype=D) - D_[:, None] * A, torch.diag(D_)).T @ ref
+    x = x0.clone().requires_grad_(True)
+    solver = hp.GKMSolver(lambda u, x: torch.tanh(A @ u + x), max_steps=100000, tol=1e-12, solver="anderson",
+                          acceleration=hp.Anderson(5))
+    (0.5 * (solver(torch.zeros(100, dtype=D), x) ** 2).sum()).backward()
+    assert solver.info.adjoint.method == "anderson" and solver.info.adjoint.converged
+    assert float((x.grad - exact).norm() / exact.norm()) < 1e-8
