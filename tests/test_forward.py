@@ -120,6 +120,12 @@ def test_absolute_tolerance_on_request_and_old_tol_on_unit_data():
     assert info.converged and abs(float(u) - 2.0) < 1e-11 and 40 <= info.steps <= 50
 
 
+def test_zero_fixed_point_converges_relative_to_the_first_residual():
+    # u* = 0: ||u|| -> 0, so the scale is the first residual r_0 (else the threshold would vanish)
+    u, info = hp.GKMSolver(lambda u: 0.5 * u).solve(torch.ones(3, dtype=D))
+    assert info.converged and info.steps <= 40 and float(u.abs().max()) < 1e-9
+
+
 # -- item 8: operators that write into their input -----------------------------------------------
 @pytest.mark.parametrize("mode", MODES)
 def test_inplace_operator_raises_and_leaves_u0(mode):
