@@ -200,7 +200,8 @@ def test_safeguard_falls_back_to_the_km_step_of_the_last_accepted_point():
 
 def test_accelerated_solve_under_vmap():
     A = torch.tensor([[0.9, 0.05], [0.0, 0.8]], dtype=D)
-    solver = hp.GKMSolver(lambda u, x: A @ u + x, hypergrad="first_order", tol=1e-12, acceleration=hp.Anderson(3))
+    solver = hp.GKMSolver(lambda u, x: A @ u + x, hypergrad="first_order", tol=1e-12, max_steps=150,
+                          acceleration=hp.Anderson(3))
     xs = torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = torch.func.vmap(lambda x: solver(torch.zeros(2, dtype=D), x))(xs)

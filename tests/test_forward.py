@@ -325,3 +325,19 @@ def test_batch_unconverged_sample_is_named():
     with pytest.warns(hp.ConvergenceWarning, match=r"1 of 2 samples, e.g. \[1\]"):
         _, info = hp.GKMSolver(T, max_steps=200, batch_dims=1).solve(torch.zeros_like(b), b)
     assert info.converged_per_sample.tolist() == [True, False]
+
+
+def test_batch_dims_unrolled_gradient_is_each_samples_own_K_step_map():
+    a = torch.tensor([[0.5], [0.9], [0.99]], dtype=D)  # per-sample contraction: samples stop at different k
+
+    def T(u, x):
+        return a * u + x
+
+    x = torch.ones(3, 2, dtype=D, requires_grad=True)
+    solver = hp.GKMSolver(T, max_steps=5000, tol=1e-8, batch_dims=1, hypergrad="unrolled", check_every=1)
+    u = solver(torch.zeros(3, 2, dtype=D), x)
+    u.sum().backward()
+    K = solver.info.steps_per_sample.to(D).unsqueeze(-1)
+    assert torch.allclose(u, _affine_K(a, x.detach(), K), rtol=1e-12)  # u_K of each sample's own K
+    assert torch.allclose(x.grad, ((1 - a**K) / (1 - a)).expand(3, 2), rtol=1e-12)
+    assert len(set(solver.info.steps_per_sample.tolist())) == 3
