@@ -10,8 +10,7 @@ ridge-regularised least-squares problem
     \qquad D = \mathrm{diag}(\|\Delta F_i\|),\ \lambda = \texttt{regularization},
 
 (a solve of the column-scaled :math:`m\times m` Gram matrix
-:math:`D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I`, the Gram kept up to date one row per step)
-and moves to
+:math:`D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I`) and moves to
 
 .. math::  u_{k+1} = u_k + \beta f_k - (\Delta U + \beta\,\Delta F)\,\gamma_k
 
@@ -66,7 +65,7 @@ __all__ = ["Anderson"]
 @dataclass
 class _State:
     W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
-    G: Tensor  # (B, m, m) Gram matrix of the Δf halves
+    G: Tensor  # (B, m, m) Gram matrix of the Δf halves (of the last step)
     z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
     r_prev: Tensor  # (B,) its residual norm
     must_accept: Tensor  # (B,) bool: the current point is a fall-back KM step
@@ -178,13 +177,12 @@ class Anderson:
             return (uf + mix * ff).reshape(st.shape)
         # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
         keep = (r <= self.safeguard * st.r_prev) | st.must_accept
-        # 2. the new secant pair [Δu, Δf] into the ring buffer, its Gram row
+        # 2. the new secant pair [Δu, Δf] into the ring buffer; the Gram matrix of the Δf halves
+        #    (m² n multiply-adds, one kernel: cheaper than updating it row by row)
         i = (st.steps - 2) % m
         st.W[:, i] = z - st.z_prev
         dF = st.W[:, :, n:]
-        row = torch.bmm(dF, st.W[:, i, n:].unsqueeze(-1)).squeeze(-1)
-        st.G[:, i] = row
-        st.G[:, :, i] = row
+        st.G = torch.bmm(dF, dF.transpose(1, 2))
         # 3. ridge least squares on unit-scaled columns; an unused (zero) column gets a zero row and
         #    column and a unit diagonal, so its coefficient is 0
         sc = st.G.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(z.dtype).tiny).rsqrt()
@@ -195,7 +193,7 @@ class Anderson:
         # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
         # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
         ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
-        gamma = torch.where(ok.unsqueeze(-1), sol[..., 0] * sc, 0.0)
+        gamma = torch.where(ok.unsqueeze(-1), sol[..., 0], 0.0) * sc  # where: a failed solve may hold NaN
         # 4. the step (plain KM when gamma = 0), or the fall-back KM step of the last accepted point
         c = torch.bmm(gamma.unsqueeze(1), st.W).squeeze(1)
         u_aa = uf - c[:, :n] + mix * (ff - c[:, n:])
@@ -206,7 +204,6 @@ class Anderson:
         #    becomes the reference
         fresh = keep & ok
         st.W.mul_(fresh[:, None, None])
-        st.G.mul_(fresh[:, None, None])
         st.z_prev = torch.where(k1, z, prev)
         st.r_prev = torch.where(keep, r, st.r_prev)
         st.must_accept = ~keep

@@ -188,11 +188,11 @@ def test_safeguard_falls_back_to_the_km_step_of_the_last_accepted_point():
         pts.append((u, f))
         u = acc.step(st, u, f, f.norm(), 0.7)
     u2, f2 = pts[-1]
-    assert int(st.restarts) == 0 and float(st.G.abs().sum()) > 0
+    assert int(st.restarts) == 0 and float(st.W.abs().sum()) > 0
     bad = 100 * f2.norm() * torch.ones(5, dtype=D) / 5**0.5
     out = acc.step(st, u, bad, bad.norm(), 0.7)
     assert torch.allclose(out, u2 + 0.7 * f2, rtol=0, atol=1e-15)  # the plain KM step from u2
-    assert int(st.restarts) == 1 and float(st.G.abs().sum()) == 0.0  # history cleared
+    assert int(st.restarts) == 1 and float(st.W.abs().sum()) == 0.0  # history cleared
     f = a * out + c - out
     nxt = acc.step(st, out, f, 1e6 * f.norm(), 0.7)  # the fall-back point is accepted whatever its residual
     assert int(st.restarts) == 1 and not torch.allclose(nxt, out + 0.7 * f)  # and extrapolated from
