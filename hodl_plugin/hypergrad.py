@@ -35,9 +35,10 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import linear_solve as ls
-from .errors import ConvergenceWarning, HODLError, ScheduleError
+from ._checks import transforms_active
+from .errors import HODLError, ScheduleError
 from .gkm import GKMIteration, SolverInfo
-from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem, transforms_active
+from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem
 from .inexact import BoundConstants, a_posteriori, residuals_at, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
@@ -108,17 +109,6 @@ class HypergradMethod:
 
 def _detached(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach() for p in params]
-
-
-def _warn_unconverged(info: SolverInfo, what: str) -> None:
-    if not info.converged and not info.diverged:
-        warnings.warn(
-            f"{what}: the lower solve stopped after {info.steps} steps with residual "
-            f"{info.residual:.3e} > tol {info.tol:.3e}; the hypergradient is taken at a point that "
-            "is not a fixed point (raise max_steps or tol, or use hypergrad='unrolled')",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
 
 
 class Unrolled(HypergradMethod):
@@ -349,10 +339,8 @@ class Implicit(HypergradMethod):
         def make():
             return _make_solver(self.solver, it.T, rtol=rtol, atol=self.atol, maxiter=self.maxiter)
 
-        u = _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
-                            check_unique=self.check_unique)
-        _warn_unconverged(info, "implicit hypergradient")
-        return u
+        return _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
+                               check_unique=self.check_unique)
 
     def __repr__(self) -> str:
         rtol = "auto" if self.rtol is None else f"{self.rtol:g}"
@@ -379,10 +367,12 @@ class Inexact(HypergradMethod):
     r"""Inexact implicit hypergradient with accuracy schedules (ISGD / MAID, SPEC §3).
 
     At call :math:`k` (counted over calls with grad enabled): the forward stops when the residual
-    :math:`\|u - T(u)\| \le \varepsilon_k`, warm-started from the iterate of the previous call with
+    :math:`\|u - T(u)\| \le \varepsilon_k\,\max(\|u\|, r_0)` (``relative=True``, the default: scale-aware,
+    :math:`r_0` the first residual) or :math:`\le \varepsilon_k` (``relative=False``: ISGD's absolute
+    accuracies), warm-started from the iterate of the previous call with
     the same ``key`` (e.g. a mini-batch index; the ``u0`` passed is then used only for keys not
-    seen before — ``info.warm_started`` says which); the adjoint system is solved to absolute
-    residual :math:`\delta_k`, warm-started likewise (a warm start worse than zero is dropped, so
+    seen before — ``info.warm_started`` says which); the adjoint system is solved to residual
+    :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute), warm-started likewise (a warm start worse than zero is dropped, so
     the adjoint stays linear in the upstream gradient). After ``backward()`` the solver's ``info``
     holds ``eps``, ``delta``, the adjoint diagnostics and the a-posteriori ``error_bound``
     (:mod:`hodl_plugin.inexact`). Higher derivatives (double backward, forward mode, ``torch.func``)
@@ -404,6 +394,7 @@ class Inexact(HypergradMethod):
         warm_start: reuse the previous ``u`` and ``v`` of the same key.
         on_fail: ``"warn"`` (default) or ``"raise"`` when the adjoint misses :math:`\delta_k`.
         check_unique: as for :class:`Implicit`.
+        relative: accuracies relative to the problem's scale (default) or absolute.
 
     >>> from hodl_plugin.schedules import Polynomial
     >>> Inexact(eps=Polynomial(1e-2, 0.5)).eps(3)
@@ -423,7 +414,9 @@ class Inexact(HypergradMethod):
         warm_start: bool = True,
         on_fail: str = "warn",
         check_unique: Optional[bool] = None,
+        relative: bool = True,
     ) -> None:
+        self.relative = bool(relative)
         self.eps = as_schedule(eps, "eps")
         self.delta = self.eps if delta is None else as_schedule(delta, "delta")
         problems = check_accuracy(self.eps, "eps") + check_accuracy(self.delta, "delta")
@@ -476,7 +469,8 @@ class Inexact(HypergradMethod):
         def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
             start = cached.to(u_start.dtype) if use_cache else u_start.detach()
             with torch.no_grad():
-                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, tol=eps_k, rtol=0.0)
+                tols = {"tol": eps_k} if self.relative else {"tol": 0.0, "atol": eps_k}
+                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, **tols)
             if self.warm_start and not info.diverged:
                 self.u_cache[key] = u.detach().clone()
             return u
@@ -487,6 +481,8 @@ class Inexact(HypergradMethod):
         self.k += 1
 
         def make():
+            if self.relative:
+                return _make_solver(self.solver, it.T, rtol=delta_k, atol=0.0, maxiter=self.maxiter)
             return _make_solver(self.solver, it.T, rtol=0.0, atol=delta_k, maxiter=self.maxiter)
 
         # the adjoint's warm start is fixed when the call is made, so every backward pass through this

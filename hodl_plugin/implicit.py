@@ -53,15 +53,10 @@ from torch import Tensor, nn
 
 from . import linear_solve as ls
 from ._autodiff import make_vjp
+from ._checks import transforms_active
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
 
 __all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
-
-
-def transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap, ...) is running around this call."""
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False
 
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
