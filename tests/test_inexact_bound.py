@@ -23,6 +23,7 @@ def solve_inexact(T, F, x0, eps, n, u0=None, max_steps=20000, solver="cg", symme
     """Hypergradient by GKMSolver(hypergrad="inexact"), and the report at the point it used."""
     delta = eps if delta is None else delta
     s = hp.GKMSolver(T, max_steps=max_steps, hypergrad="inexact", upper=F, alpha=0, eps=eps, delta=delta,
+                     relative=False,
                      solver=solver, constants=None, adjoint_maxiter=20000)
     x = x0.clone().requires_grad_(True)
     with warnings.catch_warnings():
