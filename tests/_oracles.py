@@ -142,7 +142,8 @@ def make_linear(kind: str, n: int = 4, m: int = 3, seed: int = 0, cond: float = 
                 dtype: torch.dtype = DT) -> LinearFP:
     """``kind="spd"``: Q SPD with condition number ``cond``, s = 1/λ_max (ρ = 1 − 1/cond).
     ``kind="nonsym"``: Q = S + skew with S SPD (cond ``cond``), s minimising ‖I − sQ‖₂ on a grid
-    (‖I − sQ‖₂ < 1 exists since the symmetric part is positive definite). x and y are scaled by ``scale`` (u* scales with it)."""
+    (‖I − sQ‖₂ < 1 exists since the symmetric part is positive definite). x and y are scaled by
+    ``scale`` (u* scales with it)."""
     g = torch.Generator().manual_seed(seed)
     S = _spd(n, cond, g)
     if kind == "spd":

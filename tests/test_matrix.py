@@ -37,9 +37,9 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from _oracles import DT, make_linear, make_tanh, reference, rel_err
 
 import hodl_plugin as hp
-from _oracles import DT, make_linear, make_tanh, reference, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::hodl_plugin.ConvergenceWarning")
 
