@@ -138,10 +138,27 @@ def _spd(n: int, cond: float, g: torch.Generator) -> Tensor:
     return 0.5 * (Q + Q.T)
 
 
+def _golden_min(fun: Callable[[float], float], lo: float, hi: float, iters: int = 40) -> float:
+    """Golden-section search for the minimiser of a unimodal function on [lo, hi]."""
+    r = (5**0.5 - 1) / 2
+    a, b = lo + (1 - r) * (hi - lo), lo + r * (hi - lo)
+    fa, fb = fun(a), fun(b)
+    for _ in range(iters):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - r) * (hi - lo)
+            fa = fun(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + r * (hi - lo)
+            fb = fun(b)
+    return a if fa <= fb else b
+
+
 def make_linear(kind: str, n: int = 4, m: int = 3, seed: int = 0, cond: float = 3.0, scale: float = 1.0,
                 dtype: torch.dtype = DT) -> LinearFP:
     """``kind="spd"``: Q SPD with condition number ``cond``, s = 1/λ_max (ρ = 1 − 1/cond).
-    ``kind="nonsym"``: Q = S + skew with S SPD (cond ``cond``), s minimising ‖I − sQ‖₂ on a grid
+    ``kind="nonsym"``: Q = S + skew with S SPD (cond ``cond``), s minimising ‖I − sQ‖₂ (convex in s)
     (‖I − sQ‖₂ < 1 exists since the symmetric part is positive definite). x and y are scaled by
     ``scale`` (u* scales with it)."""
     g = torch.Generator().manual_seed(seed)
@@ -153,8 +170,13 @@ def make_linear(kind: str, n: int = 4, m: int = 3, seed: int = 0, cond: float = 
         R = torch.randn(n, n, generator=g, dtype=DT)
         Q = S + 0.5 * (R - R.T) / float(torch.linalg.matrix_norm(R - R.T, 2)) * float(torch.linalg.eigvalsh(S).max())
         eye = torch.eye(n, dtype=DT)
-        grid = torch.linspace(1e-3, 2.0, 400, dtype=DT) / float(torch.linalg.matrix_norm(Q, 2))
-        s = float(min(grid, key=lambda a: float(torch.linalg.matrix_norm(eye - a * Q, 2))))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small SVDs: threads only contend (80x slower on a busy machine)
+        try:
+            s = _golden_min(lambda a: float(torch.linalg.matrix_norm(eye - a * Q, 2)),
+                            0.0, 2.0 / float(torch.linalg.matrix_norm(Q, 2)))
+        finally:
+            torch.set_num_threads(threads)
     else:
         raise ValueError(kind)
     B = torch.randn(n, m, generator=g, dtype=DT)

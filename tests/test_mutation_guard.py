@@ -497,3 +497,33 @@ def test_item24_converged_with_tol0(mode):
     assert solver.info.steps == 500
     assert rel_err(u.detach(), p.u_star(p.x0)) < 1e-12
     assert solver.info.converged, "tol=0 ran 500 steps to roundoff; info.converged must say so"
+
+
+# ------------------------------------------------------------------------------------------------
+# Guards found by breaking the code on purpose (see the module docstring of test_matrix): on the
+# 4-dimensional matrix problems Krylov adjoint solves are exact after 4 products and a forward that
+# stops 100x early still lands within 1e-9, so these two use n = 60 and the reported tolerance.
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["spd", "nonsym"])
+def test_guard_forward_tolerance_is_honest(kind):
+    """A forward reported converged at threshold info.tol is within ‖Q⁻¹‖·tol/s of u*, and an explicit
+    tol = 1e-12 is not loosened."""
+    p = make_linear(kind, n=60, m=4, seed=31, cond=10.0)
+    solver = hp.GKMSolver(p.T, hypergrad="implicit", tol=1e-12, max_steps=20000)
+    u = solver(_zeros(p.n), p.x0)
+    info = solver.info
+    assert info.converged
+    Qinv = float(torch.linalg.matrix_norm(torch.linalg.inv(p.Q), 2))
+    err = float((u - p.u_star(p.x0)).norm())
+    assert err <= 1.01 * Qinv * info.tol / p.s + 1e-13, (err, Qinv * info.tol / p.s)
+    assert info.tol <= 1e-12 * max(1.0, float(u.norm())), info.tol
+
+
+@pytest.mark.parametrize("kind", ["spd", "nonsym"])
+def test_guard_adjoint_accuracy_n60(kind):
+    """Default implicit adjoint accuracy on a problem where GMRES/CG need many products (n = 60)."""
+    p = make_linear(kind, n=60, m=4, seed=32, cond=10.0)
+    solver = hp.GKMSolver(p.T, hypergrad="implicit", tol=1e-12, max_steps=20000)
+    x = p.x0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(p.F(solver(_zeros(p.n), x)), x)
+    assert rel_err(g, reference(p, ("fixed",), p.x0).grad) < 1e-8

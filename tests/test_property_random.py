@@ -127,13 +127,15 @@ def test_implicit_hypergradient_closed_form(c):
 
 
 @settings(max_examples=25, **SETTINGS)
-@given(problems, st.integers(1, 40))
-def test_unrolled_is_the_k_step_map(c, K):
+@given(problems, st.integers(1, 40), st.sampled_from([1.0, 0.8, 0.5]))
+def test_unrolled_is_the_k_step_map(c, K, beta):
+    """KM relaxation β: u_{k+1} = (1−β)u_k + βT(u_k) = u_k − βs(Qu_k − Bx), the same closed form with βs."""
     p, r = _build(c)
-    solver = hp.GKMSolver(p.T, hypergrad="unrolled", tol=0.0, max_steps=K)
+    solver = hp.GKMSolver(p.T, hypergrad="unrolled", tol=0.0, max_steps=K, beta=beta)
     u, g, err, rec = _solve_recording(solver, p, backward=True)
     assert err is None, f"unrolled K={K}, tol=0 raised {err!r}"
     assert solver.info.steps == K
+    r = LinearFP(r.Q, r.B, r.y, beta * r.s, r.x0, r.t, r.X, r.kind)
     ref = reference(r, ("unrolled", K), r.x0)
     tol = 1e-9 if c["dtype"] == torch.float64 else 2e-3
     assert rel_err(u.double(), ref.value) <= tol
