@@ -263,9 +263,13 @@ def test_item09_nan_upstream_gradient(mode, kw):
         u.backward(torch.full_like(u, float("nan")))
         return x.grad
 
-    g, err, _ = _run_recording(run)
+    g, err, rec = _run_recording(run)
+    texts = [str(w.message) for w in rec] + ([str(err)] if err is not None else [])
+    for t in texts:  # item 24: "residual nan > nan" says nothing; the message must name the NaN
+        assert "nan > nan" not in t.lower(), t
     if err is not None:
         assert isinstance(err, hp.HODLError), f"generic error {type(err).__name__}: {err}"
+        assert re.search(r"(?i)non-finite|nan", str(err)), str(err)
         return
     assert g is not None and bool(torch.isnan(g).any()), f"{mode}: NaN upstream gradient became {g}"
 
