@@ -334,3 +334,37 @@ def test_assert_right_or_named_rejects_wrong_and_unnamed() -> None:
     with pytest.raises(AssertionError):
         assert_right_or_named(named("something failed"), ref, 1e-3)
 
+
+
+@pytest.mark.parametrize("entry", ["vmap", "vmap_grad"])
+@pytest.mark.parametrize("mode", ["implicit", "inexact", "unrolled", "first_order"])
+def test_vmap_per_sample_convergence(mode, entry):
+    """A batch whose samples converge at different rates: T(u; x) = u − x₀(Qu − B x₁:), step x₀ = s or
+    s/20 (ρ = 1 − x₀λ_min). Each sample must reach its own tolerance (a batch-averaged residual test
+    would stop the slow sample early). u* = Q⁻¹B x₁: for every step; ∂f/∂x₀ = 0 at the fixed point;
+    ∂f/∂x₁: = BᵀQ⁻ᵀ(u* − y) (first_order: x₀Bᵀ(u* − y))."""
+    p = _problem("spd")
+    n = p.n
+    X = torch.cat([torch.tensor([[p.s], [p.s / 20], [p.s / 5]], dtype=DT), p.X], dim=1)
+    tight = dict(eps=1e-11, delta=1e-11) if mode == "inexact" else dict(tol=1e-11)
+    solver = hp.GKMSolver(lambda u, x: u - x[0] * (p.Q @ u - p.B @ x[1:]), hypergrad=mode, max_steps=20000,
+                          **tight)
+
+    def solve(x):
+        return solver(torch.zeros(n, dtype=DT), x)
+
+    def f(x):
+        return p.F(solve(x))
+
+    if entry == "vmap":
+        ref = torch.stack([p.u_star(x[1:]) for x in X])
+        fn = lambda: torch.func.vmap(solve)(X)  # noqa: E731
+    else:
+        rows = []
+        for x in X:
+            u = p.u_star(x[1:])
+            J = x[0] * p.B if mode == "first_order" else torch.linalg.solve(p.Q, p.B)
+            rows.append(torch.cat([torch.zeros(1, dtype=DT), J.T @ (u - p.y)]))
+        ref = torch.stack(rows)
+        fn = lambda: torch.func.vmap(torch.func.grad(f))(X)  # noqa: E731
+    assert_right_or_named(fn, ref, 1e-7, what=f"per-sample vmap {mode}/{entry}")

@@ -5,6 +5,17 @@ The rule is the matrix's (:func:`test_matrix.assert_right_or_named`): the right 
 independent closed form, or a named error (a :class:`hodl_plugin.HODLError`, or a
 ``TypeError``/``ValueError`` naming the argument where the item is about bad input). Several items
 also require a :class:`hodl_plugin.ConvergenceWarning` where the solve cannot be trusted.
+
+Mutations tried by hand on a copy of the package (each caught by a test that passes on 7ea4691):
+Truncated back-propagating steps − 1 (matrix truncated cells); adjoint matvec v + J_uᵀv instead of
+v − J_uᵀv (matrix implicit cells); the residual under-reported 100x (item 21 and
+test_guard_forward_tolerance_is_honest); Unrolled running K − 1 steps (matrix unrolled tol0 cells);
+adjoint rtol 1e-10 → 1e-4 (test_guard_adjoint_accuracy_n60 — on n = 4 Krylov solves are exact and
+nothing else noticed); the hook returning ∇_uF instead of v (matrix implicit cells); first_order
+scaled by 1.0001 (matrix first_order cells); a loosened converged flag (matrix check_small cells);
+KM relaxation ignored between checks (property test_unrolled_is_the_k_step_map with β < 1);
+linearisation at u* + 1e-3 (matrix tanh implicit cells); truncated pre-phase 3 steps short (matrix
+truncated tol0 cells).
 """
 
 from __future__ import annotations
