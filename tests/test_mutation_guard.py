@@ -505,11 +505,16 @@ def test_item24_nan_lower_level_message(mode, on_divergence):
 def test_item24_converged_with_tol0(mode):
     p = make_linear("nonsym", seed=24)
     kw = {"steps": 5} if mode == "truncated" else {}
-    solver = hp.GKMSolver(p.T, hypergrad=mode, tol=0.0, max_steps=500, **kw)
+    try:
+        solver = hp.GKMSolver(p.T, hypergrad=mode, tol=0.0, max_steps=500, **kw)
+    except (ValueError, TypeError, hp.HODLError) as e:  # inexact: its forward tolerance is eps
+        assert mode == "inexact" and re.search(r"tol|eps", str(e)), str(e)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         u = solver(_zeros(p.n), p.x0.clone().requires_grad_(True))
-    assert solver.info.steps == 500
+    if mode != "inexact":  # inexact stops at its own eps
+        assert solver.info.steps == 500
     assert rel_err(u.detach(), p.u_star(p.x0)) < 1e-12
     assert solver.info.converged, "tol=0 ran 500 steps to roundoff; info.converged must say so"
 
