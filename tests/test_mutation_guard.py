@@ -515,7 +515,7 @@ def test_item24_converged_with_tol0(mode):
         u = solver(_zeros(p.n), p.x0.clone().requires_grad_(True))
     if mode != "inexact":  # inexact stops at its own eps
         assert solver.info.steps == 500
-    assert rel_err(u.detach(), p.u_star(p.x0)) < 1e-12
+        assert rel_err(u.detach(), p.u_star(p.x0)) < 1e-12
     assert solver.info.converged, "tol=0 ran 500 steps to roundoff; info.converged must say so"
 
 
