@@ -1,0 +1,370 @@
+r"""One matrix: every hypergradient mode × the options that change control flow × every autograd
+entry point, each against an independent reference (:mod:`_oracles`), or a named error.
+
+Rule of every cell (:func:`assert_right_or_named`): the result equals the reference to the stated
+relative tolerance, OR the call raises a subclass of :class:`hodl_plugin.HODLError` whose message
+names a hypergradient mode to use instead. A generic error from torch internals, a missing
+gradient, or a wrong number fails the cell.
+
+Problems (float64, n = 4, m = 3): ``spd`` — T(u; x) = u − s(Qu − Bx), Q SPD; ``nonsym`` — Q with a
+positive-definite symmetric part; ``tanh`` — u = tanh(Wu + Bx), W nonsymmetric, ‖W‖ = 0.5.
+Loss f(x) = ½‖u(x) − y‖².
+
+References per mode: implicit / inexact — the derivatives of u*(x) (closed forms, Q⁻¹B, BᵀQ⁻ᵀ(u*−y),
+BᵀQ⁻ᵀQ⁻¹B; for tanh (I − DW)⁻¹DB and central differences of the closed-form gradient for the
+Hessian); unrolled — the K-step map's own closed form when exactly K steps run (tol = 0), the
+fixed-point forms when it ran to a tight tolerance; truncated(k) — the last k steps,
+Σ_{i<k} Mⁱ sB (the known bug: k > check_every back-propagates only check_every steps);
+first_order — J_xᵀ∇_uF at u*.
+
+Options: ``default`` (no tolerance given), ``tight`` (tol 1e-12), ``tol0`` (exactly K steps),
+``check_small`` (check_every = 3 < truncated steps 10), ``check_large`` (check_every > max_steps = 150),
+``warm_key`` (inexact: warm start + key, primed by a first call at another x), ``anderson``
+(``acceleration=hp.Anderson(history_size=5)``), ``cg`` (implicit / inexact with solver="cg": on a
+nonsymmetric Jacobian the right outcome is a named error).
+
+gradcheck / gradgradcheck compare the analytic derivative with finite differences of the forward
+map, so they apply to the modes that claim the exact derivative of what ran (implicit, inexact,
+unrolled) and to the precise options only (a forward stopped at tol 1e-8 has a finite-difference
+derivative accurate to 1e-2; truncated and first_order are biased by design).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from _oracles import DT, make_linear, make_tanh, reference, rel_err
+
+import hodl_plugin as hp
+
+pytestmark = pytest.mark.filterwarnings("ignore::hodl_plugin.ConvergenceWarning")
+
+MODE_NAMES = ("implicit", "inexact", "unrolled", "truncated", "first_order")
+_MODE_RE = re.compile("|".join(MODE_NAMES))
+
+
+def assert_right_or_named(fn: Callable[[], Any], ref: Any, tol: float, what: str = "") -> Optional[Any]:
+    """``fn()`` equals ``ref`` (relative error ≤ ``tol``; ``ref=True`` for gradcheck-like calls), or
+    raises a :class:`hp.HODLError` naming a hypergradient mode. Returns the result (None if named)."""
+    try:
+        out = fn()
+    except hp.HODLError as e:
+        msg = str(e)
+        assert _MODE_RE.search(msg), f"{what}: named error {type(e).__name__} names no mode to use: {msg}"
+        return None
+    if ref is True:
+        assert out is True, f"{what}: expected True, got {out!r}"
+        return out
+    assert isinstance(out, torch.Tensor), f"{what}: expected a tensor, got {type(out).__name__}"
+    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert bool(torch.isfinite(out).all()), f"{what}: non-finite result {out}"
+    err = rel_err(out.detach(), ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}\n got {out}\n ref {ref}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the grid
+# ------------------------------------------------------------------------------------------------
+OPTIONS = {
+    "implicit": ["default", "tight", "tol0", "check_small", "check_large", "anderson", "cg"],
+    "inexact": ["default", "tight", "tol0", "check_small", "check_large", "warm_key", "anderson", "cg"],
+    "unrolled": ["default", "tight", "tol0", "check_small", "check_large", "anderson"],
+    "truncated": ["default", "tight", "tol0", "check_small", "check_large"],
+    "first_order": ["default", "tight", "tol0", "check_small", "check_large", "anderson"],
+}
+# the full option grid runs on "spd"; the others run the options where the operator's symmetry or
+# nonlinearity matters (transposes in the adjoint, CG's applicability, second derivatives of T)
+SUBSET = {"nonsym": {"default", "tight", "tol0", "cg"}, "tanh": {"tight", "tol0", "cg"}}
+ENTRIES = ["backward", "autograd_grad", "create_graph", "gradcheck", "gradgradcheck", "forward_ad",
+           "func_grad", "jacrev", "jacfwd", "hessian", "vmap", "vmap_grad"]
+CG_ENTRIES = {"backward", "create_graph", "jacfwd"}  # CG on a nonsymmetric Jacobian: one cell per order
+EXACT_MODES = {"implicit", "inexact", "unrolled"}  # claim the exact derivative of their forward map
+
+K_LARGE = 150  # check_large: max_steps, all < check_every (ρ ≤ 0.84: u_150 = u* to 1e-14)
+K_SHORT, K_TRUNC = 8, 3  # tol0 for unrolled / truncated: exactly 8 steps, the last 3 differentiated
+TRUNC_STEPS = 10  # truncated steps in the check_* options (> check_every = 3)
+TRUNC_DEFAULT = 20  # truncated steps with the default check_every = 10: the issue-11 item-1 bug
+
+
+def _cells():
+    for prob in ("spd", "nonsym", "tanh"):
+        for mode, options in OPTIONS.items():
+            for opt in options:
+                if prob in SUBSET and opt not in SUBSET[prob]:
+                    continue
+                for entry in ENTRIES:
+                    if entry in ("gradcheck", "gradgradcheck") and (mode not in EXACT_MODES or opt == "default"):
+                        continue
+                    if opt == "cg" and prob != "spd" and entry not in CG_ENTRIES:
+                        continue
+                    yield pytest.param(prob, mode, opt, entry, id=f"{prob}-{mode}-{opt}-{entry}")
+
+
+_PROBLEMS: dict[str, Any] = {}
+
+
+def _problem(name: str):
+    if name not in _PROBLEMS:
+        _PROBLEMS[name] = make_tanh(seed=3) if name == "tanh" else make_linear(name, seed=1)
+    return _PROBLEMS[name]
+
+
+def configure(mode: str, opt: str) -> tuple[dict, Optional[str], tuple, float, bool]:
+    """Solver kwargs, key, reference kind, relative tolerance and whether to prime a warm start."""
+    tight = dict(eps=1e-12, delta=1e-12) if mode == "inexact" else dict(tol=1e-12)
+    kw: dict[str, Any] = {}
+    key, prime = None, False
+    trunc_steps = TRUNC_STEPS
+    ref: tuple = ("fixed",)
+    tol = 1e-7
+    if opt == "default":
+        tol = 2e-2 if mode == "inexact" else 1e-4
+        trunc_steps = TRUNC_DEFAULT
+    elif opt == "tight":
+        kw.update(tight, max_steps=2000)
+    elif opt == "tol0":
+        if mode in ("unrolled", "truncated"):
+            kw.update(tol=0.0, max_steps=K_SHORT)
+        else:
+            kw.update(tol=0.0, max_steps=300)
+            if mode == "inexact":
+                kw.update(eps=1e-12, delta=1e-12)
+    elif opt == "check_small":
+        kw.update(tight, max_steps=2000, check_every=3)
+    elif opt == "check_large":
+        kw.update(tight, max_steps=K_LARGE, check_every=10_000)
+    elif opt == "warm_key":
+        kw.update(tight, max_steps=2000, warm_start=True)
+        key, prime = "sample-0", True
+    elif opt == "anderson":
+        kw.update(tight, max_steps=2000, acceleration=hp.Anderson(history_size=5))
+        tol = 1e-6
+    elif opt == "cg":
+        kw.update(tight, max_steps=2000, solver="cg", adjoint_maxiter=200)
+    else:
+        raise ValueError(opt)
+
+    if mode == "unrolled":
+        if opt == "tol0":
+            ref = ("unrolled", K_SHORT)
+        elif opt == "check_large":
+            ref = ("unrolled", K_LARGE)  # exactly max_steps: the only check is at the last step
+    elif mode == "truncated":
+        if opt == "tol0":
+            kw["steps"] = K_TRUNC
+            ref = ("truncated", K_SHORT, K_TRUNC, True)
+        else:
+            kw["steps"] = trunc_steps
+            ref = ("truncated", None, trunc_steps, False)
+    elif mode == "first_order":
+        ref = ("first_order",)
+    return kw, key, ref, tol, prime
+
+
+def run_entry(entry: str, solve: Callable, f: Callable, p, x0: torch.Tensor):
+    m = x0.numel()
+    if entry == "backward":
+        x = x0.clone().requires_grad_(True)
+        f(x).backward()
+        return x.grad
+    if entry == "autograd_grad":
+        x = x0.clone().requires_grad_(True)
+        return torch.autograd.grad(f(x), x)[0]
+    if entry == "create_graph":
+        x = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+        return torch.stack([torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(m)])
+    if entry == "gradcheck":
+        x = x0.clone().requires_grad_(True)
+        return torch.autograd.gradcheck(solve, (x,), nondet_tol=1e-9)
+    if entry == "gradgradcheck":
+        x = x0.clone().requires_grad_(True)
+        return torch.autograd.gradgradcheck(solve, (x,), nondet_tol=1e-9)
+    if entry == "forward_ad":
+        with fwAD.dual_level():
+            u = solve(fwAD.make_dual(x0.clone(), p.t))
+            tangent = fwAD.unpack_dual(u).tangent
+        assert tangent is not None, "forward mode: the output carries no tangent (a zero derivative)"
+        return tangent.clone()
+    if entry == "func_grad":
+        return torch.func.grad(f)(x0.clone())
+    if entry == "jacrev":
+        return torch.func.jacrev(solve)(x0.clone())
+    if entry == "jacfwd":
+        return torch.func.jacfwd(solve)(x0.clone())
+    if entry == "hessian":
+        return torch.func.hessian(f)(x0.clone())
+    if entry == "vmap":
+        return torch.func.vmap(solve)(p.X.clone())
+    if entry == "vmap_grad":
+        return torch.func.vmap(torch.func.grad(f))(p.X.clone())
+    raise ValueError(entry)
+
+
+_EXPECTED: dict[tuple, Any] = {}
+
+
+def expected(entry: str, p, ref_kind: tuple):
+    k = (p.kind, entry, ref_kind)
+    if k not in _EXPECTED:
+        _EXPECTED[k] = _expected(entry, p, ref_kind)
+    return _EXPECTED[k]
+
+
+def _expected(entry: str, p, ref_kind: tuple):
+    r = reference(p, ref_kind, p.x0)
+    if entry in ("backward", "autograd_grad", "func_grad"):
+        return r.grad
+    if entry in ("create_graph", "hessian"):
+        return r.hess
+    if entry in ("gradcheck", "gradgradcheck"):
+        return True
+    if entry == "forward_ad":
+        return r.jac @ p.t
+    if entry in ("jacrev", "jacfwd"):
+        return r.jac
+    if entry == "vmap":
+        return torch.stack([reference(p, ref_kind, x).value for x in p.X])
+    if entry == "vmap_grad":
+        return torch.stack([reference(p, ref_kind, x).grad for x in p.X])
+    raise ValueError(entry)
+
+
+@pytest.mark.parametrize("prob,mode,opt,entry", list(_cells()))
+def test_matrix(prob: str, mode: str, opt: str, entry: str) -> None:
+    p = _problem(prob)
+    ref = expected(entry, p, configure(mode, "tight" if opt == "anderson" else opt)[2])
+    tol = configure(mode, "tight" if opt == "anderson" else opt)[3]
+    if opt == "anderson":
+        tol = 1e-6
+    if prob == "tanh" and entry in ("create_graph", "hessian"):
+        tol = max(tol, 1e-6)  # reference Hessian by central differences (h = 1e-4)
+
+    def cell():
+        kw, key, _, _, prime = configure(mode, opt)
+        solver = hp.GKMSolver(p.T, hypergrad=mode, **kw)
+        u0 = torch.zeros(p.n, dtype=DT)
+
+        def solve(x):
+            return solver(u0, x, key=key)
+
+        def f(x):
+            return p.F(solve(x))
+
+        if prime:  # a first call (forward + backward) at another x fills the warm-start caches
+            xp = p.X[0].clone().requires_grad_(True)
+            f(xp).backward()
+        return run_entry(entry, solve, f, p, p.x0)
+
+    assert_right_or_named(cell, ref, tol, what=f"{prob}/{mode}/{opt}/{entry}")
+
+
+def test_reference_self_check() -> None:
+    """The references themselves, against peer computations: central differences of a direct
+    ``torch.linalg.solve`` (linear), of the plain fixed-point loop (tanh), and plain autograd of a
+    hand-written K-step loop (unrolled / truncated)."""
+    for name in ("spd", "nonsym"):
+        p = _problem(name)
+        x = p.x0
+        r = reference(p, ("fixed",), x)
+        assert rel_err(p.T(r.value, x), r.value) < 1e-14
+        from _oracles import fd_jacobian
+
+        assert rel_err(fd_jacobian(p.u_star, x), r.jac) < 1e-8
+        fgrad = lambda z: fd_jacobian(lambda w: p.F(p.u_star(w)).reshape(1), z)[0]  # noqa: E731
+        assert rel_err(fgrad(x), r.grad) < 1e-8
+        assert rel_err(fd_jacobian(lambda z: fgrad(z), x, 1e-3), r.hess) < 1e-5
+        assert torch.linalg.matrix_norm(p.M, 2) < 0.95
+        # unrolled / truncated closed forms vs autograd through a plain loop
+        xr = x.clone().requires_grad_(True)
+        u = torch.zeros(p.n, dtype=DT)
+        for i in range(K_SHORT):
+            if i == K_SHORT - K_TRUNC:
+                u_trunc_start = u.detach()
+            u = p.T(u, xr)
+        ru = reference(p, ("unrolled", K_SHORT), x)
+        assert rel_err(u.detach(), ru.value) < 1e-13
+        assert rel_err(torch.autograd.grad(p.F(u), xr)[0], ru.grad) < 1e-12
+        ut = u_trunc_start
+        for _ in range(K_TRUNC):
+            ut = p.T(ut, xr)
+        rt = reference(p, ("truncated", K_SHORT, K_TRUNC, True), x)
+        assert rel_err(torch.autograd.grad(p.F(ut), xr)[0], rt.grad) < 1e-12
+        assert rel_err(ut.detach(), rt.value) < 1e-13
+    # the issue's number: Truncated(50) of T = .9u + x gives Σ_{i<50} .9^i = 9.948
+    assert abs(sum(0.9**i for i in range(50)) - 9.948) < 1e-3
+    # tanh: closed-form Jacobian vs central differences of the plain loop
+    p = _problem("tanh")
+    from _oracles import fd_jacobian
+
+    r = reference(p, ("fixed",), p.x0)
+    assert rel_err(fd_jacobian(p.u_star, p.x0), r.jac) < 1e-8
+    ru = reference(p, ("unrolled", K_SHORT), p.x0)
+    assert rel_err(fd_jacobian(lambda z: p.run(torch.zeros(p.n, dtype=DT), z, K_SHORT)[0], p.x0), ru.jac) < 1e-8
+    rf = reference(p, ("first_order",), p.x0)
+    us = p.u_star(p.x0)
+    fo = lambda z: p.F(p.T(us, z)).reshape(1)  # noqa: E731
+    assert rel_err(fd_jacobian(lambda z: fd_jacobian(fo, z)[0], p.x0, 1e-3), rf.hess) < 1e-5
+    xr = p.x0.clone().requires_grad_(True)
+    g = torch.autograd.grad(p.F(p.T(us, xr)), xr, create_graph=True)[0]
+    Hd = torch.stack([torch.autograd.grad(g[i], xr, retain_graph=True)[0] for i in range(3)])
+    assert rel_err(Hd, rf.hess) < 1e-12
+
+
+def test_assert_right_or_named_rejects_wrong_and_unnamed() -> None:
+    """The cell rule itself: a wrong number, a generic error and a named error without a mode fail."""
+    ref = torch.ones(2, dtype=DT)
+    assert_right_or_named(lambda: ref.clone(), ref, 1e-12)
+    with pytest.raises(AssertionError):
+        assert_right_or_named(lambda: 1.01 * ref, ref, 1e-3)
+    with pytest.raises(RuntimeError):
+        assert_right_or_named(lambda: (_ for _ in ()).throw(RuntimeError("inplace")), ref, 1e-3)
+
+    def named(msg):
+        def raise_():
+            raise hp.LinearSolveError(msg)
+        return raise_
+
+    assert assert_right_or_named(named("use hypergrad='unrolled'"), ref, 1e-3) is None
+    with pytest.raises(AssertionError):
+        assert_right_or_named(named("something failed"), ref, 1e-3)
+
+
+
+@pytest.mark.parametrize("entry", ["vmap", "vmap_grad"])
+@pytest.mark.parametrize("mode", ["implicit", "inexact", "unrolled", "first_order"])
+def test_vmap_per_sample_convergence(mode, entry):
+    """A batch whose samples converge at different rates: T(u; x) = u − x₀(Qu − B x₁:), step x₀ = s or
+    s/20 (ρ = 1 − x₀λ_min). Each sample must reach its own tolerance (a batch-averaged residual test
+    would stop the slow sample early). u* = Q⁻¹B x₁: for every step; ∂f/∂x₀ = 0 at the fixed point;
+    ∂f/∂x₁: = BᵀQ⁻ᵀ(u* − y) (first_order: x₀Bᵀ(u* − y))."""
+    p = _problem("spd")
+    n = p.n
+    X = torch.cat([torch.tensor([[p.s], [p.s / 20], [p.s / 5]], dtype=DT), p.X], dim=1)
+    tight = dict(eps=1e-11, delta=1e-11) if mode == "inexact" else dict(tol=1e-11)
+    solver = hp.GKMSolver(lambda u, x: u - x[0] * (p.Q @ u - p.B @ x[1:]), hypergrad=mode, max_steps=20000,
+                          **tight)
+
+    def solve(x):
+        return solver(torch.zeros(n, dtype=DT), x)
+
+    def f(x):
+        return p.F(solve(x))
+
+    if entry == "vmap":
+        ref = torch.stack([p.u_star(x[1:]) for x in X])
+        fn = lambda: torch.func.vmap(solve)(X)  # noqa: E731
+    else:
+        rows = []
+        for x in X:
+            u = p.u_star(x[1:])
+            J = x[0] * p.B if mode == "first_order" else torch.linalg.solve(p.Q, p.B)
+            rows.append(torch.cat([torch.zeros(1, dtype=DT), J.T @ (u - p.y)]))
+        ref = torch.stack(rows)
+        fn = lambda: torch.func.vmap(torch.func.grad(f))(X)  # noqa: E731
+    assert_right_or_named(fn, ref, 1e-7, what=f"per-sample vmap {mode}/{entry}")
