@@ -16,7 +16,14 @@ The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that 
 
 from . import acceleration, errors, inexact, linear_solve, operators, prox, schedules
 from .acceleration import Anderson
-from .errors import ConvergenceWarning, DivergenceError, HODLError, LinearSolveError, ScheduleError
+from .errors import (
+    ConfigurationError,
+    ConvergenceWarning,
+    DivergenceError,
+    HODLError,
+    LinearSolveError,
+    ScheduleError,
+)
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
 from .inexact import BoundConstants
@@ -49,6 +56,7 @@ __all__ = [
     "BoundConstants",
     "HODLError",
     "ScheduleError",
+    "ConfigurationError",
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",

@@ -59,6 +59,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import ConfigurationError
+
 __all__ = ["Anderson"]
 
 
@@ -128,7 +130,7 @@ class Anderson:
     def check_compatible(self, mode: str, alpha: object) -> None:
         """Refuse the combinations that would be wrong (see the module docstring)."""
         if mode in ("unrolled", "truncated"):
-            raise ValueError(
+            raise ConfigurationError(
                 f"acceleration=Anderson(...) cannot be used with hypergrad={mode!r}: differentiating "
                 "through the least-squares extrapolation is not supported; use hypergrad='implicit', "
                 "'inexact' or 'first_order' (exact at the fixed point whatever the forward), or "
@@ -137,7 +139,7 @@ class Anderson:
         from .schedules import Constant
 
         if alpha is not None and not (isinstance(alpha, Constant) and alpha.c == 0):
-            raise ValueError(
+            raise ConfigurationError(
                 "acceleration=Anderson(...) cannot be combined with HODL aggregation (alpha_k > 0): the "
                 "selection of the F-optimal fixed point comes from the slowly vanishing alpha_k over "
                 "the whole run, which extrapolation skips. Pass alpha=0 (keeps upper for the inexact "

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "HODLError",
     "ScheduleError",
+    "ConfigurationError",
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
@@ -31,6 +32,11 @@ class ScheduleError(HODLError, ValueError):
     ...     print("bounded away from 0" in str(e))
     True
     """
+
+
+class ConfigurationError(HODLError, ValueError):
+    """Options that cannot work together (e.g. Anderson acceleration with unrolled
+    differentiation); raised at construction, naming the option to change."""
 
 
 class DivergenceError(HODLError, RuntimeError):

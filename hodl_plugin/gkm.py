@@ -383,7 +383,13 @@ class GKMIteration:
     def grad_upper(self, u: Tensor, params: Sequence[Tensor]) -> Tensor:
         r""":math:`\nabla_u F(u; x)`, differentiable w.r.t. ``u`` and ``x`` when grad mode is on."""
         if self.upper_grad is not None:
-            return self.upper_grad(u, *params)
+            g = self.upper_grad(u, *params)
+            if not isinstance(g, Tensor) or g.shape != u.shape:
+                raise ValueError(
+                    f"upper_grad(u, *params) must return a tensor shaped like u {tuple(u.shape)}, got "
+                    f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__} (it would be broadcast)"
+                )
+            return g
         assert self.upper is not None
         return grad_u(self.upper, u, params)
 

@@ -328,9 +328,9 @@ class Implicit(HypergradMethod):
             raise ValueError("adjoint_rtol and adjoint_atol cannot both be 0 (the adjoint solve would never stop)")
 
     def run(self, it, u0, params, info, max_steps, key=None):
-        def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
+        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info) -> Tensor:
             with torch.no_grad():
-                return it.run(u_start.detach(), _detached(ps), info, start=0, num_steps=max_steps)
+                return it.run(u_start.detach(), _detached(ps), info_, start=0, num_steps=max_steps)
 
         if not torch.is_grad_enabled():
             return forward(u0, params)
@@ -372,8 +372,8 @@ class Inexact(HypergradMethod):
     accuracies), warm-started from the iterate of the previous call with
     the same ``key`` (e.g. a mini-batch index; the ``u0`` passed is then used only for keys not
     seen before — ``info.warm_started`` says which); the adjoint system is solved to residual
-    :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute), warm-started likewise (a warm start worse than zero is dropped, so
-    the adjoint stays linear in the upstream gradient). After ``backward()`` the solver's ``info``
+    :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute), warm-started likewise
+    (a warm start worse than zero is dropped, so the adjoint stays linear in the upstream gradient). After ``backward()`` the solver's ``info``
     holds ``eps``, ``delta``, the adjoint diagnostics and the a-posteriori ``error_bound``
     (:mod:`hodl_plugin.inexact`). Higher derivatives (double backward, forward mode, ``torch.func``)
     go through the same primitive as :class:`Implicit`, with solves to :math:`\delta_k`.
@@ -466,12 +466,12 @@ class Inexact(HypergradMethod):
                 stacklevel=4,
             )
 
-        def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
+        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info) -> Tensor:
             start = cached.to(u_start.dtype) if use_cache else u_start.detach()
             with torch.no_grad():
                 tols = {"tol": eps_k} if self.relative else {"tol": 0.0, "atol": eps_k}
-                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, **tols)
-            if self.warm_start and not info.diverged:
+                u = it.run(start, _detached(ps), info_, start=0, num_steps=max_steps, **tols)
+            if self.warm_start and not info_.diverged:
                 self.u_cache[key] = u.detach().clone()
             return u
 

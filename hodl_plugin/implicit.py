@@ -55,6 +55,7 @@ from . import linear_solve as ls
 from ._autodiff import make_vjp
 from ._checks import transforms_active
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
+from .gkm import SolverInfo
 
 __all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
 
@@ -115,6 +116,7 @@ class FixedPointProblem:
         self.first_done = False
         self.closure_args: Sequence[Tensor] = ()
         self.symmetric_checked = False
+        self.slice_info: Optional[SolverInfo] = None
 
     # -- T with explicit tensors -----------------------------------------------------------
     def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -265,7 +267,8 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def forward(problem: FixedPointProblem, u0: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        return problem.forward(u0, tensors[: problem.n_params]).clone()
+        extra = {} if problem.slice_info is None else {"info_": problem.slice_info}
+        return problem.forward(u0, tensors[: problem.n_params], **extra).clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -298,11 +301,31 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
-        outs = [
-            FixedPoint.apply(problem, *_slice(i, (u0, *ts), in_dims[1:]))
-            for i in range(info.batch_size)
-        ]
+        outs, infos = [], []
+        for i in range(info.batch_size):  # each sample solved on its own, with its own stopping test
+            problem.slice_info = SolverInfo(mode=problem.info.mode) if problem.info is not None else None
+            try:
+                outs.append(FixedPoint.apply(problem, *_slice(i, (u0, *ts), in_dims[1:])))
+            finally:
+                infos.append(problem.slice_info)
+                problem.slice_info = None
+        _merge_infos(problem.info, infos)
         return torch.stack(outs), 0
+
+
+def _merge_infos(into: Optional[SolverInfo], infos: Sequence[Optional[SolverInfo]]) -> None:
+    """The diagnostics of a vmapped solve: per-sample steps and flags, the worst of each."""
+    done = [i for i in infos if i is not None]
+    if into is None or not done:
+        return
+    into.steps = max(i.steps for i in done)
+    into.steps_per_sample = torch.tensor([i.steps for i in done])
+    into.converged_per_sample = torch.tensor([bool(i.converged) for i in done])
+    into.converged = all(i.converged for i in done)
+    into.diverged = any(i.diverged for i in done)
+    worst = max(done, key=lambda i: i.residual if math.isfinite(i.residual) else math.inf)
+    into.residuals, into.residual_steps, into.tol = worst.residuals, worst.residual_steps, worst.tol
+    into.message = "; ".join(dict.fromkeys(i.message for i in done if i.message))
 
 
 def _slice(i: int, tensors: Sequence[Any], dims: Sequence[Optional[int]]) -> list:
