@@ -375,8 +375,9 @@ class Inexact(HypergradMethod):
     :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute), warm-started likewise
     (a warm start worse than zero is dropped, so the adjoint stays linear in the upstream gradient).
     After ``backward()`` the solver's ``info`` holds ``eps``, ``delta``, the adjoint diagnostics and
-    the a-posteriori ``error_bound`` (:mod:`hodl_plugin.inexact`). Higher derivatives (double backward, forward mode, ``torch.func``)
-    go through the same primitive as :class:`Implicit`, with solves to :math:`\delta_k`.
+    the a-posteriori ``error_bound`` (:mod:`hodl_plugin.inexact`). Higher derivatives (double
+    backward, forward mode, ``torch.func``) go through the same primitive as :class:`Implicit`, with
+    solves to :math:`\delta_k`.
 
     A method object holds counters and warm starts: give each solver its own (a second solver using
     the same object raises ``ValueError``).
