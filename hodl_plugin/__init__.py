@@ -14,7 +14,8 @@ The public API in one place:
 The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that imports Betty.
 """
 
-from . import errors, inexact, linear_solve, operators, prox, schedules
+from . import acceleration, errors, inexact, linear_solve, operators, prox, schedules
+from .acceleration import Anderson
 from .errors import ConvergenceWarning, DivergenceError, HODLError, LinearSolveError, ScheduleError
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GKMSolver",
     "SolverInfo",
+    "Anderson",
     "HypergradMethod",
     "Unrolled",
     "Truncated",
@@ -50,6 +52,7 @@ __all__ = [
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
+    "acceleration",
     "errors",
     "inexact",
     "linear_solve",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ def check_inputs(u0: object, params: Sequence[object], modules: Iterable[Tensor]
         _check_like(p, u0, f"params[{i}]")
     for j, t in enumerate(modules):
         _check_like(t, u0, f"a parameter/buffer of the operator (#{j})")
-    if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
-        return  # under vmap a data-dependent check cannot run here; the solve itself checks its values
+    if transforms_active():  # a finiteness test would need a host sync; NaN then propagates
+        return
     tensors = [u0, *(p for p in params if p.is_floating_point())]  # type: ignore[union-attr]
     finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
     if not bool(finite.all()):
@@ -62,3 +62,39 @@ def check_operator_output(out: object, u: Tensor) -> None:
         raise TypeError(f"the operator T(u, *params) returned dtype {out.dtype}, expected {u.dtype}")
     if out.device != u.device:
         raise ValueError(f"the operator T(u, *params) returned a tensor on {out.device}, expected {u.device}")
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jacfwd) is running: then no host
+    sync (``float``, ``bool``, ``.item()``) may happen on the tensors it traces.
+
+    >>> transforms_active()
+    False
+    """
+    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(fn()) if fn is not None else False
+
+
+def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor], functional: bool = False) -> Tensor:
+    """``T(u, *params)``, raising ``ValueError`` if ``T`` wrote into ``u`` or a parameter in place
+    (their version counters moved): the iteration needs ``u_k`` after computing ``T(u_k)``.
+
+    >>> import torch
+    >>> guard_inplace(lambda u, x: u.mul_(0.5).add_(x), torch.ones(2), [torch.ones(2)])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the operator T modified its input u in place (e.g. u.mul_(...), u += ...); ...
+    """
+    if functional:
+        return T(u, *params)
+    tensors = [u, *params]
+    before = [t._version for t in tensors]
+    out = T(u, *params)
+    changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if t._version != v]
+    if changed:
+        what = "u" if changed[0] == 0 else f"params[{changed[0] - 1}]"
+        raise ValueError(
+            f"the operator T modified its input {what} in place (e.g. u.mul_(...), u += ...); the GKM "
+            "iteration needs u_k after T(u_k): write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x))"
+        )
+    return out

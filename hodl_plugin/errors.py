@@ -41,7 +41,7 @@ class DivergenceError(HODLError, RuntimeError):
     ...     hp.GKMSolver(lambda u: 2.0 * u + 1.0)(torch.zeros(2))
     ... except hp.DivergenceError as e:
     ...     print(str(e)[:40])
-    the GKM iteration diverged at step 29: t
+    the GKM iteration diverged at step 19: t
     """
 
 

@@ -31,13 +31,15 @@ import weakref
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from . import linear_solve as ls
-from .errors import ConvergenceWarning, ScheduleError
+from ._checks import transforms_active
+from .errors import HODLError, ScheduleError
 from .gkm import GKMIteration, SolverInfo
-from .implicit import FixedPoint, FixedPointProblem
-from .inexact import BoundConstants, estimate_constants, with_v_norm
+from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem
+from .inexact import BoundConstants, a_posteriori, residuals_at, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
 __all__ = [
@@ -91,6 +93,9 @@ class HypergradMethod:
     def validate(self, max_steps: int) -> None:
         """Raise ``ValueError`` if the method cannot run with ``max_steps``."""
 
+    def bind(self, owner: object) -> None:
+        """Called by the solver that uses this method (stateful methods refuse a second one)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Counters and warm starts (empty for stateless methods)."""
         return {}
@@ -104,17 +109,6 @@ class HypergradMethod:
 
 def _detached(params: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach() for p in params]
-
-
-def _warn_unconverged(info: SolverInfo, what: str) -> None:
-    if not info.converged and not info.diverged:
-        warnings.warn(
-            f"{what}: the lower solve stopped after {info.steps} steps with residual "
-            f"{info.residual:.3e} > tol {info.tol:.3e}; the hypergradient is taken at a point that "
-            "is not a fixed point (raise max_steps or tol, or use hypergrad='unrolled')",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
 
 
 class Unrolled(HypergradMethod):
@@ -265,7 +259,17 @@ def _implicit_solve(
         it.T, len(params), names, forward, make_solver, on_fail=on_fail, info=info, x0=x0, after=after,
         check_unique=check_unique, symmetric=bool(getattr(it.T, "symmetric_jacobian", False)),
     )
-    return FixedPoint.apply(problem, u0, *tensors)
+    u = FixedPoint.apply(problem, u0, *tensors)
+    if torch.is_grad_enabled() and not transforms_active():
+        # tensors T reads from its closure (e.g. a Betty node's parents) get first-order gradients
+        problem.closure_args = tensors
+        with torch.enable_grad():
+            w = problem.T_call(u.detach(), [t.detach() for t in tensors])
+        if w.requires_grad:
+            u = u + ClosureAdjoint.apply(problem, w, u.detach())
+        elif getattr(fwAD, "_current_level", -1) >= 0 and fwAD.unpack_dual(w).tangent is not None:
+            raise HODLError(_CLOSURE_MSG.format(what="forward-mode AD"))
+    return u
 
 
 class Implicit(HypergradMethod):
@@ -335,10 +339,8 @@ class Implicit(HypergradMethod):
         def make():
             return _make_solver(self.solver, it.T, rtol=rtol, atol=self.atol, maxiter=self.maxiter)
 
-        u = _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
-                            check_unique=self.check_unique)
-        _warn_unconverged(info, "implicit hypergradient")
-        return u
+        return _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
+                               check_unique=self.check_unique)
 
     def __repr__(self) -> str:
         rtol = "auto" if self.rtol is None else f"{self.rtol:g}"
@@ -365,10 +367,12 @@ class Inexact(HypergradMethod):
     r"""Inexact implicit hypergradient with accuracy schedules (ISGD / MAID, SPEC §3).
 
     At call :math:`k` (counted over calls with grad enabled): the forward stops when the residual
-    :math:`\|u - T(u)\| \le \varepsilon_k`, warm-started from the iterate of the previous call with
+    :math:`\|u - T(u)\| \le \varepsilon_k\,\max(\|u\|, r_0)` (``relative=True``, the default: scale-aware,
+    :math:`r_0` the first residual) or :math:`\le \varepsilon_k` (``relative=False``: ISGD's absolute
+    accuracies), warm-started from the iterate of the previous call with
     the same ``key`` (e.g. a mini-batch index; the ``u0`` passed is then used only for keys not
-    seen before — ``info.warm_started`` says which); the adjoint system is solved to absolute
-    residual :math:`\delta_k`, warm-started likewise (a warm start worse than zero is dropped, so
+    seen before — ``info.warm_started`` says which); the adjoint system is solved to residual
+    :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute), warm-started likewise (a warm start worse than zero is dropped, so
     the adjoint stays linear in the upstream gradient). After ``backward()`` the solver's ``info``
     holds ``eps``, ``delta``, the adjoint diagnostics and the a-posteriori ``error_bound``
     (:mod:`hodl_plugin.inexact`). Higher derivatives (double backward, forward mode, ``torch.func``)
@@ -390,6 +394,7 @@ class Inexact(HypergradMethod):
         warm_start: reuse the previous ``u`` and ``v`` of the same key.
         on_fail: ``"warn"`` (default) or ``"raise"`` when the adjoint misses :math:`\delta_k`.
         check_unique: as for :class:`Implicit`.
+        relative: accuracies relative to the problem's scale (default) or absolute.
 
     >>> from hodl_plugin.schedules import Polynomial
     >>> Inexact(eps=Polynomial(1e-2, 0.5)).eps(3)
@@ -409,7 +414,9 @@ class Inexact(HypergradMethod):
         warm_start: bool = True,
         on_fail: str = "warn",
         check_unique: Optional[bool] = None,
+        relative: bool = True,
     ) -> None:
+        self.relative = bool(relative)
         self.eps = as_schedule(eps, "eps")
         self.delta = self.eps if delta is None else as_schedule(delta, "delta")
         problems = check_accuracy(self.eps, "eps") + check_accuracy(self.delta, "delta")
@@ -429,29 +436,41 @@ class Inexact(HypergradMethod):
         self.v_cache: dict[Hashable, Tensor] = {}
         self.estimated: Optional[BoundConstants] = None
         self._owner: Optional[Any] = None
+        self._told_warm = False
 
-    def _bind(self, it: GKMIteration) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and owner is not it:
+    def bind(self, owner: object) -> None:
+        """Refuse a second solver: the counter :math:`k` and the warm starts belong to one problem."""
+        current = self._owner() if self._owner is not None else None
+        if current is not None and current is not owner:
             raise ValueError(
                 "this Inexact object already belongs to another GKMSolver: its step counter and warm "
                 "starts would be shared. Give each solver its own hp.Inexact(...)"
             )
-        self._owner = weakref.ref(it)
+        self._owner = weakref.ref(owner)
 
     def run(self, it, u0, params, info, max_steps, key=None):
-        self._bind(it)
+        self.bind(it)
         key = _cache_key(key)
         eps_k, delta_k = self.eps(self.k), self.delta(self.k)
         info.eps, info.delta = eps_k, delta_k
         cached = self.u_cache.get(key) if self.warm_start else None
         use_cache = cached is not None and cached.shape == u0.shape and cached.device == u0.device
         info.warm_started = bool(use_cache)
+        if use_cache and not self._told_warm:
+            self._told_warm = True
+            warnings.warn(
+                f"Inexact warm start: key {key!r} was solved before, so this solve starts from its cached "
+                "iterate and the u0 you pass is used only for new keys (warm_start=False always starts "
+                "from u0; this is said once per method object)",
+                UserWarning,
+                stacklevel=4,
+            )
 
         def forward(u_start: Tensor, ps: Sequence[Tensor]) -> Tensor:
             start = cached.to(u_start.dtype) if use_cache else u_start.detach()
             with torch.no_grad():
-                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, tol=eps_k, rtol=0.0)
+                tols = {"tol": eps_k} if self.relative else {"tol": 0.0, "atol": eps_k}
+                u = it.run(start, _detached(ps), info, start=0, num_steps=max_steps, **tols)
             if self.warm_start and not info.diverged:
                 self.u_cache[key] = u.detach().clone()
             return u
@@ -462,6 +481,8 @@ class Inexact(HypergradMethod):
         self.k += 1
 
         def make():
+            if self.relative:
+                return _make_solver(self.solver, it.T, rtol=delta_k, atol=0.0, maxiter=self.maxiter)
             return _make_solver(self.solver, it.T, rtol=0.0, atol=delta_k, maxiter=self.maxiter)
 
         # the adjoint's warm start is fixed when the call is made, so every backward pass through this
@@ -486,24 +507,35 @@ class Inexact(HypergradMethod):
                                check_unique=self.check_unique, x0=x0, after=after)
 
     def _bound(self, it, u_star, params, learned, v, call, info) -> Optional[float]:
+        """``info.error_bound`` (a certified bound, or None with ``info.message``) and
+        ``info.error_estimate`` (not a bound), at the point the hypergradient used."""
         if self.constants is None:
             return None
-        if isinstance(self.constants, BoundConstants):
-            c = with_v_norm(self.constants, v)
-        elif it.upper is None:
+        adj = info.adjoint.residual if info.adjoint is not None else None
+        if isinstance(self.constants, BoundConstants):  # user-certified constants
+            eps, delta = residuals_at(it.T, it.upper, u_star, params, v, point=u_star)
+            delta = adj if delta is None else delta
+            return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta)
+        if it.upper is None:
             info.message = (
                 "no error bound: estimating it needs the upper objective (GKMSolver(..., upper=F, "
                 "alpha=0) uses F without aggregating) or known BoundConstants"
             )
             return None
-        else:
-            if self.estimated is None or call % max(1, self.estimate_every) == 0:
-                new = estimate_constants(it.T, it.upper, u_star, params, learned, v)
-                self.estimated = new if self.estimated is None else self.estimated.running_max(new)
-            c = with_v_norm(self.estimated, v)
-        eps_eff = min(info.eps or 0.0, info.residual) if info.converged else info.residual
-        delta_eff = info.adjoint.residual if info.adjoint is not None else math.inf
-        return c.bound(eps_eff, delta_eff)
+        if call % max(1, self.estimate_every) != 0:
+            info.message = f"error bound not computed at this call (estimate_every={self.estimate_every})"
+            return None
+        spec = self.solver if self.solver is not None else _default_solver_name(it.T)
+        rep = a_posteriori(
+            it.T, it.upper, u_star, params, learned, v,
+            point=u_star,  # the implicit primitive returns the forward iterate itself
+            adjoint_residual=adj,
+            symmetric=bool(getattr(it.T, "symmetric_jacobian", False)) or spec == "cg",
+        )
+        info.error_estimate = rep.estimate
+        if rep.message:
+            info.message = "error bound: " + rep.message
+        return rep.bound
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and warm starts as plain containers (readable by ``torch.load(weights_only=True)``)."""

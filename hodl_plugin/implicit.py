@@ -53,15 +53,10 @@ from torch import Tensor, nn
 
 from . import linear_solve as ls
 from ._autodiff import make_vjp
-from .errors import ConvergenceWarning, LinearSolveError
+from ._checks import transforms_active
+from .errors import ConvergenceWarning, HODLError, LinearSolveError
 
-__all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "transforms_active"]
-
-
-def transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jvp, vmap, ...) is running around this call."""
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False
+__all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
 
 
 def _vdot(a: Tensor, b: Tensor) -> Tensor:
@@ -118,6 +113,8 @@ class FixedPointProblem:
         self.forward, self.make_solver, self.on_fail, self.info = forward, make_solver, on_fail, info
         self.x0, self.after, self.check_unique, self.symmetric = x0, after, check_unique, symmetric
         self.first_done = False
+        self.closure_args: Sequence[Tensor] = ()
+        self.symmetric_checked = False
 
     # -- T with explicit tensors -----------------------------------------------------------
     def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -165,8 +162,9 @@ class FixedPointProblem:
 
     def _run_solver(self, matvec: Callable[[Tensor], Tensor], b: Tensor, first: bool, u: Tensor) -> Tensor:
         solver = self.make_solver()
-        if first and getattr(solver, "needs_symmetric", False):
-            _check_symmetric(matvec, b, self._fail)
+        if getattr(solver, "needs_symmetric", False) and not self.symmetric_checked:
+            _check_symmetric(matvec, b)  # once per call, on whichever solve comes first
+            self.symmetric_checked = True
         if first and self.check_unique:
             _check_nonsingular(matvec, b, solver)  # an undefined derivative is never only a warning
         x0 = self.x0() if first else None
@@ -221,7 +219,7 @@ class FixedPointProblem:
         return [next(grads) if t.requires_grad else None for t in ts]
 
 
-def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, fail: Callable[[str], None]) -> None:
+def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor) -> None:
     """CG needs a symmetric A: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random vectors (two products)."""
     gen = torch.Generator(device=b.device).manual_seed(1234)
     a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
@@ -230,10 +228,10 @@ def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, fail: Callab
     scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
     tol = 1e3 * torch.finfo(b.dtype).eps ** 0.75
     if abs(lhs - rhs) > tol * max(scale, 1e-300):
-        fail(
+        raise LinearSolveError(
             "solver='cg' needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = "
-            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric (declare "
-            "symmetric_jacobian = False, or pass solver='gmres')"
+            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric. Declare "
+            "symmetric_jacobian = False on it, or pass solver='gmres' to the implicit/inexact mode"
         )
 
 
@@ -373,3 +371,44 @@ class LinearSolve(torch.autograd.Function):
             for i in range(info.batch_size)
         ]
         return torch.stack(outs), 0
+
+
+class ClosureAdjoint(torch.autograd.Function):
+    r"""Implicit gradients for tensors that ``T`` reads from its closure (not passed as ``params``).
+
+    ``ClosureAdjoint.apply(problem, w, u*)`` returns zeros shaped like ``w = T(u*)`` (so adding it
+    leaves :math:`u^*` unchanged), and its backward turns the incoming :math:`\bar u` into
+    :math:`v = A^{-\top}\bar u`, which autograd carries through ``w``'s graph: the captured tensors
+    receive :math:`(\partial_\theta T)^\top v`. First order only: double backward, forward mode and
+    ``torch.func`` transforms raise :class:`~hodl_plugin.errors.HODLError` (pass the tensors as
+    ``params`` to get them).
+    """
+
+    @staticmethod
+    def forward(problem: FixedPointProblem, w: Tensor, u: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.zeros_like(w)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.problem = inputs[0]
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
+        if torch.is_grad_enabled() or transforms_active():
+            raise HODLError(_CLOSURE_MSG.format(what="double backward (create_graph=True) / torch.func"))
+        (u,) = ctx.saved_tensors
+        problem: FixedPointProblem = ctx.problem
+        ts = [p.detach() for p in problem.closure_args]
+        return None, problem.solve(True, g, u, ts, first=True), None
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Tensor:  # type: ignore[override]
+        raise HODLError(_CLOSURE_MSG.format(what="forward-mode AD"))
+
+
+_CLOSURE_MSG = (
+    "{what} through tensors that the operator T reads from its closure (not passed as params) is not "
+    "supported: they get first-order implicit gradients only. Pass them as params, solver(u0, *params) "
+    "with T(u, *params), or use hypergrad='unrolled'"
+)

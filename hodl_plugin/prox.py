@@ -11,7 +11,9 @@ tensor([-1.,  0.,  2.])
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import math
+import weakref
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -33,19 +35,93 @@ def l1(weight: float) -> Prox:
     >>> l1(0.5)(torch.tensor([1.0, -0.2]), 1.0)
     tensor([0.5000, -0.0000])
     """
-    if weight < 0:
-        raise ValueError(f"the l1 weight must be >= 0, got {weight}")
+    if isinstance(weight, Tensor):
+        if weight.numel() != 1:
+            raise ValueError("l1(weight) takes a number; use l1_param for a (learned) weight tensor")
+        weight = float(weight)
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"the l1 weight must be a finite number >= 0, got {weight!r}")
     return lambda v, step, *params: soft_threshold(v, step * weight)
+
+
+class _WeightCheck:
+    """Checks that a learned weight is finite and ``>= 0``, once per tensor and version.
+
+    The test reads the values (one host sync on a GPU), so it is not repeated while the same tensor,
+    unchanged (same ``_version``: in-place optimizer updates bump it), is passed again — i.e. once
+    per lower-level solve or optimizer step, not at every inner iteration. Writes through
+    ``w.data`` bypass the version counter (as they bypass autograd's own checks): update learned
+    weights in place under ``torch.no_grad()`` as ``torch.optim`` does.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.ref: Optional[weakref.ref] = None
+        self.version = -1
+
+    def __call__(self, w: Union[Tensor, float]) -> Union[Tensor, float]:
+        """``w`` itself, after the check; under ``torch.func`` transforms (``vmap``, ...) values
+        cannot be read, so invalid entries become NaN instead (the GKM iteration then stops with a
+        DivergenceError: non-finite)."""
+        if not isinstance(w, Tensor):
+            if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"{self.what} must be finite and >= 0, got {w!r}")
+            return w
+        if _wrapped(w):
+            return torch.where(torch.isfinite(w) & (w >= 0), w, torch.full_like(w, math.nan))
+        if self.ref is not None and self.ref() is w and w._version == self.version:
+            return w
+        with torch.no_grad():
+            finite = bool(torch.isfinite(w).all())
+            nonneg = bool((w >= 0).all()) if finite else False
+        if not (finite and nonneg):
+            bad = "non-finite (NaN/Inf)" if not finite else f"negative (min {float(w.detach().min()):.4g})"
+            raise ValueError(
+                f"{self.what} is {bad}: the prox of λ‖u‖₁ needs λ >= 0 (a negative λ is not a prox of a "
+                "convex function and the iteration 'converges' to a wrong point). Keep the learned "
+                "weight non-negative, e.g. pass softplus(θ) or exp(θ) as the parameter, or project "
+                "it after each optimizer step (with torch.no_grad(): w.clamp_(min=0))"
+            )
+        try:
+            self.ref = weakref.ref(w)
+            self.version = w._version
+        except TypeError:  # tensors that cannot be weakly referenced: check every call
+            self.ref = None
+        return w
+
+
+def _wrapped(w: Tensor) -> bool:
+    """Whether ``w`` is a torch.func (functorch) wrapper whose values cannot be read."""
+    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(fn(w)) if fn is not None else False
 
 
 def l1_param(index: int = 0) -> Prox:
     r"""Prox of :math:`\lambda\|u\|_1` with a *learned* :math:`\lambda` = ``params[index]``.
 
+    :math:`\lambda` (a scalar or a per-coordinate tensor) must stay finite and non-negative; a
+    violation raises ``ValueError`` at call time (checked once per tensor version, see above).
+
     >>> import torch
     >>> l1_param(0)(torch.tensor([1.0, -0.2]), 1.0, torch.tensor(0.5))
     tensor([0.5000, -0.0000])
+    >>> l1_param(0)(torch.tensor([1.0]), 1.0, torch.tensor(-0.5))
+    Traceback (most recent call last):
+    ...
+    ValueError: l1_param weight params[0] is negative (min -0.5): the prox ...
     """
-    return lambda v, step, *params: soft_threshold(v, step * params[index])
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"l1_param index must be an int >= 0, got {index!r}")
+    check = _WeightCheck(f"l1_param weight params[{index}]")
+
+    def prox(v: Tensor, step, *params: Tensor) -> Tensor:
+        if index >= len(params):
+            raise ValueError(
+                f"l1_param({index}) reads params[{index}] but the operator got {len(params)} parameter(s)"
+            )
+        return soft_threshold(v, step * check(params[index]))
+
+    return prox
 
 
 def nonnegative() -> Prox:
@@ -65,8 +141,8 @@ def box(lo: float, hi: float) -> Prox:
     >>> box(0.0, 1.0)(torch.tensor([-1.0, 0.5, 2.0]), 0.1)
     tensor([0.0000, 0.5000, 1.0000])
     """
-    if lo > hi:
-        raise ValueError(f"box needs lo <= hi, got [{lo}, {hi}]")
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"box needs lo <= hi (not NaN), got [{lo}, {hi}]")
     return lambda v, step, *params: torch.clamp(v, lo, hi)
 
 

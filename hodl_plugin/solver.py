@@ -25,8 +25,9 @@ from typing import Any, Callable, Hashable, Optional, Union
 from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
+from .acceleration import Anderson
 from .errors import ConvergenceWarning, ScheduleError
-from .gkm import GKMIteration, SolverInfo
+from .gkm import GKMIteration, SolverInfo, validate_count
 from .hypergrad import HypergradMethod, get_method
 from .schedules import Harmonic, Schedule, as_schedule, check_aggregation, check_relaxation
 
@@ -43,7 +44,8 @@ class GKMSolver(nn.Module):
         w_k = u_k - \alpha_k s \nabla_u F(u_k; x),\qquad
         u_{k+1} = (1-\beta_k) u_k + \beta_k T(w_k; x)
 
-    until :math:`\|T(w_k) - u_k\| \le \mathrm{tol} + \mathrm{rtol}\,\|u_k\|` or ``max_steps``, and
+    until :math:`\|T(w_k) - u_k\| \le \max(\mathrm{tol}\cdot\max(\|u_{k+1}\|, r_0),\ \mathrm{atol})`
+    (:math:`r_0` the first residual) or ``max_steps``, and
     returns a tensor differentiable w.r.t. every tensor in ``params`` (and the parameters of ``T``
     or ``upper`` when they are ``nn.Module``\ s) by the method ``hypergrad``. Diagnostics of the last
     call are in :attr:`info` (:class:`~hodl_plugin.gkm.SolverInfo`).
@@ -51,8 +53,15 @@ class GKMSolver(nn.Module):
     Args:
         T: the operator ``T(u, *params) -> tensor shaped like u``, nonexpansive in u (a callable or
             an ``nn.Module``; see :mod:`hodl_plugin.operators`).
-        max_steps: K, the most GKM steps.
-        tol, rtol: absolute / relative tolerance on the residual; ``tol=0`` runs exactly K steps.
+        max_steps: K, the most GKM steps (an integer >= 1).
+        tol: *relative* tolerance on the residual, scale-aware: the threshold is
+            ``tol · max(‖u‖, r_0)``, so a problem scaled by 1e-8 stops at the same relative accuracy.
+            Default ``None``: :func:`~hodl_plugin.gkm.default_tol` of the dtype (1e-10 in float64,
+            1e-5 in float32). ``tol=0`` (with ``atol=0``) runs exactly K steps; ``info.converged``
+            then says whether the last residual meets the dtype's default tolerance.
+        atol: absolute tolerance, on request: the threshold is ``max(tol·scale, atol)``; pass
+            ``tol=0, atol=1e-8`` for a purely absolute stop.
+        rtol: older name of the relative tolerance (the larger of ``tol`` and ``rtol`` counts).
         hypergrad: ``"implicit"`` (default), ``"unrolled"``, ``"truncated"``, ``"inexact"``,
             ``"first_order"`` or a :class:`~hodl_plugin.hypergrad.HypergradMethod` object.
         upper: the upper objective ``F(u, *params) -> scalar``; with it the iteration aggregates
@@ -70,6 +79,11 @@ class GKMSolver(nn.Module):
             the first residual (or becomes non-finite).
         on_divergence: ``"raise"`` a :class:`~hodl_plugin.errors.DivergenceError` (default) or
             ``"warn"`` and return the last finite iterate with ``info.diverged = True``.
+        batch_dims: the leading dims of ``u`` that index independent problems (a batch of images,
+            per-sample lower levels): residuals, thresholds and the stop test are per sample,
+            converged samples stop changing, ``info.steps_per_sample`` reports their steps.
+        acceleration: ``None`` (plain KM) or :class:`~hodl_plugin.acceleration.Anderson` — with
+            the implicit, inexact and first_order modes, not with aggregation (``alpha``).
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
         **method_options: options of the method named by ``hypergrad`` (e.g. ``steps=5`` for
@@ -84,8 +98,13 @@ class GKMSolver(nn.Module):
         >>> x.grad                                           # du*/dx = 2 I
         tensor([2.0000, 2.0000, 2.0000])
 
+    A solve with a tolerance that stops at ``max_steps`` without meeting it warns
+    (:class:`~hodl_plugin.errors.ConvergenceWarning`, naming the steps, residual and threshold), in
+    every mode.
+
     Raises:
         ScheduleError: a schedule breaks the convergence conditions (``strict=True``).
+        ValueError, TypeError: at construction, an argument out of range (named in the message).
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
             or non-finite inputs.
         DivergenceError: the iteration diverged (``on_divergence="raise"``).
@@ -96,8 +115,9 @@ class GKMSolver(nn.Module):
         T: Callable[..., Tensor],
         *,
         max_steps: int = 1000,
-        tol: float = 1e-8,
+        tol: Optional[float] = None,
         rtol: float = 0.0,
+        atol: float = 0.0,
         hypergrad: Union[str, HypergradMethod] = "implicit",
         upper: Optional[Callable[..., Tensor]] = None,
         upper_grad: Optional[Callable[..., Tensor]] = None,
@@ -108,25 +128,23 @@ class GKMSolver(nn.Module):
         check_every: int = 10,
         divergence_factor: float = 1e4,
         on_divergence: str = "raise",
+        batch_dims: int = 0,
+        acceleration: Optional[Anderson] = None,
         strict: bool = True,
         **method_options: Any,
     ) -> None:
         super().__init__()
         if not callable(T):
             raise TypeError(f"T must be callable (u, *params) -> tensor, got {type(T).__name__}")
-        if int(max_steps) < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if tol < 0 or rtol < 0:
-            raise ValueError(f"tol and rtol must be >= 0, got tol={tol}, rtol={rtol}")
-        if on_divergence not in ("raise", "warn"):
-            raise ValueError(f"on_divergence must be 'raise' or 'warn', got {on_divergence!r}")
-        if int(check_every) < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.max_steps = validate_count(max_steps, "max_steps")
         if upper is not None and not callable(upper):
             raise TypeError("upper must be callable (u, *params) -> scalar tensor")
+        if acceleration is not None and not isinstance(acceleration, Anderson):
+            raise TypeError(
+                f"acceleration must be None or hodl_plugin.Anderson(...), got {type(acceleration).__name__}"
+            )
         self.T = T  # registered as a submodule when it is an nn.Module
         self.upper = upper
-        self.max_steps = int(max_steps)
         self.method = get_method(hypergrad, **method_options)
         self.method.validate(self.max_steps)
 
@@ -152,6 +170,8 @@ class GKMSolver(nn.Module):
                 raise ScheduleError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
 
+        if acceleration is not None:
+            acceleration.check_compatible(self.method.name, alpha_s)
         self.iteration = GKMIteration(
             T,
             beta=beta_s,
@@ -161,10 +181,14 @@ class GKMSolver(nn.Module):
             alpha=alpha_s,
             tol=tol,
             rtol=rtol,
+            atol=atol,
             check_every=check_every,
             divergence_factor=divergence_factor,
             on_divergence=on_divergence,
+            batch_dims=batch_dims,
+            acceleration=acceleration,
         )
+        self.method.bind(self.iteration)  # a stateful method (inexact) serves one solver only
         self.info: Optional[SolverInfo] = None
 
     def forward(self, u0: Tensor, *params: Tensor, key: Optional[Hashable] = None) -> Tensor:
@@ -179,6 +203,7 @@ class GKMSolver(nn.Module):
         info = SolverInfo(mode=self.method.name)
         self.info = info
         u = self.method.run(self.iteration, u0, params, info, self.max_steps, key)
+        warn_unconverged(info)
         return u, info
 
     # checkpointing of counters and warm starts (inexact mode)
@@ -189,4 +214,23 @@ class GKMSolver(nn.Module):
         self.method.load_state_dict(state.get("method", {}))
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, max_steps={self.max_steps}, tol={self.iteration.tol:g}"
+        tol = self.iteration.tol
+        return f"method={self.method!r}, max_steps={self.max_steps}, tol={'dtype default' if tol is None else tol}"
+
+
+def warn_unconverged(info: SolverInfo) -> None:
+    """The one place that warns when a forward solve asked for a tolerance and missed it."""
+    if info.converged or info.diverged or info.exact_steps or not info.residuals.numel():
+        return
+    which = ""
+    if info.converged_per_sample is not None:
+        bad = (~info.converged_per_sample).nonzero().flatten().tolist()
+        which = f" ({len(bad)} of {info.converged_per_sample.numel()} samples, e.g. {bad[:5]})"
+    warnings.warn(
+        f"the lower solve ({info.mode}) did not converge{which}: it stopped after {info.steps} steps "
+        f"with residual ||T(u) - u|| = {info.residual:.3e} above the threshold {info.tol:.3e}; the result "
+        "is not a fixed point. Raise max_steps, loosen tol (relative) / atol, pass acceleration="
+        "hp.Anderson(), or use tol=0 for exactly max_steps steps",
+        ConvergenceWarning,
+        stacklevel=3,
+    )

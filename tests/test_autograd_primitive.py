@@ -229,3 +229,37 @@ def test_upper_objective_independent_of_u_is_named():
         with pytest.raises(ValueError, match="does not depend on u"):
             hp.GKMSolver(lambda u, x: 0.5 * u + x, upper=lambda u, x: (x**2).sum())(
                 torch.zeros(2, dtype=D), torch.ones(2, dtype=D))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tensors_read_from_the_operators_closure(mode):
+    """First-order gradients reach tensors captured by T (as a Betty node's operator reads its
+    parents); every higher-order / forward-mode path through them raises a named error."""
+    Q, B, y, s = quad()
+    theta = torch.tensor([0.3, -0.7, 1.1], dtype=D, requires_grad=True)
+    solver = hp.GKMSolver(lambda u: u - s * (Q @ u - B @ theta), max_steps=100000, tol=1e-13,
+                          hypergrad=mode, **MODES[mode])
+    Qi_B = torch.linalg.solve(Q, B)
+    (0.5 * ((solver(torch.zeros(5, dtype=D)) - y) ** 2).sum()).backward()
+    torch.testing.assert_close(theta.grad, Qi_B.T @ (Qi_B @ theta.detach() - y), rtol=1e-8, atol=1e-10)
+    loss = 0.5 * ((solver(torch.zeros(5, dtype=D)) - y) ** 2).sum()
+    with pytest.raises(hp.HODLError, match="Pass them as params"):
+        torch.autograd.grad(loss, theta, create_graph=True)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(theta.detach(), torch.ones(3, dtype=D))
+        solver2 = hp.GKMSolver(lambda u: u - s * (Q @ u - B @ dual), tol=1e-12, hypergrad=mode, **MODES[mode])
+        with pytest.raises(hp.HODLError, match="forward-mode"):
+            solver2(torch.zeros(5, dtype=D))
+
+
+def test_inexact_double_backward_is_reentrant_with_warm_starts():
+    """gradgradcheck runs each backward twice and compares bit for bit: the adjoint's warm start must
+    not change between passes through one call."""
+    Q, B, y, s = quad()
+    solver = hp.GKMSolver(lambda u, x: u - s * (Q @ u - B @ x), max_steps=100000, tol=1e-13,
+                          hypergrad="inexact", eps=1e-12, delta=1e-12)
+    x = torch.randn(3, dtype=D, requires_grad=True, generator=torch.Generator().manual_seed(4))
+    fn = lambda x: solver(torch.zeros(5, dtype=D), x)  # noqa: E731
+    torch.func.jacrev(fn)(x.detach())  # earlier calls leave adjoints of other upstream gradients cached
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(lambda x: fn(x) ** 2, (x,))

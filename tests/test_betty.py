@@ -247,7 +247,7 @@ def test_per_sample_warm_starts_across_betty_steps(kind, opts):
     cold = []
     for _, c in data:
         solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=5000,
-                              tol=opts.get("tol", opts.get("eps")))
+                              **({"tol": opts["tol"]} if "tol" in opts else {"tol": 0.0, "atol": opts["eps"]}))
         with torch.no_grad():
             solver(torch.zeros(2, 8, dtype=DT))
         cold.append(solver.info.steps)

@@ -100,6 +100,6 @@ def test_check_every_changes_sync_frequency_not_the_result():
         with torch.no_grad():
             outs.append(s(torch.zeros(2, dtype=DT)))
         assert s.info.steps == 200
-        assert s.info.residual_steps == sorted(set(list(range(every - 1, 200, every)) + [199]))
+        assert s.info.residual_steps == sorted(set([0] + list(range(every - 1, 200, every)) + [199]))  # step 0: r_0
         assert s.info.residuals.shape == (len(s.info.residual_steps),)
     assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -1,0 +1,220 @@
+r"""Anderson acceleration of the fixed-point iteration (type II, Walker & Ni 2011).
+
+With the residual :math:`f_k = T(u_k) - u_k` and the last :math:`m` differences
+:math:`\Delta U = [u_{i+1} - u_i]`, :math:`\Delta F = [f_{i+1} - f_i]`, each step solves the small
+ridge-regularised least-squares problem
+
+.. math::
+
+    \gamma_k = \arg\min_\gamma \|f_k - \Delta F\,\gamma\|^2 + \lambda\|D\gamma\|^2,
+    \qquad D = \mathrm{diag}(\|\Delta F_i\|),\ \lambda = \texttt{regularization},
+
+(a solve of the column-scaled :math:`m\times m` Gram matrix
+:math:`D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I`) and moves to
+
+.. math::  u_{k+1} = u_k + \beta f_k - (\Delta U + \beta\,\Delta F)\,\gamma_k
+
+(:math:`\beta` the mixing parameter, by default the solver's KM relaxation :math:`\beta_k`; with
+:math:`\gamma = 0` this is the plain KM step). Safeguards:
+
+- *restart*: when the scaled Gram matrix :math:`H` is ill-conditioned — its condition estimate
+  :math:`m\|H^{-1}p\|/\|p\| \le \|H\|\|H^{-1}\|` (a fixed probe :math:`p`, solved with the same
+  factorisation) exceeds ``restart_cond``, or the solve fails — the history is cleared and the step
+  is plain KM;
+- *fall-back*: when the residual at the accelerated point exceeds ``safeguard`` times the last
+  accepted one, that point is rejected, the history cleared, and the iteration continues from the
+  plain KM step of the last accepted point (no extra evaluation of :math:`T`: the rejected
+  evaluation is the price).
+
+Everything is batched (one least-squares per sample along ``batch_dims``) in preallocated buffers,
+with no host synchronisation: the solver's residual checks are the only syncs.
+
+Why not with HODL aggregation: the aggregated map changes with :math:`k`
+(:math:`w_k = u_k - \alpha_k s\nabla F(u_k)`), and the selection of the :math:`F`-optimal fixed point
+comes from :math:`\sum_k\alpha_k = \infty` accumulated over the whole run; an extrapolation that
+jumps to a fixed point of :math:`T` skips that drift and returns *a* fixed point, not the selected
+one (also when started late, where :math:`\alpha_k` is small but its sum still diverges). So the
+solver refuses the combination. Unrolled / truncated differentiation through the least-squares is
+not offered either (``ValueError``): use the implicit, inexact or first_order modes, whose backward
+is exact at the fixed point whatever the forward iteration was.
+
+Example:
+    >>> import torch, hodl_plugin as hp
+    >>> A = torch.diag(torch.linspace(1e-3, 1.0, 50, dtype=torch.float64))
+    >>> b = torch.ones(50, dtype=torch.float64)
+    >>> T = lambda u: u - (A @ u - b)           # u* = A⁻¹ b, contraction 1 - 1e-3: plain KM 16110 steps
+    >>> solver = hp.GKMSolver(T, max_steps=20000, acceleration=hp.Anderson(5))
+    >>> u, info = solver.solve(torch.zeros(50, dtype=torch.float64))
+    >>> float((u - 1 / A.diagonal()).norm() / u.norm()) < 1e-6, info.steps
+    (True, 480)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Anderson"]
+
+
+@dataclass
+class _State:
+    W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
+    G: Tensor  # (B, m, m) Gram matrix of the Δf halves (of the last step)
+    z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
+    r_prev: Tensor  # (B,) its residual norm
+    must_accept: Tensor  # (B,) bool: the current point is a fall-back KM step
+    restarts: Tensor  # (B,) restarts + fall-backs
+    probe: Tensor  # (m,) fixed probe vector of the condition estimate
+    probe_limit: float  # restart_cond · ‖probe‖
+    shape: torch.Size
+    n: int
+    B: int
+    steps: int = 0
+
+
+class Anderson:
+    """Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
+
+    Args:
+        history_size: m, the number of past differences used (memory ``2·m·numel(u)``).
+        mixing: the mixing parameter β of the update; ``None`` uses the solver's ``beta``.
+        regularization: ridge λ on the Gram matrix of the unit-scaled columns of ΔF.
+        restart_cond: clear the history when the scaled Gram matrix's condition estimate exceeds
+            this.
+        safeguard: reject an accelerated point whose residual exceeds ``safeguard`` times the last
+            accepted residual (fall back to the plain KM step); ``inf`` switches it off.
+
+    >>> Anderson(history_size=5)
+    Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0)
+    """
+
+    def __init__(
+        self,
+        history_size: int = 5,
+        mixing: Optional[float] = None,
+        regularization: float = 1e-10,
+        restart_cond: float = 1e8,
+        safeguard: float = 10.0,
+    ) -> None:
+        if isinstance(history_size, bool) or not isinstance(history_size, numbers.Integral) or history_size < 1:
+            raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
+        if mixing is not None and not (isinstance(mixing, numbers.Real) and 0 < mixing <= 1):
+            raise ValueError(f"mixing must be None or in (0, 1], got {mixing!r}")
+        if not (isinstance(regularization, numbers.Real) and 0 <= regularization < 1):
+            raise ValueError(f"regularization must be in [0, 1), got {regularization!r}")
+        if not (isinstance(restart_cond, numbers.Real) and restart_cond > 1):
+            raise ValueError(f"restart_cond must be > 1, got {restart_cond!r}")
+        if not (isinstance(safeguard, numbers.Real) and safeguard >= 1):
+            raise ValueError(f"safeguard must be >= 1 (inf: off), got {safeguard!r}")
+        self.history_size = int(history_size)
+        self.mixing = None if mixing is None else float(mixing)
+        self.regularization = float(regularization)
+        self.restart_cond = float(restart_cond)
+        self.safeguard = float(safeguard)
+
+    def __repr__(self) -> str:
+        return (
+            f"Anderson(history_size={self.history_size}, mixing={self.mixing}, "
+            f"regularization={self.regularization:g}, restart_cond={self.restart_cond:g}, "
+            f"safeguard={self.safeguard!r})"
+        )
+
+    def check_compatible(self, mode: str, alpha: object) -> None:
+        """Refuse the combinations that would be wrong (see the module docstring)."""
+        if mode in ("unrolled", "truncated"):
+            raise ValueError(
+                f"acceleration=Anderson(...) cannot be used with hypergrad={mode!r}: differentiating "
+                "through the least-squares extrapolation is not supported; use hypergrad='implicit', "
+                "'inexact' or 'first_order' (exact at the fixed point whatever the forward), or "
+                "acceleration=None"
+            )
+        from .schedules import Constant
+
+        if alpha is not None and not (isinstance(alpha, Constant) and alpha.c == 0):
+            raise ValueError(
+                "acceleration=Anderson(...) cannot be combined with HODL aggregation (alpha_k > 0): the "
+                "selection of the F-optimal fixed point comes from the slowly vanishing alpha_k over "
+                "the whole run, which extrapolation skips. Pass alpha=0 (keeps upper for the inexact "
+                "bound) or acceleration=None"
+            )
+
+    # -- the batched state machine, called by GKMIteration ---------------------------------------
+    def init(self, u: Tensor, batch_dims: int) -> _State:
+        """The state for ``u`` (``batch_dims`` leading dims are independent samples); the history
+        buffers are preallocated at the first step, from ``[u, T(u) - u]`` (so that under
+        ``torch.func.vmap`` they are batched like the iterates)."""
+        B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
+        m = self.history_size
+        probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
+        empty = u.new_zeros(0)
+        return _State(W=empty, G=empty, z_prev=empty, r_prev=empty, must_accept=empty, restarts=empty,
+                      probe=probe, probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
+                      shape=u.shape, n=u.numel() // B if B else 0, B=B)
+
+    def step(self, st: _State, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
+
+        About 50 small tensor operations, none of which synchronises with the host.
+        """
+        B, m, n = st.B, self.history_size, st.n
+        z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
+        uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
+        mix = beta if self.mixing is None else self.mixing
+        st.steps += 1
+        if st.steps == 1:  # no history yet: allocate it, take the plain KM step
+            zeros = torch.zeros_like(z)
+            st.W = zeros.unsqueeze(1).repeat(1, m, 1)
+            st.G = zeros[:, :1].unsqueeze(-1).repeat(1, m, m)
+            st.must_accept = r != r
+            st.restarts = torch.zeros_like(r)
+            st.z_prev, st.r_prev = z, r
+            return (uf + mix * ff).reshape(st.shape)
+        # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
+        keep = (r <= self.safeguard * st.r_prev) | st.must_accept
+        # 2. the new secant pair [Δu, Δf] into the ring buffer; the Gram matrix of the Δf halves
+        #    (m² n multiply-adds, one kernel: cheaper than updating it row by row)
+        i = (st.steps - 2) % m
+        st.W[:, i] = z - st.z_prev
+        dF = st.W[:, :, n:]
+        st.G = torch.bmm(dF, dF.transpose(1, 2))
+        # 3. ridge least squares on unit-scaled columns; an unused (zero) column gets a zero row and
+        #    column and a unit diagonal, so its coefficient is 0
+        sc = st.G.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(z.dtype).tiny).rsqrt()
+        H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2))
+        H.diagonal(dim1=1, dim2=2).fill_(1.0 + self.regularization)
+        rhs = torch.bmm(dF, ff.unsqueeze(-1)).squeeze(-1) * sc
+        sol, fail = torch.linalg.solve_ex(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
+        # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
+        # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
+        ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
+        gamma = torch.where(ok.unsqueeze(-1), sol[..., 0], 0.0) * sc  # where: a failed solve may hold NaN
+        # 4. the step (plain KM when gamma = 0), or the fall-back KM step of the last accepted point
+        c = torch.bmm(gamma.unsqueeze(1), st.W).squeeze(1)
+        u_aa = uf - c[:, :n] + mix * (ff - c[:, n:])
+        prev = st.z_prev
+        k1 = keep.unsqueeze(-1)
+        u_next = torch.where(k1, u_aa, prev[:, :n] + beta * prev[:, n:])
+        # 5. rejected or ill-conditioned samples restart with an empty history; the accepted point
+        #    becomes the reference
+        fresh = keep & ok
+        st.W.mul_(fresh[:, None, None])
+        st.z_prev = torch.where(k1, z, prev)
+        st.r_prev = torch.where(keep, r, st.r_prev)
+        st.must_accept = ~keep
+        st.restarts = st.restarts + ~fresh
+        return u_next.reshape(st.shape)
+
+    def report(self, st: _State, info: object) -> None:
+        """Add the acceleration's counts to ``info`` (eager mode only)."""
+        from ._checks import transforms_active
+
+        if transforms_active() or st.steps < 1:
+            return
+        info.restarts += int(st.restarts.max())  # type: ignore[attr-defined]
+        info.accelerated += max(0, st.steps - 1)  # type: ignore[attr-defined]

@@ -1,0 +1,249 @@
+"""Anderson acceleration (issue 14): fixed points and hypergradients against closed forms / Newton,
+step counts against plain KM to the same relative tolerance, refusals, batching, safeguards."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import hodl_plugin as hp
+
+D = torch.float64
+
+
+def spd(n, cond, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    ev = torch.logspace(0, math.log10(cond), n, dtype=D)
+    return (U * ev) @ U.T, float(ev.max())
+
+
+@pytest.fixture(scope="module")
+def quadratic():
+    """T(u; x) = u - (Q u - x)/L, Q SPD of condition 1e3, n = 500: u* = Q⁻¹x."""
+    Q, L = spd(500, 1e3)
+    b = torch.randn(500, dtype=D, generator=torch.Generator().manual_seed(1))
+    return Q, L, b
+
+
+@pytest.fixture(scope="module")
+def tanh_eq():
+    """u = tanh(A u + x), A nonsymmetric (I - Q/L + 0.01 K, K skew) scaled to ||A||_2 = 1, n = 100."""
+    Q, L = spd(100, 1e3, seed=2)
+    K = torch.randn(100, 100, dtype=D, generator=torch.Generator().manual_seed(3))
+    K = (K - K.T) / torch.linalg.matrix_norm(K - K.T, 2)
+    A = torch.eye(100, dtype=D) - Q / L + 0.01 * K
+    A = A / torch.linalg.matrix_norm(A, 2)
+    x = 0.01 * torch.randn(100, dtype=D, generator=torch.Generator().manual_seed(4))
+    return A, x
+
+
+def newton(A, x, iters=50):
+    """The tanh equilibrium by Newton's method on u - tanh(Au + x) = 0 (independent reference)."""
+    u = torch.zeros_like(x)
+    for _ in range(iters):
+        z = A @ u + x
+        J = torch.eye(len(x), dtype=D) - (1 - torch.tanh(z) ** 2)[:, None] * A
+        u = u - torch.linalg.solve(J, u - torch.tanh(z))
+    return u
+
+
+def solve(T, x, acc, tol=1e-9, **kw):
+    solver = hp.GKMSolver(T, max_steps=100000, tol=tol, acceleration=acc, **kw)
+    return solver.solve(torch.zeros_like(x), x)
+
+
+def test_quadratic_fixed_point_and_step_ratio(quadratic):
+    Q, L, b = quadratic
+
+    def T(u, x):
+        return u - (Q @ u - x) / L
+
+    exact = torch.linalg.solve(Q, b)
+    u_plain, plain = solve(T, b, None)
+    u_aa, aa = solve(T, b, hp.Anderson(history_size=5))
+    assert plain.converged and aa.converged
+    for u in (u_plain, u_aa):  # relative residual 1e-9, condition 1e3: error <= 1e-6
+        assert float((u - exact).norm() / exact.norm()) < 2e-6
+    ratio = aa.steps / plain.steps
+    assert ratio <= 0.2, (aa.steps, plain.steps)  # measured 2090 / 12830 = 0.163
+
+
+def test_tanh_equilibrium_fixed_point_and_step_ratio(tanh_eq):
+    A, x = tanh_eq
+
+    def T(u, x):
+        return torch.tanh(A @ u + x)
+
+    ref = newton(A, x)
+    u_plain, plain = solve(T, x, None)
+    u_aa, aa = solve(T, x, hp.Anderson(history_size=5))
+    for u in (u_plain, u_aa):
+        assert float((u - ref).norm() / ref.norm()) < 1e-6
+    assert aa.steps / plain.steps <= 0.5, (aa.steps, plain.steps)  # measured 210 / 1090 = 0.19
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact", "first_order"])
+def test_hypergradient_with_accelerated_forward(tanh_eq, mode):
+    A, x0 = tanh_eq
+
+    def T(u, x):
+        return torch.tanh(A @ u + x)
+
+    ref = newton(A, x0)
+    D_ = 1 - torch.tanh(A @ ref + x0) ** 2
+    dudx = torch.linalg.solve(torch.eye(100, dtype=D) - D_[:, None] * A, torch.diag(D_))
+    exact = dudx.T @ ref  # F = ½‖u*‖²
+    opts = {"eps": 1e-10, "constants": None} if mode == "inexact" else {}
+    grads = []
+    for acc in (None, hp.Anderson(5)):
+        x = x0.clone().requires_grad_(True)
+        solver = hp.GKMSolver(T, max_steps=100000, tol=1e-12, hypergrad=mode, acceleration=acc, **opts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            u = solver(torch.zeros(100, dtype=D), x)
+        (0.5 * (u**2).sum()).backward()
+        grads.append(x.grad)
+    assert float((grads[0] - grads[1]).norm() / grads[0].norm()) < 1e-6  # accelerated = plain forward
+    if mode != "first_order":
+        assert float((grads[1] - exact).norm() / exact.norm()) < 1e-6  # measured 3e-10 / 1e-8 (inexact)
+
+
+def test_quadratic_hypergradient_closed_form():
+    Q, L = spd(60, 1e3, seed=5)
+    y = torch.randn(60, dtype=D, generator=torch.Generator().manual_seed(6))
+
+    def T(u, x):
+        return u - (Q @ u - x) / L
+
+    x = torch.randn(60, dtype=D, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    solver = hp.GKMSolver(T, max_steps=50000, tol=1e-12, solver="cg", acceleration=hp.Anderson(5))
+    u = solver(torch.zeros(60, dtype=D), x)
+    (0.5 * ((u - y) ** 2).sum()).backward()
+    us = torch.linalg.solve(Q, x.detach())
+    exact = torch.linalg.solve(Q, us - y)
+    assert float((x.grad - exact).norm() / exact.norm()) < 1e-8
+    assert solver.info.steps < 5000  # plain KM: about 1e3 ln(1e12) = 27600
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "truncated"])
+def test_refused_with_differentiated_iterations(mode):
+    with pytest.raises(ValueError, match="acceleration"):
+        hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=mode, acceleration=hp.Anderson())
+
+
+def test_refused_with_aggregation_allowed_with_alpha_zero():
+    F = lambda u, x: 0.5 * (u**2).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="aggregation"):
+        hp.GKMSolver(lambda u, x: 0.5 * u + x, upper=F, acceleration=hp.Anderson())
+    s = hp.GKMSolver(lambda u, x: 0.5 * u + x, upper=F, alpha=0, acceleration=hp.Anderson())
+    assert torch.allclose(s(torch.zeros(2, dtype=D), torch.ones(2, dtype=D)), torch.full((2,), 2.0, dtype=D))
+
+
+def test_refused_when_a_custom_method_runs_it_with_grad():
+    class Through(hp.HypergradMethod):
+        name = "through"
+
+        def run(self, it, u0, params, info, max_steps, key=None):
+            return it.run(u0, params, info, start=0, num_steps=max_steps)
+
+    s = hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=Through(), acceleration=hp.Anderson())
+    with pytest.raises(ValueError, match="without autograd"):
+        s(torch.zeros(2, dtype=D), torch.ones(2, dtype=D, requires_grad=True))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(history_size=0), dict(history_size=2.5), dict(mixing=0.0), dict(mixing=1.5),
+               dict(regularization=-1.0), dict(restart_cond=1.0), dict(safeguard=0.5)]
+)
+def test_bad_anderson_arguments(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        hp.Anderson(**kwargs)
+
+
+def test_history_larger_than_dimension_restarts_and_converges():
+    # n = 3 < m = 8: the differences become linearly dependent; the scaled Gram is singular up to the
+    # ridge, the restart fires, and the result is still the closed form
+    Q = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+    u, info = solve(lambda u, x: u - 0.25 * (Q @ u - x), b, hp.Anderson(8), tol=1e-13)
+    assert info.converged and torch.allclose(u, torch.linalg.solve(Q, b), rtol=1e-11)
+    assert info.restarts >= 1
+
+
+def test_safeguard_falls_back_to_the_km_step_of_the_last_accepted_point():
+    # drive the state machine by hand: T(u) = a ⊙ u + c, then a point whose residual is 100x larger
+    acc = hp.Anderson(3, safeguard=2.0)
+    a = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=D)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=D)
+    u = torch.zeros(5, dtype=D)
+    st = acc.init(u, 0)
+    pts = []
+    for _ in range(3):
+        f = a * u + c - u
+        pts.append((u, f))
+        u = acc.step(st, u, f, f.norm(), 0.7)
+    u2, f2 = pts[-1]
+    assert int(st.restarts) == 0 and float(st.W.abs().sum()) > 0
+    bad = 100 * f2.norm() * torch.ones(5, dtype=D) / 5**0.5
+    out = acc.step(st, u, bad, bad.norm(), 0.7)
+    assert torch.allclose(out, u2 + 0.7 * f2, rtol=0, atol=1e-15)  # the plain KM step from u2
+    assert int(st.restarts) == 1 and float(st.W.abs().sum()) == 0.0  # history cleared
+    f = a * out + c - out
+    nxt = acc.step(st, out, f, 1e6 * f.norm(), 0.7)  # the fall-back point is accepted whatever its residual
+    assert int(st.restarts) == 1 and not torch.allclose(nxt, out + 0.7 * f)  # and extrapolated from
+
+
+def test_accelerated_solve_under_vmap():
+    A = torch.tensor([[0.9, 0.05], [0.0, 0.8]], dtype=D)
+    solver = hp.GKMSolver(lambda u, x: A @ u + x, hypergrad="first_order", tol=1e-12, max_steps=150,
+                          acceleration=hp.Anderson(3))
+    xs = torch.randn(5, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = torch.func.vmap(lambda x: solver(torch.zeros(2, dtype=D), x))(xs)
+    exact = torch.linalg.solve(torch.eye(2, dtype=D) - A, xs.T).T
+    assert torch.allclose(out, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_and_float32(quadratic):
+    Q, L = spd(40, 100.0, seed=9)
+    b = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    Qf = Q.float()
+    u, info = hp.GKMSolver(lambda u, x: u - (u @ Qf - x) / L, max_steps=10000, batch_dims=1,
+                           acceleration=hp.Anderson(5)).solve(torch.zeros(3, 40), b)
+    exact = torch.linalg.solve(Q, b.double().T).T
+    assert info.converged and float(((u.double() - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-3
+    assert info.steps < 150
+
+
+def test_anderson_adjoint_solver_against_dense_solve_and_plain_neumann(tanh_eq):
+    from hodl_plugin import linear_solve as ls
+
+    J = tanh_eq[0]  # nonsymmetric, spectral radius 0.9986: a slow Neumann series
+    b = torch.randn(100, dtype=D, generator=torch.Generator().manual_seed(11))
+    A = torch.eye(100, dtype=D) - J.T
+    exact = torch.linalg.solve(A, b)
+    x, info = ls.anderson_fixed_point(rtol=1e-10, maxiter=20000)(lambda v: A @ v, b)
+    _, plain = ls.fixed_point(rtol=1e-10, maxiter=20000)(lambda v: A @ v, b)
+    assert info.converged and float((x - exact).norm() / exact.norm()) < 1e-8
+    assert info.iterations < 0.2 * plain.iterations, (info.iterations, plain.iterations)
+    x0 = exact + 1e-3
+    _, warm = ls.anderson_fixed_point(rtol=1e-10)(lambda v: A @ v, b, x0)
+    assert warm.converged
+
+
+def test_anderson_adjoint_in_implicit_mode(tanh_eq):
+    A, x0 = tanh_eq
+    ref = newton(A, x0)
+    D_ = 1 - torch.tanh(A @ ref + x0) ** 2
+    exact = torch.linalg.solve(torch.eye(100, dtype=D) - D_[:, None] * A, torch.diag(D_)).T @ ref
+    x = x0.clone().requires_grad_(True)
+    solver = hp.GKMSolver(lambda u, x: torch.tanh(A @ u + x), max_steps=100000, tol=1e-12, solver="anderson",
+                          acceleration=hp.Anderson(5))
+    (0.5 * (solver(torch.zeros(100, dtype=D), x) ** 2).sum()).backward()
+    assert solver.info.adjoint.method == "anderson" and solver.info.adjoint.converged
+    assert float((x.grad - exact).norm() / exact.norm()) < 1e-8
