@@ -246,10 +246,11 @@ def test_per_sample_warm_starts_across_betty_steps(kind, opts):
     assert len(lower.warm) == N
     cold = []
     for _, c in data:
-        solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=5000,
-                              **({"tol": opts["tol"]} if "tol" in opts else {"tol": 0.0, "atol": opts["eps"]}))
-        with torch.no_grad():
-            solver(torch.zeros(2, 8, dtype=DT))
+        # the same solve, cold: a fresh solver and method built from the node's config (no caches)
+        cfg = lower.config
+        solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=cfg.max_steps,
+                              tol=cfg.tol, rtol=cfg.rtol, hypergrad=hb.config._method_for(cfg))
+        solver(torch.zeros(2, 8, dtype=DT))
         cold.append(solver.info.steps)
     first, second = steps[: len(data)], steps[len(data):]
     assert first == cold

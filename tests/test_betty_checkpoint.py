@@ -249,23 +249,28 @@ def test_wrong_graph_is_refused_and_the_engine_untouched(tmp_path, other, match)
     assert eng.global_step == 0 and not torch.any(xm.x) and low._count == 0
 
 
-def test_a_failing_apply_is_rolled_back(tmp_path, monkeypatch):
-    """Validation passed but applying fails halfway (after the GKM node and the data replay): the engine is
-    put back, and the same engine then loads the checkpoint and resumes exactly."""
+@pytest.mark.parametrize("where", ["scheduler", "rng"])
+def test_a_failing_apply_is_rolled_back(tmp_path, monkeypatch, where):
+    """Validation passed but applying fails: early (the upper's scheduler) or last (the RNG, after the GKM
+    node and the data replay). The engine is put back, and the same engine then loads the checkpoint and
+    resumes exactly (so the data iterators were rewound too)."""
+    import hodl_plugin.betty.checkpoint as ck
+
     path = first_part(tmp_path)
     torch.manual_seed(999)
     eng, xm, low = build()
     rng = torch.get_rng_state()
     up = eng.problems[0]
-    real, failures = up.scheduler.load_state_dict, [1]
+    owner, attr = (up.scheduler, "load_state_dict") if where == "scheduler" else (ck, "_set_rng_state")
+    real, failures = getattr(owner, attr), [1]
 
-    def broken_once(state):  # the first load fails; the roll-back's own load works
+    def broken_once(state):  # the first call fails; the roll-back's own call works
         if failures:
             failures.pop()
-            raise RuntimeError("scheduler state from another torch")
+            raise RuntimeError("state from another torch")
         real(state)
 
-    monkeypatch.setattr(up.scheduler, "load_state_dict", broken_once)
+    monkeypatch.setattr(owner, attr, broken_once)
     with pytest.raises(hb.CheckpointError, match="engine is unchanged"):
         hb.load_checkpoint(eng, path)
     assert fresh_state(eng, xm, low) and torch.equal(torch.get_rng_state(), rng)

@@ -252,13 +252,18 @@ class GKMProblem(_ImplicitProblem):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             z = self._solver(u0, key=self._key(batch))
-        for w in caught:
-            warnings.warn(f"GKM node {self.name!r}: {w.message}", w.category, stacklevel=3)
         info = self._solver.info
         cfg = self.config
         asked = _cfg(cfg, "tol", 1e-8) > 0 or _cfg(cfg, "rtol", 0.0) > 0
         mode = _cfg(cfg, "on_nonconvergence", "warn")
-        if asked and not info.converged and not info.diverged and mode != "ignore":
+        stopped = asked and not info.converged and not info.diverged
+        for w in caught:
+            if str(w.message).startswith("Inexact warm start:"):
+                continue  # the node's u0 is its own warm start of the same samples: nothing is lost
+            if stopped and mode == "ignore" and issubclass(w.category, ConvergenceWarning):
+                continue  # the user silenced the report of stops before the tolerance
+            warnings.warn(f"GKM node {self.name!r}: {w.message}", w.category, stacklevel=3)
+        if stopped and mode != "ignore":
             reported = any(issubclass(w.category, ConvergenceWarning) for w in caught)
             msg = (
                 f"GKM node {self.name!r}: the lower solve stopped after {info.steps} steps with residual "
