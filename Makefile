@@ -10,9 +10,12 @@ install:
 	$(PIP) install --quiet --upgrade pip
 	# the CPU wheel of torch first: an unpinned torch would pull gigabytes of CUDA wheels
 	$(PIP) install --quiet "torch==2.13.0"
-	# betty-ml 0.2.1 declares python<3.11 but installs and runs on 3.11 (numpy 2.3+ needs 3.12)
+	# the [betty] extra: betty-ml 0.2.1 declares python<3.11 but installs and runs on 3.11 (with the
+	# numpy<2.3 it is tested with); installed first with --ignore-requires-python, the extra below is
+	# then satisfied
 	$(PIP) install --quiet --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"
-	$(PIP) install --quiet -e ".[dev,recipes,docs]"
+	# every extra: betty, torchopt (linear_solve.torchopt_cg and a peer), dev (tests, build), recipes, docs
+	$(PIP) install --quiet -e ".[betty,torchopt,dev,recipes,docs]"
 	# peers of benchmarks/compare.py (not dependencies of the package); boat-torch's torchvision
 	# requirement would pull a CUDA torch, so --no-deps (its other needs are installed above)
 	$(PIP) install --quiet --no-deps "higher==0.2.1" "boat-torch==1.1.1"

@@ -5,17 +5,37 @@ when it is nonexpansive (averaged) in u. These ``nn.Module``\ s cover the common
 learnable parts receive gradients from every hypergradient method.
 
 - :class:`GradientStep` — :math:`T(u) = u - s\nabla_u f(u; x)`, averaged for :math:`s\in(0,2/L)`;
-  its Jacobian is symmetric, so the implicit mode uses CG.
+  its Jacobian is symmetric, so the implicit mode uses CG. The step s is a number, a scalar tensor
+  (learnable) or a function of the parameters.
 - :class:`ProximalGradient` — :math:`T(u) = \mathrm{prox}_{s g}(u - s\nabla_u f(u; x))`.
 - :class:`LearnedResidual` — :math:`T(u) = u - \tau N_\omega(u; x)` around an ``nn.Module``.
 - :class:`KMAveraged` — :math:`T_\beta = (1-\beta)I + \beta T`.
 - :func:`functional_operator` — a module as a pure function of explicit parameter tensors
   (``torch.func.functional_call``).
+
+Your own operator: ``symmetric_jacobian``
+-----------------------------------------
+A plain function or module ``T(u, *params)`` is an operator as it is. One attribute changes how it
+is differentiated: ``T.symmetric_jacobian``. The implicit and inexact modes solve the adjoint system
+:math:`(I - \partial_u T)^\top v = \nabla_u F`; their default solver is **CG** when
+``getattr(T, "symmetric_jacobian", False)`` is true and **GMRES** otherwise. CG is the faster one
+(one product per iteration, no Krylov basis kept), but is valid only for a symmetric
+:math:`\partial_u T` — e.g. :math:`T = u - s\nabla f` with a scalar step and twice-differentiable f
+(:class:`GradientStep` sets it). A function you write loses CG unless you say so::
+
+    T = lambda u, x: u - s * (A @ u - x)      # A symmetric: ∂_u T = I - sA is symmetric
+    T.symmetric_jacobian = True               # the implicit mode now uses CG (else GMRES)
+
+Claim it only when it holds: CG on a non-symmetric system usually stalls or diverges, and then the
+backward raises :class:`~hodl_plugin.errors.LinearSolveError` (or, with ``on_fail="warn"``, warns
+and returns a **wrong hypergradient**). Not claiming it costs only speed: GMRES is correct for any
+Jacobian. To choose explicitly, pass the solver, ``hypergrad=hp.Implicit("gmres")``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +43,10 @@ from torch import Tensor, nn
 from ._autodiff import grad_u
 from .prox import Prox
 
-__all__ = ["GradientStep", "ProximalGradient", "LearnedResidual", "KMAveraged", "functional_operator"]
+#: a step size: a positive number, a positive scalar tensor (may require grad), or ``step(*params)``
+StepLike = Union[float, Tensor, Callable[..., Union[float, Tensor]]]
+
+__all__ = ["StepLike", "GradientStep", "ProximalGradient", "LearnedResidual", "KMAveraged", "functional_operator"]
 
 
 def _gradient(grad: Optional[Callable[..., Tensor]], objective: Optional[Callable[..., Tensor]]):
@@ -40,6 +63,26 @@ def _check_step(step: float) -> float:
     return float(step)
 
 
+def _check_step_like(step: StepLike) -> StepLike:
+    """Validate a :data:`StepLike` at construction: a positive finite number, a positive finite
+    real scalar tensor, or a callable (its value is checked when called)."""
+    if isinstance(step, Tensor):
+        if not step.is_floating_point() or step.numel() != 1:
+            raise ValueError(f"a tensor step must be a real floating scalar (one element), got dtype "
+                             f"{step.dtype} and shape {tuple(step.shape)}")
+        value = float(step.detach())
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"step must be positive and finite, got the tensor value {value}")
+        return step
+    if isinstance(step, bool) or not (isinstance(step, (int, float)) or callable(step)):
+        raise TypeError(f"step must be a positive number, a scalar tensor or a callable step(*params), got {step!r}")
+    if callable(step):
+        return step
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a positive number, got {step!r}")
+    return float(step)
+
+
 class GradientStep(nn.Module):
     r"""Gradient step :math:`T(u; x) = u - s\,\nabla_u f(u; x)`.
 
@@ -50,23 +93,47 @@ class GradientStep(nn.Module):
     Args:
         grad: ``∇_u f(u, *params)``; or
         objective: ``f(u, *params)`` (scalar), differentiated by autograd.
-        step: s.
+        step: s — a positive number; a positive scalar tensor, e.g. an ``nn.Parameter`` (registered,
+            so it receives hypergradients like the module's other parameters; its value is checked
+            here only, keep it in :math:`(0, 2/L)` while training); or a callable ``step(*params)``
+            returning a number or a one-element tensor, evaluated at every application of T, so a
+            step computed from θ (e.g. :math:`1/L(\theta)`) is differentiated with everything else.
+            A tensor step is a scalar: a per-coordinate step would break the symmetric Jacobian.
 
     >>> import torch
     >>> T = GradientStep(grad=lambda u, b: u - b, step=0.5)
     >>> T(torch.zeros(2), torch.ones(2))
     tensor([0.5000, 0.5000])
+
+    A step from the parameters: for :math:`f = \tfrac{\theta}{2}\|u\|^2 - b^\top u`, :math:`s = 1/\theta`
+    reaches the fixed point :math:`b/\theta` in one step:
+
+    >>> T = GradientStep(grad=lambda u, b, th: th * u - b, step=lambda b, th: 1 / th)
+    >>> T(torch.zeros(2), torch.ones(2), torch.tensor(4.0))
+    tensor([0.2500, 0.2500])
     """
 
     symmetric_jacobian = True
 
-    def __init__(self, grad=None, *, objective=None, step: float) -> None:
+    def __init__(self, grad=None, *, objective=None, step: StepLike) -> None:
         super().__init__()
         self.grad_fn = _gradient(grad, objective)
-        self.step = _check_step(step)
+        self.step = _check_step_like(step)
+
+    def step_size(self, *params: Tensor) -> Union[float, Tensor]:
+        """The step s for these params (a number or a 0-dim tensor)."""
+        s = self.step
+        if callable(s) and not isinstance(s, Tensor):
+            s = s(*params)
+            if isinstance(s, Tensor):
+                if s.numel() != 1:
+                    raise ValueError(f"the callable step returned shape {tuple(s.shape)}; it must return a scalar")
+            elif isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+                raise ValueError(f"the callable step returned {s!r}; it must return a positive number or tensor")
+        return s.reshape(()) if isinstance(s, Tensor) else s
 
     def forward(self, u: Tensor, *params: Tensor) -> Tensor:
-        return u - self.step * self.grad_fn(u, *params)
+        return u - self.step_size(*params) * self.grad_fn(u, *params)
 
 
 class ProximalGradient(nn.Module):

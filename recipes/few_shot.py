@@ -227,8 +227,8 @@ def evaluate_prototypes(meta_module: MetaLearner, episodes: Episodes, n: int) ->
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--shots", default=None, help="comma list of k-shot settings (default 1 quick / 1,5)")
-    ap.add_argument("--ways", type=int, default=5)
-    ap.add_argument("--queries", type=int, default=15)
+    ap.add_argument("--ways", type=int, default=5, help="classes per episode (N-way)")
+    ap.add_argument("--queries", type=int, default=15, help="query samples per class in each episode")
     ap.add_argument("--K", type=int, default=10, help="inner GKM steps (unrolled)")
     ap.add_argument("--mu", type=float, default=0.05, help="ridge weight of the inner problem")
     ap.add_argument("--iters", type=int, default=None, help="meta-training episodes (default 200 quick / 1000)")

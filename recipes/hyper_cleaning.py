@@ -184,7 +184,7 @@ def run_betty(D: dict[str, Any], mu: float, K: int, iters: int, lr: float, args:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=None, help="training samples (default 400 quick / 800)")
-    ap.add_argument("--n-val", type=int, default=300)
+    ap.add_argument("--n-val", type=int, default=300, help="clean validation samples (the upper loss)")
     ap.add_argument("--corrupt", type=float, default=0.5, help="fraction of training labels corrupted")
     ap.add_argument("--mu", type=float, default=1e-2, help="ridge weight of the lower level")
     ap.add_argument("--K", type=int, default=None, help="lower GKM steps per outer step (default 30 quick / 60)")

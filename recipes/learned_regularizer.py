@@ -25,6 +25,7 @@ Reports test PSNR (test patches solved to tolerance 1e-6) against cost; learned_
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -129,7 +130,7 @@ def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: F
     opt, sched = _adam(foe, args.lr, args.q)
     B, N = args.batch, len(task.y_train)
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
-    bar = progress(iter(int, 1), args, desc=label)
+    bar = iter(progress(itertools.count(), args, desc=label))  # a tqdm is iterable, not an iterator
     while cost < budget:
         b = k % (N // B)
         y, x = task.y_train[b * B:(b + 1) * B], task.x_train[b * B:(b + 1) * B]
@@ -229,11 +230,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     help="cost budget (default 2e4 --quick / 1e5 / 2e5 --paper)")
     ap.add_argument("--filters", type=int, default=None, help="FoE filters (default 6 / 10 --paper)")
     ap.add_argument("--ksize", type=int, default=None, help="filter size (default 5 / 7 --paper)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="training patches per ISGD / unrolled step")
     ap.add_argument("--lr", type=float, default=0.05, help="Adam α₀ (ISGD and unrolled)")
     ap.add_argument("--q", type=float, default=0.5, help="step decay α_k = α₀(k+1)^-q")
     ap.add_argument("--eps0", type=float, default=1e-2, help="ISGD accuracy ε₀ (ε_k = δ_k = ε₀(k+1)^-p)")
-    ap.add_argument("--p", type=float, default=0.5)
+    ap.add_argument("--p", type=float, default=0.5, help="accuracy decay exponent p of ε_k = δ_k = ε₀(k+1)^-p")
     ap.add_argument("--unroll", type=int, default=20, help="unrolled lower steps")
     ap.add_argument("--maid-step", type=float, default=0.05, help="MAID initial step")
     ap.add_argument("--max-lower", type=int, default=1000, help="cap on the lower GKM steps of one solve")

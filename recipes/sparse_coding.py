@@ -165,11 +165,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=16, help="layers / GKM steps")
     ap.add_argument("--iters", type=int, default=None, help="training iterations (default 250 quick / 4000)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="codes per training batch")
     ap.add_argument("--lr", type=float, default=None, help="Adam step (default 5e-3 quick / 1e-3)")
     ap.add_argument("--alpha0", type=float, default=1.0, help="HODL aggregation α_k = α0/(k+1)^γ")
-    ap.add_argument("--gamma", type=float, default=0.5)
-    ap.add_argument("--settings", default="noiseless,40", help="comma list: noiseless and/or SNRs in dB")
+    ap.add_argument("--gamma", type=float, default=0.5, help="exponent γ of the aggregation weight α_k = α0/(k+1)^γ")
+    ap.add_argument("--settings", default=None,
+                    help="comma list: noiseless and/or SNRs in dB (default noiseless quick / noiseless,40)")
     ap.add_argument("--test-layers", type=int, default=None,
                     help="evaluate up to this many layers (default 2K quick / 4K): trained for K, run longer")
     args = ap.parse_args(argv)
@@ -190,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     alpha = hp.Polynomial(args.alpha0, args.gamma)
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for setting in args.settings.split(","):
+    for setting in (args.settings or ("noiseless" if args.quick else "noiseless,40")).split(","):
         snr = None if setting == "noiseless" else float(setting)
         tag = "noiseless" if snr is None else f"SNR {snr:g} dB"
         u_val = sample_codes(n_test, A.shape[1], 0.1, g)

@@ -1,35 +1,38 @@
-"""The peer wrappers of benchmarks/compare.py compute the right hypergradient (else the benchmark's
+"""The peer wrappers of benchmarks/compare.py (benchmarks/peers/) compute the right hypergradient (else the benchmark's
 error-vs-time curves would compare wrong numbers): closed form of the quadratic problem, small n."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 
-from benchmarks import compare as C
+from benchmarks.hypergrad import saved_tensor_counter
+from benchmarks.peers import betty_peer, boat_peer, higher_peer, hodl, torchopt_peer
+from benchmarks.problems import DT, FWD, Quadratic
 
 
 @pytest.fixture(scope="module")
 def P():
-    return C.Quadratic(40, 10.0, seed=3)
+    return Quadratic(40, 10.0, seed=3)
 
 
 def test_closed_form_is_the_gradient(P):
     # ∇f(x) = M⁻ᵀ(M⁻¹x − y) against central finite differences of f(x) = ½||M⁻¹x − y||²
     f = lambda x: 0.5 * ((torch.linalg.solve(P.M, x) - P.y) ** 2).sum()  # noqa: E731
-    v = torch.randn(P.n, dtype=C.DT, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(P.n, dtype=DT, generator=torch.Generator().manual_seed(0))
     h = 1e-6
     fd = (f(P.x0 + h * v) - f(P.x0 - h * v)) / (2 * h)
     assert abs(float(fd - P.ref @ v)) < 1e-7 * abs(float(fd))
 
 
 def test_nonsymmetric_closed_form():
-    Q = C.Quadratic(30, 10.0, skew=0.3, seed=2)
+    Q = Quadratic(30, 10.0, skew=0.3, seed=2)
     assert not torch.allclose(Q.M, Q.M.T)
     K = Q.forward_steps()
-    g = C.ours_implicit(Q, K, "gmres")(200)
+    g = hodl.implicit(Q, K, "gmres")(200)
     assert Q.rel_err(g) < 1e-8
 
 
@@ -38,15 +41,15 @@ def test_nonsymmetric_closed_form():
 def test_wrappers_reach_the_closed_form(P, name):
     K = P.forward_steps()
     make = {
-        "ours_implicit": (lambda: C.ours_implicit(P, K, "cg"), 100, None),
-        "ours_unrolled": (lambda: C.ours_unrolled(P), K, None),
-        "torchopt_root": (lambda: C.torchopt_root(P, K), 100, "torchopt"),
-        "torchopt_unrolled": (lambda: C.torchopt_unrolled(P), K, "torchopt"),
-        "higher_unrolled": (lambda: C.higher_unrolled(P), K, "higher"),
-        "boat_cg": (lambda: C.boat_method(P, K, "CG"), 100, "boat_torch"),
-        "boat_rad": (lambda: C.boat_method(P, K, "RAD"), K, "boat_torch"),
-        "ours_betty": (lambda: C.ours_betty(P, K), 100, "betty"),
-        "betty_neumann": (lambda: C.betty_method(P, K, "neumann"), 2000, "betty"),
+        "ours_implicit": (lambda: hodl.implicit(P, K, "cg"), 100, None),
+        "ours_unrolled": (lambda: hodl.unrolled(P), K, None),
+        "torchopt_root": (lambda: torchopt_peer.root(P, K), 100, "torchopt"),
+        "torchopt_unrolled": (lambda: torchopt_peer.unrolled(P), K, "torchopt"),
+        "higher_unrolled": (lambda: higher_peer.unrolled(P), K, "higher"),
+        "boat_cg": (lambda: boat_peer.method(P, K, "CG"), 100, "boat_torch"),
+        "boat_rad": (lambda: boat_peer.method(P, K, "RAD"), K, "boat_torch"),
+        "ours_betty": (lambda: hodl.in_betty(P, K), 100, "betty"),
+        "betty_neumann": (lambda: betty_peer.method(P, K, "neumann"), 2000, "betty"),
     }[name]
     factory, knob, module = make
     if module:
@@ -58,18 +61,18 @@ def test_wrappers_reach_the_closed_form(P, name):
 
 
 def test_memory_of_implicit_is_flat_in_K():
-    Q = C.Quadratic(30, 10.0, seed=1, nonlinear=1.0)
+    Q = Quadratic(30, 10.0, seed=1, nonlinear=1.0)
     sizes = []
     for K in (10, 100):
         acc = [0]
-        C._FWD[0] = lambda acc=acc: C.saved_tensor_counter(acc)
+        FWD[0] = lambda acc=acc: saved_tensor_counter(acc)
         try:
-            C.ours_implicit(Q, K, "cg")(20)
+            hodl.implicit(Q, K, "cg")(20)
             un = [0]
-            C._FWD[0] = lambda un=un: C.saved_tensor_counter(un)
-            C.ours_unrolled(Q)(K)
+            FWD[0] = lambda un=un: saved_tensor_counter(un)
+            hodl.unrolled(Q)(K)
         finally:
-            C._FWD[0] = C.contextlib.nullcontext
+            FWD[0] = contextlib.nullcontext
         sizes.append((acc[0], un[0]))
     assert sizes[0][0] == sizes[1][0]  # implicit: nothing per step
     assert sizes[1][1] - sizes[0][1] >= 90 * Q.n * 8  # unrolled: at least one float64 vector per step

@@ -103,3 +103,144 @@ def test_check_every_changes_sync_frequency_not_the_result():
         assert s.info.residual_steps == sorted(set([0] + list(range(every - 1, 200, every)) + [199]))  # step 0: r_0
         assert s.info.residuals.shape == (len(s.info.residual_steps),)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+# --- GradientStep(step=): a number, a scalar tensor, a callable -------------------------------------------------
+
+
+def _diag_problem():
+    """f(u; b) = ½ Σ a_i u_i² - b·u: K unrolled steps from 0 give u_K = (b/a)(1 - (1 - s a)^K)."""
+    a = torch.tensor([1.0, 2.0, 3.0], dtype=DT)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    return a, b, (lambda u, b_: a * u - b_)
+
+
+def _unrolled_ds(a, b, s, K):
+    """d/ds Σ_i u_K,i = Σ_i b_i K (1 - s a_i)^(K-1) (closed form)."""
+    return float((b * K * (1 - s * a) ** (K - 1)).sum())
+
+
+def test_tensor_step_is_learnable_unrolled_closed_form():
+    a, b, grad = _diag_problem()
+    K, s0 = 7, 0.2
+    s = torch.nn.Parameter(torch.tensor(s0, dtype=DT))
+    T = hp.GradientStep(grad=grad, step=s)
+    assert any(p is s for p in T.parameters())  # registered: a learned variable of the operator
+    u = hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="unrolled")(torch.zeros(3, dtype=DT), b)
+    assert rel_err(u.detach(), b / a * (1 - (1 - s0 * a) ** K)) < 1e-14
+    u.sum().backward()
+    assert abs(s.grad.item() - _unrolled_ds(a, b, s0, K)) < 1e-12 * abs(_unrolled_ds(a, b, s0, K))
+
+
+def test_tensor_step_implicit_gradient_closed_form():
+    """u* = b/a does not depend on s: ∂F/∂s = 0 exactly; ∂F/∂b = (u* - y)/a; CG stays the default."""
+    a, b, grad = _diag_problem()
+    y = torch.tensor([0.3, 0.1, -0.2], dtype=DT)
+    s = torch.nn.Parameter(torch.tensor([0.25], dtype=DT))  # one element, shape (1,): used as a scalar
+    bb = b.clone().requires_grad_(True)
+    solver = hp.GKMSolver(hp.GradientStep(grad=grad, step=s), max_steps=5000, tol=1e-14, hypergrad="implicit")
+    u = solver(torch.zeros(3, dtype=DT), bb)
+    assert u.shape == (3,)
+    (0.5 * ((u - y) ** 2).sum()).backward()
+    assert solver.info.adjoint.method == "cg"
+    assert rel_err(bb.grad, (b / a - y) / a) < 1e-10
+    assert abs(s.grad.item()) < 1e-12
+
+
+def test_callable_step_of_the_params_closed_form():
+    """s(θ) = 0.1 (1 + θ²), evaluated at every step: dF/dθ = dF/ds · 0.2 θ (unrolled closed form)."""
+    a, b, grad = _diag_problem()
+    K, th0 = 5, 0.8
+    theta = torch.tensor(th0, dtype=DT, requires_grad=True)
+    calls = []
+
+    def step(b_, th):
+        calls.append(1)
+        return 0.1 * (1 + th**2)
+
+    T = hp.GradientStep(grad=lambda u, b_, th: grad(u, b_), step=step)
+    u = hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="unrolled")(torch.zeros(3, dtype=DT), b, theta)
+    s0 = 0.1 * (1 + th0**2)
+    assert rel_err(u.detach(), b / a * (1 - (1 - s0 * a) ** K)) < 1e-14
+    u.sum().backward()
+    expected = _unrolled_ds(a, b, s0, K) * 0.2 * th0
+    assert abs(theta.grad.item() - expected) < 1e-12 * abs(expected)
+    assert len(calls) >= K
+    # a float-valued callable works too and gives the same iterate
+    T2 = hp.GradientStep(grad=grad, step=lambda b_: s0)
+    with torch.no_grad():
+        u2 = hp.GKMSolver(T2, max_steps=K, tol=0.0, hypergrad="unrolled")(torch.zeros(3, dtype=DT), b)
+    assert rel_err(u2, u.detach()) < 1e-14
+
+
+def test_step_argument_errors():
+    g = lambda u: u  # noqa: E731
+    with pytest.raises(ValueError, match="scalar"):
+        hp.GradientStep(grad=g, step=torch.ones(2, dtype=DT))
+    with pytest.raises(ValueError, match="positive"):
+        hp.GradientStep(grad=g, step=torch.tensor(-0.1))
+    with pytest.raises(ValueError, match="positive"):
+        hp.GradientStep(grad=g, step=float("nan"))
+    with pytest.raises(ValueError, match="floating"):
+        hp.GradientStep(grad=g, step=torch.tensor(1))
+    with pytest.raises(TypeError, match="step"):
+        hp.GradientStep(grad=g, step="0.1")
+    with pytest.raises(TypeError, match="step"):
+        hp.GradientStep(grad=g, step=True)
+    u = torch.zeros(2, dtype=DT)
+    with pytest.raises(ValueError, match="callable step returned shape"):
+        hp.GradientStep(grad=g, step=lambda: torch.ones(2))(u)
+    with pytest.raises(ValueError, match="callable step returned"):
+        hp.GradientStep(grad=g, step=lambda: -1.0)(u)
+
+
+# --- symmetric_jacobian on a user's function operator -------------------------------------------------------------
+
+
+def test_symmetric_jacobian_selects_cg_for_a_function_operator():
+    torch.manual_seed(1)
+    n = 12
+    Q = torch.randn(n, n, dtype=DT)
+    Q = Q @ Q.T / n + torch.eye(n, dtype=DT)
+    y = torch.randn(n, dtype=DT)
+    s = 1 / torch.linalg.eigvalsh(Q).max().item()
+    exact = None
+    for claim in (None, True):
+        T = lambda u, x: u - s * (Q @ u - x)  # noqa: E731
+        if claim:
+            T.symmetric_jacobian = True
+        x = torch.ones(n, dtype=DT, requires_grad=True)
+        solver = hp.GKMSolver(T, max_steps=20000, tol=1e-14, hypergrad="implicit")
+        (0.5 * ((solver(torch.zeros(n, dtype=DT), x) - y) ** 2).sum()).backward()
+        exact = torch.linalg.solve(Q, torch.linalg.solve(Q, x.detach()) - y)
+        assert solver.info.adjoint.method == ("cg" if claim else "gmres")
+        assert rel_err(x.grad, exact) < 1e-9
+
+
+def test_false_symmetric_claim_is_refused_or_warned():
+    """A non-symmetric Jacobian claimed symmetric: CG misses its tolerance -> LinearSolveError; with
+    on_fail="warn" a ConvergenceWarning and a wrong hypergradient (what the docs say)."""
+    torch.manual_seed(0)
+    n = 30
+    Q = torch.randn(n, n, dtype=DT)
+    Q = Q @ Q.T / n + torch.eye(n, dtype=DT)
+    S = torch.randn(n, n, dtype=DT)
+    M = Q + 0.3 * (S - S.T)
+    s = 0.5 / torch.linalg.matrix_norm(M, 2).item()
+    T = lambda u, x: u - s * (M @ u - x)  # noqa: E731
+    T.symmetric_jacobian = True
+    y = torch.randn(n, dtype=DT)
+    x = torch.randn(n, dtype=DT, requires_grad=True)
+    exact = torch.linalg.solve(M.T, torch.linalg.solve(M, x.detach()) - y)
+    u = hp.GKMSolver(T, max_steps=20000, tol=1e-13, hypergrad="implicit")(torch.zeros(n, dtype=DT), x)
+    with pytest.raises(hp.LinearSolveError, match="cg"):
+        (0.5 * ((u - y) ** 2).sum()).backward()
+    x.grad = None
+    u = hp.GKMSolver(T, max_steps=20000, tol=1e-13, hypergrad=hp.Implicit(on_fail="warn"))(torch.zeros(n, dtype=DT), x)
+    with pytest.warns(hp.ConvergenceWarning):
+        (0.5 * ((u - y) ** 2).sum()).backward()
+    assert rel_err(x.grad, exact) > 1e-2
+    x.grad = None
+    u = hp.GKMSolver(T, max_steps=20000, tol=1e-13, hypergrad=hp.Implicit("gmres"))(torch.zeros(n, dtype=DT), x)
+    (0.5 * ((u - y) ** 2).sum()).backward()  # the explicit choice is always right
+    assert rel_err(x.grad, exact) < 1e-9

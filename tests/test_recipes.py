@@ -1,19 +1,60 @@
-"""Each recipe's --quick run: it finishes, writes its JSON and plot, and the method beats its baseline."""
+"""Each recipe as a user runs it: ``python -m recipes.<name> --quick`` in a subprocess, default flags
+(progress bars on, output to the default ``out/<name>/`` of a temporary working directory): exit code
+0, JSON and PNG written, and the method beats its baseline. ``--help`` documents every flag."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("matplotlib")
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = ["nonsingleton", "sparse_coding", "hyper_cleaning", "learned_regularizer", "deconvolution", "derain",
+           "few_shot"]
+
+
+def run_recipe(name: str, cwd: pathlib.Path) -> dict:
+    """``python -m recipes.<name> --quick`` from ``cwd``; returns its JSON after checking the PNG."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", f"recipes.{name}", "--quick"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    out = cwd / "out" / name
+    assert os.path.getsize(out / f"{name}.png") > 10_000
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_help_documents_every_flag(name, monkeypatch, capsys):
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def recording(self, *a, **k):
+        parsers.append(self)
+        return parse_args(self, *a, **k)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", recording)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"recipes.{name}").main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    (ap,) = parsers
+    for action in ap._actions:
+        assert (action.help or "").strip(), f"{name}: {action.option_strings} has no help"
+        assert all(opt in text for opt in action.option_strings)
+    assert "--quick" in text and "--out" in text
+
 
 def test_nonsingleton_quick(tmp_path):
-    from recipes import nonsingleton
-
-    res = nonsingleton.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("nonsingleton", tmp_path)
     rows = {r["method"]: r for r in res["rows"]}
     km = rows["plain KM (α≡0)"]
     hodl = rows["HODL α=1/(k+1)"]
@@ -21,27 +62,20 @@ def test_nonsingleton_quick(tmp_path):
     assert km["dist_x"] > 0.9 and km["dist_u"] > 0.5
     assert hodl["dist_u"] < 0.02 and hodl["dist_x"] < 0.01
     assert all(r["dist_u"] < km["dist_u"] / 10 for name, r in rows.items() if name.startswith("HODL"))
-    saved = json.load(open(tmp_path / "nonsingleton.json"))
-    assert saved["rows"][1]["dist_u"] == hodl["dist_u"]
-    assert os.path.getsize(tmp_path / "nonsingleton.png") > 10_000
 
 
 def test_sparse_coding_quick(tmp_path):
-    from recipes import sparse_coding
-
-    res = sparse_coding.main(["--quick", "--no-progress", "--out", str(tmp_path), "--settings", "noiseless"])
+    res = run_recipe("sparse_coding", tmp_path)
+    assert {r["setting"] for r in res["rows"]} == {"noiseless"}  # --quick: the noiseless setting only
     K = res["K"]
     nm = {r["method"].split(" (")[0]: r[f"NMSE@{K} (dB)"] for r in res["rows"]}
     # at equal K the learned iterations beat ISTA
     assert nm["HODL"] < nm["ISTA"] - 0.5
     assert nm["LISTA"] < nm["ISTA"] - 0.5
-    assert os.path.getsize(tmp_path / "sparse_coding.png") > 10_000
 
 
 def test_hyper_cleaning_quick(tmp_path):
-    from recipes import hyper_cleaning
-
-    res = hyper_cleaning.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("hyper_cleaning", tmp_path)
     rows = {r["method"]: r for r in res["rows"]}
     noisy = rows["no cleaning (noisy labels)"]["test_acc"]
     modes = [r for r in res["rows"] if "F1_flags" in r]
@@ -52,20 +86,16 @@ def test_hyper_cleaning_quick(tmp_path):
     for r in modes:  # every hypergradient mode cleans: better than training on the noisy labels
         assert r["test_acc"] > noisy + 0.03, r["method"]
         assert r["F1_flags"] > 0.85, r["method"]
-    assert os.path.getsize(tmp_path / "hyper_cleaning.png") > 10_000
 
 
 def test_learned_regularizer_quick(tmp_path):
-    from recipes import learned_regularizer
-
-    res = learned_regularizer.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("learned_regularizer", tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
     noisy = rows["observation y"]["test_psnr"]
     assert 19.5 < noisy < 20.5  # SPEC T6 sanity: σ = 25/255 gives ≈ 20.2 dB
     isgd = rows["ISGD"]
     assert isgd["test_psnr"] > noisy + 4  # the learned regulariser denoises
     assert isgd["test_psnr"] > rows["MAID-style"]["test_psnr"]  # at equal cost
-    assert os.path.getsize(tmp_path / "learned_regularizer.png") > 10_000
 
 
 def _rows(res):
@@ -88,28 +118,19 @@ def _restoration_checks(res, K):
 
 
 def test_deconvolution_quick(tmp_path):
-    from recipes import deconvolution
-
-    res = deconvolution.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("deconvolution", tmp_path)
     _restoration_checks(res, res["K"])
-    assert os.path.getsize(tmp_path / "deconvolution.png") > 10_000
 
 
 def test_derain_quick(tmp_path):
-    from recipes import derain
-
-    res = derain.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("derain", tmp_path)
     _restoration_checks(res, res["K"])
-    assert os.path.getsize(tmp_path / "derain.png") > 10_000
 
 
 def test_few_shot_quick(tmp_path):
-    from recipes import few_shot
-
-    res = few_shot.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+    res = run_recipe("few_shot", tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
     plain, hodl = rows["plain unrolled inner loop"], rows["HODL-aggregated inner loop"]
     assert 0.2 < plain["test_acc"] < 1  # better than chance (5-way)
     # the aggregated inner loop beats the plain one by more than the two confidence intervals
     assert hodl["test_acc"] > plain["test_acc"] + plain["ci95"] + hodl["ci95"]
-    assert os.path.getsize(tmp_path / "few_shot.png") > 10_000
