@@ -91,7 +91,7 @@ def methods(problem: str, K: int) -> dict[str, dict[str, Any]]:
         "truncated(10)": {"hypergrad": "truncated", "steps": min(10, K)},
         f"implicit({solver})": {"hypergrad": "implicit", "solver": solver, "adjoint_rtol": 1e-10, "on_fail": "warn"},
         "inexact": {"hypergrad": "inexact", "eps": 1e-8, "delta": 1e-8, "solver": solver, "constants": None,
-                    "warm_start": False},
+                    "warm_start": False, "relative": False},
         "first_order": {"hypergrad": "first_order"},
     }
 

@@ -91,7 +91,8 @@ def f1_flags(x: torch.Tensor, corrupted: torch.Tensor) -> float:
 MODES: dict[str, dict[str, Any]] = {
     "implicit (cg)": {"hypergrad": "implicit", "solver": "cg", "adjoint_rtol": 1e-6, "on_fail": "warn"},
     "inexact (ε_k δ_k)": {"hypergrad": "inexact", "eps": hp.Polynomial(1e-3, 0.5),
-                           "delta": hp.Polynomial(1e-3, 0.5), "solver": "cg", "constants": None},
+                           "delta": hp.Polynomial(1e-3, 0.5), "solver": "cg", "constants": None,
+                           "relative": False},  # ISGD's absolute accuracies
     "unrolled": {"hypergrad": "unrolled"},
     "truncated (10)": {"hypergrad": "truncated", "steps": 10},
     "first_order": {"hypergrad": "first_order"},

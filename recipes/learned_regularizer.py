@@ -155,7 +155,7 @@ def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
     T = task.operator(foe)
     eps = hp.Polynomial(args.eps0, args.p)
     solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps, delta=eps, solver="cg",
-                          constants=None, check_every=5)
+                          constants=None, check_every=5, relative=False)  # ISGD: absolute accuracies
     return _minibatch_training(task, args, budget, label, foe, T,
                                solve=lambda y, b: solver(y.clone(), y, key=b),
                                step_cost=lambda: solver.info.steps + solver.info.adjoint.iterations)
@@ -177,8 +177,8 @@ def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
     T = task.operator(foe)
     eps_k = args.eps0
     solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps_k, solver="cg",
-                          constants=None, check_every=5)
-    fwd = hp.GKMSolver(T, max_steps=args.max_lower, tol=eps_k, check_every=5)
+                          constants=None, check_every=5, relative=False)
+    fwd = hp.GKMSolver(T, max_steps=args.max_lower, tol=0.0, atol=eps_k, check_every=5)
     y, x, N = task.y_train, task.x_train, len(task.y_train)
     step, rho, eta = args.maid_step, 0.5, 1e-4
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0

@@ -94,7 +94,7 @@ def hyper_cleaning(H: HyperCleaning, method: str) -> Callable[[], tuple[list[flo
     K warm-started GKM steps (tol 1e-6) per outer step."""
     opts = {"implicit": {"solver": "cg", "adjoint_rtol": 1e-6, "on_fail": "warn"},
             "inexact": {"eps": hp.Polynomial(1e-3, 0.5), "delta": hp.Polynomial(1e-3, 0.5), "solver": "cg",
-                        "constants": None},
+                        "constants": None, "relative": False},
             "unrolled": {}}[method]
 
     def run():
