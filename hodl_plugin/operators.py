@@ -26,9 +26,8 @@ is differentiated: ``T.symmetric_jacobian``. The implicit and inexact modes solv
     T = lambda u, x: u - s * (A @ u - x)      # A symmetric: ∂_u T = I - sA is symmetric
     T.symmetric_jacobian = True               # the implicit mode now uses CG (else GMRES)
 
-Claim it only when it holds: CG on a non-symmetric system usually stalls or diverges, and then the
-backward raises :class:`~hodl_plugin.errors.LinearSolveError` (or, with ``on_fail="warn"``, warns
-and returns a **wrong hypergradient**). Not claiming it costs only speed: GMRES is correct for any
+Claim it only when it holds: before CG runs the claim is tested on two random vectors, and a false
+claim raises :class:`~hodl_plugin.errors.LinearSolveError` (whatever ``on_fail`` says). Not claiming it costs only speed: GMRES is correct for any
 Jacobian. To choose explicitly, pass the solver, ``hypergrad=hp.Implicit("gmres")``.
 """
 

@@ -53,6 +53,7 @@ def test_help_documents_every_flag(name, monkeypatch, capsys):
     assert "--quick" in text and "--out" in text
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_nonsingleton_quick(tmp_path):
     res = run_recipe("nonsingleton", tmp_path)
     rows = {r["method"]: r for r in res["rows"]}
@@ -64,6 +65,7 @@ def test_nonsingleton_quick(tmp_path):
     assert all(r["dist_u"] < km["dist_u"] / 10 for name, r in rows.items() if name.startswith("HODL"))
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_sparse_coding_quick(tmp_path):
     res = run_recipe("sparse_coding", tmp_path)
     assert {r["setting"] for r in res["rows"]} == {"noiseless"}  # --quick: the noiseless setting only
@@ -74,6 +76,7 @@ def test_sparse_coding_quick(tmp_path):
     assert nm["LISTA"] < nm["ISTA"] - 0.5
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_hyper_cleaning_quick(tmp_path):
     res = run_recipe("hyper_cleaning", tmp_path)
     rows = {r["method"]: r for r in res["rows"]}
@@ -88,6 +91,7 @@ def test_hyper_cleaning_quick(tmp_path):
         assert r["F1_flags"] > 0.85, r["method"]
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_learned_regularizer_quick(tmp_path):
     res = run_recipe("learned_regularizer", tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
@@ -117,16 +121,19 @@ def _restoration_checks(res, K):
     assert 0 < hodl["SSIM"] <= 1
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_deconvolution_quick(tmp_path):
     res = run_recipe("deconvolution", tmp_path)
     _restoration_checks(res, res["K"])
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_derain_quick(tmp_path):
     res = run_recipe("derain", tmp_path)
     _restoration_checks(res, res["K"])
 
 
+@pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_few_shot_quick(tmp_path):
     res = run_recipe("few_shot", tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}

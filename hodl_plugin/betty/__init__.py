@@ -59,6 +59,7 @@ Example (a two-level quadratic; the upper learns ``x`` so that ``u*(x) = A⁻¹x
 
 from __future__ import annotations
 
+from . import _betty  # noqa: F401  (first: without Betty, the ImportError names the install command)
 from .checkpoint import engine_state_dict, load_checkpoint, load_engine_state_dict, save_checkpoint
 from .config import GKM_METHODS, IMPLICIT_METHODS, HODLConfig
 from .distributed import unwrap
