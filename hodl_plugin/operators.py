@@ -27,8 +27,9 @@ is differentiated: ``T.symmetric_jacobian``. The implicit and inexact modes solv
     T.symmetric_jacobian = True               # the implicit mode now uses CG (else GMRES)
 
 Claim it only when it holds: before CG runs the claim is tested on two random vectors, and a false
-claim raises :class:`~hodl_plugin.errors.LinearSolveError` (whatever ``on_fail`` says). Not claiming it costs only speed: GMRES is correct for any
-Jacobian. To choose explicitly, pass the solver, ``hypergrad=hp.Implicit("gmres")``.
+claim raises :class:`~hodl_plugin.errors.LinearSolveError` (whatever ``on_fail`` says). Not
+claiming it costs only speed: GMRES is correct for any Jacobian. To choose explicitly, pass the
+solver, ``hypergrad=hp.Implicit("gmres")``.
 """
 
 from __future__ import annotations
