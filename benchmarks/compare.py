@@ -94,6 +94,8 @@ def problem_a(quick: bool, repeats: int, symmetric: bool = True) -> dict[str, An
     methods: list[tuple[str, str, Callable[[], Callable[[int], torch.Tensor]], list[int], Optional[str]]] = [
         ("hodl_plugin implicit (" + ("cg" if symmetric else "gmres") + ")", "adjoint iterations",
          lambda: hodl.implicit(P, K_fwd, "cg" if symmetric else "gmres"), adj, None),
+        ("hodl_plugin implicit (" + ("cg" if symmetric else "gmres") + ") + Anderson(20)", "adjoint iterations",
+         lambda: hodl.implicit_anderson(P, "cg" if symmetric else "gmres"), adj, None),
         ("hodl_plugin unrolled", "K", lambda: hodl.unrolled(P), few, None),
         ("TorchOpt custom_root + " + ("solve_cg" if symmetric else "solve_normal_cg"), "CG iterations",
          lambda: torchopt_peer.root(P, K_fwd), adj, available("torchopt")),
@@ -231,6 +233,7 @@ def hyper_cleaning(quick: bool) -> dict[str, Any]:
     n_train, K, iters = H.n_train, H.K, H.iters
     methods = [("hodl_plugin implicit (cg)", hodl.hyper_cleaning(H, "implicit"), None),
                ("hodl_plugin inexact", hodl.hyper_cleaning(H, "inexact"), None),
+               ("hodl_plugin inexact + Anderson(10)", hodl.hyper_cleaning(H, "inexact_anderson"), None),
                ("hodl_plugin unrolled", hodl.hyper_cleaning(H, "unrolled"), None),
                ("TorchOpt custom_root + solve_cg", torchopt_peer.hyper_cleaning(H), available("torchopt")),
                ("higher unrolled", higher_peer.hyper_cleaning(H), available("higher")),

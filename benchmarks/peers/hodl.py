@@ -29,6 +29,23 @@ def implicit(P: Quadratic, K_fwd: int, solver: str) -> Callable[[int], torch.Ten
     return run
 
 
+def implicit_anderson(P: Quadratic, solver: str, history: int = 20) -> Callable[[int], torch.Tensor]:
+    """The forward accelerated by ``hp.Anderson(history)`` to a relative 1e-12, then the adjoint solve
+    with ``maxiter`` = the knob products."""
+    def run(maxiter: int) -> torch.Tensor:
+        s = hp.GKMSolver(P.step, max_steps=100_000, tol=1e-12, hypergrad="implicit", solver=solver,
+                         acceleration=hp.Anderson(history_size=history), adjoint_rtol=0.0, adjoint_atol=1e-300,
+                         adjoint_maxiter=maxiter, on_fail="warn")
+        x = P.x0.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with FWD[0]():
+                loss = P.upper(s(torch.zeros(P.n, dtype=DT), x))
+            loss.backward()
+        return x.grad
+    return run
+
+
 def unrolled(P: Quadratic) -> Callable[[int], torch.Tensor]:
     """Back-propagation through K = the knob GKM steps."""
     def run(K: int) -> torch.Tensor:
@@ -90,15 +107,19 @@ def in_betty(P: Quadratic, K_fwd: int) -> Callable[[int], torch.Tensor]:
 
 
 def hyper_cleaning(H: HyperCleaning, method: str) -> Callable[[], tuple[list[float], list[float], torch.Tensor]]:
-    """``method`` in implicit (CG, adjoint rtol 1e-6), inexact (ε_k = δ_k = 1e-3/√(k+1)), unrolled;
+    """``method`` in implicit (CG, adjoint rtol 1e-6), inexact (ε_k = δ_k = 1e-3/√(k+1)), inexact_anderson
+    (the same with an Anderson(10) forward), unrolled;
     K warm-started GKM steps (tol 1e-6) per outer step."""
     opts = {"implicit": {"solver": "cg", "adjoint_rtol": 1e-6, "on_fail": "warn"},
             "inexact": {"eps": hp.Polynomial(1e-3, 0.5), "delta": hp.Polynomial(1e-3, 0.5), "solver": "cg",
                         "constants": None, "relative": False},
+            "inexact_anderson": {"eps": hp.Polynomial(1e-3, 0.5), "delta": hp.Polynomial(1e-3, 0.5), "solver": "cg",
+                                 "constants": None, "relative": False, "acceleration": hp.Anderson(history_size=10)},
             "unrolled": {}}[method]
+    mode = "inexact" if method == "inexact_anderson" else method
 
     def run():
-        solver = hp.GKMSolver(hp.GradientStep(objective=H.f, step=H.s), max_steps=H.K, tol=1e-6, hypergrad=method,
+        solver = hp.GKMSolver(hp.GradientStep(objective=H.f, step=H.s), max_steps=H.K, tol=1e-6, hypergrad=mode,
                               **opts)
         return H.outer_loop(lambda W, x: solver(W, x, key="train"))
     return run
