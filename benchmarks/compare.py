@@ -95,7 +95,7 @@ def problem_a(quick: bool, repeats: int, symmetric: bool = True) -> dict[str, An
         ("hodl_plugin implicit (" + ("cg" if symmetric else "gmres") + ")", "adjoint iterations",
          lambda: hodl.implicit(P, K_fwd, "cg" if symmetric else "gmres"), adj, None),
         ("hodl_plugin implicit (" + ("cg" if symmetric else "gmres") + ") + Anderson(20)", "adjoint iterations",
-         lambda: hodl.implicit_anderson(P, "cg" if symmetric else "gmres"), adj, None),
+         lambda: hodl.implicit(P, K_fwd, "cg" if symmetric else "gmres", anderson=20), adj, None),
         ("hodl_plugin unrolled", "K", lambda: hodl.unrolled(P), few, None),
         ("TorchOpt custom_root + " + ("solve_cg" if symmetric else "solve_normal_cg"), "CG iterations",
          lambda: torchopt_peer.root(P, K_fwd), adj, available("torchopt")),

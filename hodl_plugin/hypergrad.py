@@ -257,7 +257,7 @@ def _implicit_solve(
         check_unique = it.aggregates
     problem = FixedPointProblem(
         it.T, len(params), names, forward, make_solver, on_fail=on_fail, info=info, x0=x0, after=after,
-        check_unique=check_unique, symmetric=bool(getattr(it.T, "symmetric_jacobian", False)),
+        check_unique=check_unique,
     )
     u = FixedPoint.apply(problem, u0, *tensors)
     if torch.is_grad_enabled() and not transforms_active():

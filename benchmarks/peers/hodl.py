@@ -13,29 +13,15 @@ import hodl_plugin as hp
 from ..problems import DT, FWD, HyperCleaning, Quadratic, U
 
 
-def implicit(P: Quadratic, K_fwd: int, solver: str) -> Callable[[int], torch.Tensor]:
-    """K_fwd GKM steps (no grad), then the adjoint solve with ``maxiter`` = the knob products."""
-    def run(maxiter: int) -> torch.Tensor:
-        s = hp.GKMSolver(P.step, max_steps=K_fwd, tol=0.0, check_every=K_fwd, hypergrad="implicit",
-                         solver=solver, adjoint_rtol=0.0, adjoint_atol=1e-300, adjoint_maxiter=maxiter,
-                         on_fail="warn")
-        x = P.x0.clone().requires_grad_(True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with FWD[0]():
-                loss = P.upper(s(torch.zeros(P.n, dtype=DT), x))
-            loss.backward()
-        return x.grad
-    return run
+def implicit(P: Quadratic, K_fwd: int, solver: str, anderson: int = 0) -> Callable[[int], torch.Tensor]:
+    """K_fwd GKM steps (no grad) — or, with ``anderson=m``, the forward accelerated by
+    ``hp.Anderson(m)`` to a relative 1e-12 — then the adjoint solve with ``maxiter`` = the knob products."""
+    forward = (dict(max_steps=100_000, tol=1e-12, acceleration=hp.Anderson(history_size=anderson)) if anderson
+               else dict(max_steps=K_fwd, tol=0.0, check_every=K_fwd))
 
-
-def implicit_anderson(P: Quadratic, solver: str, history: int = 20) -> Callable[[int], torch.Tensor]:
-    """The forward accelerated by ``hp.Anderson(history)`` to a relative 1e-12, then the adjoint solve
-    with ``maxiter`` = the knob products."""
     def run(maxiter: int) -> torch.Tensor:
-        s = hp.GKMSolver(P.step, max_steps=100_000, tol=1e-12, hypergrad="implicit", solver=solver,
-                         acceleration=hp.Anderson(history_size=history), adjoint_rtol=0.0, adjoint_atol=1e-300,
-                         adjoint_maxiter=maxiter, on_fail="warn")
+        s = hp.GKMSolver(P.step, hypergrad="implicit", solver=solver, adjoint_rtol=0.0, adjoint_atol=1e-300,
+                         adjoint_maxiter=maxiter, on_fail="warn", **forward)
         x = P.x0.clone().requires_grad_(True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -207,16 +207,21 @@ def _snapshot(engine: Any) -> dict[str, Any]:
     }
 
 
+def _load_module_states(p: Any, st: dict[str, Any]) -> None:
+    """The node's module, optimizer and scheduler from its saved entry."""
+    p.module.load_state_dict(st["module"])
+    if st["optimizer"] is not None:
+        p.optimizer.load_state_dict(st["optimizer"])
+    if st["scheduler"] is not None:
+        p.scheduler.load_state_dict(st["scheduler"])
+
+
 def _restore(engine: Any, snap: dict[str, Any]) -> None:
     for p in engine.problems:
         st = snap["problems"][p.name]
         if st["hodl"] is not None:
             p.load_hodl_state_dict(st["hodl"])
-        p.module.load_state_dict(st["module"])
-        if st["optimizer"] is not None:
-            p.optimizer.load_state_dict(st["optimizer"])
-        if st["scheduler"] is not None:
-            p.scheduler.load_state_dict(st["scheduler"])
+        _load_module_states(p, st)
         if p.train_data_loader is not None:
             p.train_data_iterator = [iter(loader) for loader in p.train_data_loader]
             p.epoch_counter = list(st["epoch_counter"])
@@ -233,11 +238,7 @@ def _apply(engine: Any, state: dict[str, Any]) -> None:
         p = by_name[name]
         if isinstance(p, GKMProblem):
             p.load_hodl_state_dict(st["hodl"])  # first: it sets u's shape
-        p.module.load_state_dict(st["module"])
-        if st["optimizer"] is not None:
-            p.optimizer.load_state_dict(st["optimizer"])
-        if st["scheduler"] is not None:
-            p.scheduler.load_state_dict(st["scheduler"])
+        _load_module_states(p, st)
         # replay the data loaders to the same position (one batch per local step)
         if p.train_data_loader is not None:
             for _ in range(st["count"]):
