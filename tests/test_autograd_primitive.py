@@ -70,6 +70,8 @@ def test_every_entry_point_matches_the_closed_form(mode, problem):
     torch.testing.assert_close(torch.func.jacrev(u_of)(x), Qi_B, **close)
     torch.testing.assert_close(torch.func.jacfwd(u_of)(x), Qi_B, **close)
     torch.testing.assert_close(torch.func.hessian(f)(x), hess_ref, **close)
+    # reverse over forward: differentiates the non-transposed solve of the tangent
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(f))(x), hess_ref, **close)
     # forward-mode dual numbers
     xdot = torch.tensor([1.0, 2.0, -1.0], dtype=D)
     with fwAD.dual_level():
@@ -156,6 +158,11 @@ def test_nan_upstream_gradient_is_never_a_zero_hypergradient(mode, kw):
     u = hp.GKMSolver(lambda u, x: 0.5 * u + x)(torch.zeros(3, dtype=D), x)
     with pytest.raises(hp.LinearSolveError, match="NaN"):
         u.backward(torch.tensor([float("nan"), 1.0, 1.0], dtype=D))
+    # the differentiable path (create_graph) too
+    u = hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=mode, **kw)(torch.zeros(3, dtype=D), x)
+    with pytest.warns(hp.ConvergenceWarning, match="NaN"):
+        (g,) = torch.autograd.grad(u, x, torch.tensor([float("nan"), 1.0, 1.0], dtype=D), create_graph=True)
+    assert torch.isnan(g).all()
 
 
 def test_float32_defaults_reach_their_adjoint_tolerance():
@@ -263,3 +270,23 @@ def test_inexact_double_backward_is_reentrant_with_warm_starts():
     torch.func.jacrev(fn)(x.detach())  # earlier calls leave adjoints of other upstream gradients cached
     assert gradcheck(fn, (x,))
     assert gradgradcheck(lambda x: fn(x) ** 2, (x,))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_reverse_over_forward_on_a_nonlinear_equilibrium_matches_finite_differences(mode):
+    """jacrev(jacfwd(f)) differentiates the non-transposed solve of the tangent; with a nonlinear T its
+    pairing term ∇⟨y, ∂_uT x⟩ is not zero. Reference: central differences of the (gradcheck-ed) gradient."""
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(4, 4, generator=g, dtype=D)
+    W = 0.6 * W / torch.linalg.matrix_norm(W, 2)
+    Bm = torch.randn(4, 3, generator=g, dtype=D)
+    y = torch.randn(4, generator=g, dtype=D)
+    solver = hp.GKMSolver(lambda u, x: torch.tanh(W @ u + Bm @ x), max_steps=100000, tol=1e-14,
+                          hypergrad=mode, **MODES[mode])
+    f = lambda x: 0.5 * ((solver(torch.zeros(4, dtype=D), x) - y) ** 2).sum()  # noqa: E731
+    x = torch.randn(3, generator=g, dtype=D)
+    h = 1e-5
+    grad = torch.func.grad(f)
+    fd = torch.stack([(grad(x + h * e) - grad(x - h * e)) / (2 * h) for e in torch.eye(3, dtype=D)])
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacfwd(f))(x), fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.func.hessian(f)(x), fd, rtol=1e-6, atol=1e-8)
