@@ -23,12 +23,13 @@ from .errors import (
     HODLError,
     LinearSolveError,
     ScheduleError,
+    SummableScheduleWarning,
 )
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
 from .inexact import BoundConstants
 from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
-from .schedules import Constant, Harmonic, Log, Polynomial
+from .schedules import Constant, Geometric, Harmonic, Log, Polynomial
 from .solver import GKMSolver
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "Polynomial",
     "Harmonic",
     "Log",
+    "Geometric",
     "BoundConstants",
     "HODLError",
     "ScheduleError",
@@ -60,6 +62,7 @@ __all__ = [
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
+    "SummableScheduleWarning",
     "acceleration",
     "errors",
     "inexact",
