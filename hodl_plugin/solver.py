@@ -188,9 +188,6 @@ class GKMSolver(nn.Module):
         if has_upper:
             alpha_s = Harmonic(1.0) if alpha is None else as_schedule(alpha, "alpha")
             problems += check_aggregation(alpha_s)
-            note = summable_aggregation(alpha_s)
-            if note:
-                warnings.warn(note, SummableScheduleWarning, stacklevel=2)
             if not upper_step > 0:
                 problems.append(f"upper_step s must be > 0, got {upper_step}")
             elif upper_lipschitz is not None and upper_step > 1.0 / upper_lipschitz * (1 + 1e-12):
@@ -203,6 +200,9 @@ class GKMSolver(nn.Module):
             if strict:
                 raise ScheduleError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+        note = summable_aggregation(alpha_s) if alpha_s is not None else ""
+        if note:  # accepted (the BDA/BOAT default), outside the selection theory: say so
+            warnings.warn(note, SummableScheduleWarning, stacklevel=2)
 
         if acceleration is not None:
             acceleration.check_compatible(self.method.name, alpha_s)
