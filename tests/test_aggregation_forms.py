@@ -207,6 +207,20 @@ def test_outside_implicit_gradient_at_the_unique_fixed_point(quad):
         assert rel_err(x.grad, quad.hypergrad(x.detach())) < 1e-6, mode
 
 
+def test_outside_under_torch_func_matches_the_closed_form(quad):
+    """torch.func.grad and vmap through the outside form (implicit mode, no host syncs)."""
+    solver = _quiet(T=quad.T, upper=quad.F, alpha=hp.Geometric(0.5, 0.9), upper_step=0.5,
+                    aggregation="outside", max_steps=700, tol=1e-12)
+
+    def f(x):
+        return quad.F(solver(torch.zeros(quad.n, dtype=DT), x), x)
+
+    X = torch.randn(2, quad.B.shape[1], generator=torch.Generator().manual_seed(6), dtype=DT)
+    G = torch.func.vmap(torch.func.grad(f))(X)
+    for i in range(2):
+        assert rel_err(G[i], quad.hypergrad(X[i])) < 1e-8
+
+
 def test_outside_implicit_refuses_a_non_singleton_fixed_point_set():
     A, b, s, z, proj = nonsingleton()
     T = lambda u, x: u - s * A.T @ (A @ u - b) + 0 * x  # noqa: E731
