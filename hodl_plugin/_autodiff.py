@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import transforms_active
+
 
 def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Tensor:
     r""":math:`\nabla_u f(u, *params)`.
@@ -16,6 +18,8 @@ def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Te
     mode off it is a plain value and ``params`` are detached.
     """
     create = torch.is_grad_enabled()
+    if transforms_active():  # inside torch.func.grad/vmap/...: requires_grad_ is refused, so a func.grad
+        return _grad_u_func(fn, u, params, create)
     with torch.enable_grad():
         u_ = u if (create and u.requires_grad) else u.detach().requires_grad_(True)
         args = params if create else [p.detach() for p in params]
@@ -26,11 +30,29 @@ def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Te
         if val.requires_grad:
             (g,) = torch.autograd.grad(val.sum(), u_, create_graph=create, allow_unused=True)
     if g is None:
-        raise ValueError(
-            "the upper objective F(u, *params) does not depend on u: HODL's aggregation needs "
-            "∇_u F (drop upper=, or pass alpha=0 to keep F only for the inexact error bound)"
-        )
+        raise ValueError(_INDEPENDENT)
     return g
+
+
+_INDEPENDENT = (
+    "the upper objective F(u, *params) does not depend on u: HODL's aggregation needs "
+    "∇_u F (drop upper=, or pass alpha=0 to keep F only for the inexact error bound)"
+)
+
+
+def _grad_u_func(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor], create: bool) -> Tensor:
+    """:func:`grad_u` under active torch.func transforms: ``torch.func.grad`` composes with them
+    (the outer transforms differentiate through it when ``create``; otherwise its inputs are detached)."""
+
+    def scalar(u_: Tensor, *ps: Tensor) -> Tensor:
+        val = fn(u_, *ps)
+        if not isinstance(val, Tensor) or val.numel() != 1:
+            raise ValueError("the objective must return a scalar tensor")
+        return val.sum()
+
+    if not create:
+        u, params = u.detach(), [p.detach() for p in params]
+    return torch.func.grad(scalar)(u, *params)
 
 
 def make_vjp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor]:
