@@ -38,8 +38,11 @@ class HODLConfig(_BettyConfig):
     tol: float = 1e-8
     rtol: float = 0.0
     beta: Union[float, Schedule] = 1.0
-    alpha: Union[float, Schedule, None] = None  # HODL aggregation when upper_objective is defined
+    # HODL aggregation u_{k+1} = T(u_k - α_k s ∇_u F(u_k)): on when ``alpha`` is set (F: the upper node's
+    # own training_step, or the node's upper_objective if it defines one, then α defaults to Harmonic(1.0))
+    alpha: Union[float, Schedule, None] = None
     upper_step: float = 1.0
+    aggregate_upper: Optional[str] = None  # which upper node's training_step is F, when there are several
     check_every: int = 10
     on_divergence: str = "raise"
     warm_start: bool = True  # start each solve from the last iterate (per sample with sample_keys)
@@ -63,6 +66,10 @@ class HODLConfig(_BettyConfig):
             raise ValueError(
                 f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
                 f"got {self.on_nonconvergence!r}"
+            )
+        if self.aggregate_upper is not None and not isinstance(self.aggregate_upper, str):
+            raise TypeError(
+                f"HODLConfig(aggregate_upper=...) must be the name of an upper node, got {self.aggregate_upper!r}"
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
