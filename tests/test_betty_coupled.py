@@ -232,7 +232,8 @@ def test_coupled_aggregation_selects_the_upper_optimal_fixed_point():
 
     xm = torch.nn.Module()
     xm.x = torch.nn.Parameter(z0.clone())
-    up = Up("upper", hb.HODLConfig(type="darts", retain_graph=True), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
+    up = Up("upper", hb.HODLConfig(type="darts", retain_graph=True), module=xm,
+            optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
     low = Low("lower", hb.HODLConfig(type="gkm_unrolled", max_steps=4000, tol=0.0, alpha=hp.Harmonic(1.0)))
     Engine([up, low], EngineConfig(train_iters=1, strategy="cpu"),
            dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}).run()
@@ -327,3 +328,17 @@ def test_the_hook_still_wins():
         u = T(u - 0.5 / (k + 1) * STEP * (u - Y - DATA[0] - E @ X0), X0, DATA[0])
     assert rel_err(low_h.us[0], u) < 1e-12
     assert rel_err(low_c.us[0], u) > 1e-3  # the coupled one aggregates the other objective
+
+
+def test_the_docs_example_selects_the_solution_closest_to_y():
+    """tests/compat/betty_coupled_example.py (docs/betty.rst): {u1 + u2 = 2} closest to y = (3, 0) is (2.5, -0.5);
+    plain KM from 0 gives the minimum-norm (1, 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "compat" / "betty_coupled_example.py"
+    spec = importlib.util.spec_from_file_location("betty_coupled_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert float((mod.main() - torch.tensor([2.5, -0.5], dtype=DT)).abs().max()) < 5e-3
+    assert torch.allclose(mod.main(alpha=None), torch.tensor([1.0, 1.0], dtype=DT), atol=1e-12)
