@@ -55,6 +55,10 @@ class HODLConfig(_BettyConfig):
     truncate: int = 10
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
+    # a hodl_plugin method object of the kind ``type`` names, used as is (options HODLConfig does not
+    # spell, e.g. hp.Inexact(eps=Polynomial(1e-2, 0.5), relative=False, constants=None): ISGD's absolute
+    # decaying accuracies); it then holds the counters and warm starts of this node's solver
+    method: Optional[HypergradMethod] = None
     # forward acceleration of the lower solve (GKMSolver(acceleration=...), e.g. hp.Anderson(5))
     acceleration: Any = None
     # a lower solve that stops before its tolerance: "warn" (ConvergenceWarning naming the node),
@@ -106,8 +110,37 @@ def _cfg(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
+_METHOD_CLASSES = {
+    "gkm_implicit": Implicit, "gkm_unrolled": Unrolled, "gkm_truncated": Truncated, "gkm_inexact": Inexact,
+    "gkm_first_order": FirstOrder,
+}
+
+
 def _method_for(config: Any) -> HypergradMethod:
+    """The method object of a GKM node's config: ``config.method`` as given, else built from the options.
+
+    >>> from hodl_plugin.schedules import Polynomial
+    >>> m = Inexact(eps=Polynomial(1e-2, 0.5), relative=False, constants=None)
+    >>> _method_for(HODLConfig(type="gkm_inexact", method=m)) is m
+    True
+    >>> _method_for(HODLConfig(type="gkm_implicit", method=m))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.HODLError: HODLConfig(method=Inexact(...)) is not of the kind ...: pass type='gkm_inexact'
+    """
     kind = config.type
+    given = _cfg(config, "method", None)
+    if given is not None:
+        if kind not in _METHOD_CLASSES:
+            raise HODLError(f"HODLConfig(method=...) is for GKM nodes; type={kind!r} is not one of {list(GKM_METHODS)}")
+        if not isinstance(given, _METHOD_CLASSES[kind]):
+            right = [k for k, c in _METHOD_CLASSES.items() if isinstance(given, c)]
+            fix = f"pass type={right[0]!r}" if right else "pass a hodl_plugin method object"
+            raise HODLError(
+                f"HODLConfig(method={type(given).__name__}(...)) is not of the kind type={kind!r} names "
+                f"({_METHOD_CLASSES[kind].__name__}): {fix}"
+            )
+        return given
     if kind == "gkm_implicit":
         return Implicit(
             solver=_cfg(config, "linear_solver", None),
