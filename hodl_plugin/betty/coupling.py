@@ -10,7 +10,9 @@ solve serves). :class:`UpperLookahead` draws that batch once, through the upper'
 (Betty's loaders, epochs, devices), and hands the same batch to the upper's step, so the upper trains
 on exactly the batches it would have seen without aggregation. :func:`evaluate_upper` runs the
 upper's ``training_step`` with the candidate ``u`` substituted for ``lower.u`` and puts the upper's
-buffers back afterwards (no optimizer step, no gradient accumulation, no batch advance).
+buffers and the random generators back afterwards (no optimizer step, no gradient accumulation, no
+batch advance; a ``training_step`` that draws random numbers — dropout, noise — draws, at every
+evaluation, the numbers its coming step will draw).
 
 >>> class Upper:                       # stands for a Betty problem: only get_batch matters here
 ...     def __init__(self): self.drawn = 0
@@ -76,15 +78,22 @@ def _buffers(problem: Any) -> list[Tensor]:
     return list(mod.buffers()) if isinstance(mod, nn.Module) else []
 
 
+def _rng_devices() -> list[int]:
+    """The CUDA device whose generator :func:`torch.random.fork_rng` restores (none without CUDA in use)."""
+    return [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+
+
 def evaluate_upper(problem: Any, batch: Any) -> Tensor:
-    """``problem.training_step(batch)`` as a scalar (a dict's ``"loss"``), the problem's buffers restored.
+    """``problem.training_step(batch)`` as a scalar (a dict's ``"loss"``), the problem's buffers and the
+    random generators (CPU, current CUDA device) restored.
 
     The caller substitutes the lower variable; gradients are the caller's business (take them with
     ``torch.autograd.grad`` on chosen inputs, so nothing accumulates into ``.grad``).
     """
     saved = [b.detach().clone() for b in _buffers(problem)]
     try:
-        out = problem.training_step_exec(batch)
+        with torch.random.fork_rng(devices=_rng_devices()):
+            out = problem.training_step_exec(batch)
     finally:
         with torch.no_grad():
             for b, s in zip(_buffers(problem), saved):
