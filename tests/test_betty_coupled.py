@@ -387,3 +387,15 @@ def test_a_checkpoint_of_a_coupled_graph_resumes_bit_for_bit(tmp_path):
     assert torch.equal(up1.module.x, up0.module.x)
     assert [torch.equal(a, b) for a, b in zip(up1.seen, DATA[2:])] == [True, True]
     assert len(low1.us) == 2 and all(torch.equal(a, b) for a, b in zip(low1.us, low0.us[2:]))
+
+
+def test_a_fresh_solve_aggregates_on_the_uppers_current_batch():
+    """After training, ``low.solve()`` (outside the node's own step) aggregates F on the upper's last batch,
+    as the hand-written hook does on the node's last batch (the same index); before any step: named error."""
+    _, low_c = run(CoupledLower)
+    _, low_h = run(HandLower)
+    a, b = low_c.solve().detach(), low_h.solve().detach()
+    assert float((a - b).abs().max()) <= 1e-12
+    _, _, fresh = build(CoupledLower)
+    with pytest.raises(hp.HODLError, match=r"has none yet .*run the Engine first"):
+        fresh.solve((DATA[0],))

@@ -261,7 +261,16 @@ class GKMProblem(_ImplicitProblem):
             )
         # this node's Betty step serves the upper's coming step: its batch, drawn once and handed over;
         # a fresh solve() (called in or after the upper's step) uses the upper's batch of that step
-        batch = self._lookahead.peek() if self._own_step else upper.cur_batch
+        if self._own_step:
+            batch = self._lookahead.peek()
+        elif upper.cur_batch is None and upper.train_data_loader is not None:
+            raise HODLError(
+                f"GKM node {self.name!r}: a fresh solve aggregates with the training_step of upper node "
+                f"{upper.name!r} on its current batch, and it has none yet (it has not stepped): run the "
+                "Engine first, or define upper_objective(self, u, batch) on the GKM node"
+            )
+        else:
+            batch = upper.cur_batch
         reads = self._u_reads
         self._aggregating = True
         try:
