@@ -110,6 +110,10 @@ def _cfg(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
+#: the HODLConfig fields that build a method object: with ``method=`` given they must stay at their defaults
+_METHOD_OPTIONS = ("linear_solver", "adjoint_rtol", "adjoint_atol", "adjoint_maxiter", "on_fail", "truncate", "eps",
+                   "delta")
+
 _METHOD_CLASSES = {
     "gkm_implicit": Implicit, "gkm_unrolled": Unrolled, "gkm_truncated": Truncated, "gkm_inexact": Inexact,
     "gkm_first_order": FirstOrder,
@@ -127,6 +131,10 @@ def _method_for(config: Any) -> HypergradMethod:
     Traceback (most recent call last):
     ...
     hodl_plugin.errors.HODLError: HODLConfig(method=Inexact(...)) is not of the kind ...: pass type='gkm_inexact'
+    >>> _method_for(HODLConfig(type="gkm_inexact", method=m, eps=1e-3))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.HODLError: HODLConfig(method=...) and ['eps'] given: ...
     """
     kind = config.type
     given = _cfg(config, "method", None)
@@ -140,6 +148,14 @@ def _method_for(config: Any) -> HypergradMethod:
                 f"HODLConfig(method={type(given).__name__}(...)) is not of the kind type={kind!r} names "
                 f"({_METHOD_CLASSES[kind].__name__}): {fix}"
             )
+        if isinstance(config, HODLConfig):
+            defaults = {f.name: f.default for f in dataclasses.fields(HODLConfig)}
+            clash = [k for k in _METHOD_OPTIONS if getattr(config, k) != defaults[k]]
+            if clash:
+                raise HODLError(
+                    f"HODLConfig(method=...) and {clash} given: the method object carries its own options and "
+                    f"these would be ignored; set them on the {type(given).__name__}(...) instead"
+                )
         return given
     if kind == "gkm_implicit":
         return Implicit(
