@@ -399,3 +399,58 @@ def test_a_fresh_solve_aggregates_on_the_uppers_current_batch():
     _, _, fresh = build(CoupledLower)
     with pytest.raises(hp.HODLError, match=r"has none yet .*run the Engine first"):
         fresh.solve((DATA[0],))
+
+
+# ---------------------------------------------------------------------------------------------- two GKM children
+def current(node):
+    """A child's solution, zeros before its first solve (u is empty until then)."""
+    u = node.u
+    return u if u.numel() else torch.zeros(N, dtype=DT)
+
+
+class TwoChildrenUpper(Upper):
+    def training_step(self, batch):  # reads both children: each one's F sees the other's current solution
+        self.module.calls += 1
+        return F(current(self.l1) + current(self.l2), self.module.x, batch[0])
+
+
+def two_children(hand):
+    class L(CoupledLower):
+        def operator(self, u, batch):
+            return T(u, self.upper.module.x, batch[0])
+
+    class L1(L):
+        def upper_objective(self, u, batch):
+            return F(u + current(self.l2), self.upper.module.x, batch[0])
+
+    class L2(L):
+        def upper_objective(self, u, batch):
+            return F(current(self.l1) + u, self.upper.module.x, batch[0])
+
+    xm = torch.nn.Module()
+    xm.x = torch.nn.Parameter(X0.clone())
+    xm.register_buffer("calls", torch.zeros((), dtype=torch.long))
+    loader = Loader()
+    up = TwoChildrenUpper("upper", hb.HODLConfig(type="darts", retain_graph=True), module=xm,
+                          optimizer=torch.optim.Adam(xm.parameters(), lr=LR), train_data_loader=loader)
+    up.loader, up.seen, up.xs = loader, [], []
+    cfg = hb.HODLConfig(type="gkm_unrolled", alpha=ALPHA, upper_step=STEP, tol=0.0, max_steps=K)
+    lows = [(L1 if hand else L)("l1", cfg, train_data_loader=[(c,) for c in DATA]),
+            (L2 if hand else L)("l2", cfg, train_data_loader=[(c,) for c in DATA])]
+    for low in lows:
+        low.us, low.state_diffs = [], []
+    Engine([up, *lows], EngineConfig(train_iters=ITERS, strategy="cpu"),
+           dependencies={"u2l": {up: lows}, "l2u": {lows[0]: [up], lows[1]: [up]}}).run()
+    return up, lows
+
+
+def test_two_coupled_children_share_the_uppers_batch():
+    """Two GKM children of one upper, both coupled: one batch drawn ahead per upper step (shared), the
+    iterates of both children and x equal the hand-written spelling's to 1e-12."""
+    up_c, lows_c = two_children(hand=False)
+    up_h, lows_h = two_children(hand=True)
+    for a, b in zip(up_c.xs + lows_c[0].us + lows_c[1].us, up_h.xs + lows_h[0].us + lows_h[1].us):
+        assert float((a - b).abs().max()) <= 1e-12
+    assert len(up_c.xs) == ITERS and float((up_c.xs[-1] - X0).abs().max()) > 1e-2
+    assert up_c.loader.drawn == ITERS and all(torch.equal(a, b) for a, b in zip(up_c.seen, DATA))
+    assert lows_c[0].state_diffs == lows_c[1].state_diffs == [[] for _ in range(ITERS)]
