@@ -78,8 +78,11 @@ def plot_curves(
     title: str = "",
     logy: bool = True,
     ax_pairs: Optional[list[tuple[str, dict[str, tuple[Sequence[float], Sequence[float]]]]]] = None,
+    xlabels: Optional[Sequence[str]] = None,
+    linestyles: Sequence[str] = ("-",),
 ) -> str:
-    """Line plot(s) of named curves ``name -> (x, y)`` into a PNG; several panels with ``ax_pairs``."""
+    """Line plot(s) of named curves ``name -> (x, y)`` into a PNG; several panels with ``ax_pairs`` (one
+    x label each with ``xlabels``); the curves of a panel cycle through ``linestyles``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,12 +90,12 @@ def plot_curves(
 
     panels = ax_pairs or [(ylabel, curves)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for ax, (label, cs) in zip(axes[0], panels):
-        for name, (x, y) in cs.items():
-            ax.plot(list(x), list(y), label=name, lw=1.6)
+    for i, (ax, (label, cs)) in enumerate(zip(axes[0], panels)):
+        for j, (name, (x, y)) in enumerate(cs.items()):
+            ax.plot(list(x), list(y), label=name, lw=1.6, ls=linestyles[j % len(linestyles)])
         if logy:
             ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabels[i] if xlabels is not None else xlabel)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

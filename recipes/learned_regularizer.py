@@ -125,13 +125,15 @@ def _adam(foe: FoE, lr0: float, q: float):
 
 
 def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: FoE, T: hp.GradientStep,
-                        solve, step_cost) -> dict[str, Any]:
-    """Adam on θ over mini-batches in a fixed order until the cost budget; test PSNR every few steps."""
+                        solve, step_cost, max_steps: Optional[int] = None) -> dict[str, Any]:
+    """Adam on θ over mini-batches in a fixed order until the cost budget (or ``max_steps`` steps); test
+    PSNR every few steps."""
     opt, sched = _adam(foe, args.lr, args.q)
     B, N = args.batch, len(task.y_train)
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
+    ts, t0, t_eval = [0.0], time.perf_counter(), 0.0  # training seconds, test evaluations excluded
     bar = iter(progress(itertools.count(), args, desc=label))  # a tqdm is iterable, not an iterator
-    while cost < budget:
+    while cost < budget and (max_steps is None or k < max_steps):
         b = k % (N // B)
         y, x = task.y_train[b * B:(b + 1) * B], task.x_train[b * B:(b + 1) * B]
         task.set_step(T, foe)
@@ -143,13 +145,17 @@ def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: F
         cost += B * step_cost()
         k += 1
         next(bar, None)
-        if k % args.eval_every == 0 or cost >= budget:
+        if k % args.eval_every == 0 or cost >= budget or k == max_steps:
+            t1 = time.perf_counter()
             xs.append(cost)
+            ts.append(t1 - t0 - t_eval)
             ys.append(task.test_psnr(foe))
-    return {"method": label, "test_psnr": ys[-1], "cost": cost, "steps": k, "curve_cost": xs, "curve_psnr": ys}
+            t_eval += time.perf_counter() - t1
+    return {"method": label, "test_psnr": ys[-1], "cost": cost, "steps": k, "curve_cost": xs, "curve_psnr": ys,
+            "curve_time": ts, "foe": foe}
 
 
-def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
+def run_isgd(task: Task, args: Any, budget: float, label: str, max_steps: Optional[int] = None) -> dict[str, Any]:
     """Inexact hypergradients with ε_k = δ_k = ε₀(k+1)^-p and per-batch warm starts (key = batch)."""
     foe = FoE(args.filters, args.ksize, args.seed)
     T = task.operator(foe)
@@ -158,7 +164,8 @@ def run_isgd(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
                           constants=None, check_every=5, relative=False)  # ISGD: absolute accuracies
     return _minibatch_training(task, args, budget, label, foe, T,
                                solve=lambda y, b: solver(y.clone(), y, key=b),
-                               step_cost=lambda: solver.info.steps + solver.info.adjoint.iterations)
+                               step_cost=lambda: solver.info.steps + solver.info.adjoint.iterations,
+                               max_steps=max_steps)
 
 
 def run_unrolled(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]:
@@ -239,6 +246,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--maid-step", type=float, default=0.05, help="MAID initial step")
     ap.add_argument("--max-lower", type=int, default=1000, help="cap on the lower GKM steps of one solve")
     ap.add_argument("--eval-every", type=int, default=None, help="outer steps between test evaluations")
+    ap.add_argument("--betty", action="store_true",
+                    help="ISGD in the core loop and ISGD as a Betty graph (recipes/_isgd_betty.py) only, same "
+                         "seed and batches; needs betty-ml")
+    ap.add_argument("--plot", default=None, help="path of the PNG (default OUT/learned_regularizer.png)")
     args = ap.parse_args(argv)
     setup(args)
     args.filters = args.filters or (10 if args.paper else 6)
@@ -254,18 +265,31 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         task = Task(kind, args, rng, g)
         noisy = psnr(task.y_test, task.x_test)
         res = []
-        for fn, label in ((run_isgd, "ISGD (inexact, decaying ε_k)"),
-                          (run_maid, "MAID-style (full batch, adaptive ε)"),
-                          (run_unrolled, f"unrolled (K={args.unroll})")):
+        methods: list[tuple[Any, str]] = [(run_isgd, "ISGD (inexact, decaying ε_k)")]
+        if args.betty:
+            from ._isgd_betty import run_isgd_betty  # imports Betty
+
+            methods.append((run_isgd_betty, "ISGD in a Betty graph"))
+        else:
+            methods += [(run_maid, "MAID-style (full batch, adaptive ε)"),
+                        (run_unrolled, f"unrolled (K={args.unroll})")]
+        for fn, label in methods:
             t0 = time.perf_counter()
             res.append(fn(task, args, budget, label))
             res[-1]["time_s"] = time.perf_counter() - t0
         rows.append({"task": kind, "method": "observation y", "test_psnr": noisy})
         for r in res:
-            rows.append({"task": kind, **r})
+            rows.append({"task": kind, **{k: v for k, v in r.items() if k != "foe"}})
         panels.append((f"test PSNR (dB), {kind}", {r["method"]: (r["curve_cost"], r["curve_psnr"]) for r in res}))
-    png = plot_curves(f"{args.out}/{NAME}.png", {}, "cumulative lower + adjoint iterations × patches", "",
-                      logy=False, title="learned FoE regulariser: test PSNR vs cost", ax_pairs=panels)
+        if args.betty:  # the same curves by training seconds (Betty's overhead), beside those by cost
+            panels.append((f"test PSNR (dB), {kind}", {r["method"]: (r["curve_time"], r["curve_psnr"]) for r in res}))
+    cost_label = "cumulative lower + adjoint iterations × patches"
+    xlabels, styles = None, ("-",)
+    if args.betty:  # identical iterates: the Betty curve dashed over the core one
+        xlabels, styles = [cost_label, "training seconds (test evaluations excluded)"] * len(tasks), ("-", "--")
+    png = plot_curves(args.plot or f"{args.out}/{NAME}.png", {}, cost_label, "", logy=False,
+                      title="learned FoE regulariser: test PSNR vs cost", ax_pairs=panels, xlabels=xlabels,
+                      linestyles=styles)
     print_table(rows, ["task", "method", "test_psnr", "cost", "steps", "time_s"],
                 title=f"# {NAME}: test PSNR (dB) at a cost budget of {budget:.3g}")
     results = {"budget": budget, "rows": rows, "plot": png}

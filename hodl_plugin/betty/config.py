@@ -38,8 +38,11 @@ class HODLConfig(_BettyConfig):
     tol: float = 1e-8
     rtol: float = 0.0
     beta: Union[float, Schedule] = 1.0
-    alpha: Union[float, Schedule, None] = None  # HODL aggregation when upper_objective is defined
+    # HODL aggregation u_{k+1} = T(u_k - α_k s ∇_u F(u_k)): on when ``alpha`` is set (F: the upper node's
+    # own training_step, or the node's upper_objective if it defines one, then α defaults to Harmonic(1.0))
+    alpha: Union[float, Schedule, None] = None
     upper_step: float = 1.0
+    aggregate_upper: Optional[str] = None  # which upper node's training_step is F, when there are several
     check_every: int = 10
     on_divergence: str = "raise"
     warm_start: bool = True  # start each solve from the last iterate (per sample with sample_keys)
@@ -52,6 +55,10 @@ class HODLConfig(_BettyConfig):
     truncate: int = 10
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
+    # a hodl_plugin method object of the kind ``type`` names, used as is (options HODLConfig does not
+    # spell, e.g. hp.Inexact(eps=Polynomial(1e-2, 0.5), relative=False, constants=None): ISGD's absolute
+    # decaying accuracies); it then holds the counters and warm starts of this node's solver
+    method: Optional[HypergradMethod] = None
     # forward acceleration of the lower solve (GKMSolver(acceleration=...), e.g. hp.Anderson(5))
     acceleration: Any = None
     # a lower solve that stops before its tolerance: "warn" (ConvergenceWarning naming the node),
@@ -63,6 +70,10 @@ class HODLConfig(_BettyConfig):
             raise ValueError(
                 f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
                 f"got {self.on_nonconvergence!r}"
+            )
+        if self.aggregate_upper is not None and not isinstance(self.aggregate_upper, str):
+            raise TypeError(
+                f"HODLConfig(aggregate_upper=...) must be the name of an upper node, got {self.aggregate_upper!r}"
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
@@ -99,8 +110,53 @@ def _cfg(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
+#: the HODLConfig fields that build a method object: with ``method=`` given they must stay at their defaults
+_METHOD_OPTIONS = ("linear_solver", "adjoint_rtol", "adjoint_atol", "adjoint_maxiter", "on_fail", "truncate", "eps",
+                   "delta")
+
+_METHOD_CLASSES = {
+    "gkm_implicit": Implicit, "gkm_unrolled": Unrolled, "gkm_truncated": Truncated, "gkm_inexact": Inexact,
+    "gkm_first_order": FirstOrder,
+}
+
+
 def _method_for(config: Any) -> HypergradMethod:
+    """The method object of a GKM node's config: ``config.method`` as given, else built from the options.
+
+    >>> from hodl_plugin.schedules import Polynomial
+    >>> m = Inexact(eps=Polynomial(1e-2, 0.5), relative=False, constants=None)
+    >>> _method_for(HODLConfig(type="gkm_inexact", method=m)) is m
+    True
+    >>> _method_for(HODLConfig(type="gkm_implicit", method=m))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.HODLError: HODLConfig(method=Inexact(...)) is not of the kind ...: pass type='gkm_inexact'
+    >>> _method_for(HODLConfig(type="gkm_inexact", method=m, eps=1e-3))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.HODLError: HODLConfig(method=...) and ['eps'] given: ...
+    """
     kind = config.type
+    given = _cfg(config, "method", None)
+    if given is not None:
+        if kind not in _METHOD_CLASSES:
+            raise HODLError(f"HODLConfig(method=...) is for GKM nodes; type={kind!r} is not one of {list(GKM_METHODS)}")
+        if not isinstance(given, _METHOD_CLASSES[kind]):
+            right = [k for k, c in _METHOD_CLASSES.items() if isinstance(given, c)]
+            fix = f"pass type={right[0]!r}" if right else "pass a hodl_plugin method object"
+            raise HODLError(
+                f"HODLConfig(method={type(given).__name__}(...)) is not of the kind type={kind!r} names "
+                f"({_METHOD_CLASSES[kind].__name__}): {fix}"
+            )
+        if isinstance(config, HODLConfig):
+            defaults = {f.name: f.default for f in dataclasses.fields(HODLConfig)}
+            clash = [k for k in _METHOD_OPTIONS if getattr(config, k) != defaults[k]]
+            if clash:
+                raise HODLError(
+                    f"HODLConfig(method=...) and {clash} given: the method object carries its own options and "
+                    f"these would be ignored; set them on the {type(given).__name__}(...) instead"
+                )
+        return given
     if kind == "gkm_implicit":
         return Implicit(
             solver=_cfg(config, "linear_solver", None),

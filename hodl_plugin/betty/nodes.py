@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import numbers
 import warnings
 from typing import Any, Hashable, Iterator, Optional, Sequence, Union
 
@@ -11,11 +13,12 @@ from torch import Tensor, nn
 
 from ..errors import ConvergenceWarning, HODLError
 from ..gkm import SolverInfo
-from ..schedules import Harmonic
+from ..schedules import Constant, Harmonic
 from ..solver import GKMSolver
 from ._betty import Config as _BettyConfig
 from ._betty import ImplicitProblem as _ImplicitProblem
 from .config import _cfg, _method_for, as_config
+from .coupling import UpperLookahead, evaluate_upper, install_lookahead
 
 __all__ = ["GKMProblem", "GKMState"]
 
@@ -60,8 +63,14 @@ class GKMProblem(_ImplicitProblem):
       ``x`` through the engine's attributes (``self.<upper name>.module...``), as Betty users do in
       ``training_step``;
     - ``initial_state(self, batch) -> tensor``: :math:`u_0` for a batch (used when no warm start);
-    - optionally ``upper_objective(self, u, batch) -> scalar``: :math:`F` for HODL's aggregation
-      (with ``config.alpha``, default ``Harmonic(1.0)``, and ``config.upper_step``);
+    - HODL's aggregation :math:`u_{k+1} = T(u_k - \alpha_k s \nabla_u F(u_k; x))` is on when
+      ``config.alpha`` is set (a float or a schedule; ``s`` is ``config.upper_step``). By default
+      :math:`F` is the upper node's own ``training_step``, evaluated on the batch of the upper's coming
+      step with the candidate ``u`` in place of ``self.<node>.u`` (no optimizer step, no gradient in
+      ``.grad``, no extra batch drawn, its buffers put back; see :mod:`hodl_plugin.betty.coupling`);
+      with several upper nodes ``config.aggregate_upper`` names the one whose objective is :math:`F`.
+      Optionally ``upper_objective(self, u, batch) -> scalar`` overrides it (on the node's own batch;
+      ``alpha`` then defaults to ``Harmonic(1.0)``);
     - optionally ``sample_keys(self, batch) -> sequence of hashables``: one key per sample (the
       first dimension of ``u``) to warm-start every sample from its own last iterate across Betty
       steps; without it the whole previous iterate is the warm start when shapes match.
@@ -111,6 +120,13 @@ class GKMProblem(_ImplicitProblem):
         self._batch: Any = None
         self._busy = False  # inside a global step (see step()): a checkpoint now would be half-written
         self._fresh_served = False  # forward() returned a fresh solve this step (see gkm_vjp)
+        # coupled aggregation (F = the upper node's training_step; see coupling.py)
+        self._u_override: Optional[Tensor] = None  # the candidate u that self.u returns meanwhile
+        self._u_reads = 0  # reads of self.u while substituted: an F that never reads it is refused
+        self._aggregating = False  # inside the upper's training_step for F (a solve now would recurse)
+        self._own_step = False  # inside this node's Betty step: F's batch is the upper's coming batch
+        self._coupled_upper: Any = None  # the upper problem whose training_step is F (set in initialize)
+        self._lookahead: Optional[UpperLookahead] = None
         self._solver: GKMSolver = self._build_solver()  # validates the options now, at construction
 
     # -- the user's side --------------------------------------------------------------------------
@@ -131,8 +147,20 @@ class GKMProblem(_ImplicitProblem):
     @property
     def u(self) -> Tensor:
         """The lower variable (a parameter holding the last solution): read it in the upper node."""
+        if self._u_override is not None:  # the aggregation evaluates the upper's objective at a candidate
+            self._u_reads += 1
+            return self._u_override
         mod = self.module.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else self.module
         return mod.u
+
+    @contextlib.contextmanager
+    def _substituted(self, u: Tensor) -> Iterator[None]:
+        """Within the block, :attr:`u` (and ``self.<node>()``) is ``u``; restored on exit, also on errors."""
+        previous, self._u_override = self._u_override, u
+        try:
+            yield
+        finally:
+            self._u_override = previous
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """``self.<node>(batch)`` in an upper node, as Betty users call a child: the solution for ``batch``.
@@ -160,6 +188,12 @@ class GKMProblem(_ImplicitProblem):
         this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
         unchanged. A solve that stops before its tolerance is reported (``config.on_nonconvergence``).
         """
+        if self._aggregating:
+            raise HODLError(
+                f"GKM node {self.name!r}: the training_step of upper node {self._coupled_upper.name!r} calls a "
+                f"fresh solve (self.{self.name}(batch) or .solve()) while it serves as F of this node's "
+                "aggregation, which would recurse: define upper_objective(self, u, batch) on the GKM node instead"
+            )
         batch = self.cur_batch if batch is None else batch
         previous, self._batch = self._batch, batch
         self._fresh_served = True  # the caller differentiates through this solve (see gkm_vjp)
@@ -191,6 +225,67 @@ class GKMProblem(_ImplicitProblem):
                 f"it in u2l, so no hypergradient ever reaches them and their variables never move: add "
                 f"u2l {{{ups[0]}: [{self.name}]}} to the Engine's dependencies"
             )
+        if self._coupled:
+            self._bind_coupled_upper()
+
+    def _bind_coupled_upper(self) -> None:
+        """The upper node whose ``training_step`` is F (``config.aggregate_upper`` among several)."""
+        name = _cfg(self.config, "aggregate_upper", None)
+        ups = [p.name for p in self._parents]
+        if name is not None:
+            match = [p for p in self._parents if p.name == name]
+            if not match:
+                raise HODLError(
+                    f"GKM node {self.name!r}: HODLConfig(aggregate_upper={name!r}) is not one of its upper "
+                    f"nodes {ups}"
+                )
+            upper = match[0]
+        elif len(self._parents) == 1:
+            upper = self._parents[0]
+        else:
+            raise HODLError(
+                f"GKM node {self.name!r} aggregates (HODLConfig(alpha=...)) and has several upper nodes {ups}: "
+                f"name the one whose training_step is F with HODLConfig(aggregate_upper=...), or define "
+                "upper_objective(self, u, batch) on the node (e.g. the sum of their objectives)"
+            )
+        self._coupled_upper = upper
+        self._lookahead = install_lookahead(upper)
+
+    def _coupled_objective(self, u: Tensor) -> Tensor:
+        r""":math:`F(u; x)`: the coupled upper node's ``training_step`` with ``u`` in place of :attr:`u`."""
+        upper = self._coupled_upper
+        if upper is None or self._lookahead is None:
+            raise HODLError(
+                f"GKM node {self.name!r} aggregates with its upper node's training_step, but it is not in an "
+                "Engine yet (no upper node): build the Engine first, or define upper_objective(self, u, batch)"
+            )
+        # this node's Betty step serves the upper's coming step: its batch, drawn once and handed over;
+        # a fresh solve() (called in or after the upper's step) uses the upper's batch of that step
+        if self._own_step:
+            batch = self._lookahead.peek()
+        elif upper.cur_batch is None and upper.train_data_loader is not None:
+            raise HODLError(
+                f"GKM node {self.name!r}: a fresh solve aggregates with the training_step of upper node "
+                f"{upper.name!r} on its current batch, and it has none yet (it has not stepped): run the "
+                "Engine first, or define upper_objective(self, u, batch) on the GKM node"
+            )
+        else:
+            batch = upper.cur_batch
+        reads = self._u_reads
+        self._aggregating = True
+        try:
+            with self._substituted(u):
+                F = evaluate_upper(upper, batch)
+        finally:
+            self._aggregating = False
+        if self._u_reads == reads:
+            raise HODLError(
+                f"GKM node {self.name!r}: the training_step of upper node {upper.name!r} does not read "
+                f"self.{self.name}.u (or self.{self.name}()), so it cannot serve as F of the aggregation "
+                f"(it may read self.{self.name}.module.u or .solution): read self.{self.name}.u there, or "
+                "define upper_objective(self, u, batch) on the GKM node"
+            )
+        return F
 
     def _expose_upper_variables(self) -> None:
         """Register the upper nodes' modules in the operator, so that the implicit/inexact primitive
@@ -219,8 +314,16 @@ class GKMProblem(_ImplicitProblem):
     def _build_solver(self) -> GKMSolver:
         cfg = self.config
         has_upper = type(self).upper_objective is not GKMProblem.upper_objective
-        upper = (lambda u: self.upper_objective(u, self._batch)) if has_upper else None
         alpha = _cfg(cfg, "alpha", None)
+        self._coupled = not has_upper and alpha is not None and not _is_zero(alpha)
+        upper: Any = None
+        if has_upper:
+            upper = lambda u: self.upper_objective(u, self._batch)  # noqa: E731
+            alpha = Harmonic(1.0) if alpha is None else alpha
+        elif self._coupled:
+            upper = self._coupled_objective
+        else:
+            alpha = None
 
         T = _NodeOperator(self)
         options: dict[str, Any] = {}
@@ -240,7 +343,7 @@ class GKMProblem(_ImplicitProblem):
             hypergrad=self.method,
             upper=upper,
             upper_step=_cfg(cfg, "upper_step", 1.0),
-            alpha=(Harmonic(1.0) if alpha is None else alpha) if has_upper else None,
+            alpha=alpha,
             beta=_cfg(cfg, "beta", 1.0),
             check_every=_cfg(cfg, "check_every", 10),
             on_divergence=_cfg(cfg, "on_divergence", "raise"),
@@ -251,7 +354,17 @@ class GKMProblem(_ImplicitProblem):
         """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            z = self._solver(u0, key=self._key(batch))
+            try:
+                z = self._solver(u0, key=self._key(batch))
+            except ValueError as e:
+                if self._coupled and "does not depend on u" in str(e):
+                    up = self._coupled_upper.name
+                    raise HODLError(
+                        f"GKM node {self.name!r}: the training_step of upper node {up!r} does not depend on "
+                        f"self.{self.name}.u (it reads it detached?), so it cannot serve as F of the aggregation: "
+                        f"read self.{self.name}.u there, or define upper_objective(self, u, batch) on the GKM node"
+                    ) from e
+                raise
         info = self._solver.info
         cfg = self.config
         asked = _cfg(cfg, "tol", 1e-8) > 0 or _cfg(cfg, "rtol", 0.0) > 0
@@ -325,7 +438,11 @@ class GKMProblem(_ImplicitProblem):
             batch = self.cur_batch
         self._batch = batch
         self._fresh_served = False
-        z = self._run_solver(self._start(batch), batch)
+        self._own_step = True
+        try:
+            z = self._run_solver(self._start(batch), batch)
+        finally:
+            self._own_step = False
         info = self._solver.info
         self.info = info
         self.solution = z
@@ -365,6 +482,13 @@ class GKMProblem(_ImplicitProblem):
         self.method.load_state_dict(state["method"])
         self.u.data = state["u"].clone()
         self._count = state["count"]
+
+
+def _is_zero(alpha: Any) -> bool:
+    """``alpha`` that switches the aggregation off (0, or ``Constant(0)``)."""
+    if isinstance(alpha, Constant):
+        return alpha.c == 0
+    return isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and float(alpha) == 0.0
 
 
 def _ancestors(node: Any) -> Iterator[Any]:
