@@ -454,3 +454,26 @@ def test_two_coupled_children_share_the_uppers_batch():
     assert len(up_c.xs) == ITERS and float((up_c.xs[-1] - X0).abs().max()) > 1e-2
     assert up_c.loader.drawn == ITERS and all(torch.equal(a, b) for a, b in zip(up_c.seen, DATA))
     assert lows_c[0].state_diffs == lows_c[1].state_diffs == [[] for _ in range(ITERS)]
+
+
+def test_outside_aggregation_in_a_betty_node_equals_an_independent_loop():
+    """HODLConfig(aggregation="outside"): u+ = (1-α)T(u) + α(u - s∇F(u)), written by hand (BOAT's GDA form)."""
+    cfg = hb.HODLConfig(type="gkm_unrolled", alpha=ALPHA, upper_step=STEP, tol=0.0, max_steps=K,
+                        aggregation="outside")
+    up, low = run(CoupledLower, config=cfg)
+    x = torch.nn.Parameter(X0.clone())
+    opt = torch.optim.Adam([x], lr=LR)
+    u_prev = torch.zeros(N, dtype=DT)
+    for t in range(ITERS):
+        c, u = DATA[t], u_prev
+        for k in range(K):
+            a = 0.5 / (k + 1)
+            u = (1 - a) * T(u, x, c) + a * (u - STEP * (u - Y - c - E @ x))
+        opt.zero_grad()
+        F(u, x, c).backward()
+        opt.step()
+        u_prev = u.detach()
+        assert rel_err(low.us[t], u_prev) < 1e-12
+        assert rel_err(up.xs[t], x.detach()) < 1e-12
+    with pytest.raises(ValueError, match="aggregation"):
+        hb.HODLConfig(aggregation="outsid")

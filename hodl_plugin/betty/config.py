@@ -42,6 +42,8 @@ class HODLConfig(_BettyConfig):
     # own training_step, or the node's upper_objective if it defines one, then α defaults to Harmonic(1.0))
     alpha: Union[float, Schedule, None] = None
     upper_step: float = 1.0
+    # where the upper step enters: "inside" T(u - α s∇F(u)) or "outside" (1-α)T(u) + α(u - s∇F(u)) (BDA/BOAT)
+    aggregation: str = "inside"
     aggregate_upper: Optional[str] = None  # which upper node's training_step is F, when there are several
     check_every: int = 10
     on_divergence: str = "raise"
@@ -71,6 +73,8 @@ class HODLConfig(_BettyConfig):
                 f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
                 f"got {self.on_nonconvergence!r}"
             )
+        if self.aggregation not in ("inside", "outside"):
+            raise ValueError(f"HODLConfig(aggregation=...) must be 'inside' or 'outside', got {self.aggregation!r}")
         if self.aggregate_upper is not None and not isinstance(self.aggregate_upper, str):
             raise TypeError(
                 f"HODLConfig(aggregate_upper=...) must be the name of an upper node, got {self.aggregate_upper!r}"

@@ -344,6 +344,7 @@ class GKMProblem(_ImplicitProblem):
             upper=upper,
             upper_step=_cfg(cfg, "upper_step", 1.0),
             alpha=alpha,
+            aggregation=_cfg(cfg, "aggregation", "inside"),
             beta=_cfg(cfg, "beta", 1.0),
             check_every=_cfg(cfg, "check_every", 10),
             on_divergence=_cfg(cfg, "on_divergence", "raise"),
