@@ -303,14 +303,19 @@ def test_vmap_with_aggregation_falls_back_per_sample():
 @pytest.mark.parametrize("name", ["cg", "gmres", "fixed_point"])
 @pytest.mark.parametrize("bd", [1, 2])
 def test_batched_linear_solvers_match_per_sample(name, bd):
-    Qs = torch.stack([Q(d) for d in DS])  # SPD, conditions 2, 10, 100
-    A = torch.eye(N, dtype=D) - (torch.eye(N, dtype=D) - S * Qs) if name != "fixed_point" else None
-    if name == "fixed_point":  # Richardson needs ρ(I − A) < 1: A = S·Q
-        A = S * Qs
-    b = torch.randn(B, N, generator=torch.Generator().manual_seed(3), dtype=D)
+    """Per-sample mode vs each system solved alone: same products per sample, same iterate (a
+    sample that met its threshold is frozen: with rtol = 1e-6 any further step would move it by
+    ~1e-6), and the solution of the system itself."""
+    n = 40
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D))
+    A = torch.stack([(U * torch.logspace(-math.log10(c), 0, n, dtype=D)) @ U.T for c in (2.0, 10.0, 50.0)])
+    if name == "gmres":  # nonsymmetric
+        A = A + 0.1 * torch.triu(torch.randn(n, n, generator=g, dtype=D), 1) / n ** 0.5
+    b = torch.randn(B, n, generator=g, dtype=D)
     b[1] *= 1e4  # per-sample thresholds: rtol·‖b_i‖
-    kw = {"restart": 4} if name == "gmres" else {}
-    solver = ls.get(name, rtol=1e-9, maxiter=20000, **kw)
+    kw = {"restart": 10} if name == "gmres" else {}
+    solver = ls.get(name, rtol=1e-6, maxiter=20000, **kw)
     if bd == 2:
         A2, b2 = torch.stack([A, A.flip(0)]), torch.stack([b, b.flip(0)])
         x, info = solver(lambda v: torch.einsum("pbij,pbj->pbi", A2, v), b2, batch_dims=2)
@@ -322,9 +327,12 @@ def test_batched_linear_solvers_match_per_sample(name, bd):
     for i in range(B):
         xi, ii = solver(lambda v, i=i: A[i] @ v, b[i])
         assert int(its[i]) == ii.iterations, (i, its, ii.iterations)
-        close(x[i], xi, 1e-12)  # a converged sample is frozen: exactly its own solve
-        close(x[i], torch.linalg.solve(A[i], b[i]), 1e-6)
-    assert info.converged and its[0] < its[2]
+        close(x[i], xi, 1e-7)  # the same iterate up to rounding (batched products round differently)
+        if i < B - 1:  # stopped while others went on: frozen there (the same residual, not smaller)
+            res, res_i = (float(torch.linalg.vector_norm(b[i] - A[i] @ z)) for z in (x[i], xi))
+            assert 0.5 < res / res_i < 2, (i, res, res_i)
+        close(x[i], torch.linalg.solve(A[i], b[i]), 2e-6 * float(torch.linalg.cond(A[i])))
+    assert info.converged and its[0] < its[1] < its[2]
     assert info.iterations == int(its.max())
 
 
