@@ -392,6 +392,8 @@ def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bo
         check_unique=problem.check_unique, symmetric=problem.symmetric, iteration=it_b,
     )
     lifted.vmap_dims, lifted.parent, lifted.dims = depth, problem, in_dims
+    # no ``after``: the inexact mode's a-posteriori bound evaluates T on the closure's params, which
+    # are vmap's batched tensors here (no error_bound under vmap; its warm-start cache is per sample)
     lifted.batched_solver = bool(getattr(base(), "batch_dims_ok", False))
     lifted.symmetric_checked = problem.symmetric_checked
     return lifted

@@ -163,6 +163,14 @@ def cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSol
     >>> x, info = cg(rtol=1e-12)(lambda v: M @ v, torch.ones(2, dtype=torch.float64))
     >>> info.converged, info.iterations <= 4
     (True, True)
+
+    Per sample (``batch_dims=1``): sample 0 is ``2I`` (one product), sample 1 is ``M``:
+
+    >>> Ms = torch.stack([2 * torch.eye(2, dtype=torch.float64), M])
+    >>> xs, info = cg(rtol=1e-12)(lambda v: torch.einsum("bij,bj->bi", Ms, v),
+    ...                           torch.ones(2, 2, dtype=torch.float64), batch_dims=1)
+    >>> info.iterations_per_sample.tolist(), bool(torch.allclose(xs[1], x))
+    ([2, 3], True)
     """
     _check_tols(rtol, atol, maxiter)
 
