@@ -141,6 +141,22 @@ def test_vmap_forward_is_one_batched_solve(mode):
     assert info.residuals.shape[1:] == (B,)
 
 
+def test_vmap_randomness_is_passed_to_the_batched_operator():
+    """vmap(..., randomness="different") reaches the lifted T (noise of size 0 keeps the closed form;
+    the default randomness="error" raises torch's own error, as for any vmapped function)."""
+    T = Counted()
+    solver = hp.GKMSolver(lambda u, x: T(u, x) + 0.0 * torch.rand_like(u), tol=1e-10, max_steps=100000)
+
+    def solve(x):
+        return solver(torch.zeros(N, dtype=D), x)
+
+    with pytest.raises(RuntimeError, match="random"):
+        torch.func.vmap(solve)(X)
+    U = torch.func.vmap(solve, randomness="different")(X)
+    assert T.calls <= int(solver.info.steps_per_sample.max()) + 3  # batched, not a loop
+    close(U, torch.stack([u_star(x) for x in X]), 1e-7)
+
+
 def test_vmap_forward_nested_and_batch_dims():
     """vmap(vmap(solve)) and vmap over a solver with its own batch_dims: per-sample steps over
     all batch dims, values against the closed form."""
@@ -166,8 +182,8 @@ ENTRIES = ["vmap_grad", "grad_vmap", "backward_vmap", "vmap_jacrev", "jacrev_vma
            "vmap_vmap_grad"]
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
-@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+@pytest.mark.parametrize("mode,entry", [("implicit", e) for e in ENTRIES]
+                         + [("inexact", e) for e in ("vmap_grad", "backward_vmap", "jacrev_vmap")])
 def test_vmap_derivatives_closed_form(mode, entry):
     T, solver = make(mode)
     solve, f = f_of(solver)
