@@ -322,7 +322,7 @@ class FixedPoint(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
         B = info.batch_size
-        lifted = _lift(problem, in_dims[2:], forward=True)
+        lifted = _lift(problem, in_dims[2:], forward=True, randomness=getattr(info, "randomness", "error"))
         if lifted is not None:  # one batched solve, each sample with its own stopping test
             u0_b = _to_front(u0, in_dims[1], B)
             return FixedPoint.apply(lifted, u0_b, *_to_front_all(ts, in_dims[2:])), 0
@@ -352,7 +352,8 @@ def _to_front_all(ts: Sequence[Tensor], dims: Sequence[Optional[int]]) -> list:
     return [t if d is None else t.movedim(d, 0) for t, d in zip(ts, dims)]
 
 
-def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bool) -> Optional[FixedPointProblem]:
+def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bool,
+          randomness: str = "error") -> Optional[FixedPointProblem]:
     r"""The batched problem of a ``vmap`` over ``problem``: one problem whose leading dim holds the
     samples, :math:`T_B(u; \theta) = \mathrm{vmap}(T)(u; \theta)`, so its Jacobians are
     block-diagonal and every derivative rule of :class:`FixedPoint` / :class:`LinearSolve` applies
@@ -371,7 +372,8 @@ def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bo
     in_dims = tuple(None if d is None else 0 for d in dims)
 
     def T_b(u: Tensor, *ts: Tensor) -> Tensor:
-        return torch.vmap(lambda u_, *t_: problem.T_call(u_, t_), in_dims=(0, *in_dims))(u, *ts)
+        return torch.vmap(lambda u_, *t_: problem.T_call(u_, t_), in_dims=(0, *in_dims),
+                          randomness=randomness)(u, *ts)
 
     it_b = None
     if it is not None:
@@ -493,7 +495,7 @@ class LinearSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem, transpose, b, u, first, *ts) -> tuple:  # type: ignore[override]
         B = info.batch_size  # one batched solve (per-sample stopping when the solver has it)
-        lifted = _lift(problem, in_dims[5:], forward=False)
+        lifted = _lift(problem, in_dims[5:], forward=False, randomness=getattr(info, "randomness", "error"))
         assert lifted is not None  # a linear solve needs no iteration: it always lifts
         return LinearSolve.apply(lifted, transpose, _to_front(b, in_dims[2], B), _to_front(u, in_dims[3], B),
                                  first, *_to_front_all(ts, in_dims[5:])), 0
