@@ -257,7 +257,7 @@ def _implicit_solve(
         check_unique = it.aggregates
     problem = FixedPointProblem(
         it.T, len(params), names, forward, make_solver, on_fail=on_fail, info=info, x0=x0, after=after,
-        check_unique=check_unique,
+        check_unique=check_unique, iteration=it,
     )
     u = FixedPoint.apply(problem, u0, *tensors)
     if torch.is_grad_enabled() and not transforms_active():
@@ -328,9 +328,10 @@ class Implicit(HypergradMethod):
             raise ValueError("adjoint_rtol and adjoint_atol cannot both be 0 (the adjoint solve would never stop)")
 
     def run(self, it, u0, params, info, max_steps, key=None):
-        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info) -> Tensor:
-            with torch.no_grad():
-                return it.run(u_start.detach(), _detached(ps), info_, start=0, num_steps=max_steps)
+        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info,
+                    it_: Optional[GKMIteration] = None) -> Tensor:
+            with torch.no_grad():  # it_: the batched iteration of a vmapped call
+                return (it_ or it).run(u_start.detach(), _detached(ps), info_, start=0, num_steps=max_steps)
 
         if not torch.is_grad_enabled():
             return forward(u0, params)
@@ -467,12 +468,15 @@ class Inexact(HypergradMethod):
                 stacklevel=4,
             )
 
-        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info) -> Tensor:
-            start = cached.to(u_start.dtype) if use_cache else u_start.detach()
+        def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info,
+                    it_: Optional[GKMIteration] = None) -> Tensor:
+            # it_: the batched iteration of a vmapped call (a per-sample cached iterate does not fit it)
+            batched = it_ is not None and it_ is not it
+            start = cached.to(u_start.dtype) if use_cache and not batched else u_start.detach()
             with torch.no_grad():
                 tols = {"tol": eps_k} if self.relative else {"tol": 0.0, "atol": eps_k}
-                u = it.run(start, _detached(ps), info_, start=0, num_steps=max_steps, **tols)
-            if self.warm_start and not info_.diverged:
+                u = (it_ or it).run(start, _detached(ps), info_, start=0, num_steps=max_steps, **tols)
+            if self.warm_start and not info_.diverged and not batched:
                 self.u_cache[key] = u.detach().clone()
             return u
 

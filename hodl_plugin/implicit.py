@@ -44,6 +44,7 @@ tensor([48., 96.], dtype=torch.float64)
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -55,7 +56,7 @@ from . import linear_solve as ls
 from ._autodiff import make_vjp
 from ._checks import transforms_active
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
-from .gkm import SolverInfo
+from .gkm import GKMIteration, SolverInfo
 
 __all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
 
@@ -93,6 +94,9 @@ class FixedPointProblem:
         check_unique: probe :math:`I - \partial_u T` for a (numerically) zero singular value
             before the first adjoint solve and raise :class:`LinearSolveError` if it has one.
         symmetric: the operator claims a symmetric :math:`\partial_u T` (checked when CG runs).
+        iteration: the :class:`~hodl_plugin.gkm.GKMIteration` that ``forward`` runs; with it a
+            ``vmap`` over the problem becomes one batched solve (:func:`_lift`), and ``forward``
+            must accept ``it_=`` (the iteration to run instead of its own).
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class FixedPointProblem:
         after: Optional[Callable[[Tensor, Tensor], None]] = None,
         check_unique: bool = False,
         symmetric: bool = False,
+        iteration: Optional[GKMIteration] = None,
     ) -> None:
         self.T, self.n_params, self.module_names = T, n_params, list(module_names)
         self.forward, self.make_solver, self.on_fail, self.info = forward, make_solver, on_fail, info
@@ -117,6 +122,13 @@ class FixedPointProblem:
         self.closure_args: Sequence[Tensor] = ()
         self.symmetric_checked = False
         self.slice_info: Optional[SolverInfo] = None
+        self.iteration = iteration
+        # set on the batched problems that vmap builds (_lift): how many leading dims are vmap's,
+        # the problem they batch, the in-dims of its tensors, and whether the solver is per-sample
+        self.vmap_dims = 0
+        self.parent: Optional[FixedPointProblem] = None
+        self.dims: tuple = ()
+        self.batched_solver = False
 
     # -- T with explicit tensors -----------------------------------------------------------
     def T_call(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
@@ -137,6 +149,12 @@ class FixedPointProblem:
         self, transpose: bool, b: Tensor, u: Tensor, tensors: Sequence[Tensor], first: bool = False
     ) -> Tensor:
         r""":math:`x = A^{-\top} b` (``transpose``) or :math:`A^{-1} b`, :math:`A = I - \partial_u T(u)`."""
+        if self.parent is not None and not self.batched_solver:
+            # a vmapped problem whose linear solver has no per-sample mode: one solve per sample
+            return torch.stack([
+                self.parent.solve(transpose, b[i], u[i], _slice(i, tensors, self.dims), first)
+                for i in range(b.shape[0])
+            ])
         b, u = b.detach(), u.detach()
         ts = [t.detach() for t in tensors]
         if not bool(torch.isfinite(b).all()):
@@ -205,6 +223,8 @@ class FixedPointProblem:
             v = torch.full_like(g, math.nan)
         elif not f.requires_grad:
             v = g
+        elif self.parent is not None and not self.batched_solver:
+            return self._finish(f, ts, self.solve(True, g, u, ts, first=True))
         else:
             vjp = make_vjp(f, u_req)
             return self._finish(f, ts, self._run_solver(lambda z: z - vjp(z), g, True, u.detach()))
@@ -301,8 +321,14 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
+        B = info.batch_size
+        lifted = _lift(problem, in_dims[2:], forward=True, randomness=getattr(info, "randomness", "error"))
+        if lifted is not None:  # one batched solve, each sample with its own stopping test
+            u0_b = _to_front(u0, in_dims[1], B)
+            return FixedPoint.apply(lifted, u0_b, *_to_front_all(ts, in_dims[2:])), 0
+        # HODL aggregation (∇_u F would need vmapping too) or an unknown iteration: one sample at a time
         outs, infos = [], []
-        for i in range(info.batch_size):  # each sample solved on its own, with its own stopping test
+        for i in range(B):  # each sample solved on its own, with its own stopping test
             problem.slice_info = SolverInfo(mode=problem.info.mode) if problem.info is not None else None
             try:
                 outs.append(FixedPoint.apply(problem, *_slice(i, (u0, *ts), in_dims[1:])))
@@ -311,6 +337,86 @@ class FixedPoint(torch.autograd.Function):
                 problem.slice_info = None
         _merge_infos(problem.info, infos)
         return torch.stack(outs), 0
+
+
+def _to_front(t: Tensor, d: Optional[int], B: int) -> Tensor:
+    """``t`` with its vmapped dim first; an unbatched ``t`` expanded to ``B`` samples."""
+    if d is None:
+        return t.unsqueeze(0).expand(B, *t.shape).contiguous()
+    return t.movedim(d, 0)
+
+
+def _to_front_all(ts: Sequence[Tensor], dims: Sequence[Optional[int]]) -> list:
+    """The tensors ``θ`` of a lifted problem: batched ones with their vmapped dim first,
+    unbatched ones as they are (the lifted ``T`` reads them with ``in_dims=None``)."""
+    return [t if d is None else t.movedim(d, 0) for t, d in zip(ts, dims)]
+
+
+def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bool,
+          randomness: str = "error") -> Optional[FixedPointProblem]:
+    r"""The batched problem of a ``vmap`` over ``problem``: one problem whose leading dim holds the
+    samples, :math:`T_B(u; \theta) = \mathrm{vmap}(T)(u; \theta)`, so its Jacobians are
+    block-diagonal and every derivative rule of :class:`FixedPoint` / :class:`LinearSolve` applies
+    to it unchanged (outer transforms — grad, jacrev, another vmap — see one ordinary call).
+
+    Its forward is the GKM iteration with one more ``batch_dims`` (per-sample residuals and
+    stopping, converged samples frozen: :class:`~hodl_plugin.gkm._Monitor`); its linear solves run
+    the solver's per-sample mode (``batch_dims=``) when it has one, else one solve per sample.
+
+    ``None`` where the batched forward cannot apply (``forward=True`` without a known iteration, or
+    with HODL aggregation, whose :math:`\nabla_u F` is not vmapped): the caller loops over samples.
+    """
+    it = problem.iteration
+    if forward and (it is None or it.aggregates):
+        return None
+    in_dims = tuple(None if d is None else 0 for d in dims)
+
+    def T_b(u: Tensor, *ts: Tensor) -> Tensor:
+        return torch.vmap(lambda u_, *t_: problem.T_call(u_, t_), in_dims=(0, *in_dims),
+                          randomness=randomness)(u, *ts)
+
+    it_b = None
+    if it is not None:
+        it_b = copy.copy(it)
+        it_b.T, it_b.batch_dims = T_b, it.batch_dims + 1
+    depth = problem.vmap_dims + 1
+    base = _root(problem).make_solver
+
+    def make_solver() -> ls.LinearSolver:
+        return _per_sample(base(), depth)
+
+    def fwd(u0: Tensor, ps: Sequence[Tensor], info_: Any = None, it_: Any = None) -> Tensor:
+        info_ = problem.info if info_ is None else info_
+        return problem.forward(u0, ps, info_=info_, it_=it_b if it_ is None else it_)
+
+    lifted = FixedPointProblem(
+        T_b, len(dims), (), fwd, make_solver, on_fail=problem.on_fail, info=problem.info,
+        check_unique=problem.check_unique, symmetric=problem.symmetric, iteration=it_b,
+    )
+    lifted.vmap_dims, lifted.parent, lifted.dims = depth, problem, in_dims
+    # no ``after``: the inexact mode's a-posteriori bound evaluates T on the closure's params, which
+    # are vmap's batched tensors here (no error_bound under vmap; its warm-start cache is per sample)
+    lifted.batched_solver = bool(getattr(base(), "batch_dims_ok", False))
+    lifted.symmetric_checked = problem.symmetric_checked
+    return lifted
+
+
+def _root(problem: FixedPointProblem) -> FixedPointProblem:
+    while problem.parent is not None:
+        problem = problem.parent
+    return problem
+
+
+def _per_sample(solver: ls.LinearSolver, batch_dims: int) -> ls.LinearSolver:
+    """``solver`` in its per-sample mode over ``batch_dims`` leading dims (if it has one)."""
+    if not getattr(solver, "batch_dims_ok", False):
+        return solver
+
+    def solve(matvec: ls.MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
+        return solver(matvec, b, x0, batch_dims=batch_dims)  # type: ignore[call-arg]
+
+    solve.needs_symmetric = getattr(solver, "needs_symmetric", False)  # type: ignore[attr-defined]
+    return solve
 
 
 def _merge_infos(into: Optional[SolverInfo], infos: Sequence[Optional[SolverInfo]]) -> None:
@@ -388,12 +494,11 @@ class LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem, transpose, b, u, first, *ts) -> tuple:  # type: ignore[override]
-        outs = [
-            LinearSolve.apply(problem, transpose, *_slice(i, (b, u), in_dims[2:4]), first,
-                              *_slice(i, ts, in_dims[5:]))
-            for i in range(info.batch_size)
-        ]
-        return torch.stack(outs), 0
+        B = info.batch_size  # one batched solve (per-sample stopping when the solver has it)
+        lifted = _lift(problem, in_dims[5:], forward=False, randomness=getattr(info, "randomness", "error"))
+        assert lifted is not None  # a linear solve needs no iteration: it always lifts
+        return LinearSolve.apply(lifted, transpose, _to_front(b, in_dims[2], B), _to_front(u, in_dims[3], B),
+                                 first, *_to_front_all(ts, in_dims[5:])), 0
 
 
 class ClosureAdjoint(torch.autograd.Function):

@@ -60,6 +60,10 @@ class LinearSolveInfo:
         residual: final true residual ``‖b - A x‖``.
         threshold: the residual it had to reach, ``max(rtol·‖b‖, atol)``.
         converged: ``residual <= threshold``.
+        iterations_per_sample, converged_per_sample: with ``batch_dims`` (a batch of independent
+            systems, e.g. under ``torch.func.vmap``), tensors over the batch; ``iterations`` is
+            then the most products any sample used and ``residual`` / ``threshold`` are the worst
+            sample's (largest ``residual / threshold``).
 
     >>> import torch
     >>> _, info = cg(rtol=1e-12)(lambda v: 2 * v, torch.ones(3, dtype=torch.float64))
@@ -72,10 +76,19 @@ class LinearSolveInfo:
     residual: float
     threshold: float
     converged: bool
+    iterations_per_sample: Optional[Tensor] = None
+    converged_per_sample: Optional[Tensor] = None
 
 
 class LinearSolver(Protocol):
-    """``solve(matvec, b, x0=None) -> (x, info)``."""
+    """``solve(matvec, b, x0=None) -> (x, info)``.
+
+    The solvers here marked ``batch_dims_ok`` (:func:`cg`, :func:`gmres`, :func:`fixed_point`) also
+    take ``batch_dims=k``: the ``k`` leading dims of ``b`` index independent systems (``matvec``
+    must be block-diagonal over them). Each sample then has its own inner products, step sizes,
+    threshold ``max(rtol·‖b_i‖, atol)`` and stopping test; a sample that has converged stops
+    changing, and the loop stops when every sample has (one host sync per iteration, as without).
+    """
 
     def __call__(
         self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None
@@ -102,6 +115,34 @@ def _start(matvec: MatVec, b: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Ten
     return x, b - matvec(x), 1
 
 
+class _Batch:
+    """Per-sample reductions over the trailing dims of tensors whose ``bd`` leading dims index
+    independent systems."""
+
+    def __init__(self, b: Tensor, bd: int) -> None:
+        if bd < 1 or bd >= b.dim():
+            raise ValueError(f"batch_dims must be in [1, {b.dim() - 1}] for b of shape {tuple(b.shape)}, got {bd}")
+        self.bd, self.dims = bd, tuple(range(bd, b.dim()))
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return (a.conj() * b).sum(self.dims)
+
+    def norm(self, a: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(a, dim=self.dims)
+
+    def ex(self, t: Tensor, like: Tensor) -> Tensor:
+        """A per-sample tensor broadcastable against ``like``."""
+        return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
+
+    def info(self, method: str, its: Tensor, res: Tensor, thresh: Tensor, conv: Tensor) -> LinearSolveInfo:
+        ratio = res / thresh.clamp(min=torch.finfo(res.dtype).tiny)
+        ratio = torch.where(torch.isfinite(res), ratio, torch.full_like(ratio, math.inf))
+        w = int(ratio.reshape(-1).argmax())
+        flat_res, flat_th = res.reshape(-1), thresh.reshape(-1)
+        return LinearSolveInfo(method, int(its.max()), float(flat_res[w]), float(flat_th[w]), bool(conv.all()),
+                               iterations_per_sample=its, converged_per_sample=conv)
+
+
 def _check_tols(rtol: float, atol: float, maxiter: int) -> None:
     if rtol < 0 or atol < 0 or (rtol == 0 and atol == 0):
         raise ValueError(f"need rtol >= 0, atol >= 0 and one of them > 0, got rtol={rtol}, atol={atol}")
@@ -122,10 +163,21 @@ def cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSol
     >>> x, info = cg(rtol=1e-12)(lambda v: M @ v, torch.ones(2, dtype=torch.float64))
     >>> info.converged, info.iterations <= 4
     (True, True)
+
+    Per sample (``batch_dims=1``): sample 0 is ``2I`` (one product), sample 1 is ``M``:
+
+    >>> Ms = torch.stack([2 * torch.eye(2, dtype=torch.float64), M])
+    >>> xs, info = cg(rtol=1e-12)(lambda v: torch.einsum("bij,bj->bi", Ms, v),
+    ...                           torch.ones(2, 2, dtype=torch.float64), batch_dims=1)
+    >>> info.iterations_per_sample.tolist(), bool(torch.allclose(xs[1], x))
+    ([2, 3], True)
     """
     _check_tols(rtol, atol, maxiter)
 
-    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, LinearSolveInfo]:
+    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
+              batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
+        if batch_dims:
+            return _cg_batched(matvec, b, x0, _Batch(b, batch_dims), rtol, atol, maxiter)
         thresh = _threshold(b, rtol, atol)
         x, r, its = _start(matvec, b, x0)
         p = r.clone()
@@ -145,7 +197,38 @@ def cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSol
         return x, LinearSolveInfo("cg", its, res, thresh, res <= thresh * (1 + 1e-6))
 
     solve.needs_symmetric = True  # type: ignore[attr-defined]  (the implicit mode checks the claim)
+    solve.batch_dims_ok = True  # type: ignore[attr-defined]
     return solve
+
+
+def _cg_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rtol: float, atol: float,
+                maxiter: int) -> tuple[Tensor, LinearSolveInfo]:
+    """:func:`cg` on a batch of systems: per-sample step sizes and stopping; a converged sample
+    gets step 0 (it stops changing). One host sync per iteration (``any`` sample still active)."""
+    thresh = (rtol * bt.norm(b)).clamp(min=atol)
+    x, r, its0 = _start(matvec, b, x0)
+    its = torch.full(thresh.shape, its0, dtype=torch.long, device=b.device)
+    p = r.clone()
+    rs = bt.dot(r, r).real
+    thresh2 = thresh * thresh
+    active = rs > thresh2
+    n = its0
+    while n < maxiter and bool(active.any()):
+        Ap = matvec(p)
+        n += 1
+        its = its + active
+        pAp = bt.dot(p, Ap).real
+        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rs))
+        x = x + bt.ex(alpha, x) * p
+        r = r - bt.ex(alpha, r) * Ap
+        rs_new = torch.where(active, bt.dot(r, r).real, rs)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = torch.where(bt.ex(active, p), r + bt.ex(beta, p) * p, p)
+        rs = rs_new
+        active = active & (rs > thresh2)
+    res = bt.norm(b - matvec(x))
+    its = its + 1
+    return x, bt.info("cg", its, res, thresh, res <= thresh * (1 + 1e-6))
 
 
 def torchopt_cg(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSolver:
@@ -198,7 +281,10 @@ def gmres(
     if restart < 1:
         raise ValueError(f"restart must be >= 1, got {restart}")
 
-    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, LinearSolveInfo]:
+    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
+              batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
+        if batch_dims:
+            return _gmres_batched(matvec, b, x0, _Batch(b, batch_dims), rtol, atol, maxiter, restart)
         shape = b.shape
         bf = b.reshape(-1)
         n = bf.numel()
@@ -266,7 +352,100 @@ def gmres(
             beta = new_beta
         return x.view(shape), LinearSolveInfo("gmres", its, beta, thresh, beta <= thresh)
 
+    solve.batch_dims_ok = True  # type: ignore[attr-defined]
     return solve
+
+
+def _gmres_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rtol: float, atol: float,
+                   maxiter: int, restart: int) -> tuple[Tensor, LinearSolveInfo]:
+    """:func:`gmres` on a batch of systems: one batched Arnoldi process (per-sample Gram–Schmidt
+    coefficients), each sample's Givens rotations and least-squares on the host (one sync per step,
+    as unbatched). A sample stops extending its basis when its own residual estimate meets its
+    threshold; samples that have converged keep ``x`` (their correction is 0)."""
+    shape, S = b.shape, b.shape[: bt.bd]
+    nb = math.prod(S)
+    bf = b.reshape(nb, -1)
+    n = bf.shape[1]
+
+    def mv(v: Tensor) -> Tensor:
+        return matvec(v.reshape(shape)).reshape(nb, n)
+
+    thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=atol)
+    thresh = thresh_t.tolist()
+    x, r, its0 = _start(mv, bf, None if x0 is None else x0.reshape(nb, n))
+    its = [its0] * nb
+    beta_t = torch.linalg.vector_norm(r, dim=1)
+    beta = beta_t.tolist()
+    active = [beta[i] > thresh[i] for i in range(nb)]
+    total = its0
+    while any(active) and total < maxiter:
+        m = min(restart, maxiter - total, n)
+        V = torch.zeros(nb, m + 1, n, dtype=bf.dtype, device=bf.device)
+        V[:, 0] = r / torch.where(beta_t > 0, beta_t, torch.ones_like(beta_t)).unsqueeze(1)
+        H = [[[0.0] * m for _ in range(m + 1)] for _ in range(nb)]
+        cs = [[0.0] * m for _ in range(nb)]
+        sn = [[0.0] * m for _ in range(nb)]
+        g = [[beta[i]] + [0.0] * m for i in range(nb)]
+        k = [0] * nb
+        going = list(active)
+        for j in range(m):
+            w = mv(V[:, j])
+            total += 1
+            basis = V[:, : j + 1]
+            h = torch.einsum("bkn,bn->bk", basis, w)
+            w = w - torch.einsum("bk,bkn->bn", h, basis)
+            h2 = torch.einsum("bkn,bn->bk", basis, w)  # re-orthogonalise (CGS2)
+            w = w - torch.einsum("bk,bkn->bn", h2, basis)
+            h = h + h2
+            hn_t = torch.linalg.vector_norm(w, dim=1)
+            V[:, j + 1] = w / torch.where(hn_t > 0, hn_t, torch.ones_like(hn_t)).unsqueeze(1)
+            cols = torch.cat([h, hn_t.unsqueeze(1)], dim=1).tolist()
+            for i in range(nb):
+                if not going[i]:
+                    continue
+                col, c_i, s_i, g_i = cols[i], cs[i], sn[i], g[i]
+                hn = col[-1]
+                its[i] += 1
+                for q in range(j):  # previous rotations on the new column
+                    t = c_i[q] * col[q] + s_i[q] * col[q + 1]
+                    col[q + 1] = -s_i[q] * col[q] + c_i[q] * col[q + 1]
+                    col[q] = t
+                denom = math.hypot(col[j], col[j + 1])
+                c, s = (1.0, 0.0) if denom == 0 else (col[j] / denom, col[j + 1] / denom)
+                c_i[j], s_i[j] = c, s
+                col[j] = c * col[j] + s * col[j + 1]
+                col[j + 1] = 0.0
+                g_i[j + 1] = -s * g_i[j]
+                g_i[j] = c * g_i[j]
+                for q in range(j + 2):
+                    H[i][q][j] = col[q]
+                k[i] = j + 1
+                if abs(g_i[j + 1]) <= thresh[i] or hn == 0 or total >= maxiter:
+                    going[i] = False
+            if not any(going):
+                break
+        Y = [[0.0] * m for _ in range(nb)]
+        for i in range(nb):  # back substitution H[:k,:k] y = g[:k], per sample
+            y, Hi, ki = Y[i], H[i], k[i]
+            for q in range(ki - 1, -1, -1):
+                acc = g[i][q] - sum(Hi[q][jj] * y[jj] for jj in range(q + 1, ki))
+                y[q] = acc / Hi[q][q] if Hi[q][q] != 0 else 0.0
+        x = x + torch.einsum("bk,bkn->bn", torch.tensor(Y, dtype=bf.dtype, device=bf.device), V[:, :m])
+        r = bf - mv(x)
+        total += 1
+        new_t = torch.linalg.vector_norm(r, dim=1)
+        new = new_t.tolist()
+        was = torch.tensor(active, device=bf.device)
+        beta_t = torch.where(was, new_t, beta_t)
+        for i in range(nb):
+            if active[i]:
+                its[i] += 1
+                beta[i] = new[i]
+                active[i] = math.isfinite(new[i]) and new[i] > thresh[i]
+    its_t = torch.tensor(its, device=b.device).reshape(S)
+    res = torch.tensor(beta, dtype=thresh_t.dtype, device=b.device).reshape(S)
+    th = thresh_t.reshape(S)
+    return x.reshape(shape), bt.info("gmres", its_t, res, th, res <= th)
 
 
 def bicgstab(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 1000) -> LinearSolver:
@@ -343,7 +522,10 @@ def fixed_point(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 10000) ->
     """
     _check_tols(rtol, atol, maxiter)
 
-    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, LinearSolveInfo]:
+    def solve(matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
+              batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
+        if batch_dims:
+            return _fixed_point_batched(matvec, b, x0, _Batch(b, batch_dims), rtol, atol, maxiter)
         thresh = _threshold(b, rtol, atol)
         x = torch.zeros_like(b) if x0 is None else x0.clone()
         its = 0
@@ -360,7 +542,33 @@ def fixed_point(rtol: float = 1e-10, atol: float = 0.0, maxiter: int = 10000) ->
             r = None
         return x, LinearSolveInfo("fixed_point", its, res, thresh, res <= thresh)
 
+    solve.batch_dims_ok = True  # type: ignore[attr-defined]
     return solve
+
+
+def _fixed_point_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rtol: float,
+                         atol: float, maxiter: int) -> tuple[Tensor, LinearSolveInfo]:
+    """:func:`fixed_point` on a batch of systems: a sample whose residual met its threshold (or
+    became non-finite) stops changing and counting products."""
+    thresh = (rtol * bt.norm(b)).clamp(min=atol)
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    its = torch.zeros(thresh.shape, dtype=torch.long, device=b.device)
+    active = torch.ones(thresh.shape, dtype=torch.bool, device=b.device)
+    res = torch.full_like(thresh, math.inf)
+    r: Optional[Tensor] = b if x0 is None else None
+    n = 0
+    while n < maxiter:
+        if r is None:
+            r = b - matvec(x)
+            n += 1
+            its = its + active
+        res = torch.where(active, bt.norm(r), res)
+        active = active & (res > thresh) & torch.isfinite(res)
+        if not bool(active.any()):
+            break
+        x = torch.where(bt.ex(active, x), x + r, x)
+        r = None
+    return x, bt.info("fixed_point", its, res, thresh, res <= thresh)
 
 
 #: alias: the Neumann-series solver of the adjoint system
