@@ -66,6 +66,8 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _State:
+    """The batched state (``batch_dims > 0``, or under ``torch.func`` transforms)."""
+
     W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
     G: Tensor  # (B, m, m) Gram matrix of the Δf halves (of the last step)
     z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
@@ -78,6 +80,51 @@ class _State:
     n: int
     B: int
     steps: int = 0
+
+
+class _Single:
+    """The state of one problem run eagerly (no ``batch_dims``, no transforms): the fast path.
+
+    The rows of ``W`` are the pairs ``[Δu, Δf] / ‖Δf‖`` (unit Δf halves: the column scaling
+    :math:`D^{-1}` done once, at insertion), so the ridge Gram matrix ``G`` has the diagonal
+    ``1 + λ`` and gains one row and column per step (one matrix-vector product), not ``m² n``.
+    Every view used in a step is made once, here: on small problems the per-operation overhead,
+    not the arithmetic, is the cost of a step.
+    """
+
+    def __init__(self, acc: Anderson, u: Tensor, probe: Tensor) -> None:
+        m, n = acc.history_size, u.numel()
+        dt, dev = u.dtype, u.device
+        self.shape, self.n, self.steps = u.shape, n, 0
+        eye = torch.eye(m, dtype=dt, device=dev)
+        self.lam = acc.regularization * eye  # λI: its row i is added to the new Gram row i
+        self.I1 = self.lam + eye  # the ridge Gram matrix of an empty history
+        self.G = self.I1.clone()  # Gram matrix of the Δf halves + λI
+        self.RP = torch.stack([torch.zeros_like(probe), probe])  # [ΔFᵀf, probe]: right-hand sides
+        self.RPT = self.RP.T
+        self.probe_limit = acc.restart_cond * float(torch.linalg.vector_norm(probe)) / m
+        self.W = torch.zeros(m, 2 * n, dtype=dt, device=dev)  # ring buffer; zero rows are unused
+        self.dU, self.dF = self.W[:, :n], self.W[:, n:]
+        self.dUT, self.dFT = self.dU.T, self.dF.T
+        self.rows = [(self.W[i], self.dU[i], self.dF[i], self.lam[i], self.G[i], self.G[:, i]) for i in range(m)]
+        self.zero_m = torch.zeros(m, dtype=dt, device=dev)
+        self.inf = torch.tensor(math.inf, dtype=dt, device=dev)
+        # on the CPU a 0-d tensor is read without a device sync: the safeguard and restart decisions
+        # are taken on the host (Python branches instead of masked blends: half the operations)
+        self.host = dev.type == "cpu" if acc._host_decisions is None else acc._host_decisions
+        self.u_prev = self.f_prev = u.new_zeros(0)  # the last accepted point
+        self.r_lim: Tensor | float = math.inf  # safeguard · its residual; inf after a fall-back
+        self.fresh: Tensor | int = 0 if self.host else torch.zeros((), dtype=dt, device=dev)
+
+    @property
+    def restarts(self) -> Tensor:
+        """Restarts + fall-backs so far (a 0-d tensor)."""
+        return torch.as_tensor(max(0, self.steps - 1) - self.fresh)
+
+    def clear(self) -> None:
+        """Empty the history (host decisions)."""
+        self.W.zero_()
+        self.G.copy_(self.I1)
 
 
 class Anderson:
@@ -119,6 +166,7 @@ class Anderson:
         self.regularization = float(regularization)
         self.restart_cond = float(restart_cond)
         self.safeguard = float(safeguard)
+        self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
 
     def __repr__(self) -> str:
         return (
@@ -147,23 +195,30 @@ class Anderson:
             )
 
     # -- the batched state machine, called by GKMIteration ---------------------------------------
-    def init(self, u: Tensor, batch_dims: int) -> _State:
+    def init(self, u: Tensor, batch_dims: int) -> _State | _Single:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples); the history
         buffers are preallocated at the first step, from ``[u, T(u) - u]`` (so that under
         ``torch.func.vmap`` they are batched like the iterates)."""
+        from ._checks import transforms_active
+
         B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
         m = self.history_size
         probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
+        if batch_dims == 0 and not transforms_active():
+            return _Single(self, u, probe)
         empty = u.new_zeros(0)
         return _State(W=empty, G=empty, z_prev=empty, r_prev=empty, must_accept=empty, restarts=empty,
                       probe=probe, probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
                       shape=u.shape, n=u.numel() // B if B else 0, B=B)
 
-    def step(self, st: _State, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+    def step(self, st: _State | _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
 
-        About 50 small tensor operations, none of which synchronises with the host.
+        None of the tensor operations synchronises with the host (about 20 on one problem, 50
+        batched).
         """
+        if isinstance(st, _Single):
+            return self._step_single(st, u, f, r, beta)
         B, m, n = st.B, self.history_size, st.n
         z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
         uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
@@ -212,7 +267,86 @@ class Anderson:
         st.restarts = st.restarts + ~fresh
         return u_next.reshape(st.shape)
 
-    def report(self, st: _State, info: object) -> None:
+    def _step_single(self, st: _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        """:meth:`step` for one problem: the same iteration as the batched code, in 2-D products,
+        with the Gram matrix updated by one row and column per step (about 18 operations with
+        host decisions, 30 without)."""
+        mix = beta if self.mixing is None else self.mixing
+        if u.dim() != 1:  # (a view; skipped on vectors: every operation counts here)
+            u, f = u.reshape(-1), f.reshape(-1)
+        st.steps += 1
+        if st.steps == 1:  # no history yet: take the plain KM step
+            st.u_prev, st.f_prev = u, f
+            st.r_lim = self.safeguard * (float(r) if st.host else r.reshape(()))
+            return torch.add(u, f, alpha=mix).view(st.shape)
+        if st.host:
+            return self._step_host(st, u, f, float(r), beta, mix)
+        r = r.reshape(())
+        # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
+        keep = r <= st.r_lim
+        sol, ok = self._push_and_solve(st, u, f)
+        gamma = torch.where(ok, sol[0], st.zero_m)  # where: a failed solve may hold NaN
+        # 4. the step u + βf - (ΔU + βΔF)γ (plain KM when γ = 0), or the fall-back KM step of the
+        #    last accepted point
+        u_aa = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, gamma, alpha=-1.0)
+        u_aa = torch.addmv(u_aa, st.dFT, gamma, alpha=-mix)
+        u_next = torch.where(keep, u_aa, torch.add(st.u_prev, st.f_prev, alpha=beta))
+        # 5. rejected or ill-conditioned: restart with an empty history; the accepted point becomes
+        #    the reference
+        fresh = keep.logical_and(ok).to(u.dtype)
+        st.W.mul_(fresh)
+        torch.lerp(st.I1, st.G, fresh, out=st.G)
+        st.u_prev = torch.where(keep, u, st.u_prev)
+        st.f_prev = torch.where(keep, f, st.f_prev)
+        st.r_lim = torch.where(keep, self.safeguard * r, st.inf)
+        st.fresh += fresh
+        return u_next.view(st.shape)
+
+    def _step_host(self, st: _Single, u: Tensor, f: Tensor, r: float, beta: float, mix: float) -> Tensor:
+        """The same decisions as the masked code, as Python branches (CPU tensors: no sync)."""
+        if not r <= st.r_lim:  # 1. safeguard (NaN too): fall back to the KM step of the last point
+            st.clear()
+            st.r_lim = math.inf
+            return torch.add(st.u_prev, st.f_prev, alpha=beta).view(st.shape)
+        sol, fail = self._push_and_solve(st, u, f, host=True)
+        if not int(fail) and float(torch.linalg.vector_norm(sol[1])) <= st.probe_limit:
+            u_next = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, sol[0], alpha=-1.0)
+            u_next = torch.addmv(u_next, st.dFT, sol[0], alpha=-mix)
+            st.fresh += 1
+        else:  # restart
+            st.clear()
+            u_next = torch.add(u, f, alpha=mix)
+        st.u_prev, st.f_prev, st.r_lim = u, f, self.safeguard * r
+        return u_next.view(st.shape)
+
+    @staticmethod
+    def _push_and_solve(st: _Single, u: Tensor, f: Tensor, host: bool = False) -> tuple[Tensor, Tensor]:
+        """Steps 2-3: push the new secant pair; solve the small ridge least squares.
+
+        Returns ``(sol, ok)``: ``sol[0]`` the coefficients γ (garbage when not ``ok``), ``ok`` a
+        0-d bool tensor, false on ill-conditioning or a failed factorisation; with ``host``,
+        ``(sol, fail)`` (the caller tests ``sol[1]`` on the host).
+        """
+        # 2. the new secant pair, scaled to a unit Δf, into the ring buffer; its Gram row and column
+        w, du, df, lam_i, g_row, g_col = st.rows[(st.steps - 2) % len(st.rows)]
+        torch.sub(u, st.u_prev, out=du)
+        torch.sub(f, st.f_prev, out=df)
+        w.div_(torch.linalg.vector_norm(df).clamp_min_(torch.finfo(u.dtype).tiny))
+        torch.addmv(lam_i, st.dF, df, out=g_row)
+        g_col.copy_(g_row)
+        # 3. ridge least squares [γ, H⁻¹p] = H⁻¹[ΔFᵀf, p] by Cholesky (two triangular solves, no
+        #    error check: no sync); restart on ill-conditioning (m‖H⁻¹p‖/‖p‖ estimates cond(H) from
+        #    below, as in the batched code) or a failed factorisation
+        L, fail = torch.linalg.cholesky_ex(st.G)
+        torch.mv(st.dF, f, out=st.RP[0])
+        y = torch.linalg.solve_triangular(L, st.RPT, upper=False)
+        sol = torch.linalg.solve_triangular(L.mT, y, upper=True).T
+        if host:
+            return sol, fail
+        ok = fail.logical_not().logical_and_(torch.linalg.vector_norm(sol[1]) <= st.probe_limit)
+        return sol, ok
+
+    def report(self, st: _State | _Single, info: object) -> None:
         """Add the acceleration's counts to ``info`` (eager mode only)."""
         from ._checks import transforms_active
 
