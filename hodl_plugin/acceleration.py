@@ -61,6 +61,11 @@ from torch import Tensor
 
 from .errors import ConfigurationError
 
+try:  # the m×m Cholesky of the CPU fast path (torch's, MKL's, enters a thread pool: see _Single)
+    import numpy as np
+except ImportError:  # pragma: no cover - torch runs without numpy
+    np = None  # type: ignore[assignment]
+
 __all__ = ["Anderson"]
 
 
@@ -112,6 +117,11 @@ class _Single:
         # on the CPU a 0-d tensor is read without a device sync: the safeguard and restart decisions
         # are taken on the host (Python branches instead of masked blends: half the operations)
         self.host = dev.type == "cpu" if acc._host_decisions is None else acc._host_decisions
+        # ... and the m×m Cholesky factorisation by numpy (a view of G): MKL's potrf enters its
+        # thread pool even for 5×5, which costs a scheduler time slice (measured 16 ms instead of
+        # 5 µs) whenever the cores are busy
+        numpy_ok = np is not None and self.host and dev.type == "cpu" and dt in (torch.float32, torch.float64)
+        self.Gn = self.G.numpy() if numpy_ok else None
         self.u_prev = self.f_prev = u.new_zeros(0)  # the last accepted point
         self.r_lim: Tensor | float = math.inf  # safeguard · its residual; inf after a fall-back
         self.fresh: Tensor | int = 0 if self.host else torch.zeros((), dtype=dt, device=dev)
@@ -125,6 +135,21 @@ class _Single:
         """Empty the history (host decisions)."""
         self.W.zero_()
         self.G.copy_(self.I1)
+
+
+def _batched_solve(H: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.solve_ex(H, B)``; eagerly on the CPU by numpy, whose LAPACK stays on one
+    thread for tiny systems (MKL's enters its pool: a scheduler time slice per call on busy cores)."""
+    from ._checks import transforms_active
+
+    if np is not None and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and not (
+        transforms_active() or H.requires_grad or B.requires_grad
+    ):
+        try:
+            return torch.from_numpy(np.linalg.solve(H.numpy(), B.numpy())), H.new_zeros(H.shape[:-2], dtype=torch.int32)
+        except np.linalg.LinAlgError:  # a singular sample: torch reports which
+            pass
+    return torch.linalg.solve_ex(H, B)
 
 
 class Anderson:
@@ -246,7 +271,7 @@ class Anderson:
         H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2))
         H.diagonal(dim1=1, dim2=2).fill_(1.0 + self.regularization)
         rhs = torch.bmm(dF, ff.unsqueeze(-1)).squeeze(-1) * sc
-        sol, fail = torch.linalg.solve_ex(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
+        sol, fail = _batched_solve(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
         # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
         # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
         ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
@@ -308,10 +333,11 @@ class Anderson:
             st.clear()
             st.r_lim = math.inf
             return torch.add(st.u_prev, st.f_prev, alpha=beta).view(st.shape)
-        sol, fail = self._push_and_solve(st, u, f, host=True)
-        if not int(fail) and float(torch.linalg.vector_norm(sol[1])) <= st.probe_limit:
-            u_next = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, sol[0], alpha=-1.0)
-            u_next = torch.addmv(u_next, st.dFT, sol[0], alpha=-mix)
+        self._push(st, u, f)
+        gamma = self._solve_host(st, f)
+        if gamma is not None:
+            u_next = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, gamma, alpha=-1.0)
+            u_next = torch.addmv(u_next, st.dFT, gamma, alpha=-mix)
             st.fresh += 1
         else:  # restart
             st.clear()
@@ -320,31 +346,49 @@ class Anderson:
         return u_next.view(st.shape)
 
     @staticmethod
-    def _push_and_solve(st: _Single, u: Tensor, f: Tensor, host: bool = False) -> tuple[Tensor, Tensor]:
-        """Steps 2-3: push the new secant pair; solve the small ridge least squares.
-
-        Returns ``(sol, ok)``: ``sol[0]`` the coefficients γ (garbage when not ``ok``), ``ok`` a
-        0-d bool tensor, false on ill-conditioning or a failed factorisation; with ``host``,
-        ``(sol, fail)`` (the caller tests ``sol[1]`` on the host).
-        """
-        # 2. the new secant pair, scaled to a unit Δf, into the ring buffer; its Gram row and column
+    def _push(st: _Single, u: Tensor, f: Tensor) -> None:
+        """Step 2: the new secant pair, scaled to a unit Δf, into the ring buffer; its Gram row and
+        column (one matrix-vector product)."""
         w, du, df, lam_i, g_row, g_col = st.rows[(st.steps - 2) % len(st.rows)]
         torch.sub(u, st.u_prev, out=du)
         torch.sub(f, st.f_prev, out=df)
         w.div_(torch.linalg.vector_norm(df).clamp_min_(torch.finfo(u.dtype).tiny))
         torch.addmv(lam_i, st.dF, df, out=g_row)
         g_col.copy_(g_row)
-        # 3. ridge least squares [γ, H⁻¹p] = H⁻¹[ΔFᵀf, p] by Cholesky (two triangular solves, no
-        #    error check: no sync); restart on ill-conditioning (m‖H⁻¹p‖/‖p‖ estimates cond(H) from
-        #    below, as in the batched code) or a failed factorisation
-        L, fail = torch.linalg.cholesky_ex(st.G)
+
+    @staticmethod
+    def _solve(st: _Single, L: Tensor, f: Tensor) -> Tensor:
+        """Step 3: ``[γ, H⁻¹p] = H⁻¹[ΔFᵀf, p]`` (rows) from the Cholesky factor ``L`` of ``H``:
+        two triangular solves (no error check, so no sync)."""
         torch.mv(st.dF, f, out=st.RP[0])
         y = torch.linalg.solve_triangular(L, st.RPT, upper=False)
-        sol = torch.linalg.solve_triangular(L.mT, y, upper=True).T
-        if host:
-            return sol, fail
+        return torch.linalg.solve_triangular(L.mT, y, upper=True).T
+
+    def _push_and_solve(self, st: _Single, u: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 2-3, masked: ``(sol, ok)`` with ``sol[0]`` = γ (garbage when not ``ok``) and
+        ``ok`` a 0-d bool tensor, false on ill-conditioning (m‖H⁻¹p‖/‖p‖ estimates cond(H) from
+        below, as in the batched code) or a failed factorisation."""
+        self._push(st, u, f)
+        L, fail = torch.linalg.cholesky_ex(st.G)
+        sol = self._solve(st, L, f)
         ok = fail.logical_not().logical_and_(torch.linalg.vector_norm(sol[1]) <= st.probe_limit)
         return sol, ok
+
+    def _solve_host(self, st: _Single, f: Tensor) -> Optional[Tensor]:
+        """Step 3 with host decisions: γ, or ``None`` for a restart (ill-conditioned or failed)."""
+        if st.Gn is not None:
+            try:
+                L = torch.from_numpy(np.linalg.cholesky(st.Gn))
+            except np.linalg.LinAlgError:
+                return None
+        else:
+            L, fail = torch.linalg.cholesky_ex(st.G)
+            if int(fail):
+                return None
+        sol = self._solve(st, L, f)
+        if not float(torch.linalg.vector_norm(sol[1])) <= st.probe_limit:  # NaN too
+            return None
+        return sol[0]
 
     def report(self, st: _State | _Single, info: object) -> None:
         """Add the acceleration's counts to ``info`` (eager mode only)."""

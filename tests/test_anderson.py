@@ -268,12 +268,12 @@ def path_solve(path, T, x, m, tol, **kw):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_each_path_reaches_the_closed_form_with_few_steps(path):
-    Q, L = spd(80, 1e3, seed=12)
-    b = torch.randn(80, dtype=D, generator=torch.Generator().manual_seed(13))
+    Q, L = spd(40, 300.0, seed=12)
+    b = torch.randn(40, dtype=D, generator=torch.Generator().manual_seed(13))
     u, info = path_solve(path, lambda u, x: u - (Q @ u - x) / L, b, 5, 1e-11)
     exact = torch.linalg.solve(Q, b)
-    assert info.converged and float((u - exact).norm() / exact.norm()) < 1e-7
-    assert info.steps < 0.2 * 1e3 * math.log(1e11), info.steps  # plain KM: about cond · ln(1/tol)
+    assert info.converged and float((u - exact).norm() / exact.norm()) < 1e-8
+    assert info.steps < 0.2 * 300 * math.log(1e11), info.steps  # plain KM: about cond · ln(1/tol)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -339,9 +339,9 @@ def test_fast_path_gram_matrix_is_that_of_the_unit_scaled_differences():
     assert torch.allclose(st.G.diagonal(), torch.full((m,), 1 + acc.regularization, dtype=D), rtol=1e-12)
 
 
-@pytest.mark.parametrize("host, most, syncs", [(True, 26, 3), (False, 40, 0)])
+@pytest.mark.parametrize("host, most, syncs", [(True, 24, 2), (False, 40, 0)])
 def test_fast_path_operation_count_and_syncs(host, most, syncs):
-    """The per-step cost on small problems is the number of tensor operations (measured: 25 with
+    """The per-step cost on small problems is the number of tensor operations (measured: 23 with
     host decisions, 38 masked, against 67 before the fast path); the masked path never syncs."""
     from collections import Counter
 
