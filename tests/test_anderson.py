@@ -370,3 +370,26 @@ def test_fast_path_operation_count_and_syncs(host, most, syncs):
         acc.step(st, u, f, r, 1.0)
     assert sum(c.ops.values()) <= most, c.ops
     assert c.ops["aten._local_scalar_dense.default"] == syncs, c.ops
+
+
+def test_benchmark_writes_the_readme_block_atomically(tmp_path):
+    from benchmarks.anderson import BEGIN, END, markdown, write_readme
+
+    rows = [dict(problem="q", method="plain", steps=100, steps_ratio=1.0, time_s=1.0, time_ratio=1.0, cpu_ratio=1.0,
+                 error=1e-7),
+            dict(problem="q", method="Anderson(5)", steps=16, steps_ratio=0.16, time_s=0.3, time_ratio=0.3,
+                 cpu_ratio=0.29, error=2e-7)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{BEGIN}\nold numbers\n{END}\ntail\n")
+    write_readme(str(readme), markdown(rows, 5))
+    text = readme.read_text()
+    assert text.startswith(f"# title\n{BEGIN}\n") and text.endswith(f"{END}\ntail\n") and "old numbers" not in text
+    assert "| q | Anderson(5) | 16 | 0.16 | 0.300 s | 0.3 | 0.29 | 2.0e-07 |" in text
+    write_readme(str(readme), "second")  # idempotent markers: the block is replaced again
+    assert readme.read_text() == f"# title\n{BEGIN}\nsecond\n{END}\ntail\n"
+    for bad in ("no markers\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\n{BEGIN}\n{END}\n"):
+        readme.write_text(bad)
+        with pytest.raises(ValueError, match="anderson:begin"):
+            write_readme(str(readme), "x")
+        assert readme.read_text() == bad  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temporary file left
