@@ -1,7 +1,9 @@
 """Anderson acceleration vs the plain KM iteration: steps and wall time, side by side.
 
-    python -m benchmarks.anderson            # n = 500 quadratic + n = 200 tanh equilibrium, 5 repeats
-    python -m benchmarks.anderson --quick    # n = 200 / 100, 1 repeat, well under 30 s
+    python -m benchmarks.anderson                 # n = 500 quadratic + n = 200 tanh equilibrium, 5 repeats
+    python -m benchmarks.anderson --quick         # n = 200 / 100, 1 repeat, well under 30 s
+    python -m benchmarks.anderson --write-readme  # also replace the README block between
+                                                  # <!-- anderson:begin --> and <!-- anderson:end -->
 
 Problems (float64, forward to the same relative tolerance 1e-9, then the implicit backward):
 
@@ -11,15 +13,19 @@ Problems (float64, forward to the same relative tolerance 1e-9, then the implici
 
 For each method (plain KM, ``Anderson(m)`` for several m) it prints the forward steps, the step
 ratio to plain, the median wall time of forward + implicit backward and its ratio to plain (the runs
-are interleaved: plain, Anderson(5), ..., plain, ...), and the relative hypergradient error against
-the closed form (quadratic) / dense implicit differentiation at a Newton solution (tanh).
+are interleaved: plain, Anderson(5), ..., plain, ...), the same ratio in CPU time of the process
+(less sensitive to other processes on a busy machine), and the relative hypergradient error against
+the closed form (quadratic) / dense implicit differentiation at a Newton solution (tanh). It then
+prints the Markdown table of the README (``--write-readme`` writes it there, atomically).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Optional
 
@@ -66,42 +72,101 @@ def tanh_equilibrium(n: int) -> dict[str, Any]:
                 solver="gmres")
 
 
-def run_once(P: dict[str, Any], acc: Optional[hp.Anderson]) -> tuple[float, int, float]:
-    """Forward + implicit backward: (seconds, forward steps, relative hypergradient error)."""
+def run_once(P: dict[str, Any], acc: Optional[hp.Anderson]) -> tuple[float, float, int, float]:
+    """Forward + implicit backward: (wall s, CPU s, forward steps, relative hypergradient error)."""
     solver = hp.GKMSolver(P["T"], max_steps=200000, tol=TOL, solver=P["solver"], acceleration=acc,
                           check_every=10)
     x = P["x"].clone().requires_grad_(True)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     u = solver(torch.zeros_like(x), x)
     P["F"](u).backward()
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     assert solver.info is not None and solver.info.converged
     err = float((x.grad - P["ref"]).norm() / P["ref"].norm())
-    return dt, solver.info.steps, err
+    return dt, dc, solver.info.steps, err
 
 
 def bench(name: str, P: dict[str, Any], methods: dict[str, Callable[[], Optional[hp.Anderson]]],
-          repeats: int) -> None:
+          repeats: int) -> list[dict[str, Any]]:
+    """Interleaved runs; prints the table and returns its rows."""
     times: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
     steps: dict[str, int] = {}
     errs: dict[str, float] = {}
+    for make in methods.values():  # warm-up (first-call costs of autograd and the solvers)
+        run_once(P, make())
     for _ in range(repeats):  # interleaved: every method once per round
         for key, make in methods.items():
-            dt, k, e = run_once(P, make())
+            dt, dc, k, e = run_once(P, make())
             times[key].append(dt)
+            cpu[key].append(dc)
             steps[key], errs[key] = k, e
-    base_t, base_k = statistics.median(times["plain"]), steps["plain"]
-    print(f"\n{name}  (forward to relative residual {TOL:g} + implicit backward, median of {repeats})")
-    print(f"{'method':<16}{'steps':>8}{'steps/plain':>13}{'time [s]':>11}{'time/plain':>12}{'hypergrad err':>15}")
+    base_t, base_c, base_k = statistics.median(times["plain"]), statistics.median(cpu["plain"]), steps["plain"]
+    rows = []
     for key in methods:
-        t = statistics.median(times[key])
-        print(f"{key:<16}{steps[key]:>8}{steps[key] / base_k:>13.3f}{t:>11.3f}{t / base_t:>12.3f}{errs[key]:>15.2e}")
+        t, c = statistics.median(times[key]), statistics.median(cpu[key])
+        rows.append(dict(problem=name, method=key, steps=steps[key], steps_ratio=steps[key] / base_k, time_s=t,
+                         time_ratio=t / base_t, cpu_ratio=c / base_c, error=errs[key]))
+    print(f"\n{name}  (forward to relative residual {TOL:g} + implicit backward, median of {repeats})")
+    print(f"{'method':<16}{'steps':>8}{'steps/plain':>13}{'time [s]':>11}{'time/plain':>12}{'cpu/plain':>11}"
+          f"{'hypergrad err':>15}")
+    for r in rows:
+        print(f"{r['method']:<16}{r['steps']:>8}{r['steps_ratio']:>13.3f}{r['time_s']:>11.3f}{r['time_ratio']:>12.3f}"
+              f"{r['cpu_ratio']:>11.3f}{r['error']:>15.2e}")
+    return rows
+
+
+BEGIN, END = "<!-- anderson:begin -->", "<!-- anderson:end -->"
+
+
+def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
+    """The README block: one Markdown table of every problem and method.
+
+    >>> print(markdown([dict(problem="q", method="plain", steps=10, steps_ratio=1.0, time_s=0.5,
+    ...                      time_ratio=1.0, cpu_ratio=1.0, error=1e-9)], 5).splitlines()[-1])
+    | q | plain | 10 | 1 | 0.500 s | 1 | 1 | 1.0e-09 |
+    """
+    lines = [
+        f"`python -m benchmarks.anderson` (forward to a relative residual {TOL:g} + implicit backward, "
+        f"interleaved runs, medians of {repeats}; torch threads: {torch.get_num_threads()}):",
+        "",
+        "| problem | method | forward steps | steps / plain | time | time / plain | CPU time / plain "
+        "| hypergradient rel. error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {r['method']} | {r['steps']} | {r['steps_ratio']:.3g} | {r['time_s']:.3f} s "
+                     f"| {r['time_ratio']:.3g} | {r['cpu_ratio']:.3g} | {r['error']:.1e} |")
+    return "\n".join(lines)
+
+
+def write_readme(path: str, block: str) -> None:
+    """Replace the text between the markers of ``path`` by ``block``, atomically (a temporary file in
+    the same folder, then ``os.replace``); ``ValueError`` if the markers are missing or unordered,
+    and then the file is untouched."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i or text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
+    new = text[: i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(new)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (< 30 s)")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--write-readme", action="store_true",
+                    help=f"replace the block between {BEGIN} and {END} of --readme by the table")
+    ap.add_argument("--readme", default="README.md", help="the file --write-readme edits (default README.md)")
     args = ap.parse_args(argv)
     n_q, n_t, repeats = (200, 100, 1) if args.quick else (500, 200, 5)
     repeats = args.repeats or repeats
@@ -112,8 +177,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         "Anderson(10)": lambda: hp.Anderson(history_size=10),
         "Anderson(20)": lambda: hp.Anderson(history_size=20),
     }
-    bench(f"quadratic n={n_q}, condition 1e3", quadratic(n_q), methods, repeats)
-    bench(f"tanh equilibrium n={n_t}, nonsymmetric", tanh_equilibrium(n_t), methods, repeats)
+    rows = bench(f"quadratic n={n_q}, cond 1e3", quadratic(n_q), methods, repeats)
+    rows += bench(f"tanh equilibrium n={n_t}, nonsymmetric", tanh_equilibrium(n_t), methods, repeats)
+    block = markdown(rows, repeats)
+    print("\n" + block)
+    if args.write_readme:
+        write_readme(args.readme, block)
+        print(f"\nwritten to {args.readme}")
 
 
 if __name__ == "__main__":

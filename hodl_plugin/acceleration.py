@@ -26,8 +26,18 @@ ridge-regularised least-squares problem
   plain KM step of the last accepted point (no extra evaluation of :math:`T`: the rejected
   evaluation is the price).
 
-Everything is batched (one least-squares per sample along ``batch_dims``) in preallocated buffers,
-with no host synchronisation: the solver's residual checks are the only syncs.
+Three implementations of the same iteration, in preallocated buffers:
+
+- one problem (no ``batch_dims``), eager — the fast path: the columns of :math:`\Delta F` are scaled
+  to unit norm when they enter the ring buffer (the :math:`D^{-1}` above, once), so the Gram matrix
+  gains one row and column per step (one matrix-vector product instead of :math:`m^2 n`); on the
+  CPU the safeguard/restart decisions are Python branches on host floats (reading a CPU tensor is
+  no device sync) and the :math:`m\times m` solve is one ``numpy.linalg.solve`` (13 torch operations
+  per step; the plain KM step of a ``u - (Qu - x)/L`` map is 4); on a GPU the decisions are masks
+  and the solve a Cholesky factorisation with two triangular solves (38 operations, none of which
+  synchronises: the solver's residual checks are the only syncs);
+- batched (``batch_dims``) or under ``torch.func`` transforms: one least-squares per sample, masks,
+  no host synchronisation.
 
 Why not with HODL aggregation: the aggregated map changes with :math:`k`
 (:math:`w_k = u_k - \alpha_k s\nabla F(u_k)`), and the selection of the :math:`F`-optimal fixed point
@@ -61,11 +71,18 @@ from torch import Tensor
 
 from .errors import ConfigurationError
 
+try:  # the m×m Cholesky of the CPU fast path (torch's, MKL's, enters a thread pool: see _Single)
+    import numpy as np
+except ImportError:  # pragma: no cover - torch runs without numpy
+    np = None  # type: ignore[assignment]
+
 __all__ = ["Anderson"]
 
 
 @dataclass
 class _State:
+    """The batched state (``batch_dims > 0``, or under ``torch.func`` transforms)."""
+
     W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
     G: Tensor  # (B, m, m) Gram matrix of the Δf halves (of the last step)
     z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
@@ -78,6 +95,72 @@ class _State:
     n: int
     B: int
     steps: int = 0
+
+
+class _Single:
+    """The state of one problem run eagerly (no ``batch_dims``, no transforms): the fast path.
+
+    The rows of ``W`` are the pairs ``[Δu, Δf] / ‖Δf‖`` (unit Δf halves: the column scaling
+    :math:`D^{-1}` done once, at insertion), so the ridge Gram matrix ``G`` has the diagonal
+    ``1 + λ`` and gains one row and column per step (one matrix-vector product), not ``m² n``.
+    Every view used in a step is made once, here: on small problems the per-operation overhead,
+    not the arithmetic, is the cost of a step.
+    """
+
+    def __init__(self, acc: Anderson, u: Tensor, probe: Tensor) -> None:
+        m, n = acc.history_size, u.numel()
+        dt, dev = u.dtype, u.device
+        self.shape, self.n, self.steps, self.flat = u.shape, n, 0, u.dim() == 1
+        eye = torch.eye(m, dtype=dt, device=dev)
+        self.lam = acc.regularization * eye  # λI: its row i is added to the new Gram row i
+        self.I1 = self.lam + eye  # the ridge Gram matrix of an empty history
+        self.G = self.I1.clone()  # Gram matrix of the Δf halves + λI
+        self.RP = torch.stack([torch.zeros_like(probe), probe])  # [ΔFᵀf, probe]: right-hand sides
+        self.RPT, self.RP0 = self.RP.T, self.RP[0]
+        self.probe_limit = acc.restart_cond * float(torch.linalg.vector_norm(probe)) / m
+        self.W = torch.zeros(m, 2 * n, dtype=dt, device=dev)  # ring buffer; zero rows are unused
+        self.dU, self.dF = self.W[:, :n], self.W[:, n:]
+        self.dUT, self.dFT = self.dU.T, self.dF.T
+        self.rows = [(self.W[i], self.dU[i], self.dF[i], self.lam[i], self.G[i], self.G[:, i]) for i in range(m)]
+        self.zero_m = torch.zeros(m, dtype=dt, device=dev)
+        self.inf = torch.tensor(math.inf, dtype=dt, device=dev)
+        # on the CPU a 0-d tensor is read without a device sync: the safeguard and restart decisions
+        # are taken on the host (Python branches instead of masked blends: half the operations)
+        self.host = dev.type == "cpu" if acc._host_decisions is None else acc._host_decisions
+        # ... and the m×m Cholesky factorisation by numpy (a view of G): MKL's potrf enters its
+        # thread pool even for 5×5, which costs a scheduler time slice (measured 16 ms instead of
+        # 5 µs) whenever the cores are busy
+        numpy_ok = np is not None and self.host and dev.type == "cpu" and dt in (torch.float32, torch.float64)
+        self.Gn = self.G.numpy() if numpy_ok else None
+        self.RPTn = self.RPT.numpy() if numpy_ok else None
+        self.u_prev = self.f_prev = u.new_zeros(0)  # the last accepted point
+        self.r_lim: Tensor | float = math.inf  # safeguard · its residual; inf after a fall-back
+        self.fresh: Tensor | int = 0 if self.host else torch.zeros((), dtype=dt, device=dev)
+
+    @property
+    def restarts(self) -> Tensor:
+        """Restarts + fall-backs so far (a 0-d tensor)."""
+        return torch.as_tensor(max(0, self.steps - 1) - self.fresh)
+
+    def clear(self) -> None:
+        """Empty the history (host decisions)."""
+        self.W.zero_()
+        self.G.copy_(self.I1)
+
+
+def _batched_solve(H: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.solve_ex(H, B)``; eagerly on the CPU by numpy, whose LAPACK stays on one
+    thread for tiny systems (MKL's enters its pool: a scheduler time slice per call on busy cores)."""
+    from ._checks import transforms_active
+
+    if np is not None and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and not (
+        transforms_active() or H.requires_grad or B.requires_grad
+    ):
+        try:
+            return torch.from_numpy(np.linalg.solve(H.numpy(), B.numpy())), H.new_zeros(H.shape[:-2], dtype=torch.int32)
+        except np.linalg.LinAlgError:  # a singular sample: torch reports which
+            pass
+    return torch.linalg.solve_ex(H, B)
 
 
 class Anderson:
@@ -119,6 +202,7 @@ class Anderson:
         self.regularization = float(regularization)
         self.restart_cond = float(restart_cond)
         self.safeguard = float(safeguard)
+        self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
 
     def __repr__(self) -> str:
         return (
@@ -147,23 +231,30 @@ class Anderson:
             )
 
     # -- the batched state machine, called by GKMIteration ---------------------------------------
-    def init(self, u: Tensor, batch_dims: int) -> _State:
+    def init(self, u: Tensor, batch_dims: int) -> _State | _Single:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples); the history
         buffers are preallocated at the first step, from ``[u, T(u) - u]`` (so that under
         ``torch.func.vmap`` they are batched like the iterates)."""
+        from ._checks import transforms_active
+
         B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
         m = self.history_size
         probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
+        if batch_dims == 0 and not transforms_active():
+            return _Single(self, u, probe)
         empty = u.new_zeros(0)
         return _State(W=empty, G=empty, z_prev=empty, r_prev=empty, must_accept=empty, restarts=empty,
                       probe=probe, probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
                       shape=u.shape, n=u.numel() // B if B else 0, B=B)
 
-    def step(self, st: _State, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+    def step(self, st: _State | _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
 
-        About 50 small tensor operations, none of which synchronises with the host.
+        None of the tensor operations synchronises with the host (about 20 on one problem, 50
+        batched).
         """
+        if isinstance(st, _Single):
+            return self._step_single(st, u, f, r, beta)
         B, m, n = st.B, self.history_size, st.n
         z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
         uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
@@ -191,7 +282,7 @@ class Anderson:
         H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2))
         H.diagonal(dim1=1, dim2=2).fill_(1.0 + self.regularization)
         rhs = torch.bmm(dF, ff.unsqueeze(-1)).squeeze(-1) * sc
-        sol, fail = torch.linalg.solve_ex(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
+        sol, fail = _batched_solve(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
         # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
         # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
         ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
@@ -212,7 +303,113 @@ class Anderson:
         st.restarts = st.restarts + ~fresh
         return u_next.reshape(st.shape)
 
-    def report(self, st: _State, info: object) -> None:
+    def _step_single(self, st: _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        """:meth:`step` for one problem: the same iteration as the batched code, in 2-D products,
+        with the Gram matrix updated by one row and column per step (about 18 operations with
+        host decisions, 30 without)."""
+        mix = beta if self.mixing is None else self.mixing
+        if u.dim() != 1:  # (a view; skipped on vectors: every operation counts here)
+            u, f = u.reshape(-1), f.reshape(-1)
+        st.steps += 1
+        if st.steps == 1:  # no history yet: take the plain KM step
+            st.u_prev, st.f_prev = u, f
+            st.r_lim = self.safeguard * (float(r) if st.host else r.reshape(()))
+            return torch.add(u, f, alpha=mix).view(st.shape)
+        if st.host:
+            return self._step_host(st, u, f, float(r), beta, mix)
+        r = r.reshape(())
+        # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
+        keep = r <= st.r_lim
+        sol, ok = self._push_and_solve(st, u, f)
+        gamma = torch.where(ok, sol[0], st.zero_m)  # where: a failed solve may hold NaN
+        # 4. the step u + βf - (ΔU + βΔF)γ (plain KM when γ = 0), or the fall-back KM step of the
+        #    last accepted point
+        u_aa = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, gamma, alpha=-1.0)
+        u_aa = torch.addmv(u_aa, st.dFT, gamma, alpha=-mix)
+        u_next = torch.where(keep, u_aa, torch.add(st.u_prev, st.f_prev, alpha=beta))
+        # 5. rejected or ill-conditioned: restart with an empty history; the accepted point becomes
+        #    the reference
+        fresh = keep.logical_and(ok).to(u.dtype)
+        st.W.mul_(fresh)
+        torch.lerp(st.I1, st.G, fresh, out=st.G)
+        st.u_prev = torch.where(keep, u, st.u_prev)
+        st.f_prev = torch.where(keep, f, st.f_prev)
+        st.r_lim = torch.where(keep, self.safeguard * r, st.inf)
+        st.fresh += fresh
+        return u_next.view(st.shape)
+
+    def _step_host(self, st: _Single, u: Tensor, f: Tensor, r: float, beta: float, mix: float) -> Tensor:
+        """The same decisions as the masked code, as Python branches (CPU tensors: no sync)."""
+        if not r <= st.r_lim:  # 1. safeguard (NaN too): fall back to the KM step of the last point
+            st.clear()
+            st.r_lim = math.inf
+            return torch.add(st.u_prev, st.f_prev, alpha=beta).view(st.shape)
+        self._push(st, u, f)
+        gamma = self._solve_host(st, f)
+        if gamma is not None:
+            u_next = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, gamma, alpha=-1.0)
+            u_next = torch.addmv(u_next, st.dFT, gamma, alpha=-mix)
+            st.fresh += 1
+        else:  # restart
+            st.clear()
+            u_next = torch.add(u, f, alpha=mix)
+        st.u_prev, st.f_prev, st.r_lim = u, f, self.safeguard * r
+        return u_next if st.flat else u_next.view(st.shape)
+
+    @staticmethod
+    def _push(st: _Single, u: Tensor, f: Tensor) -> None:
+        """Step 2: the new secant pair, scaled to a unit Δf, into the ring buffer; its Gram row and
+        column (one matrix-vector product)."""
+        w, du, df, lam_i, g_row, g_col = st.rows[(st.steps - 2) % len(st.rows)]
+        torch.sub(u, st.u_prev, out=du)
+        torch.sub(f, st.f_prev, out=df)
+        w.div_(torch.linalg.vector_norm(df).clamp_min_(torch.finfo(u.dtype).tiny))
+        torch.addmv(lam_i, st.dF, df, out=g_row)
+        g_col.copy_(g_row)
+
+    @staticmethod
+    def _solve(st: _Single, L: Tensor, f: Tensor) -> Tensor:
+        """Step 3: ``[γ, H⁻¹p] = H⁻¹[ΔFᵀf, p]`` (rows) from the Cholesky factor ``L`` of ``H``:
+        two triangular solves (no error check, so no sync)."""
+        torch.mv(st.dF, f, out=st.RP0)
+        y = torch.linalg.solve_triangular(L, st.RPT, upper=False)
+        return torch.linalg.solve_triangular(L.mT, y, upper=True).T
+
+    def _push_and_solve(self, st: _Single, u: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        """Steps 2-3, masked: ``(sol, ok)`` with ``sol[0]`` = γ (garbage when not ``ok``) and
+        ``ok`` a 0-d bool tensor, false on ill-conditioning (m‖H⁻¹p‖/‖p‖ estimates cond(H) from
+        below, as in the batched code) or a failed factorisation."""
+        self._push(st, u, f)
+        L, fail = torch.linalg.cholesky_ex(st.G)
+        sol = self._solve(st, L, f)
+        ok = fail.logical_not().logical_and_(torch.linalg.vector_norm(sol[1]) <= st.probe_limit)
+        return sol, ok
+
+    def _solve_host(self, st: _Single, f: Tensor) -> Optional[Tensor]:
+        """Step 3 with host decisions: γ, or ``None`` for a restart (ill-conditioned or failed).
+
+        With numpy, the m×m solve is one ``numpy.linalg.solve`` on views of ``G`` and the
+        right-hand sides (LU with partial pivoting: backward stable; a few µs of call overhead,
+        against ~4 µs per torch operation of the Cholesky route)."""
+        if st.Gn is not None:
+            torch.mv(st.dF, f, out=st.RP0)
+            try:
+                sol = np.linalg.solve(st.Gn, st.RPTn)
+            except np.linalg.LinAlgError:  # exactly singular
+                return None
+            p = sol[:, 1]
+            if not float(p @ p) <= st.probe_limit**2:  # NaN too
+                return None
+            return torch.from_numpy(sol[:, 0])
+        L, fail = torch.linalg.cholesky_ex(st.G)
+        if int(fail):
+            return None
+        sol = self._solve(st, L, f)
+        if not float(torch.linalg.vector_norm(sol[1])) <= st.probe_limit:  # NaN too
+            return None
+        return sol[0]
+
+    def report(self, st: _State | _Single, info: object) -> None:
         """Add the acceleration's counts to ``info`` (eager mode only)."""
         from ._checks import transforms_active
 

@@ -2,6 +2,7 @@
 
 Every recipe is ``python -m recipes.<name> [--quick] [--seed S] [--device D] [--out DIR]
 [--data-dir DIR]``; it writes ``<name>.json`` and PNG plots into ``--out`` and prints a summary table.
+Recipes whose lower solves run to a tolerance also take ``--anderson M`` (:func:`add_anderson`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+import hodl_plugin as hp
+
 
 def parser(name: str, description: str) -> argparse.ArgumentParser:
     """The common command line of a recipe."""
@@ -28,6 +31,25 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None, help="folder of the paper's data set, in its usual on-disk format")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return ap
+
+
+def add_anderson(ap: argparse.ArgumentParser, default: int) -> None:
+    """``--anderson M``: Anderson acceleration (history M) of the lower forward solves; 0 = plain KM."""
+    ap.add_argument("--anderson", type=int, default=default, metavar="M",
+                    help="Anderson acceleration of the lower forward solves to a tolerance, history M "
+                         f"(0: plain KM iteration; default {default}); unrolled/truncated runs stay plain")
+
+
+def acceleration(args: argparse.Namespace) -> Optional[hp.Anderson]:
+    """The ``acceleration=`` of ``--anderson M``: ``hp.Anderson(M)``, or ``None`` for M = 0.
+
+    >>> acceleration(argparse.Namespace(anderson=5)), acceleration(argparse.Namespace(anderson=0))
+    (Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0), None)
+    """
+    m = getattr(args, "anderson", 0)
+    if m < 0:
+        raise SystemExit(f"--anderson must be >= 0 (0: no acceleration), got {m}")
+    return hp.Anderson(history_size=m) if m else None
 
 
 def load_xy(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:

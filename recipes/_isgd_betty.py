@@ -97,7 +97,8 @@ def run_isgd_betty(task: Task, args: Any, budget: float, label: str,
     eps = hp.Polynomial(args.eps0, args.p)
     method = hp.Inexact(eps=eps, delta=eps, solver="cg", constants=None, relative=False)
     lower = Denoiser("denoiser", hb.HODLConfig(type="gkm_inexact", method=method, max_steps=args.max_lower,
-                                               check_every=5, on_nonconvergence="ignore"),
+                                               check_every=5, on_nonconvergence="ignore",
+                                               acceleration=getattr(task, "acc", None)),
                      train_data_loader=lower_data)
     lower.task, lower.T = task, T
     opt, sched = _adam(foe, args.lr, args.q)

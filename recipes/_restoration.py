@@ -47,7 +47,7 @@ from torch import nn
 
 import hodl_plugin as hp
 
-from ._common import print_table, progress, save_json
+from ._common import acceleration, add_anderson, print_table, progress, save_json
 from ._images import TEST_IMAGES, TRAIN_IMAGES, load_gray, random_patches
 
 DT = torch.float32
@@ -219,10 +219,11 @@ def tikhonov(A: Any, b: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def tv_solve(A: Any, b: torch.Tensor, lam: float, max_steps: int = 2000, tol: float = 1e-4,
-             u0: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The TV task model solved by the GKM solver (no learned module), from ``u0`` (default b)."""
+             u0: Optional[torch.Tensor] = None, acc: Optional[hp.Anderson] = None) -> torch.Tensor:
+    """The TV task model solved by the GKM solver (no learned module), from ``u0`` (default b);
+    ``acc``: its ``acceleration=`` (``--anderson``)."""
     T = TVStep(A, lam, learn_lam=False)
-    solver = hp.GKMSolver(T, max_steps=max_steps, tol=tol, rtol=0.0, check_every=25)
+    solver = hp.GKMSolver(T, max_steps=max_steps, tol=tol, rtol=0.0, check_every=25, acceleration=acc)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.ConvergenceWarning)
         return solver(b.clone() if u0 is None else u0, b)
@@ -292,9 +293,10 @@ def run_setting(name: str, A: Any, data: dict[str, torch.Tensor], args: Any, mak
     lam_tik, _ = tune(lambda lam: tikhonov(A, b_val, lam), x_val, lam_grid)
     row("Tikhonov (tuned)", tikhonov(A, b_te, lam_tik), weight=lam_tik)
     t0 = time.perf_counter()
-    lam_tv, _ = tune(lambda lam: tv_solve(A, b_val, lam, max_steps=args.tv_steps), x_val, lam_grid / 4)
+    acc = acceleration(args)
+    lam_tv, _ = tune(lambda lam: tv_solve(A, b_val, lam, max_steps=args.tv_steps, acc=acc), x_val, lam_grid / 4)
     tune_s = time.perf_counter() - t0
-    row("TV (tuned, converged)", tv_solve(A, b_te, lam_tv, max_steps=args.tv_steps), weight=lam_tv,
+    row("TV (tuned, converged)", tv_solve(A, b_te, lam_tv, max_steps=args.tv_steps, acc=acc), weight=lam_tv,
         time_s=tune_s)
     init = lambda b: tikhonov(A, b, lam_tik)  # noqa: E731 - u_0 of every GKM run below
     row(f"TV, {args.K} steps from u_0", tv_solve(A, b_te, lam_tv, max_steps=args.K, tol=0.0, u0=init(b_te)),
@@ -385,6 +387,7 @@ def add_args(ap: Any) -> None:
     ap.add_argument("--test-mult", type=int, default=4, help="also evaluate after test_mult·K steps")
     ap.add_argument("--tv-steps", type=int, default=None,
                     help="GKM steps of the converged TV baseline (default 400 quick / 600)")
+    add_anderson(ap, default=0)  # of the converged TV baseline (the trained GKM runs are unrolled)
 
 
 def _fill_defaults(args: Any) -> None:

@@ -20,6 +20,8 @@ adjoint (CG) iterations, times the patches processed (ISGD's x-axis):
   forward + K backward per patch).
 
 Reports test PSNR (test patches solved to tolerance 1e-6) against cost; learned_regularizer.png.
+``--anderson M`` accelerates the lower solves of ISGD, MAID and the test evaluation (the unrolled
+run differentiates its plain steps).
 ``--data-dir``: a folder of images (PNG/JPG) whose first images are for training, the last two for test.
 """
 
@@ -37,7 +39,7 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import parser, plot_curves, print_table, progress, save_json, setup
+from ._common import acceleration, add_anderson, parser, plot_curves, print_table, progress, save_json, setup
 from ._images import TEST_IMAGES, TRAIN_IMAGES, blur, gaussian_kernel, load_gray, psnr, random_patches
 
 NAME = "learned_regularizer"
@@ -78,6 +80,7 @@ class Task:
     """Forward model A, data and the lower-level operator for one task (denoise / deblur)."""
 
     def __init__(self, kind: str, args: Any, rng: np.random.Generator, g: torch.Generator) -> None:
+        self.acc = acceleration(args)  # of the lower solves to a tolerance (--anderson)
         self.kind = kind
         size = 40 if args.paper else 24
         n_train = 256 if args.paper else 64
@@ -108,7 +111,7 @@ class Task:
     def test_psnr(self, foe: FoE) -> float:
         T = self.operator(foe)
         self.set_step(T, foe)
-        solver = hp.GKMSolver(T, max_steps=5000, tol=1e-6)
+        solver = hp.GKMSolver(T, max_steps=5000, tol=1e-6, acceleration=self.acc)
         with torch.no_grad():
             return psnr(solver(self.y_test.clone(), self.y_test), self.x_test)
 
@@ -161,7 +164,8 @@ def run_isgd(task: Task, args: Any, budget: float, label: str, max_steps: Option
     T = task.operator(foe)
     eps = hp.Polynomial(args.eps0, args.p)
     solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps, delta=eps, solver="cg",
-                          constants=None, check_every=5, relative=False)  # ISGD: absolute accuracies
+                          constants=None, check_every=5, relative=False,  # ISGD: absolute accuracies
+                          acceleration=task.acc)
     return _minibatch_training(task, args, budget, label, foe, T,
                                solve=lambda y, b: solver(y.clone(), y, key=b),
                                step_cost=lambda: solver.info.steps + solver.info.adjoint.iterations,
@@ -184,8 +188,8 @@ def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
     T = task.operator(foe)
     eps_k = args.eps0
     solver = hp.GKMSolver(T, max_steps=args.max_lower, hypergrad="inexact", eps=eps_k, solver="cg",
-                          constants=None, check_every=5, relative=False)
-    fwd = hp.GKMSolver(T, max_steps=args.max_lower, tol=0.0, atol=eps_k, check_every=5)
+                          constants=None, check_every=5, relative=False, acceleration=task.acc)
+    fwd = hp.GKMSolver(T, max_steps=args.max_lower, tol=0.0, atol=eps_k, check_every=5, acceleration=task.acc)
     y, x, N = task.y_train, task.x_train, len(task.y_train)
     step, rho, eta = args.maid_step, 0.5, 1e-4
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
@@ -250,6 +254,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     help="ISGD in the core loop and ISGD as a Betty graph (recipes/_isgd_betty.py) only, same "
                          "seed and batches; needs betty-ml")
     ap.add_argument("--plot", default=None, help="path of the PNG (default OUT/learned_regularizer.png)")
+    add_anderson(ap, default=0)
     args = ap.parse_args(argv)
     setup(args)
     args.filters = args.filters or (10 if args.paper else 6)

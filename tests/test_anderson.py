@@ -247,3 +247,149 @@ def test_anderson_adjoint_in_implicit_mode(tanh_eq):
     (0.5 * (solver(torch.zeros(100, dtype=D), x) ** 2).sum()).backward()
     assert solver.info.adjoint.method == "anderson" and solver.info.adjoint.converged
     assert float((x.grad - exact).norm() / exact.norm()) < 1e-8
+
+
+# ------------------------------------------------------------------------------ the three code paths
+# one problem on the CPU takes the fast path with host decisions; forced off it takes the masked,
+# sync-free fast path (the one CUDA tensors take); batch_dims takes the batched path
+PATHS = ["host", "masked", "batched"]
+
+
+def path_solve(path, T, x, m, tol, **kw):
+    acc = hp.Anderson(m)
+    if path == "masked":
+        acc._host_decisions = False
+    if path == "batched":
+        u, info = hp.GKMSolver(lambda u, x: T(u[0], x[0])[None], max_steps=100000, tol=tol, acceleration=acc,
+                               batch_dims=1, **kw).solve(torch.zeros(1, len(x), dtype=D), x[None])
+        return u[0], info
+    return hp.GKMSolver(T, max_steps=100000, tol=tol, acceleration=acc, **kw).solve(torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_reaches_the_closed_form_with_few_steps(path):
+    Q, L = spd(40, 300.0, seed=12)
+    b = torch.randn(40, dtype=D, generator=torch.Generator().manual_seed(13))
+    u, info = path_solve(path, lambda u, x: u - (Q @ u - x) / L, b, 5, 1e-11)
+    exact = torch.linalg.solve(Q, b)
+    assert info.converged and float((u - exact).norm() / exact.norm()) < 1e-8
+    assert info.steps < 0.2 * 300 * math.log(1e11), info.steps  # plain KM: about cond · ln(1/tol)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_each_path_restarts_on_dependent_differences(path):
+    Q = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D)
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+    u, info = path_solve(path, lambda u, x: u - 0.25 * (Q @ u - x), b, 8, 1e-13)
+    assert info.converged and torch.allclose(u, torch.linalg.solve(Q, b), rtol=1e-11)
+    assert info.restarts >= 1
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_fast_path_safeguard_falls_back_to_the_km_step(host):
+    acc = hp.Anderson(3, safeguard=2.0)
+    acc._host_decisions = host
+    a = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=D)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=D)
+    u = torch.zeros(5, dtype=D)
+    st = acc.init(u, 0)
+    assert st.host is host
+    pts = []
+    for _ in range(3):
+        f = a * u + c - u
+        pts.append((u, f))
+        u = acc.step(st, u, f, f.norm(), 0.7)
+    u2, f2 = pts[-1]
+    assert int(st.restarts) == 0 and float(st.W.abs().sum()) > 0
+    bad = 100 * f2.norm() * torch.ones(5, dtype=D) / 5**0.5
+    out = acc.step(st, u, bad, bad.norm(), 0.7)
+    assert torch.allclose(out, u2 + 0.7 * f2, rtol=0, atol=1e-15)  # the plain KM step from u2
+    assert int(st.restarts) == 1 and float(st.W.abs().sum()) == 0.0  # history cleared
+    assert torch.equal(st.G, torch.eye(3, dtype=D) * (1 + acc.regularization))
+    f = a * out + c - out
+    nxt = acc.step(st, out, f, 1e6 * f.norm(), 0.7)  # the fall-back point is accepted whatever its residual
+    # one secant pair (from u2): the type-II step with γ = <Δf, f>/<Δf, Δf> (ridge 1e-10 aside)
+    du, df = out - u2, f - f2
+    gamma = float(df @ f / (df @ df))
+    assert int(st.restarts) == 1
+    assert torch.allclose(nxt, out + 0.7 * f - gamma * (du + 0.7 * df), rtol=1e-8, atol=1e-12)
+
+
+def test_fast_path_gram_matrix_is_that_of_the_unit_scaled_differences():
+    # after more steps than the history holds (the ring buffer wrapped), G = D⁻¹ΔFᵀΔF D⁻¹ + λI with
+    # ΔF the last m residual differences (recomputed here from the iterates)
+    torch.manual_seed(0)
+    A = 0.9 * torch.linalg.qr(torch.randn(30, 30, dtype=D))[0]
+    c = torch.randn(30, dtype=D)
+    acc, m = hp.Anderson(4, restart_cond=1e30), 4
+    u = torch.zeros(30, dtype=D)
+    st = acc.init(u, 0)
+    fs = []
+    for _ in range(11):  # the last pair goes to row 1: rows 2, 3 are older (the column update matters)
+        f = A @ u + c - u
+        fs.append(f)
+        u = acc.step(st, u, f, f.norm(), 1.0)
+    assert int(st.restarts) == 0
+    dF = torch.stack([fs[k + 1] - fs[k] for k in range(len(fs) - m - 1, len(fs) - 1)])
+    dF = dF / dF.norm(dim=1, keepdim=True)
+    G = dF @ dF.T + acc.regularization * torch.eye(m, dtype=D)
+    # same set of rows, in ring-buffer order: compare the sorted spectra and the diagonal
+    for uplo in ("L", "U"):
+        assert torch.allclose(torch.linalg.eigvalsh(st.G, UPLO=uplo), torch.linalg.eigvalsh(G), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(st.G.diagonal(), torch.full((m,), 1 + acc.regularization, dtype=D), rtol=1e-12)
+
+
+@pytest.mark.parametrize("host, most, syncs", [(True, 14, 1), (False, 40, 0)])
+def test_fast_path_operation_count_and_syncs(host, most, syncs):
+    """The per-step cost on small problems is the number of tensor operations (measured: 13 and a numpy solve with
+    host decisions, 38 masked, against 67 before the fast path); the masked path never syncs."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    acc = hp.Anderson(10)
+    acc._host_decisions = host
+    A = 0.9 * torch.linalg.qr(torch.randn(50, 50, dtype=D, generator=torch.Generator().manual_seed(0)))[0]
+    u = torch.zeros(50, dtype=D)
+    st = acc.init(u, 0)
+    for _ in range(20):
+        f = A @ u + 1.0 - u
+        u = acc.step(st, u, f, f.norm(), 1.0)
+    f = A @ u + 1.0 - u
+    r = f.norm()
+    with Count() as c:
+        acc.step(st, u, f, r, 1.0)
+    assert sum(c.ops.values()) <= most, c.ops
+    assert c.ops["aten._local_scalar_dense.default"] == syncs, c.ops
+
+
+def test_benchmark_writes_the_readme_block_atomically(tmp_path):
+    from benchmarks.anderson import BEGIN, END, markdown, write_readme
+
+    rows = [dict(problem="q", method="plain", steps=100, steps_ratio=1.0, time_s=1.0, time_ratio=1.0, cpu_ratio=1.0,
+                 error=1e-7),
+            dict(problem="q", method="Anderson(5)", steps=16, steps_ratio=0.16, time_s=0.3, time_ratio=0.3,
+                 cpu_ratio=0.29, error=2e-7)]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{BEGIN}\nold numbers\n{END}\ntail\n")
+    write_readme(str(readme), markdown(rows, 5))
+    text = readme.read_text()
+    assert text.startswith(f"# title\n{BEGIN}\n") and text.endswith(f"{END}\ntail\n") and "old numbers" not in text
+    assert "| q | Anderson(5) | 16 | 0.16 | 0.300 s | 0.3 | 0.29 | 2.0e-07 |" in text
+    write_readme(str(readme), "second")  # idempotent markers: the block is replaced again
+    assert readme.read_text() == f"# title\n{BEGIN}\nsecond\n{END}\ntail\n"
+    for bad in ("no markers\n", f"{END}\n{BEGIN}\n", f"{BEGIN}\n{BEGIN}\n{END}\n"):
+        readme.write_text(bad)
+        with pytest.raises(ValueError, match="anderson:begin"):
+            write_readme(str(readme), "x")
+        assert readme.read_text() == bad  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temporary file left

@@ -175,6 +175,14 @@ def test_acceleration_is_passed_to_the_solver():
     assert low.info.steps < plain.info.steps
 
 
+@pytest.mark.skipif(not hasattr(hp, "Anderson"), reason="needs hp.Anderson (issue 14)")
+def test_acceleration_bad_values_are_named_errors_at_construction():
+    with pytest.raises(TypeError, match=r"HODLConfig\(acceleration=\.\.\.\) must be None or hodl_plugin.Anderson"):
+        hb.HODLConfig(acceleration=5)
+    with pytest.raises(hp.ConfigurationError, match="unrolled"):  # differentiating through the extrapolation
+        Lower("lower", hb.HODLConfig(type="gkm_unrolled", acceleration=hp.Anderson(5)))
+
+
 # ---------------------------------------------------------------------------------------------- gkm_truncated
 def test_truncated_longer_than_check_every_with_warm_starts():
     """Truncated(k) back-propagates through k steps, k > check_every, also when the warm-started forward

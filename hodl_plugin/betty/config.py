@@ -81,6 +81,13 @@ class HODLConfig(_BettyConfig):
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
+        from ..acceleration import Anderson
+
+        if self.acceleration is not None and not isinstance(self.acceleration, Anderson):
+            raise TypeError(
+                "HODLConfig(acceleration=...) must be None or hodl_plugin.Anderson(history_size=m), got "
+                f"{type(self.acceleration).__name__}"
+            )
 
 
 def as_config(config: Any, node: str = "GKMProblem") -> Any:
