@@ -1,0 +1,191 @@
+"""Fast checks of the recipes' model options (sparse_coding's learned models, few_shot's classes)
+against independent references: hand-written loops of the published iterations, finite differences,
+image transformations written out by hand."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from recipes import few_shot as fs
+from recipes import sparse_coding as sc
+
+D = torch.float64
+
+
+def args(**kw):
+    base = dict(alpha0=1.0, gamma=0.5, ratio=0.9)
+    return types.SimpleNamespace(**{**base, **kw})
+
+
+def tiny(seed=0, m=6, n=10, N=3):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g, dtype=D) / math.sqrt(m)
+    A = A / A.norm(dim=0, keepdim=True)
+    u = torch.randn(N, n, generator=g, dtype=D) * (torch.rand(N, n, generator=g) < 0.3)
+    s = 1.0 / float(torch.linalg.matrix_norm(A, 2)) ** 2
+    return A, u @ A.T, u, s
+
+
+def np_soft(v, t):
+    return np.sign(v) * np.maximum(np.abs(v) - t, 0.0)
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def perturb(model, seed=1):
+    """Move every learned parameter off its initial value (so per-layer entries differ)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype) * (p.abs().mean() + 0.1))
+
+
+def reference(model, A, b, steps):
+    """The method's iteration written out with numpy from the parameters' values (no clock, no solver)."""
+    A, b = A.numpy(), b.numpy()
+    Nl = model.layer
+    W = Nl.W.detach().numpy()
+    rho = np.atleast_1d(Nl.rho.detach().numpy())
+    g = None if Nl.g is None else Nl.g.detach().numpy()
+    K = model.clock.layers
+
+    def N(u, k):
+        i = min(k, K - 1) if Nl.layer != "tied" else 0
+        Wi = W[i] if Nl.layer == "untied" else W
+        step = 2 * sigmoid(g[i]) if g is not None else 1.0
+        return np_soft(u - step * (u @ A.T - b) @ Wi.T, softplus(rho[i]))
+
+    def T(u, k):
+        T_ = model.T
+        r = np.atleast_1d(T_.rho.detach().numpy())
+        i = min(k, K - 1) if T_.clock is not None else 0
+        t = T_.s * (2 * sigmoid(T_.g.detach().numpy()[i]) if T_.g is not None else 1.0)
+        return np_soft(u - t * (u @ A.T - b) @ A, t * softplus(r[i]))
+
+    meth, a = model.method, args()
+    alpha = {"poly": lambda k: 1.0 / math.sqrt(k + 1), "harmonic": lambda k: 1.0 / (k + 1),
+             "geometric": lambda k: 0.9**k, "zero": lambda k: 0.0}[meth.schedule]
+    assert a.alpha0 == 1.0 and a.gamma == 0.5
+    u = np.zeros((b.shape[0], A.shape[1]))
+    for k in range(steps):
+        if meth.base == "lista":
+            u = N(u, k)
+        elif meth.aggregation == "inside":
+            u = T((1 - alpha(k)) * u + alpha(k) * N(u, k), k)
+        else:
+            u = (1 - alpha(k)) * T(u, k) + alpha(k) * N(u, k)
+    return u
+
+
+METHODS = ["lista", "lista+layerwise", "lista+untied", "hodl", "hodl+layerwise", "hodl+untied",
+           "hodl+outside", "hodl+outside+geometric", "hodl+harmonic", "hodl+zero", "hodl+layerwise+alista",
+           "hodl+outside+untied+alista"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_learned_model_is_the_published_iteration(name):
+    A, b, _, s = tiny()
+    K = 4
+    model = sc.LearnedModel(sc.Method.parse(name), A, s, lam0=0.1, K=K, args=args())
+    perturb(model)
+    for steps in (K, 2 * K + 1):  # at the trained depth, and continued past it (last layer repeated)
+        with torch.no_grad():
+            u = model(b, steps)
+        np.testing.assert_allclose(u.numpy(), reference(model, A, b, steps), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lista+layerwise", "hodl+untied", "hodl+outside+alista", "hodl+layerwise"])
+def test_learned_model_gradient_matches_finite_differences(name):
+    A, b, u_gt, s = tiny(seed=2)
+    model = sc.LearnedModel(sc.Method.parse(name), A, s, lam0=0.05, K=3, args=args())
+    perturb(model, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss():
+        return ((model(b, 3) - u_gt) ** 2).sum()
+
+    grads = torch.autograd.grad(loss(), params, allow_unused=True)
+    g = torch.Generator().manual_seed(4)
+    for p, gp in zip(params, grads):
+        d = torch.randn(p.shape, generator=g, dtype=D)
+        h = 1e-6
+        with torch.no_grad():
+            p.add_(h * d)
+            lp = float(loss())
+            p.sub_(2 * h * d)
+            lm = float(loss())
+            p.add_(h * d)
+        fd = (lp - lm) / (2 * h)
+        ad = 0.0 if gp is None else float((gp * d).sum())
+        assert abs(ad - fd) <= 1e-6 * max(1.0, abs(fd)), (p.shape, ad, fd)
+    assert any(gp is not None and float(gp.abs().sum()) > 0 for gp in grads)
+
+
+def test_per_layer_nmse_from_one_solve_equals_separate_solves():
+    A, b, u_gt, s = tiny(seed=5)
+    model = sc.LearnedModel(sc.Method.parse("hodl+layerwise+alista"), A, s, lam0=0.1, K=3, args=args())
+    perturb(model)
+    per = sc.per_layer_learned(model, b, u_gt, 7)
+    with torch.no_grad():
+        sep = [sc.nmse_db(model(b, k), u_gt) for k in range(1, 8)]
+    assert per == pytest.approx(sep, abs=1e-9)
+
+
+def test_method_names_and_errors():
+    assert sc.Method.parse("HODL+untied+outside").name == "hodl+untied+outside"
+    assert sc.Method.parse("hodl+tied+inside+poly").name == "hodl"
+    assert [sc.Method.parse(m).name for m in sc.ALL_METHODS.split(",")] == sc.ALL_METHODS.split(",")
+    with pytest.raises(ValueError, match="two layer tokens"):
+        sc.Method.parse("lista+untied+tied")
+    with pytest.raises(ValueError, match="lista or hodl"):
+        sc.Method.parse("alista")
+    with pytest.raises(ValueError, match="needs the solve's Clock"):
+        sc.LearnedLayer(torch.eye(2, dtype=D), 1.0, 0.1, layer="untied")
+    with pytest.raises(ValueError, match="layer must be one of"):
+        sc.LearnedLayer(torch.eye(2, dtype=D), 1.0, 0.1, layer="shared")
+
+
+def test_geometric_schedule_warns_inside_the_solver():
+    A, b, _, s = tiny()
+    with pytest.warns(Warning, match="sum of alpha_k must diverge"):
+        sc.LearnedModel(sc.Method.parse("hodl+geometric"), A, s, 0.1, 3, args())
+
+
+# --------------------------------------------------------------------------------------- few_shot
+def test_transformed_classes_are_the_symmetries():
+    img = np.arange(64.0).reshape(8, 8)
+    X = np.stack([img.ravel(), img.ravel() + 100, img.ravel() + 200])
+    y = np.array([0, 1, 2])
+    train_tf, val_tf = fs.CLASS_SETS["d4"]
+    X2, y2, tr, va = fs.transformed_classes(X, y, [0, 1], train_tf, val_tf)
+    assert len(tr) == 12 and len(va) == 4 and not set(tr) & set(va) and not set(tr + va) & {0, 1, 2}
+    by = {c: X2[y2 == c][0].reshape(8, 8) for c in tr + va}
+    # digit 0's validation classes: a 270° turn (= 90° clockwise) and its mirror image, by hand
+    cw = np.array([[img[7 - j, i] for j in range(8)] for i in range(8)])
+    assert np.array_equal(by[va[0]], cw)
+    assert np.array_equal(by[va[1]], np.array([[img[7 - j, 7 - i] for j in range(8)] for i in range(8)]))
+    # all 16 images of the two digits differ (8 symmetries of an asymmetric image), originals kept
+    flat = {tuple(v.ravel()) for v in by.values()}
+    assert len(flat) == 16 and np.array_equal(X2[y2 == 2], X[2:3])
+    with pytest.raises(ValueError, match="square images"):
+        fs.transformed_classes(np.zeros((2, 6)), np.array([0, 1]), [0], train_tf, val_tf)
+
+
+def test_episodes_reset_replays_the_same_episodes():
+    X = np.random.default_rng(0).random((60, 4))
+    y = np.repeat(np.arange(6), 10)
+    ep = fs.Episodes(X, y, list(range(6)), ways=3, shots=1, queries=2, seed=7)
+    a = [ep.sample()["Xs"] for _ in range(3)]
+    b = [ep.reset().sample()["Xs"] for _ in range(1)] + [ep.sample()["Xs"] for _ in range(2)]
+    assert all(torch.equal(x, z) for x, z in zip(a, b))
