@@ -209,19 +209,20 @@ class Geometric(hp.schedules.Schedule):
 
 
 def ista_per_layer(A, s, lam, b, u_gt, K) -> list[float]:
-    T = ISTAOperator(A, s, lam)
-    out, u = [], torch.zeros(b.shape[0], A.shape[1], dtype=DT)
-    solver = hp.GKMSolver(T, max_steps=1, tol=0.0, hypergrad="first_order", check_every=1)
+    """NMSE after each of K ISTA steps from 0, one traced solve (one T per step: the unrolled mode;
+    ``first_order`` would add one differentiable step T(u_K) to every call)."""
+    us: list[torch.Tensor] = []
+    T = Ticking(ISTAOperator(A, s, lam), Clock(1))
+    T.trace = us.append
     with torch.no_grad():
-        for _ in range(K):
-            u = solver(u, b)
-            out.append(nmse_db(u, u_gt))
-    return out
+        hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="unrolled", check_every=K)(
+            torch.zeros(b.shape[0], A.shape[1], dtype=b.dtype), b)
+    return [nmse_db(u, u_gt) for u in us]
 
 
 def fista_per_layer(A, s, lam, b, u_gt, K) -> list[float]:
     out = []
-    u = y = torch.zeros(b.shape[0], A.shape[1], dtype=DT)
+    u = y = torch.zeros(b.shape[0], A.shape[1], dtype=b.dtype)
     t = 1.0
     for _ in range(K):
         u_new = soft(y - s * (y @ A.T - b) @ A, s * lam)

@@ -189,3 +189,20 @@ def test_episodes_reset_replays_the_same_episodes():
     a = [ep.sample()["Xs"] for _ in range(3)]
     b = [ep.reset().sample()["Xs"] for _ in range(1)] + [ep.sample()["Xs"] for _ in range(2)]
     assert all(torch.equal(x, z) for x, z in zip(a, b))
+
+
+def test_ista_and_fista_baselines_are_k_steps():
+    A, b, u_gt, s = tiny(seed=6)
+    An, bn, un = A.numpy(), b.numpy(), u_gt.numpy()
+    u = np.zeros_like(un)
+    y, t, ista, fista = u.copy(), 1.0, [], []
+    v = u.copy()
+    for _ in range(6):
+        u = np_soft(u - s * (u @ An.T - bn) @ An, s * 0.1)
+        ista.append(10 * math.log10(((u - un) ** 2).sum() / (un**2).sum()))
+        v_new = np_soft(y - s * (y @ An.T - bn) @ An, s * 0.1)
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        y, v, t = v_new + (t - 1) / t_new * (v_new - v), v_new, t_new
+        fista.append(10 * math.log10(((v - un) ** 2).sum() / (un**2).sum()))
+    assert sc.ista_per_layer(A, s, 0.1, b, u_gt, 6) == pytest.approx(ista, abs=1e-9)
+    assert sc.fista_per_layer(A, s, 0.1, b, u_gt, 6) == pytest.approx(fista, abs=1e-9)

@@ -70,10 +70,10 @@ def test_sparse_coding_quick(tmp_path):
     res = run_recipe("sparse_coding", tmp_path)
     assert {r["setting"] for r in res["rows"]} == {"noiseless"}  # --quick: the noiseless setting only
     K = res["K"]
-    nm = {r["method"].split(" (")[0]: r[f"NMSE@{K} (dB)"] for r in res["rows"]}
+    nm = {r["key"]: r[f"NMSE@{K} (dB)"] for r in res["rows"]}
     # at equal K the learned iterations beat ISTA
-    assert nm["HODL"] < nm["ISTA"] - 0.5
-    assert nm["LISTA"] < nm["ISTA"] - 0.5
+    assert nm["hodl"] < nm["ista"] - 0.5
+    assert nm["lista"] < nm["ista"] - 0.5
 
 
 @pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
