@@ -7,14 +7,15 @@ The public API in one place:
 - hypergradient methods :class:`Unrolled`, :class:`Truncated`, :class:`Implicit`, :class:`Inexact`,
   :class:`FirstOrder` (:mod:`hodl_plugin.hypergrad`);
 - the operator library (:mod:`hodl_plugin.operators`) and proximal maps (:mod:`hodl_plugin.prox`);
-- schedules (:mod:`hodl_plugin.schedules`) and adjoint linear solvers
+- schedules (:mod:`hodl_plugin.schedules`), the "as in the papers" configuration
+  :func:`paper_config` (:mod:`hodl_plugin.presets`) and adjoint linear solvers
   (:mod:`hodl_plugin.linear_solve`);
 - the inexact error bound (:mod:`hodl_plugin.inexact`).
 
 The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that imports Betty.
 """
 
-from . import acceleration, errors, inexact, linear_solve, operators, prox, schedules
+from . import acceleration, errors, inexact, linear_solve, operators, presets, prox, schedules
 from .acceleration import Anderson
 from .errors import (
     ConfigurationError,
@@ -23,12 +24,14 @@ from .errors import (
     HODLError,
     LinearSolveError,
     ScheduleError,
+    SummableScheduleWarning,
 )
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
 from .inexact import BoundConstants
 from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
-from .schedules import Constant, Harmonic, Log, Polynomial
+from .presets import paper_config
+from .schedules import Constant, Geometric, Harmonic, Log, Polynomial
 from .solver import GKMSolver
 
 __version__ = "0.1.0"
@@ -44,6 +47,7 @@ __all__ = [
     "Inexact",
     "FirstOrder",
     "get_method",
+    "paper_config",
     "GradientStep",
     "ProximalGradient",
     "LearnedResidual",
@@ -53,6 +57,7 @@ __all__ = [
     "Polynomial",
     "Harmonic",
     "Log",
+    "Geometric",
     "BoundConstants",
     "HODLError",
     "ScheduleError",
@@ -60,11 +65,13 @@ __all__ = [
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
+    "SummableScheduleWarning",
     "acceleration",
     "errors",
     "inexact",
     "linear_solve",
     "operators",
+    "presets",
     "prox",
     "schedules",
 ]

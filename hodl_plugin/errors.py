@@ -15,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
+    "SummableScheduleWarning",
 ]
 
 
@@ -68,4 +69,20 @@ class ConvergenceWarning(UserWarning):
     ...     _ = hp.GKMSolver(lambda u: 2.0 * u + 1.0, on_divergence="warn")(torch.zeros(2))
     >>> w[0].category is hp.ConvergenceWarning
     True
+    """
+
+
+class SummableScheduleWarning(ConvergenceWarning):
+    r"""An aggregation schedule :math:`\alpha_k` is summable (e.g. :class:`~hodl_plugin.Geometric`).
+
+    Accepted — it is the BDA/BOAT codes' practical default for a few unrolled steps — but outside
+    the selection theory of SPEC §0, which needs :math:`\sum_k \alpha_k = \infty`: the iterates still
+    approach :math:`\mathrm{Fix}\,T` but not necessarily its :math:`F`-optimal point.
+
+    >>> import warnings, hodl_plugin as hp
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     _ = hp.GKMSolver(lambda u: u, upper=lambda u: (u**2).sum(), alpha=hp.Geometric(0.5, 0.9))
+    >>> w[0].category is hp.SummableScheduleWarning, issubclass(hp.SummableScheduleWarning, hp.ConvergenceWarning)
+    (True, True)
     """

@@ -17,6 +17,24 @@ The residual recorded at step k is :math:`r_k = \|T(w_k; x) - u_k\| = \|u_{k+1}-
 which is the fixed-point residual :math:`\|u_k - T(u_k)\|` when :math:`\alpha_k = 0` and tends to
 it as :math:`\alpha_k \to 0`; it costs no extra evaluation of :math:`T`.
 
+**"Outside" aggregation** (``aggregation="outside"``): the same group's Bilevel Descent
+Aggregation code combines the two steps *after* the operator, not inside it,
+
+.. math::
+
+    u_{k+1} = (1-\beta_k)\,u_k + \beta_k\big[(1-\alpha_k)\,T(u_k; x) + \alpha_k\,(u_k - s\nabla_u F(u_k; x))\big].
+
+For a gradient lower level :math:`T(u) = u - t\nabla f(u)` and :math:`\beta \equiv 1` this is
+:math:`u_{k+1} = u_k - (1-\alpha_k)\,t\nabla f(u_k) - \alpha_k\,s\nabla F(u_k)`: one gradient step on
+:math:`(1-\alpha_k) f + \alpha_k F` when :math:`t = s`, exactly BOAT's GDA (``callous-youth/BOAT``,
+``boat_torch/gm_ol/ngd.py`` with ``gda_loss`` = α·F + (1−α)·f and ``alpha *= alpha_decay``); BDA's
+TensorFlow code (``vis-opt-group/BDA``, ``boml/lower_iter/aggr.py``, ``combine_grads``) weights
+:math:`\nabla f` by a fixed :math:`(1-\alpha)t` and :math:`\nabla F` by :math:`\alpha\gamma 0.9^{k} s`
+(see :class:`~hodl_plugin.schedules.Geometric`). With :math:`F = \tfrac12\|u - z\|^2, s = 1` it is
+the Halpern iteration anchored at :math:`z`. Its residual is the true fixed-point residual
+:math:`r_k = \|T(u_k; x) - u_k\|` (no extra evaluation: :math:`T(u_k)` is the step's own), and
+:math:`\alpha_k = 0` gives plain KM in both forms.
+
 **Stopping rule** (scale-aware, per sample with ``batch_dims``): the solve stops at the first
 check where
 
@@ -49,7 +67,10 @@ from .schedules import Constant, Schedule
 if TYPE_CHECKING:  # pragma: no cover
     from .acceleration import Anderson
 
-__all__ = ["SolverInfo", "GKMIteration", "default_tol"]
+__all__ = ["SolverInfo", "GKMIteration", "default_tol", "AGGREGATIONS"]
+
+#: where the upper descent step enters the GKM step (module docstring)
+AGGREGATIONS = ("inside", "outside")
 
 Operator = Callable[..., Tensor]
 
@@ -419,7 +440,11 @@ class GKMIteration:
         on_divergence: str = "raise",
         batch_dims: int = 0,
         acceleration: Optional[Anderson] = None,
+        aggregation: str = "inside",
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        self.aggregation = aggregation
         self.T = T
         self.beta = beta
         self.upper = upper
@@ -531,6 +556,8 @@ class GKMIteration:
         countdown = every
         first_check = info.steps == 0 and not functional
         u = u.clone()  # a private copy: an operator writing into its input cannot touch the caller's u0
+        if aggregate and self.aggregation == "outside":
+            return self._run_outside(u, params, info, mon, start, num_steps, first_check)
         for j in range(num_steps):
             k = start + j
             if aggregate:
@@ -554,6 +581,43 @@ class GKMIteration:
             diff = Tw - u
             u_new = mon.freeze(Tw if b == 1.0 else u + b * diff, u)
             u = mon.check(k, mon.norm(diff.detach()), u_new, u_new)
+            if mon.done:
+                mon.finish(j + 1)
+                return u
+        mon.finish(num_steps)
+        return u
+
+    def _run_outside(self, u: Tensor, params: Sequence[Tensor], info: SolverInfo, mon: _Monitor, start: int,
+                     num_steps: int, first_check: bool) -> Tensor:
+        r"""The loop with ``aggregation="outside"``:
+        :math:`u \leftarrow (1-\beta_k)u + \beta_k[(1-\alpha_k)T(u) + \alpha_k(u - s\nabla F(u))]`,
+        checked on :math:`r_k = \|T(u_k) - u_k\|` (same check schedule as :meth:`run`)."""
+        T, beta_s, alpha_s, s = self.T, self.beta, self.alpha, self.upper_step
+        assert alpha_s is not None
+        every, last = self.check_every, num_steps - 1
+        countdown = every
+        for j in range(num_steps):
+            k = start + j
+            if j == 0:
+                Tu = guard_inplace(T, u, params, mon.functional)
+                check_operator_output(Tu, u)
+            else:
+                Tu = T(u, *params)
+            a = float(alpha_s(k))
+            if a != 0.0:
+                v = (1.0 - a) * Tu + a * (u - s * self.grad_upper(u, params))
+            else:
+                v = Tu
+            b = float(beta_s(k))
+            u_next = v if b == 1.0 else u + b * (v - u)
+            countdown -= 1
+            if not (countdown == 0 or j == last or (j == 0 and first_check)):
+                u = mon.freeze(u_next, u) if mon.masking else u_next
+                continue
+            if countdown == 0:
+                countdown = every
+            u_new = mon.freeze(u_next, u)
+            u = mon.check(k, mon.norm((Tu - u).detach()), u_new, u_new)
             if mon.done:
                 mon.finish(j + 1)
                 return u

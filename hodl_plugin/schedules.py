@@ -4,7 +4,9 @@ The GKM iteration (SPEC §0) uses three sequences — the KM relaxation :math:`\
 aggregation weight :math:`\alpha_k` and, in the inexact mode, the accuracies
 :math:`\varepsilon_k, \delta_k`. Each is a :class:`Schedule`: callable on the step index, with the
 asymptotic facts (limit, summability, monotonicity) the convergence conditions need, so that a
-solver can reject a schedule outside those conditions before it runs.
+solver can reject a schedule outside those conditions before it runs (and warn, with
+:class:`~hodl_plugin.errors.SummableScheduleWarning`, for a summable aggregation weight such as
+:class:`Geometric`, accepted but outside the selection theory).
 
 Example:
     >>> from hodl_plugin.schedules import Polynomial
@@ -28,9 +30,11 @@ __all__ = [
     "Polynomial",
     "Harmonic",
     "Log",
+    "Geometric",
     "as_schedule",
     "check_relaxation",
     "check_aggregation",
+    "summable_aggregation",
     "check_accuracy",
 ]
 
@@ -175,6 +179,63 @@ class Log(Schedule):
         return self.c0 >= 0
 
 
+@dataclass(frozen=True)
+class Geometric(Schedule):
+    r"""``value_k = alpha0 · gamma^k`` (:math:`k = 0, 1, \dots`) — the BDA/BOAT aggregation weight.
+
+    Summable (for ``gamma < 1``): outside the selection theory of SPEC §0, which needs
+    :math:`\sum_k\alpha_k = \infty`; :class:`~hodl_plugin.GKMSolver` accepts it with a
+    :class:`~hodl_plugin.errors.SummableScheduleWarning`. It is what the same group's codes run for
+    a few unrolled steps (combined with ``aggregation="outside"``):
+
+    - BOAT (``callous-youth/BOAT``, ``boat_torch/gm_ol/ngd.py`` with ``gda_loss``; configs
+      ``"GDA": {"alpha_init": 0.5, "alpha_decay": 0.9}``): lower step ``k`` minimises
+      :math:`\alpha_k F + (1-\alpha_k) f` by one gradient step, then ``alpha *= alpha_decay`` —
+      i.e. ``Geometric(0.5, 0.9)``;
+    - BDA (``vis-opt-group/BDA``, ``boml/lower_iter/aggr.py``): the upper gradient is weighted by
+      :math:`\alpha\gamma\,0.9^{k}` (``0.9**(t_tensor-1)`` with ``t_tensor = k+1``), i.e.
+      ``Geometric(alpha * gamma, 0.9)`` (the logged runs: :math:`\alpha = 0.6, \gamma = 1`, T = 5).
+      BDA keeps the lower gradient's weight fixed at :math:`(1-\alpha)` where the outside form uses
+      :math:`(1-\alpha_k)`: the two differ by :math:`\alpha_k (u_k - T(u_k))`, which vanishes on
+      :math:`\mathrm{Fix}\,T` (fold :math:`(1-\alpha)` into the step of ``T`` to follow BDA's lower part).
+
+    Args:
+        alpha0: the first value, finite and >= 0 (the solver checks :math:`\alpha_0 \le 1`).
+        gamma: the ratio, in (0, 1) (``gamma = 1`` is :class:`Constant`).
+
+    >>> a = Geometric(0.5, 0.9)
+    >>> a.values(3), a.summable, a.limit
+    ([0.5, 0.45, 0.405], True, 0.0)
+    """
+
+    alpha0: float
+    gamma: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha0) and self.alpha0 >= 0):
+            raise ScheduleError(f"Geometric schedule needs a finite alpha0 >= 0, got {self.alpha0!r}")
+        if not (math.isfinite(self.gamma) and 0 < self.gamma < 1):
+            raise ScheduleError(
+                f"Geometric schedule needs a ratio gamma in (0, 1), got {self.gamma!r} "
+                "(use Constant(alpha0) for gamma = 1)"
+            )
+
+    def __call__(self, k: int) -> float:
+        return float(self.alpha0) * float(self.gamma) ** k
+
+    @property
+    def limit(self) -> float:  # type: ignore[override]
+        return 0.0
+
+    @property
+    def summable(self) -> bool:  # type: ignore[override]
+        return True
+
+    @property
+    def nonincreasing(self) -> bool:  # type: ignore[override]
+        return True
+
+
 def as_schedule(value: float | Schedule, name: str = "schedule") -> Schedule:
     """Turn a number into a :class:`Constant`; pass schedules through.
 
@@ -209,15 +270,17 @@ def check_relaxation(beta: Schedule) -> list[str]:
 
 def check_aggregation(alpha: Schedule) -> list[str]:
     r"""Problems of a HODL aggregation schedule: :math:`\alpha_k \in [0,1]`, non-increasing,
-    :math:`\alpha_k \to 0` and :math:`\sum_k \alpha_k = \infty` (SPEC §0).
+    :math:`\alpha_k \to 0` (SPEC §0). Summability is not a problem here but a warning
+    (:func:`summable_aggregation`).
 
     >>> check_aggregation(Harmonic(1.0))
     []
     >>> check_aggregation(Constant(0.0))   # alpha ≡ 0 switches the aggregation off
     []
-    >>> print(check_aggregation(Polynomial(1.0, 2.0))[0])  # doctest: +NORMALIZE_WHITESPACE
-    sum of alpha_k must diverge for the aggregation to select the upper-optimal fixed point
-    (power 2.0 > 1 makes it summable)
+    >>> check_aggregation(Geometric(0.5, 0.9))   # summable: accepted (with a warning by the solver)
+    []
+    >>> print(check_aggregation(Constant(0.5))[0])  # doctest: +ELLIPSIS
+    alpha_k must decrease to 0 (its limit is 0.5): ...
     """
     if isinstance(alpha, Constant) and alpha.c == 0:
         return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)
@@ -231,13 +294,29 @@ def check_aggregation(alpha: Schedule) -> list[str]:
             f"alpha_k must decrease to 0 (its limit is {alpha.limit}): with a weight that does not "
             "vanish the iteration converges to a point that is not a fixed point of T"
         )
-    elif alpha.summable:
-        extra = f" (power {alpha.power} > 1 makes it summable)" if isinstance(alpha, Polynomial) else ""
-        problems.append(
-            "sum of alpha_k must diverge for the aggregation to select the upper-optimal fixed "
-            f"point{extra}"
-        )
     return problems
+
+
+def summable_aggregation(alpha: Schedule) -> str:
+    r"""The warning text for a summable aggregation schedule (:math:`\sum_k \alpha_k < \infty`),
+    or ``""`` when :math:`\sum_k \alpha_k = \infty` (or :math:`\alpha \equiv 0`, no aggregation).
+
+    >>> summable_aggregation(Harmonic(1.0))
+    ''
+    >>> print(summable_aggregation(Polynomial(1.0, 2.0)))  # doctest: +ELLIPSIS
+    sum of alpha_k is finite (power 2.0 > 1 makes it summable): ... outside the selection theory ...
+    """
+    if (isinstance(alpha, Constant) and alpha.c == 0) or not alpha.summable or alpha.limit != 0:
+        return ""
+    extra = f" (power {alpha.power} > 1 makes it summable)" if isinstance(alpha, Polynomial) else ""
+    if isinstance(alpha, Geometric):
+        extra = f" (Geometric: sum = {alpha.alpha0 / (1 - alpha.gamma):.4g})"
+    return (
+        f"sum of alpha_k is finite{extra}: accepted, but outside the selection theory of SPEC §0 "
+        "(which needs sum alpha_k = inf to select the F-optimal fixed point of T); the iterates "
+        "approach Fix T, not necessarily its F-optimal point. Use Harmonic/Polynomial(power <= 1) "
+        "for the selection, or keep this (the BDA/BOAT codes' default for a few unrolled steps)"
+    )
 
 
 def check_accuracy(eps: Schedule, name: str = "eps") -> list[str]:

@@ -26,10 +26,17 @@ from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
 from .acceleration import Anderson
-from .errors import ConvergenceWarning, ScheduleError
-from .gkm import GKMIteration, SolverInfo, validate_count
+from .errors import ConvergenceWarning, ScheduleError, SummableScheduleWarning
+from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_count
 from .hypergrad import HypergradMethod, get_method
-from .schedules import Harmonic, Schedule, as_schedule, check_aggregation, check_relaxation
+from .schedules import (
+    Harmonic,
+    Schedule,
+    as_schedule,
+    check_aggregation,
+    check_relaxation,
+    summable_aggregation,
+)
 
 __all__ = ["GKMSolver"]
 
@@ -37,14 +44,21 @@ __all__ = ["GKMSolver"]
 class GKMSolver(nn.Module):
     r"""Approximate fixed point :math:`u^*(x) \in \mathrm{Fix}\,T(\cdot; x)` by the GKM iteration.
 
-    ``solver(u0, *params)`` runs (SPEC §0)
+    ``solver(u0, *params)`` runs (SPEC §0), with ``aggregation="inside"`` (default)
 
     .. math::
 
         w_k = u_k - \alpha_k s \nabla_u F(u_k; x),\qquad
-        u_{k+1} = (1-\beta_k) u_k + \beta_k T(w_k; x)
+        u_{k+1} = (1-\beta_k) u_k + \beta_k T(w_k; x),
 
-    until :math:`\|T(w_k) - u_k\| \le \max(\mathrm{tol}\cdot\max(\|u_{k+1}\|, r_0),\ \mathrm{atol})`
+    or with ``aggregation="outside"`` (the BDA/BOAT form, :mod:`hodl_plugin.gkm`)
+
+    .. math::
+
+        u_{k+1} = (1-\beta_k) u_k + \beta_k \big[(1-\alpha_k) T(u_k; x) + \alpha_k (u_k - s\nabla_u F(u_k; x))\big],
+
+    until :math:`r_k \le \max(\mathrm{tol}\cdot\max(\|u_{k+1}\|, r_0),\ \mathrm{atol})` with
+    :math:`r_k = \|T(w_k) - u_k\|` (inside) or :math:`\|T(u_k) - u_k\|` (outside)
     (:math:`r_0` the first residual) or ``max_steps``, and
     returns a tensor differentiable w.r.t. every tensor in ``params`` (and the parameters of ``T``
     or ``upper`` when they are ``nn.Module``\ s) by the method ``hypergrad``. Diagnostics of the last
@@ -69,8 +83,10 @@ class GKMSolver(nn.Module):
         upper_grad: ``∇_u F(u, *params)`` directly, instead of autograd on ``upper``.
         upper_step: s, the step of the upper descent direction (:math:`s \le 1/L_F`).
         alpha: aggregation weights :math:`\alpha_k` (number or Schedule): in [0, 1],
-            non-increasing, to 0, not summable; ``alpha=0`` switches the aggregation off while
-            keeping ``upper`` (used then by the inexact mode's error bound).
+            non-increasing, to 0; ``alpha=0`` switches the aggregation off while keeping ``upper``
+            (used then by the inexact mode's error bound). A summable schedule (e.g.
+            :class:`~hodl_plugin.schedules.Geometric`, the BDA/BOAT default) is accepted with a
+            :class:`~hodl_plugin.errors.SummableScheduleWarning`: it is outside the selection theory.
         beta: KM relaxation :math:`\beta_k \in (0, 1]`, bounded away from 0 (default 1).
         upper_lipschitz: :math:`L_F`, if known: ``upper_step`` is checked against it.
         check_every: steps between residual checks (convergence, divergence, history); each
@@ -86,6 +102,11 @@ class GKMSolver(nn.Module):
             the implicit, inexact and first_order modes, not with aggregation (``alpha``).
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
+        aggregation: where the upper descent step enters: ``"inside"`` (default, SPEC §0: T is
+            applied at the shifted point :math:`w_k`) or ``"outside"`` (BDA/BOAT: a convex
+            combination of :math:`T(u_k)` and :math:`u_k - s\nabla F(u_k)`). Both need ``upper``;
+            every ``hypergrad`` mode and ``batch_dims`` work with both; ``acceleration`` with
+            neither (while :math:`\alpha \ne 0`).
         **method_options: options of the method named by ``hypergrad`` (e.g. ``steps=5`` for
             ``"truncated"``, ``solver="cg"`` for ``"implicit"``, ``eps=...`` for ``"inexact"``).
 
@@ -104,6 +125,8 @@ class GKMSolver(nn.Module):
 
     Raises:
         ScheduleError: a schedule breaks the convergence conditions (``strict=True``).
+        SummableScheduleWarning: (a warning) ``alpha`` is summable — accepted, outside the
+            selection theory.
         ValueError, TypeError: at construction, an argument out of range (named in the message).
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
             or non-finite inputs.
@@ -131,6 +154,7 @@ class GKMSolver(nn.Module):
         batch_dims: int = 0,
         acceleration: Optional[Anderson] = None,
         strict: bool = True,
+        aggregation: str = "inside",
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -154,6 +178,13 @@ class GKMSolver(nn.Module):
         alpha_s: Optional[Schedule] = None
         if alpha is not None and not has_upper:
             raise ValueError("alpha (HODL aggregation) needs the upper objective: pass upper=F or upper_grad=")
+        if not isinstance(aggregation, str) or aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if aggregation != "inside" and not has_upper:
+            raise ValueError(
+                f"aggregation={aggregation!r} needs the upper objective: pass upper=F or upper_grad= "
+                "(without it there is nothing to aggregate)"
+            )
         if has_upper:
             alpha_s = Harmonic(1.0) if alpha is None else as_schedule(alpha, "alpha")
             problems += check_aggregation(alpha_s)
@@ -169,6 +200,9 @@ class GKMSolver(nn.Module):
             if strict:
                 raise ScheduleError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+        note = summable_aggregation(alpha_s) if alpha_s is not None else ""
+        if note:  # accepted (the BDA/BOAT default), outside the selection theory: say so
+            warnings.warn(note, SummableScheduleWarning, stacklevel=2)
 
         if acceleration is not None:
             acceleration.check_compatible(self.method.name, alpha_s)
@@ -187,6 +221,7 @@ class GKMSolver(nn.Module):
             on_divergence=on_divergence,
             batch_dims=batch_dims,
             acceleration=acceleration,
+            aggregation=aggregation,
         )
         self.method.bind(self.iteration)  # a stateful method (inexact) serves one solver only
         self.info: Optional[SolverInfo] = None

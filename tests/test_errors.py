@@ -79,8 +79,8 @@ def test_schedules_outside_convergence_conditions():
         hp.GKMSolver(T, beta=1.5)
     with pytest.raises(hp.ScheduleError, match="decrease to 0"):
         hp.GKMSolver(T, upper=F, alpha=0.5)
-    with pytest.raises(hp.ScheduleError, match="summable"):
-        hp.GKMSolver(T, upper=F, alpha=hp.Polynomial(1.0, 2.0))
+    with pytest.warns(hp.SummableScheduleWarning, match="outside the selection theory"):
+        hp.GKMSolver(T, upper=F, alpha=hp.Polynomial(1.0, 2.0))  # summable: accepted, warned
     with pytest.raises(hp.ScheduleError, match="1/L_F"):
         hp.GKMSolver(T, upper=F, upper_step=1.0, upper_lipschitz=2.0)
     with pytest.raises(ValueError, match="needs the upper objective"):
