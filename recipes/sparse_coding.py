@@ -176,8 +176,10 @@ class ISTAOperator(torch.nn.Module):
 class OutsideStep(torch.nn.Module):
     """BDA's aggregation *outside* the operator (``vis-opt-group/BDA``, ``boml/lower_iter/aggr.py``):
     u_{k+1} = (1 - α_k) T(u_k) + α_k (u_k - s∇F(u_k)) = (1 - α_k) T(u_k) + α_k N_ω(u_k) with
-    F = ½||u - N_ω(u)||² frozen at u_k and s = 1, written as one operator of step k (α read off the
-    clock); ``inside`` is the core's w_k = (1 - α_k)u_k + α_k N_ω(u_k), u_{k+1} = T(w_k)."""
+    ∇F(u) = u - N_ω(u) and s = 1 — the iteration of ``hp.GKMSolver(T, aggregation="outside",
+    upper_grad=..., upper_step=1)`` (tested equal), written as one operator of step k (α read off the
+    clock) so that per-layer parameters see k whatever order the solver evaluates T and ∇F in;
+    ``inside`` is the core's default w_k = (1 - α_k)u_k + α_k N_ω(u_k), u_{k+1} = T(w_k)."""
 
     def __init__(self, T: torch.nn.Module, layer: torch.nn.Module, alpha: hp.schedules.Schedule,
                  clock: Clock) -> None:
@@ -187,25 +189,6 @@ class OutsideStep(torch.nn.Module):
     def forward(self, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a = float(self.alpha(self.clock.k))
         return (1 - a) * self.T(u, b) + a * self.N(u, b) if a else self.T(u, b)
-
-
-@dataclass(frozen=True)
-class Geometric(hp.schedules.Schedule):
-    """α_k = α0 · γ^k, BDA's default (α0 = 0.6 there, γ = 0.9): summable, hence outside the HODL
-    selection theory (the solver warns, ``strict=False``).
-
-    >>> Geometric(1.0, 0.5)(3)
-    0.125
-    """
-
-    c0: float
-    ratio: float
-    limit: float = 0.0
-    summable: bool = True
-    nonincreasing: bool = True
-
-    def __call__(self, k: int) -> float:
-        return self.c0 * self.ratio**k
 
 
 def ista_per_layer(A, s, lam, b, u_gt, K) -> list[float]:
@@ -317,15 +300,15 @@ class LearnedModel(torch.nn.Module):
             return
         self.T = ISTAOperator(A, s, lam0, learn=True, clock=self.clock if method.alista else None)
         alpha = {"poly": hp.Polynomial(args.alpha0, args.gamma), "harmonic": hp.Harmonic(args.alpha0),
-                 "geometric": Geometric(args.alpha0, args.ratio), "zero": hp.schedules.Constant(0.0)
+                 "geometric": hp.Geometric(args.alpha0, args.ratio), "zero": hp.schedules.Constant(0.0)
                  }[method.schedule]
         if method.aggregation == "outside":
             self.tick = Ticking(OutsideStep(self.T, self.layer, alpha, self.clock), self.clock)
             self.solver = hp.GKMSolver(self.tick, **opts)
         else:
             self.tick = Ticking(self.T, self.clock)
-            # a summable (geometric) schedule is outside the selection theory: strict=False warns
-            self.solver = hp.GKMSolver(self.tick, **opts, alpha=alpha, upper_step=1.0, strict=False,
+            # a summable (geometric) schedule is accepted with a SummableScheduleWarning
+            self.solver = hp.GKMSolver(self.tick, **opts, alpha=alpha, upper_step=1.0,
                                        upper_grad=lambda u, b: u - self.layer(u, b))
 
     def forward(self, b: torch.Tensor, layers: int,

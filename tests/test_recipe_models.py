@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+import hodl_plugin as hp
 from recipes import few_shot as fs
 from recipes import sparse_coding as sc
 
@@ -158,8 +160,29 @@ def test_method_names_and_errors():
 
 def test_geometric_schedule_warns_inside_the_solver():
     A, b, _, s = tiny()
-    with pytest.warns(Warning, match="sum of alpha_k must diverge"):
+    with pytest.warns(hp.SummableScheduleWarning):
         sc.LearnedModel(sc.Method.parse("hodl+geometric"), A, s, 0.1, 3, args())
+
+
+@pytest.mark.parametrize("schedule", ["poly", "geometric"])
+def test_outside_step_is_the_core_outside_aggregation(schedule):
+    """The recipe's one-operator form of BDA's step against GKMSolver(aggregation="outside"):
+    iterates and unrolled gradients (tied layer: no per-layer clock involved)."""
+    A, b, u_gt, s = tiny(seed=7)
+    model = sc.LearnedModel(sc.Method.parse(f"hodl+outside+{schedule}"), A, s, lam0=0.1, K=5, args=args())
+    perturb(model)
+    alpha = hp.Polynomial(1.0, 0.5) if schedule == "poly" else hp.Geometric(1.0, 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hp.SummableScheduleWarning)
+        core = hp.GKMSolver(model.T, max_steps=5, tol=0.0, hypergrad="unrolled", aggregation="outside",
+                            alpha=alpha, upper_step=1.0, upper_grad=lambda u, b: u - model.layer(u, b))
+    params = [p for p in model.parameters() if p.requires_grad]
+    u1, u2 = model(b, 5), core(torch.zeros_like(u_gt), b)
+    torch.testing.assert_close(u1, u2, rtol=1e-12, atol=1e-12)
+    g1 = torch.autograd.grad(((u1 - u_gt) ** 2).sum(), params)
+    g2 = torch.autograd.grad(((u2 - u_gt) ** 2).sum(), params)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------- few_shot
