@@ -92,11 +92,13 @@ def transform(imgs: np.ndarray, turns: int, mirror: bool) -> np.ndarray:
 
 
 def transformed_classes(X: np.ndarray, y: np.ndarray, base: list[int], train_tf: list[tuple[int, bool]],
-                        val_tf: list[tuple[int, bool]]) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+                        val_tf: list[tuple[int, bool]], val_base: Optional[list[int]] = None
+                        ) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     """New classes from the images of the ``base`` classes: every (class, symmetry) pair is a class
     (the Omniglot convention for rotations). Returns ``(X, y, train classes, validation classes)``:
-    the symmetries ``train_tf`` make the meta-training classes, the held-out ``val_tf`` the
-    meta-validation ones (disjoint from them and from the meta-test classes, which are not in ``base``).
+    the symmetries ``train_tf`` of ``base`` make the meta-training classes, the held-out ``val_tf``
+    of ``val_base`` (default ``base``) the meta-validation ones (disjoint from them and from the
+    meta-test classes, which are in neither).
 
     >>> X = np.arange(8.0).reshape(2, 4); y = np.array([0, 1])
     >>> X2, y2, tr, va = transformed_classes(X, y, [0], [(0, False), (2, False)], [(1, False)])
@@ -108,9 +110,9 @@ def transformed_classes(X: np.ndarray, y: np.ndarray, base: list[int], train_tf:
         raise ValueError(f"class transformations need square images, got {X.shape[1]} features")
     Xs, ys, out = [X], [y], ([], [])
     nxt = int(y.max()) + 1
-    for c in base:
-        imgs = X[y == c].reshape(-1, side, side)
-        for which, tfs in enumerate((train_tf, val_tf)):
+    for which, (cls, tfs) in enumerate(((base, train_tf), (base if val_base is None else val_base, val_tf))):
+        for c in cls:
+            imgs = X[y == c].reshape(-1, side, side)
             for turns, mirror in tfs:
                 Xs.append(transform(imgs, turns, mirror).reshape(len(imgs), -1))
                 ys.append(np.full(len(imgs), nxt))
@@ -306,6 +308,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--classes", default="d4", choices=sorted(CLASS_SETS),
                     help="meta-training / held-out validation classes from digits 0–4: 'd4' (the 8 symmetries "
                          "of the square, 30 + 10 classes) or 'rotations' (4 rotations, 15 + 5)")
+    ap.add_argument("--val", default="digit", choices=["digit", "symmetries"],
+                    help="meta-validation classes: 'digit' (digit 4 and its symmetries, held out of "
+                         "meta-training) or 'symmetries' (held-out symmetries of digits 0–4)")
     ap.add_argument("--no-early-stop", action="store_true",
                     help="test the meta-learner after the last episode, not the one of best validation accuracy")
     args = ap.parse_args(argv)
@@ -318,7 +323,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     classes = sorted(set(y.tolist()))
     half = len(classes) // 2
     base_cls, test_cls = classes[:half], classes[half:]
-    X, y, train_cls, val_cls = transformed_classes(X, y, base_cls, *CLASS_SETS[args.classes])
+    train_tf, val_tf = CLASS_SETS[args.classes]
+    if args.val == "symmetries":  # held-out symmetries of the meta-training digits
+        X, y, train_cls, val_cls = transformed_classes(X, y, base_cls, train_tf, val_tf)
+    else:  # the last base digit (4) with all its symmetries held out
+        X, y, train_cls, val_cls = transformed_classes(X, y, base_cls[:-1], train_tf + val_tf, train_tf + val_tf,
+                                                       val_base=base_cls[-1:])
     rows, panels = [], []
     for k in shots:
         curves = {}

@@ -229,3 +229,18 @@ def test_ista_and_fista_baselines_are_k_steps():
         fista.append(10 * math.log10(((v - un) ** 2).sum() / (un**2).sum()))
     assert sc.ista_per_layer(A, s, 0.1, b, u_gt, 6) == pytest.approx(ista, abs=1e-9)
     assert sc.fista_per_layer(A, s, 0.1, b, u_gt, 6) == pytest.approx(fista, abs=1e-9)
+
+
+def test_held_out_digit_validation_classes():
+    X = np.random.default_rng(1).random((3, 64))
+    y = np.array([0, 1, 2])
+    tfs = fs.D4
+    X2, y2, tr, va = fs.transformed_classes(X, y, [0, 1], tfs, tfs, val_base=[2])
+    assert len(tr) == 16 and len(va) == 8 and not set(tr) & set(va)
+    src = {c: X2[y2 == c][0] for c in tr + va}
+    img2 = X[2].reshape(8, 8)
+    # every validation class is a symmetry of digit 2's image, none of digits 0 or 1
+    assert all(any(np.array_equal(src[c].reshape(8, 8), np.rot90(m, r)) for m in (img2, img2[:, ::-1])
+                   for r in range(4)) for c in va)
+    assert all(not any(np.array_equal(src[c].reshape(8, 8), np.rot90(m, r)) for m in (img2, img2[:, ::-1])
+                       for r in range(4)) for c in tr)
