@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -324,10 +325,21 @@ class LearnedModel(torch.nn.Module):
 
 def per_layer_learned(model: LearnedModel, b, u_gt, L) -> list[float]:
     """NMSE after k = 1..L layers of a model trained with K (beyond K: the same iteration, continued
-    with the last layer's parameters and, for HODL, the continuing schedule α_k), from one solve."""
+    with the last layer's parameters and, for HODL, the continuing schedule α_k), from one solve.
+    A model whose iteration diverges past K (the solver's test: residual 1e4× its first value) gets
+    NMSE = +inf from the layer where the divergence was detected on."""
     us: list[torch.Tensor] = []
-    with torch.no_grad():
-        u = model(b, L, trace=us.append)
+    it = model.solver.iteration
+    it.on_divergence = "warn"
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            u = model(b, L, trace=us.append)
+    finally:
+        it.on_divergence = "raise"
+    info = model.solver.info
+    if info is not None and info.diverged:
+        return [nmse_db(v, u_gt) for v in us[: len(us) - 1]] + [math.inf] * (L - len(us) + 1)
     if len(us) != L or not torch.equal(us[-1], u):  # the trace is the iteration (β ≡ 1)
         raise RuntimeError(f"traced {len(us)} iterates for {L} layers: the solver is not plain T steps")
     return [nmse_db(v, u_gt) for v in us]

@@ -244,3 +244,17 @@ def test_held_out_digit_validation_classes():
                    for r in range(4)) for c in va)
     assert all(not any(np.array_equal(src[c].reshape(8, 8), np.rot90(m, r)) for m in (img2, img2[:, ::-1])
                        for r in range(4)) for c in tr)
+
+
+def test_a_model_diverging_past_its_depth_reports_inf_from_there():
+    A, b, u_gt, s = tiny(seed=8)
+    model = sc.LearnedModel(sc.Method.parse("lista+untied"), A, s, lam0=0.01, K=2, args=args())
+    with torch.no_grad():
+        model.layer.W[1].mul_(25.0)  # the last layer expands: repeated past K it blows up
+        ok = [sc.nmse_db(model(b, k), u_gt) for k in (1, 2)]
+    per = sc.per_layer_learned(model, b, u_gt, 40)
+    assert per[:2] == pytest.approx(ok, abs=1e-9)
+    first_inf = per.index(math.inf)
+    assert 2 < first_inf < 40 and all(v == math.inf for v in per[first_inf:])
+    assert all(math.isfinite(v) for v in per[:first_inf])
+    assert model.solver.iteration.on_divergence == "raise"
