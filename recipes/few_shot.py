@@ -1,9 +1,17 @@
 r"""Few-shot classification in a Betty Engine: a HODL-aggregated inner loop vs a plain unrolled inner loop.
 
 HODL's "other learning tasks" (SPEC §1) at CPU scale: 5-way 1-shot / 5-shot episodes built from
-scikit-learn's digits (meta-training on classes 0–4 and their 90°/180°/270° rotations as 15 more
-classes, the Omniglot convention; meta-testing on the unseen classes 5–9, 15 queries per class),
-or from ``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes for meta-training).
+scikit-learn's digits, meta-tested on the unseen classes 5–9 (15 queries per class), or from
+``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes as the base classes).
+
+Protocol. Digits 0–4 are the base classes; every (digit, symmetry of the square) pair is a class of
+its own (``--classes d4``: the 8 rotations × mirror images; ``rotations``: the 4 rotations — the
+Omniglot convention). Meta-validation classes are held out of meta-training (``--val digit``:
+digit 4 with all its symmetries, so 32 meta-training and 8 validation classes with ``d4``;
+``--val symmetries``: the 270° rotations of digits 0–4). Every ``--eval-every`` episodes the same
+``--val-episodes`` validation episodes are scored, and the meta-learner of the best validation
+accuracy is the one tested (early stopping; ``--no-early-stop`` tests the last one). The meta-test
+classes 5–9 are never used for a choice (their curve in the plot is for reading).
 
 A two-node Betty graph (the way we want users to write bilevel code):
 
@@ -18,11 +26,11 @@ The HODL inner loop aggregates a learned criterion F(W; ω) = ½||W − P_ω(S)|
 P_ω(S) is the prototype head (rows ρ·mean of the class's normalised support features, bias
 −ρ/2·||mean||²): w_k = W_k − α_k (W_k − P_ω), α_k = (k+1)^-½ → 0, so the head starts at the
 prototypes and still converges to the task's fixed point. The plain inner loop is the same node
-without ``upper_objective``. Both meta-learn φ with the same budget; the table gives the mean
-meta-test accuracy over episodes with its 95 % confidence interval, after K inner steps and after
-4K, next to the prototype classifier on raw pixels (no meta-training). The validation curve
-(Betty's ``validation`` hook) uses other episodes of the unseen classes; it is for reading, no
-model is selected on it.
+without ``upper_objective``. Both meta-learn φ with the same budget (``--iters`` episodes, the
+same validation points); the table gives the mean meta-test accuracy over the same episodes with
+its 95 % confidence interval, after K inner steps and after 4K, the accuracy of the meta-learned
+features under the prototype head alone, next to the prototype classifier on raw pixels (no
+meta-training).
 """
 
 from __future__ import annotations
