@@ -327,7 +327,7 @@ def per_layer_learned(model: LearnedModel, b, u_gt, L) -> list[float]:
     """NMSE after k = 1..L layers of a model trained with K (beyond K: the same iteration, continued
     with the last layer's parameters and, for HODL, the continuing schedule α_k), from one solve.
     A model whose iteration diverges past K (the solver's test: residual 1e4× its first value) gets
-    NMSE = +inf from the layer where the divergence was detected on."""
+    NMSE = +inf after the layer where the divergence was detected."""
     us: list[torch.Tensor] = []
     it = model.solver.iteration
     it.on_divergence = "warn"
@@ -339,7 +339,7 @@ def per_layer_learned(model: LearnedModel, b, u_gt, L) -> list[float]:
         it.on_divergence = "raise"
     info = model.solver.info
     if info is not None and info.diverged:
-        return [nmse_db(v, u_gt) for v in us[: len(us) - 1]] + [math.inf] * (L - len(us) + 1)
+        return [nmse_db(v, u_gt) for v in us] + [math.inf] * (L - len(us))
     if len(us) != L or not torch.equal(us[-1], u):  # the trace is the iteration (β ≡ 1)
         raise RuntimeError(f"traced {len(us)} iterates for {L} layers: the solver is not plain T steps")
     return [nmse_db(v, u_gt) for v in us]
