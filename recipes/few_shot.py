@@ -48,7 +48,7 @@ from ._common import load_xy, parser, plot_curves, print_table, progress, save_j
 
 NAME = "few_shot"
 DT = torch.float64
-HIDDEN = 64
+HIDDEN = 16
 
 
 class Episodes:
@@ -307,10 +307,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--queries", type=int, default=15, help="query samples per class in each episode")
     ap.add_argument("--K", type=int, default=10, help="inner GKM steps (unrolled)")
     ap.add_argument("--mu", type=float, default=0.05, help="ridge weight of the inner problem")
-    ap.add_argument("--iters", type=int, default=None, help="meta-training episodes (default 200 quick / 1000)")
+    ap.add_argument("--iters", type=int, default=None, help="meta-training episodes (default 100 quick / 300)")
     ap.add_argument("--test-episodes", type=int, default=None, help="meta-test episodes (default 200 / 600)")
-    ap.add_argument("--eval-every", type=int, default=None, help="episodes between validation points")
-    ap.add_argument("--val-episodes", type=int, default=50, help="meta-validation episodes at each point")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="episodes between validation points (default iters/5 quick / iters/12)")
+    ap.add_argument("--val-episodes", type=int, default=None,
+                    help="meta-validation episodes at each point (default 30 quick / 50)")
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the meta-learner")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden width of the residual feature map")
     ap.add_argument("--classes", default="d4", choices=sorted(CLASS_SETS),
@@ -323,9 +325,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     help="test the meta-learner after the last episode, not the one of best validation accuracy")
     args = ap.parse_args(argv)
     setup(args)
-    args.iters = args.iters or (200 if args.quick else 1000)
+    args.iters = args.iters or (100 if args.quick else 300)
     args.test_episodes = args.test_episodes or (200 if args.quick else 600)
-    args.eval_every = args.eval_every or max(1, args.iters // 10)
+    args.val_episodes = args.val_episodes or (30 if args.quick else 50)
+    args.eval_every = args.eval_every or max(1, args.iters // (5 if args.quick else 12))
     shots = [int(s) for s in (args.shots or ("1" if args.quick else "1,5")).split(",")]
     X, y = load_xy(args)
     classes = sorted(set(y.tolist()))
