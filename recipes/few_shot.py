@@ -8,7 +8,7 @@ Protocol. Digits 0–4 are the base classes; every (digit, symmetry of the squar
 its own (``--classes d4``: the 8 rotations × mirror images; ``rotations``: the 4 rotations — the
 Omniglot convention). Meta-validation classes are held out of meta-training (``--val digit``:
 digit 4 with all its symmetries, so 32 meta-training and 8 validation classes with ``d4``;
-``--val symmetries``: the 270° rotations of digits 0–4). Every ``--eval-every`` episodes the same
+``--val symmetries``: the 270° turns of digits 0–4, and with ``d4`` their mirror images). Every ``--eval-every`` episodes the same
 ``--val-episodes`` validation episodes are scored, and the meta-learner of the best validation
 accuracy is the one tested (early stopping; ``--no-early-stop`` tests the last one). The meta-test
 classes 5–9 are never used for a choice (their curve in the plot is for reading).
@@ -316,8 +316,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the meta-learner")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="hidden width of the residual feature map")
     ap.add_argument("--classes", default="d4", choices=sorted(CLASS_SETS),
-                    help="meta-training / held-out validation classes from digits 0–4: 'd4' (the 8 symmetries "
-                         "of the square, 30 + 10 classes) or 'rotations' (4 rotations, 15 + 5)")
+                    help="classes made from digits 0–4: 'd4' (each digit under the 8 symmetries of the square) "
+                         "or 'rotations' (under the 4 rotations)")
     ap.add_argument("--val", default="digit", choices=["digit", "symmetries"],
                     help="meta-validation classes: 'digit' (digit 4 and its symmetries, held out of "
                          "meta-training) or 'symmetries' (held-out symmetries of digits 0–4)")
