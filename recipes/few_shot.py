@@ -5,13 +5,14 @@ scikit-learn's digits, meta-tested on the unseen classes 5–9 (15 queries per c
 ``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes as the base classes).
 
 Protocol. Digits 0–4 are the base classes; every (digit, symmetry of the square) pair is a class of
-its own (``--classes d4``: the 8 rotations × mirror images; ``rotations``: the 4 rotations — the
-Omniglot convention). Meta-validation classes are held out of meta-training (``--val digit``:
-digit 4 with all its symmetries, so 32 meta-training and 8 validation classes with ``d4``;
-``--val symmetries``: the 270° turns of digits 0–4, and with ``d4`` their mirror images). Every ``--eval-every`` episodes the same
-``--val-episodes`` validation episodes are scored, and the meta-learner of the best validation
-accuracy is the one tested (early stopping; ``--no-early-stop`` tests the last one). The meta-test
-classes 5–9 are never used for a choice (their curve in the plot is for reading).
+its own (``--classes d4``: 4 rotations, each with and without a mirror flip; ``rotations``: the 4
+rotations only — the Omniglot convention). Meta-validation classes are held out of meta-training
+(``--val digit``: digit 4 with all its symmetries, so 32 meta-training and 8 validation classes with
+``d4``; ``--val symmetries``: the 270° turns of digits 0–4, with ``d4`` also their mirror images).
+Every ``--eval-every`` episodes the same ``--val-episodes`` validation episodes are scored, and the
+meta-learner of the best validation accuracy is the one tested (early stopping; ``--no-early-stop``
+tests the last one). The meta-test classes 5–9 are never used for a choice (their curve in the plot
+is for reading).
 
 A two-node Betty graph (the way we want users to write bilevel code):
 
