@@ -228,12 +228,15 @@ class Method:
     ``base``: ``lista`` (the learned layer iterated, α ≡ 0) or ``hodl`` (ISTA's T_λ aggregated with the
     learned layer). Tokens: the learned layer's parametrisation ``tied`` (default) / ``layerwise`` /
     ``untied`` (:class:`LearnedLayer`); for HODL the aggregation ``inside`` (default, the core's GKM
-    step) / ``outside`` (BDA's, :class:`OutsideStep`), the schedule ``poly`` (default,
-    α_k = α0/(k+1)^γ) / ``harmonic`` (α0/(k+1)) / ``geometric`` (α0·ratio^k) / ``zero`` (α ≡ 0: ISTA
-    with a learned λ), and ``alista`` (T with per-layer step and λ, :class:`ISTAOperator`).
+    step) / ``outside`` (BDA's, :class:`OutsideStep`); the schedule ``poly`` (default,
+    α_k = α0/(k+1)^γ with ``--gamma``; ``poly0.1``: γ = 0.1) / ``harmonic`` (α0/(k+1)) /
+    ``geometric`` (α0·ratio^k) / ``zero`` (α ≡ 0: ISTA with a learned λ); and ``alista`` (T with
+    per-layer step and λ, :class:`ISTAOperator`).
 
     >>> Method.parse("hodl+outside+geometric").name
     'hodl+outside+geometric'
+    >>> Method.parse("hodl+poly0.1").gamma(0.5)
+    0.1
     >>> Method.parse("lista+inside")
     Traceback (most recent call last):
     ...
@@ -254,6 +257,14 @@ class Method:
         allowed = LAYERS if base == "lista" else LAYERS + ("inside", "outside", "alista") + SCHEDULES
         kw: dict[str, Any] = {}
         for t in tokens:
+            if t.startswith("poly") and t != "poly":
+                try:
+                    gamma = float(t[4:])
+                except ValueError:
+                    gamma = math.nan
+                if not 0 < gamma <= 1:
+                    raise ValueError(f"--methods: {text!r}: {t!r} needs an exponent γ in (0, 1] (non-summable)")
+                allowed += (t,)
             if t not in allowed:
                 raise ValueError(f"--methods: {text!r}: unknown token {t!r} ({base} takes {', '.join(allowed)})")
             key = ("layer" if t in LAYERS else "aggregation" if t in ("inside", "outside")
@@ -262,6 +273,10 @@ class Method:
                 raise ValueError(f"--methods: {text!r}: two {key} tokens")
             kw[key] = True if t == "alista" else t
         return cls(base, **kw)
+
+    def gamma(self, default: float) -> float:
+        """The exponent γ of a ``poly`` schedule (``default``: ``--gamma``, for plain ``poly``)."""
+        return float(self.schedule[4:]) if self.schedule[4:] else default
 
     @property
     def name(self) -> str:
@@ -276,15 +291,17 @@ class Method:
                     "untied": "LISTA untied W_k, θ_k"}[self.layer]
         if self.name == "hodl":
             return "HODL (GKM aggregation)"
-        alpha = {"poly": f"α0/(k+1)^{args.gamma:g}", "harmonic": "α0/(k+1)",
-                 "geometric": f"α0·{args.ratio:g}^k", "zero": "0"}[self.schedule]
+        alpha = {"harmonic": "α0/(k+1)", "geometric": f"α0·{args.ratio:g}^k", "zero": "0"}.get(
+            self.schedule, f"α0/(k+1)^{self.gamma(args.gamma):g}")
         T = "ALISTA T_k" if self.alista else "T_λ"
         return f"HODL {self.aggregation}, {self.layer} N, {T}, α={alpha}"
 
 
+DEFAULT_METHODS = "lista,lista+layerwise,hodl,hodl+layerwise+alista+poly0.1"
 ALL_METHODS = ("lista,lista+layerwise,lista+untied,hodl,hodl+layerwise,hodl+untied,hodl+outside,"
                "hodl+harmonic,hodl+geometric,hodl+zero,hodl+outside+geometric,hodl+alista,"
-               "hodl+layerwise+alista,hodl+zero+alista")
+               "hodl+layerwise+alista,hodl+zero+alista,hodl+layerwise+geometric,hodl+layerwise+geometric+alista,"
+               "hodl+poly0.1,hodl+layerwise+alista+poly0.1")
 
 
 class LearnedModel(torch.nn.Module):
@@ -300,9 +317,9 @@ class LearnedModel(torch.nn.Module):
             self.solver = hp.GKMSolver(self.tick, **opts)
             return
         self.T = ISTAOperator(A, s, lam0, learn=True, clock=self.clock if method.alista else None)
-        alpha = {"poly": hp.Polynomial(args.alpha0, args.gamma), "harmonic": hp.Harmonic(args.alpha0),
-                 "geometric": hp.Geometric(args.alpha0, args.ratio), "zero": hp.schedules.Constant(0.0)
-                 }[method.schedule]
+        alpha = {"harmonic": hp.Harmonic(args.alpha0), "geometric": hp.Geometric(args.alpha0, args.ratio),
+                 "zero": hp.schedules.Constant(0.0)}.get(method.schedule) or hp.Polynomial(
+                     args.alpha0, method.gamma(args.gamma))
         if method.aggregation == "outside":
             self.tick = Ticking(OutsideStep(self.T, self.layer, alpha, self.clock), self.clock)
             self.solver = hp.GKMSolver(self.tick, **opts)
@@ -365,28 +382,29 @@ def train(model: LearnedModel, A, snr, K, iters, batch, lr, g, args, label) -> l
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=16, help="layers / GKM steps")
-    ap.add_argument("--iters", type=int, default=None, help="training iterations (default 250 quick / 4000)")
+    ap.add_argument("--iters", type=int, default=None, help="training iterations (default 250 quick / 600)")
     ap.add_argument("--batch", type=int, default=64, help="codes per training batch")
-    ap.add_argument("--lr", type=float, default=None, help="Adam step (default 5e-3 quick / 1e-3)")
+    ap.add_argument("--lr", type=float, default=None, help="Adam step (default 5e-3)")
     ap.add_argument("--alpha0", type=float, default=1.0, help="HODL aggregation weight α_0 of every schedule")
     ap.add_argument("--gamma", type=float, default=0.5, help="exponent γ of the 'poly' schedule α_k = α0/(k+1)^γ")
     ap.add_argument("--ratio", type=float, default=0.9, help="ratio of the 'geometric' schedule α_k = α0·ratio^k")
-    ap.add_argument("--methods", default="lista,hodl",
+    ap.add_argument("--methods", default=None,
                     help="comma list of learned models, base[+token...] (see recipes.sparse_coding.Method), "
-                         "or 'all'; ISTA and FISTA always run")
+                         "or 'all'; ISTA and FISTA always run (default lista,hodl quick / " + DEFAULT_METHODS + ")")
     ap.add_argument("--settings", default=None,
                     help="comma list: noiseless and/or SNRs in dB (default noiseless quick / noiseless,40)")
     ap.add_argument("--test-layers", type=int, default=None,
                     help="evaluate up to this many layers (default 2K quick / 4K): trained for K, run longer")
     args = ap.parse_args(argv)
-    methods = [Method.parse(m) for m in (ALL_METHODS if args.methods == "all" else args.methods).split(",")]
+    names = args.methods or ("lista,hodl" if args.quick else DEFAULT_METHODS)
+    methods = [Method.parse(m) for m in (ALL_METHODS if names == "all" else names).split(",")]
     setup(args)
     torch.set_default_dtype(DT)
     g = torch.Generator().manual_seed(args.seed)
     K = args.K
     L = args.test_layers or (2 * K if args.quick else 4 * K)
-    iters = args.iters or (250 if args.quick else 4000)
-    lr = args.lr or (5e-3 if args.quick else 1e-3)
+    iters = args.iters or (250 if args.quick else 600)
+    lr = args.lr or 5e-3
     n_test = 500 if args.quick else 2000
     if args.data_dir:
         A = torch.from_numpy(np.load(os.path.join(args.data_dir, "A.npy"))).to(DT)

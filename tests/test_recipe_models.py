@@ -262,3 +262,13 @@ def test_a_model_diverging_past_its_depth_reports_inf_from_there():
            for k in range(1, first_inf + 1)]
     assert per[:first_inf] == pytest.approx(ref, rel=1e-9) and ref[-1] > ref[1] + 20
     assert model.solver.iteration.on_divergence == "raise"
+
+
+def test_poly_token_sets_the_exponent():
+    A, b, _, s = tiny()
+    m = sc.LearnedModel(sc.Method.parse("hodl+poly0.25"), A, s, 0.1, 3, args())
+    assert m.solver.iteration.alpha(3) == pytest.approx(4**-0.25)
+    assert sc.Method.parse("hodl+poly0.25").name == "hodl+poly0.25"
+    for bad in ("hodl+poly1.5", "hodl+polyx", "hodl+poly0"):
+        with pytest.raises(ValueError, match="exponent"):
+            sc.Method.parse(bad)
