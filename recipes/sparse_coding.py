@@ -297,11 +297,11 @@ class Method:
         return f"HODL {self.aggregation}, {self.layer} N, {T}, α={alpha}"
 
 
-DEFAULT_METHODS = "lista,lista+layerwise,hodl,hodl+layerwise+alista+poly0.1"
+DEFAULT_METHODS = "lista,lista+layerwise,hodl,hodl+layerwise+poly0.1+alista"
 ALL_METHODS = ("lista,lista+layerwise,lista+untied,hodl,hodl+layerwise,hodl+untied,hodl+outside,"
                "hodl+harmonic,hodl+geometric,hodl+zero,hodl+outside+geometric,hodl+alista,"
                "hodl+layerwise+alista,hodl+zero+alista,hodl+layerwise+geometric,hodl+layerwise+geometric+alista,"
-               "hodl+poly0.1,hodl+layerwise+alista+poly0.1")
+               "hodl+poly0.1,hodl+layerwise+poly0.1+alista")
 
 
 class LearnedModel(torch.nn.Module):
