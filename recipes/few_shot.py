@@ -365,6 +365,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             best_acc, best_step, state = engine.best
             if not args.no_early_stop:
                 meta_module.load_state_dict(state)
+                again = evaluate(head, meta_module, val.reset(), args.val_episodes)[0]
+                if again != best_acc:  # the same episodes, the same weights: the same accuracy
+                    raise RuntimeError(f"early stopping restored a state scoring {again} on validation, "
+                                       f"not the recorded best {best_acc}")
             acc, ci = evaluate(head, meta_module, test_set(), args.test_episodes)
             acc4, _ = evaluate(head, meta_module, test_set(), args.test_episodes, K=4 * args.K)
             pacc, pci = evaluate_prototypes(meta_module, test_set(), args.test_episodes)

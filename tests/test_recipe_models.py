@@ -272,3 +272,17 @@ def test_poly_token_sets_the_exponent():
     for bad in ("hodl+poly1.5", "hodl+polyx", "hodl+poly0"):
         with pytest.raises(ValueError, match="exponent"):
             sc.Method.parse(bad)
+
+
+def test_few_shot_tiny_run_early_stops_on_the_best_validation_point(tmp_path):
+    pytest.importorskip("betty")
+    # a far too large step spoils the meta-learner: the best validation point is an early one
+    res = fs.main(["--shots", "1", "--iters", "6", "--eval-every", "2", "--val-episodes", "4", "--lr", "0.3",
+                   "--test-episodes", "4", "--no-progress", "--out", str(tmp_path)])
+    assert any(r["episode"] < 6 for r in res["rows"][1:])
+    for r in res["rows"][1:]:
+        c = res["curves"]["5-way 1-shot"][r["method"]]
+        assert c["episode"] == [0, 2, 4, 6] and len(c["val"]) == len(c["unseen"]) == 4
+        best = max(range(4), key=lambda i: (c["val"][i], -i))
+        assert (r["val_acc"], r["episode"]) == (c["val"][best], c["episode"][best])
+    assert (tmp_path / "few_shot.png").exists()
