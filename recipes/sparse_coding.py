@@ -325,7 +325,12 @@ class LearnedModel(torch.nn.Module):
         alpha = {"harmonic": hp.Harmonic(args.alpha0), "geometric": hp.Geometric(args.alpha0, args.ratio),
                  "zero": hp.schedules.Constant(0.0)}.get(method.schedule) or hp.Polynomial(
                      args.alpha0, method.gamma(args.gamma))
-        if method.aggregation == "outside":
+        if method.aggregation == "outside":  # the core's checks of α, as GKMSolver(aggregation="outside")
+            problems = hp.schedules.check_aggregation(alpha)
+            if problems:
+                raise hp.errors.ScheduleError("HODL outside: " + "; ".join(problems))
+            if hp.schedules.summable_aggregation(alpha):
+                warnings.warn(hp.schedules.summable_aggregation(alpha), hp.SummableScheduleWarning, stacklevel=2)
             self.tick = Ticking(OutsideStep(self.T, self.layer, alpha, self.clock), self.clock)
             self.solver = hp.GKMSolver(self.tick, **opts)
         else:

@@ -17,6 +17,8 @@ from recipes import few_shot as fs
 from recipes import sparse_coding as sc
 
 D = torch.float64
+# geometric schedules are summable: the solver warns (checked once, in its own test)
+pytestmark = pytest.mark.filterwarnings("ignore::hodl_plugin.errors.SummableScheduleWarning")
 
 
 def args(**kw):
@@ -158,10 +160,13 @@ def test_method_names_and_errors():
         sc.LearnedLayer(torch.eye(2, dtype=D), 1.0, 0.1, layer="shared")
 
 
-def test_geometric_schedule_warns_inside_the_solver():
+@pytest.mark.parametrize("name", ["hodl+geometric", "hodl+outside+geometric"])
+def test_geometric_schedule_warns_and_bad_alpha0_raises(name):
     A, b, _, s = tiny()
     with pytest.warns(hp.SummableScheduleWarning):
-        sc.LearnedModel(sc.Method.parse("hodl+geometric"), A, s, 0.1, 3, args())
+        sc.LearnedModel(sc.Method.parse(name), A, s, 0.1, 3, args())
+    with pytest.raises(hp.errors.ScheduleError, match=r"\[0, 1\]"):
+        sc.LearnedModel(sc.Method.parse(name), A, s, 0.1, 3, args(alpha0=1.5))
 
 
 @pytest.mark.parametrize("schedule", ["poly", "geometric"])
