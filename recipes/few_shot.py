@@ -341,6 +341,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     else:  # the last base digit (4) with all its symmetries held out
         X, y, train_cls, val_cls = transformed_classes(X, y, base_cls[:-1], train_tf + val_tf, train_tf + val_tf,
                                                        val_base=base_cls[-1:])
+    for what, cls in (("meta-training", train_cls), ("validation", val_cls), ("meta-test", test_cls)):
+        if len(cls) < args.ways:
+            raise ValueError(f"--classes {args.classes} --val {args.val} gives {len(cls)} {what} classes, fewer "
+                             f"than --ways {args.ways}: use --classes d4, --val symmetries or fewer --ways")
     rows, panels = [], []
     for k in shots:
         curves = {}

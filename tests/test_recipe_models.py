@@ -291,3 +291,9 @@ def test_few_shot_tiny_run_early_stops_on_the_best_validation_point(tmp_path):
         best = max(range(4), key=lambda i: (c["val"][i], -i))
         assert (r["val_acc"], r["episode"]) == (c["val"][best], c["episode"][best])
     assert (tmp_path / "few_shot.png").exists()
+
+
+def test_few_shot_too_few_validation_classes_is_a_named_error_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="4 validation classes, fewer than --ways 5"):
+        fs.main(["--classes", "rotations", "--val", "digit", "--no-progress", "--out", str(tmp_path)])
+    assert not (tmp_path / "few_shot.json").exists()
