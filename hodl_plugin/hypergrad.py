@@ -167,6 +167,10 @@ class FirstOrder(HypergradMethod):
     :math:`u^*` did not depend on x, i.e. the first term of the Neumann series of the implicit
     hypergradient — the cheap baseline.
 
+    The value returned is one more application of :math:`T` than ``info.steps`` counts: with
+    ``tol=0, max_steps=K`` it is :math:`T^{K+1}(u_0)` (the differentiable step after the K no-grad
+    ones), not the K-th iterate — for a layer-by-layer unrolled model use ``hypergrad="unrolled"``.
+
     >>> import torch, hodl_plugin as hp
     >>> x = torch.ones(1, requires_grad=True)
     >>> hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=FirstOrder())(torch.zeros(1), x).backward()
