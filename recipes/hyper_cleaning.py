@@ -192,6 +192,25 @@ def run_betty(D: dict[str, Any], mu: float, K: int, iters: int, lr: float, args:
             "curve": val_curve}
 
 
+def select_modes(text: str, ap: Any) -> list[str]:
+    """The MODES labels named by ``--modes``: each by its first word (``implicit``, ``truncated``) or full label.
+
+    >>> select_modes("implicit,truncated", None)
+    ['implicit (cg)', 'truncated (10)']
+    """
+    short = {m.split(" ")[0]: m for m in MODES}
+    chosen = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        label = short.get(word, word if word in MODES else None)
+        if label is None:
+            msg = f"--modes: unknown mode {word!r}; choose from {', '.join(short)}"
+            if ap is None:
+                raise ValueError(msg)
+            ap.error(msg)
+        chosen.append(label)
+    return chosen
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=None, help="training samples (default 400 quick / 800)")
@@ -201,10 +220,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--K", type=int, default=None, help="lower GKM steps per outer step (default 30 quick / 60)")
     ap.add_argument("--iters", type=int, default=None, help="outer steps (default 50 quick / 300)")
     ap.add_argument("--lr", type=float, default=0.3, help="Adam step on the weight logits")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma list of modes to run")
+    ap.add_argument("--modes", default=",".join(m.split(" ")[0] for m in MODES),
+                    help="comma list of modes to run (default all: %(default)s)")
     ap.add_argument("--no-betty", action="store_true", help="skip the run of the implicit mode in a Betty Engine")
     add_anderson(ap, default=10)
     args = ap.parse_args(argv)
+    modes = select_modes(args.modes, ap)
     setup(args)
     n_train = args.n_train or (400 if args.quick else 800)
     K = args.K or (30 if args.quick else 60)
@@ -217,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         {"method": "oracle (clean half only)",
          "test_acc": accuracy(fit_plain(D, args.mu, ~D["corrupted"], acc=acceleration(args)), D["Xte"], D["yte"])},
     ]
-    for name in args.modes.split(","):
+    for name in modes:
         rows.append(run_mode(name, MODES[name], D, args.mu, K, iters, args.lr, args))
     if not args.no_betty:
         rows.append(run_betty(D, args.mu, K, iters, args.lr, args))

@@ -53,6 +53,16 @@ def test_help_documents_every_flag(name, monkeypatch, capsys):
     assert "--quick" in text and "--out" in text
 
 
+def test_hyper_cleaning_modes_by_their_short_names(capsys):
+    """``--modes truncated`` (what `--help` lists) selects a mode; a typo is a usage error before any work."""
+    from recipes.hyper_cleaning import select_modes
+
+    assert select_modes("implicit,truncated,first_order", None) == ["implicit (cg)", "truncated (10)", "first_order"]
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module("recipes.hyper_cleaning").main(["--modes", "trunc"])
+    assert exit_.value.code == 2 and "unknown mode 'trunc'" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_nonsingleton_quick(tmp_path):
     res = run_recipe("nonsingleton", tmp_path)
