@@ -52,6 +52,35 @@ def acceleration(args: argparse.Namespace) -> Optional[hp.Anderson]:
     return hp.Anderson(history_size=m) if m else None
 
 
+def parse_list(ap: argparse.ArgumentParser, flag: str, text: str, parse: Any) -> list[Any]:
+    """``parse`` applied to each item of a comma list typed as ``flag``; a bad item is a usage error
+    (exit 2, the flag and the reason named) before any work, not a traceback mid-run.
+
+    >>> parse_list(argparse.ArgumentParser(), "--shots", "1,5", int)
+    [1, 5]
+    """
+    out = []
+    for item in (w.strip() for w in text.split(",")):
+        try:
+            out.append(parse(item))
+        except (ValueError, KeyError, TypeError) as e:
+            msg = str(e).strip("'\"")
+            ap.error(msg if msg.startswith(flag) else f"{flag}: {item!r}: {msg}")
+    return out
+
+
+def choice(options: Iterable[str]) -> Any:
+    """A ``parse`` for :func:`parse_list` that accepts one of ``options``."""
+    options = list(options)
+
+    def parse(item: str) -> str:
+        if item not in options:
+            raise ValueError(f"choose from {', '.join(options)}")
+        return item
+
+    return parse
+
+
 def load_xy(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels: ``X.npy`` / ``y.npy`` of ``--data-dir``, else scikit-learn's digits in [0, 1]."""
     if getattr(args, "data_dir", None):

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ._common import parser, setup
+from ._common import parse_list, parser, setup
 from ._restoration import DT, CircularBlur, add_args, gaussian_psf, motion_psf, run_recipe
 
 NAME = "deconvolution"
@@ -40,11 +40,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     setup(args)
     specs = args.settings or ("gaussian:0.01" if args.quick else "gaussian:0.01,gaussian:0.02,motion:0.01,motion:0.02")
     settings = []
-    for spec in specs.split(","):
-        kname, sigma = spec.split(":")
-        if kname not in KERNELS:
-            raise SystemExit(f"unknown kernel {kname!r}; choose from {sorted(KERNELS)}")
-        A, s = CircularBlur(KERNELS[kname]()), float(sigma)
+    def kernel_sigma(spec: str) -> tuple[str, float]:
+        kname, sep, sigma = spec.partition(":")
+        if kname not in KERNELS or not sep:
+            raise ValueError(f"expected kernel:sigma with a kernel from {sorted(KERNELS)}")
+        if not float(sigma) >= 0:
+            raise ValueError("sigma must be >= 0")
+        return kname, float(sigma)
+
+    for kname, s in parse_list(ap, "--settings", specs, kernel_sigma):
+        A = CircularBlur(KERNELS[kname]())
         degrade = lambda x, g, A=A, s=s: A(x) + s * torch.randn(x.shape, generator=g, dtype=DT)
         settings.append((f"{kname} blur, σ={s:g}", A, degrade))
     return run_recipe(NAME, "deconvolution: test PSNR vs GKM step, training curves", args, settings,

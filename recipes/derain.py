@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ._common import parser, setup
+from ._common import choice, parse_list, parser, setup
 from ._restoration import DT, Identity, add_args, run_recipe
 
 NAME = "derain"
@@ -79,11 +79,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     setup(args)
     kinds = {"light": {"density": 0.05, "brightness": (0.25, 0.6)},
              "heavy": {"density": 0.1, "brightness": (0.25, 0.6), "thick": True}}
-    names = (args.settings or ("light" if args.quick else "light,heavy")).split(",")
+    names = parse_list(ap, "--settings", args.settings or ("light" if args.quick else "light,heavy"), choice(kinds))
     settings = []
     for k in names:
-        if k not in kinds:
-            raise SystemExit(f"unknown setting {k!r}; choose from {sorted(kinds)}")
         degrade = lambda x, g, kw=kinds[k]: add_rain(x, g, **kw).to(DT)
         settings.append((f"{k} rain", Identity(), degrade))
     return run_recipe(NAME, "derain: test PSNR vs GKM step, training curves", args, settings,

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as Fnn
 from torch import nn
 
-from ._common import load_xy, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import load_xy, parse_list, parser, plot_curves, print_table, progress, save_json, setup
 
 NAME = "few_shot"
 DT = torch.float64
@@ -330,7 +330,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.test_episodes = args.test_episodes or (200 if args.quick else 600)
     args.val_episodes = args.val_episodes or (30 if args.quick else 50)
     args.eval_every = args.eval_every or max(1, args.iters // (5 if args.quick else 12))
-    shots = [int(s) for s in (args.shots or ("1" if args.quick else "1,5")).split(",")]
+    def positive(item: str) -> int:
+        k = int(item)
+        if k < 1:
+            raise ValueError("shots must be >= 1")
+        return k
+
+    shots = parse_list(ap, "--shots", args.shots or ("1" if args.quick else "1,5"), positive)
     X, y = load_xy(args)
     classes = sorted(set(y.tolist()))
     half = len(classes) // 2

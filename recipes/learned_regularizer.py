@@ -39,7 +39,18 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import acceleration, add_anderson, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import (
+    acceleration,
+    add_anderson,
+    choice,
+    parse_list,
+    parser,
+    plot_curves,
+    print_table,
+    progress,
+    save_json,
+    setup,
+)
 from ._images import TEST_IMAGES, TRAIN_IMAGES, blur, gaussian_kernel, load_gray, psnr, random_patches
 
 NAME = "learned_regularizer"
@@ -261,7 +272,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.ksize = args.ksize or (7 if args.paper else 5)
     args.eval_every = args.eval_every or (10 if args.paper else 4)
     budget = args.budget or (2e4 if args.quick else 2e5 if args.paper else 1e5)
-    tasks = (args.tasks or ("denoise,deblur" if args.paper else "denoise")).split(",")
+    tasks = parse_list(ap, "--tasks", args.tasks or ("denoise,deblur" if args.paper else "denoise"),
+                       choice(["denoise", "deblur"]))
     rng = np.random.default_rng(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     rows, panels = [], []

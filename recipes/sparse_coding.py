@@ -39,7 +39,7 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import parser, plot_curves, print_table, progress, save_json, setup
+from ._common import parse_list, parser, plot_curves, print_table, progress, save_json, setup
 
 NAME = "sparse_coding"
 DT = torch.float32
@@ -407,7 +407,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     help="evaluate up to this many layers (default 2K quick / 4K): trained for K, run longer")
     args = ap.parse_args(argv)
     names = args.methods or ("lista,hodl" if args.quick else DEFAULT_METHODS)
-    methods = [Method.parse(m) for m in (ALL_METHODS if names == "all" else names).split(",")]
+    methods = parse_list(ap, "--methods", ALL_METHODS if names == "all" else names, Method.parse)
+
+    def setting(item: str) -> Optional[float]:
+        if item == "noiseless":
+            return None
+        try:
+            return float(item)
+        except ValueError:
+            raise ValueError("noiseless or an SNR in dB") from None
+
+    snrs = parse_list(ap, "--settings", args.settings or ("noiseless" if args.quick else "noiseless,40"), setting)
     setup(args)
     torch.set_default_dtype(DT)
     g = torch.Generator().manual_seed(args.seed)
@@ -424,8 +434,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     s = 1.0 / float(torch.linalg.matrix_norm(A, 2)) ** 2
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for setting in (args.settings or ("noiseless" if args.quick else "noiseless,40")).split(","):
-        snr = None if setting == "noiseless" else float(setting)
+    for snr in snrs:
         tag = "noiseless" if snr is None else f"SNR {snr:g} dB"
         u_val = sample_codes(n_test, A.shape[1], 0.1, g)
         b_val = observe(A, u_val, snr, g)

@@ -63,6 +63,25 @@ def test_hyper_cleaning_modes_by_their_short_names(capsys):
     assert exit_.value.code == 2 and "unknown mode 'trunc'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, argv, says", [
+    ("deconvolution", ["--settings", "foo"], "--settings: 'foo': expected kernel:sigma"),
+    ("deconvolution", ["--settings", "gaussian:x"], "--settings: 'gaussian:x'"),
+    ("few_shot", ["--shots", "x"], "--shots: 'x'"),
+    ("few_shot", ["--shots", "0"], "shots must be >= 1"),
+    ("learned_regularizer", ["--tasks", "denoize"], "--tasks: 'denoize': choose from denoise, deblur"),
+    ("sparse_coding", ["--methods", "lista+foo"], "unknown token 'foo'"),
+    ("sparse_coding", ["--settings", "loud"], "--settings: 'loud': noiseless or an SNR in dB"),
+    ("derain", ["--settings", "medium"], "--settings: 'medium': choose from light, heavy"),
+])
+def test_a_mistyped_list_flag_is_a_usage_error_before_any_work(name, argv, says, capsys):
+    """Comma-list flags are parsed item by item up front: a typo exits 2 naming the flag (was a traceback
+    mid-run, or for --tasks a silent denoising run)."""
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"recipes.{name}").main(argv)
+    assert exit_.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 @pytest.mark.slow  # minutes: `make test-slow` (CI runs it after `make test`)
 def test_nonsingleton_quick(tmp_path):
     res = run_recipe("nonsingleton", tmp_path)
