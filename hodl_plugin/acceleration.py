@@ -108,7 +108,8 @@ class _Single:
     """
 
     def __init__(self, acc: Anderson, u: Tensor, probe: Tensor) -> None:
-        m, n = acc.history_size, u.numel()
+        n = u.numel()
+        m = min(acc.history_size, max(n, 1))  # more differences than dimensions add nothing (only memory)
         dt, dev = u.dtype, u.device
         self.shape, self.n, self.steps, self.flat = u.shape, n, 0, u.dim() == 1
         eye = torch.eye(m, dtype=dt, device=dev)
@@ -167,7 +168,8 @@ class Anderson:
     """Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
 
     Args:
-        history_size: m, the number of past differences used (memory ``2·m·numel(u)``).
+        history_size: m, the number of past differences used (memory ``2·m·numel(u)``; at most
+            ``numel(u)`` per sample are kept, more add nothing).
         mixing: the mixing parameter β of the update; ``None`` uses the solver's ``beta``.
         regularization: ridge λ on the Gram matrix of the unit-scaled columns of ΔF.
         restart_cond: clear the history when the scaled Gram matrix's condition estimate exceeds
@@ -220,9 +222,9 @@ class Anderson:
                 "'inexact' or 'first_order' (exact at the fixed point whatever the forward), or "
                 "acceleration=None"
             )
-        from .schedules import Constant
+        from .schedules import is_zero
 
-        if alpha is not None and not (isinstance(alpha, Constant) and alpha.c == 0):
+        if alpha is not None and not is_zero(alpha):  # type: ignore[arg-type]
             raise ConfigurationError(
                 "acceleration=Anderson(...) cannot be combined with HODL aggregation (alpha_k > 0): the "
                 "selection of the F-optimal fixed point comes from the slowly vanishing alpha_k over "
@@ -238,7 +240,7 @@ class Anderson:
         from ._checks import transforms_active
 
         B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
-        m = self.history_size
+        m = min(self.history_size, max(u.numel() // max(B, 1), 1))  # at most n differences are independent
         probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
         if batch_dims == 0 and not transforms_active():
             return _Single(self, u, probe)
@@ -255,7 +257,8 @@ class Anderson:
         """
         if isinstance(st, _Single):
             return self._step_single(st, u, f, r, beta)
-        B, m, n = st.B, self.history_size, st.n
+        B, n = st.B, st.n
+        m = min(self.history_size, max(n, 1))
         z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
         uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
         mix = beta if self.mixing is None else self.mixing

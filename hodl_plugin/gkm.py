@@ -42,7 +42,9 @@ check where
 
 i.e. ``tol`` is *relative* (to the size of the iterate, or of the first residual when the fixed
 point is 0) and ``atol`` absolute. ``tol=None`` takes :func:`default_tol` of the dtype;
-``tol=0, atol=0`` runs exactly K steps.
+``tol=0, atol=0`` runs exactly K steps. With HODL aggregation a stop on this test is followed by
+plain KM steps (:math:`\alpha = 0`) until :math:`\|T(u) - u\|` meets the same threshold
+(:meth:`GKMIteration.run`), so ``converged`` always means a fixed point of :math:`T` to the tolerance.
 
 This module only iterates; differentiation is the job of :mod:`hodl_plugin.hypergrad`.
 """
@@ -62,7 +64,7 @@ from ._autodiff import grad_u
 from ._checks import check_operator_output, guard_inplace, transforms_active
 from .errors import ConvergenceWarning, DivergenceError
 from .linear_solve import LinearSolveInfo
-from .schedules import Constant, Schedule
+from .schedules import Constant, Schedule, is_zero
 
 if TYPE_CHECKING:  # pragma: no cover
     from .acceleration import Anderson
@@ -470,7 +472,7 @@ class GKMIteration:
     def aggregates(self) -> bool:
         if self.alpha is None or (self.upper is None and self.upper_grad is None):
             return False
-        return not (isinstance(self.alpha, Constant) and self.alpha.c == 0)
+        return not is_zero(self.alpha)
 
     # -- pieces -------------------------------------------------------------------------------
     def grad_upper(self, u: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -520,6 +522,42 @@ class GKMIteration:
         stop_on_tol: bool = True,
         atol: Optional[float] = None,
     ) -> Tensor:
+        r"""Run up to ``num_steps`` GKM steps (:meth:`_run_once`); with HODL aggregation, a stop on the
+        tolerance is followed by plain KM steps (:math:`\alpha = 0`) until the fixed-point residual
+        :math:`\|T(u) - u\|` itself meets it.
+
+        Why: with :math:`\alpha_k > 0` the residual tested is that of the aggregated step, which a slowly
+        decaying :math:`\alpha_k` keeps small while :math:`u_k` is still :math:`O(\alpha_k)` away from
+        :math:`\mathrm{Fix}\,T` (and the outside form tests :math:`\|T(u_k)-u_k\|` but moves by
+        :math:`\alpha_k s\nabla F` too): without this, ``converged=True`` could come with a point (and a
+        hypergradient at it) off by more than the tolerance. Not under ``torch.func`` transforms (no
+        host syncs there: the aggregated loop's result is returned).
+        """
+        kw = dict(tol=tol, rtol=rtol, stop_on_tol=stop_on_tol, atol=atol)
+        steps0 = info.steps
+        out = self._run_once(u, params, info, start=start, num_steps=num_steps, plain=False, **kw)
+        if not (self.aggregates and stop_on_tol and self.acceleration is None) or transforms_active():
+            return out
+        done = info.steps - steps0
+        rel, absolute = self.thresholds(u.dtype, tol, rtol, atol)
+        if done >= num_steps or not info.converged or info.diverged or not (rel > 0 or absolute > 0):
+            return out
+        return self._run_once(out, params, info, start=start + done, num_steps=num_steps - done, plain=True, **kw)
+
+    def _run_once(
+        self,
+        u: Tensor,
+        params: Sequence[Tensor],
+        info: SolverInfo,
+        *,
+        start: int,
+        num_steps: int,
+        tol: Optional[float] = None,
+        rtol: Optional[float] = None,
+        stop_on_tol: bool = True,
+        atol: Optional[float] = None,
+        plain: bool = False,
+    ) -> Tensor:
         """Run up to ``num_steps`` GKM steps from step index ``start``; update ``info`` in place.
 
         ``tol`` is relative (:math:`r_k \\le \\mathrm{tol}\\max(\\|u\\|, r_0)`), ``atol`` absolute;
@@ -549,7 +587,7 @@ class GKMIteration:
                 )
             return self._run_accelerated(u, params, info, mon, start, num_steps)
         T, beta_s, alpha_s, s = self.T, self.beta, self.alpha, self.upper_step
-        aggregate = self.aggregates
+        aggregate = self.aggregates and not plain
         every = self.check_every
         last = num_steps - 1
         b_const = float(beta_s.c) if isinstance(beta_s, Constant) else None
@@ -617,7 +655,10 @@ class GKMIteration:
             if countdown == 0:
                 countdown = every
             u_new = mon.freeze(u_next, u)
-            u = mon.check(k, mon.norm((Tu - u).detach()), u_new, u_new)
+            # a sample that stops keeps the plain KM step from u_k (within β·r_k of u_k), not the
+            # aggregated one, which α_k s∇F(u_k) moves away from Fix T by more than the residual tested
+            u_km = Tu if b == 1.0 else u + b * (Tu - u)
+            u = mon.check(k, mon.norm((Tu - u).detach()), u_new, mon.freeze(u_km, u))
             if mon.done:
                 mon.finish(j + 1)
                 return u

@@ -212,6 +212,8 @@ class Geometric(Schedule):
     gamma: float
 
     def __post_init__(self) -> None:
+        if isinstance(self.alpha0, bool) or isinstance(self.gamma, bool):
+            raise ScheduleError(f"Geometric schedule needs numbers, got alpha0={self.alpha0!r}, gamma={self.gamma!r}")
         if not (math.isfinite(self.alpha0) and self.alpha0 >= 0):
             raise ScheduleError(f"Geometric schedule needs a finite alpha0 >= 0, got {self.alpha0!r}")
         if not (math.isfinite(self.gamma) and 0 < self.gamma < 1):
@@ -234,6 +236,17 @@ class Geometric(Schedule):
     @property
     def nonincreasing(self) -> bool:  # type: ignore[override]
         return True
+
+
+def is_zero(schedule: Schedule) -> bool:
+    """Whether ``schedule`` is identically 0 (``Constant(0)``, ``Geometric(0, γ)``): no aggregation.
+
+    >>> is_zero(Constant(0.0)), is_zero(Geometric(0.0, 0.9)), is_zero(Harmonic(1.0))
+    (True, True, False)
+    """
+    return (isinstance(schedule, Constant) and schedule.c == 0) or (
+        isinstance(schedule, Geometric) and schedule.alpha0 == 0
+    )
 
 
 def as_schedule(value: float | Schedule, name: str = "schedule") -> Schedule:
@@ -282,7 +295,7 @@ def check_aggregation(alpha: Schedule) -> list[str]:
     >>> print(check_aggregation(Constant(0.5))[0])  # doctest: +ELLIPSIS
     alpha_k must decrease to 0 (its limit is 0.5): ...
     """
-    if isinstance(alpha, Constant) and alpha.c == 0:
+    if is_zero(alpha):
         return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)
     problems = []
     if not (0.0 <= alpha(0) <= 1.0) or not (0.0 <= alpha.sup <= 1.0):
@@ -306,7 +319,7 @@ def summable_aggregation(alpha: Schedule) -> str:
     >>> print(summable_aggregation(Polynomial(1.0, 2.0)))  # doctest: +ELLIPSIS
     sum of alpha_k is finite (power 2.0 > 1 makes it summable): ... outside the selection theory ...
     """
-    if (isinstance(alpha, Constant) and alpha.c == 0) or not alpha.summable or alpha.limit != 0:
+    if is_zero(alpha) or not alpha.summable or alpha.limit != 0:
         return ""
     extra = f" (power {alpha.power} > 1 makes it summable)" if isinstance(alpha, Polynomial) else ""
     if isinstance(alpha, Geometric):

@@ -197,9 +197,9 @@ def test_outside_implicit_gradient_at_the_unique_fixed_point(quad):
     """Strongly convex lower level: the outside form converges to u* = Q⁻¹Bx and the implicit
     hypergradient is the closed form Bᵀ Q⁻¹ (u* - y) + c x."""
     x = torch.randn(quad.B.shape[1], generator=torch.Generator().manual_seed(4), dtype=DT, requires_grad=True)
-    for mode, opts in (("implicit", {}), ("inexact", {"eps": 1e-11, "delta": 1e-11})):
+    for mode, opts in (("implicit", {"tol": 1e-12}), ("inexact", {"eps": 1e-11, "delta": 1e-11})):
         solver = _quiet(T=quad.T, upper=quad.F, alpha=hp.Geometric(0.5, 0.9), upper_step=0.5,
-                        aggregation="outside", hypergrad=mode, max_steps=20000, tol=1e-12, **opts)
+                        aggregation="outside", hypergrad=mode, max_steps=20000, **opts)
         x.grad = None
         u = solver(torch.zeros(quad.n, dtype=DT), x)
         quad.F(u, x).backward()
@@ -349,3 +349,82 @@ def test_paper_config_runs_exactly_K_unrolled_outside_steps():
         for e in torch.eye(m, dtype=DT)
     ])
     assert rel_err(x.grad, fd) < 1e-7
+
+
+# ------------------------------------------------------------------------------------ converged means converged
+@pytest.mark.parametrize("aggregation", ["inside", "outside"])
+@pytest.mark.parametrize("hypergrad", ["implicit", "inexact"])
+@pytest.mark.parametrize("start", ["at_u_star", "at_zero"])
+def test_a_converged_aggregated_solve_is_within_the_tolerance_of_the_fixed_point(aggregation, hypergrad, start):
+    """Single fixed point u* = Q⁻¹x, F = ½‖u‖²: a solve that says converged returns u* (and the hypergradient
+    Q⁻²x... at it) to the tolerance, whatever α does on the way. Caught before: the outside form stopped on
+    ‖T(u_k) - u_k‖ at u* but returned the aggregated step, 25 % off; the inside form stopped on the small
+    steps of a slowly decaying α, 1 % off (both with converged=True)."""
+    Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
+    x = torch.tensor([-3.0, 1.0], dtype=DT)
+    u_star = torch.linalg.solve(Q, x)
+    g_ref = torch.linalg.solve(Q, u_star)  # d/dx ½‖Q⁻¹x‖²
+
+    def T(u, x):
+        return u - 0.4 * (Q @ u - x)
+
+    def F(u, x):
+        return 0.5 * (u ** 2).sum()
+
+    extra = {"eps": 1e-9, "delta": 1e-9} if hypergrad == "inexact" else {}
+    for alpha in (hp.Geometric(0.5, 0.5), hp.Harmonic(1.0)):
+        method = hp.Inexact(**extra) if hypergrad == "inexact" else hypergrad
+        sol = hp.GKMSolver(T, upper=F, alpha=alpha, upper_step=0.5, aggregation=aggregation, hypergrad=method,
+                           max_steps=20000)
+        xr = x.clone().requires_grad_(True)
+        u0 = u_star.clone() if start == "at_u_star" else torch.zeros(2, dtype=DT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.SummableScheduleWarning)
+            warnings.simplefilter("error", hp.ConvergenceWarning)  # a stop short of tol would say so
+            try:
+                u = sol(u0, xr)
+            except hp.ConvergenceWarning:
+                assert not sol.info.converged
+                continue
+        F(u, xr).backward()
+        assert sol.info.converged
+        assert rel_err(u.detach(), u_star) < 1e-7
+        assert rel_err(xr.grad, g_ref) < 1e-6
+
+
+@pytest.mark.parametrize("hypergrad", ["implicit", "inexact"])
+def test_a_loose_tolerance_with_a_slow_alpha_still_bounds_the_distance_to_the_fixed_point(hypergrad):
+    """Inside form, α_k = 1/(k+1), relative tolerance 1e-4 (inexact's default ε): the aggregated steps get
+    that small while u_k is still ~1e-2 from u* (α_k‖∇F‖ away); converged must mean ~tolerance × cond."""
+    Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
+    x = torch.tensor([1.0, 2.0], dtype=DT)
+    u_star = torch.linalg.solve(Q, x)
+    opts = {"tol": 1e-4} if hypergrad == "implicit" else {}
+    sol = hp.GKMSolver(lambda u, x: u - 0.4 * (Q @ u - x), upper=lambda u, x: 0.5 * (u ** 2).sum(),
+                       alpha=hp.Harmonic(1.0), hypergrad=hypergrad, max_steps=5000, **opts)
+    u = sol(torch.zeros(2, dtype=DT), x)
+    assert sol.info.converged
+    assert rel_err(u, u_star) < 1e-3  # was 1.3e-2 with converged=True
+
+
+def test_a_forward_tolerance_given_to_the_inexact_mode_is_refused():
+    """The inexact forward stops at its ε_k: tol= would be silently unused (it was: 1e-4 accuracy for tol=1e-12)."""
+    for bad in ({"tol": 1e-12}, {"atol": 1e-9}, {"rtol": 1e-9}):
+        with pytest.raises(hp.errors.ConfigurationError, match="eps="):
+            hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad="inexact", **bad)
+    hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad="inexact", eps=1e-12)  # the way to ask for it
+
+
+def test_geometric_zero_is_no_aggregation_and_a_huge_anderson_history_is_capped():
+    """Geometric(0, γ) ≡ 0: plain KM — accepted with Anderson, no summable warning; Geometric(True, ·) refused;
+    history_size far above n keeps at most n differences (was an 8 TB allocation for m = 1e6, n = 8)."""
+    Q = torch.diag(torch.linspace(1, 10, 8, dtype=DT))
+    x = torch.ones(8, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = hp.GKMSolver(lambda u, x: u - (Q @ u - x) / 10, upper=lambda u, x: (u ** 2).sum(),
+                         alpha=hp.Geometric(0.0, 0.5), acceleration=hp.Anderson(history_size=10 ** 6))
+        u = s(torch.zeros(8, dtype=DT), x)
+    assert rel_err(u, torch.linalg.solve(Q, x)) < 1e-9
+    with pytest.raises(hp.ScheduleError):
+        hp.Geometric(True, 0.9)

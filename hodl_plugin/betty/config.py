@@ -33,7 +33,8 @@ class HODLConfig(_BettyConfig):
     """
 
     type: str = "gkm_implicit"
-    # the lower GKM solve (see hodl_plugin.GKMSolver)
+    # the lower GKM solve (see hodl_plugin.GKMSolver); tol/rtol are not used by gkm_inexact, whose forward
+    # stops at its accuracy eps_k (set eps, or method=hp.Inexact(eps=...))
     max_steps: int = 1000
     tol: float = 1e-8
     rtol: float = 0.0

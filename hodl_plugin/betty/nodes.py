@@ -338,8 +338,7 @@ class GKMProblem(_ImplicitProblem):
         return GKMSolver(
             T,
             max_steps=_cfg(cfg, "max_steps", 1000),
-            tol=_cfg(cfg, "tol", 1e-8),
-            rtol=_cfg(cfg, "rtol", 0.0),
+            **self._tolerances(cfg),
             hypergrad=self.method,
             upper=upper,
             upper_step=_cfg(cfg, "upper_step", 1.0),
@@ -350,6 +349,14 @@ class GKMProblem(_ImplicitProblem):
             on_divergence=_cfg(cfg, "on_divergence", "raise"),
             **options,
         )
+
+    def _tolerances(self, cfg: Any) -> dict[str, Any]:
+        """``tol``/``rtol`` of the config for the solver; gkm_inexact stops at its own ε_k (``eps``) instead, so
+        they are not passed to it (HODLConfig's fields serve every node type; documented there)."""
+        tol, rtol = _cfg(cfg, "tol", 1e-8), _cfg(cfg, "rtol", 0.0)
+        if self.method.name != "inexact":
+            return {"tol": tol, "rtol": rtol}
+        return {}
 
     def _run_solver(self, u0: Tensor, batch: Any) -> Tensor:
         """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
