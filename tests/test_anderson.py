@@ -101,7 +101,8 @@ def test_hypergradient_with_accelerated_forward(tanh_eq, mode):
     grads = []
     for acc in (None, hp.Anderson(5)):
         x = x0.clone().requires_grad_(True)
-        solver = hp.GKMSolver(T, max_steps=100000, tol=1e-12, hypergrad=mode, acceleration=acc, **opts)
+        tol = {} if mode == "inexact" else {"tol": 1e-12}  # inexact: its eps in opts
+        solver = hp.GKMSolver(T, max_steps=100000, hypergrad=mode, acceleration=acc, **tol, **opts)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", hp.ConvergenceWarning)
             u = solver(torch.zeros(100, dtype=D), x)
@@ -278,8 +279,11 @@ def test_each_path_reaches_the_closed_form_with_few_steps(path):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_each_path_restarts_on_dependent_differences(path):
-    Q = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D)
-    b = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+    # the iterates stay in the first 3 of 6 dims (b and u0 = 0 live there): more than 3 differences are
+    # dependent although the history (8, capped at n = 6) has room for them
+    Q = torch.block_diag(torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=D),
+                         torch.eye(3, dtype=D))
+    b = torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0, 0.0], dtype=D)
     u, info = path_solve(path, lambda u, x: u - 0.25 * (Q @ u - x), b, 8, 1e-13)
     assert info.converged and torch.allclose(u, torch.linalg.solve(Q, b), rtol=1e-11)
     assert info.restarts >= 1
