@@ -25,6 +25,7 @@ from .errors import (
     LinearSolveError,
     ScheduleError,
     SummableScheduleWarning,
+    UnusedOptionWarning,
 )
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
@@ -66,6 +67,7 @@ __all__ = [
     "LinearSolveError",
     "ConvergenceWarning",
     "SummableScheduleWarning",
+    "UnusedOptionWarning",
     "acceleration",
     "errors",
     "inexact",

@@ -12,6 +12,7 @@ __all__ = [
     "HODLError",
     "ScheduleError",
     "ConfigurationError",
+    "UnusedOptionWarning",
     "DivergenceError",
     "LinearSolveError",
     "ConvergenceWarning",
@@ -86,3 +87,8 @@ class SummableScheduleWarning(ConvergenceWarning):
     >>> w[0].category is hp.SummableScheduleWarning, issubclass(hp.SummableScheduleWarning, hp.ConvergenceWarning)
     (True, True)
     """
+
+
+class UnusedOptionWarning(UserWarning):
+    """An option was given that the chosen method does not use (e.g. ``tol=`` with ``hypergrad="inexact"``,
+    whose forward stops at its own accuracy :math:`\varepsilon_k`): said once, at construction."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
 from .acceleration import Anderson
-from .errors import ConfigurationError, ConvergenceWarning, ScheduleError, SummableScheduleWarning
+from .errors import ConvergenceWarning, ScheduleError, SummableScheduleWarning, UnusedOptionWarning
 from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_count
 from .hypergrad import HypergradMethod, get_method
 from .schedules import (
@@ -172,9 +172,10 @@ class GKMSolver(nn.Module):
         self.method = get_method(hypergrad, **method_options)
         self.method.validate(self.max_steps)
         if self.method.name == "inexact" and (tol is not None or rtol or atol):
-            raise ConfigurationError(
+            warnings.warn(
                 "GKMSolver(tol=/rtol=/atol=...) is not used with hypergrad='inexact': its forward stops at the "
-                "accuracy eps_k of each call (and the adjoint at delta_k); pass eps=... (and delta=...) instead"
+                "accuracy eps_k of each call (and the adjoint at delta_k); pass eps=... (and delta=...) instead",
+                UnusedOptionWarning, stacklevel=2,
             )
 
         beta_s = as_schedule(beta, "beta")
