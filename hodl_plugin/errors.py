@@ -90,5 +90,8 @@ class SummableScheduleWarning(ConvergenceWarning):
 
 
 class UnusedOptionWarning(UserWarning):
-    """An option was given that the chosen method does not use (e.g. ``tol=`` with ``hypergrad="inexact"``,
-    whose forward stops at its own accuracy :math:`\varepsilon_k`): said once, at construction."""
+    r"""An option was given that the chosen method does not use; said once, at construction.
+
+    E.g. ``tol=`` with ``hypergrad="inexact"``, whose forward stops at its own accuracy
+    :math:`\varepsilon_k` (pass ``eps=`` instead).
+    """
