@@ -125,7 +125,8 @@ def compare(a, b):
     return diffs
 
 
-def build(lower_cls, kind="gkm_unrolled", config=None, upper_cls=Upper, iters=ITERS):
+def make_upper(upper_cls=Upper):
+    """The upper node: x trained by Adam on F, a call-counting buffer, a counting loader."""
     xm = torch.nn.Module()
     xm.x = torch.nn.Parameter(X0.clone())
     xm.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -133,6 +134,11 @@ def build(lower_cls, kind="gkm_unrolled", config=None, upper_cls=Upper, iters=IT
     up = upper_cls("upper", hb.HODLConfig(type="darts", retain_graph=True), module=xm,
                    optimizer=torch.optim.Adam(xm.parameters(), lr=LR), train_data_loader=loader)
     up.loader, up.seen, up.xs = loader, [], []
+    return up
+
+
+def build(lower_cls, kind="gkm_unrolled", config=None, upper_cls=Upper, iters=ITERS):
+    up = make_upper(upper_cls)
     cfg = config or hb.HODLConfig(type=kind, alpha=ALPHA, upper_step=STEP, tol=0.0, max_steps=K)
     low = lower_cls("lower", cfg, train_data_loader=[(c,) for c in DATA])
     low.us, low.state_diffs = [], []
@@ -251,13 +257,7 @@ class Other(ImplicitProblem):
 
 
 def two_uppers(lower_cls, cfg):
-    xm = torch.nn.Module()
-    xm.x = torch.nn.Parameter(X0.clone())
-    xm.register_buffer("calls", torch.zeros((), dtype=torch.long))
-    loader = Loader()
-    up = Upper("upper", hb.HODLConfig(type="darts", retain_graph=True), module=xm,
-               optimizer=torch.optim.Adam(xm.parameters(), lr=LR), train_data_loader=loader)
-    up.loader, up.seen, up.xs = loader, [], []
+    up = make_upper()
     wm = torch.nn.Module()
     wm.w = torch.nn.Parameter(torch.zeros(1, dtype=DT))
     other = Other("other", hb.HODLConfig(type="darts"), module=wm, optimizer=torch.optim.SGD(wm.parameters(), lr=0.0))

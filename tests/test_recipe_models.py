@@ -283,7 +283,7 @@ def test_few_shot_tiny_run_early_stops_on_the_best_validation_point(tmp_path):
     pytest.importorskip("betty")
     # a far too large step spoils the meta-learner: the best validation point is an early one
     res = fs.main(["--shots", "1", "--iters", "6", "--eval-every", "2", "--val-episodes", "4", "--lr", "0.3",
-                   "--test-episodes", "4", "--no-progress", "--out", str(tmp_path)])
+                   "--test-episodes", "4", "--out", str(tmp_path)])
     assert any(r["episode"] < 6 for r in res["rows"][1:])
     for r in res["rows"][1:]:
         c = res["curves"]["5-way 1-shot"][r["method"]]
@@ -295,5 +295,5 @@ def test_few_shot_tiny_run_early_stops_on_the_best_validation_point(tmp_path):
 
 def test_few_shot_too_few_validation_classes_is_a_named_error_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="4 validation classes, fewer than --ways 5"):
-        fs.main(["--classes", "rotations", "--val", "digit", "--no-progress", "--out", str(tmp_path)])
+        fs.main(["--classes", "rotations", "--val", "digit", "--out", str(tmp_path)])
     assert not (tmp_path / "few_shot.json").exists()
