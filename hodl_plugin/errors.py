@@ -8,6 +8,27 @@ trusted either raises or, with an explicit opt-out (``on_divergence="warn"``), w
 
 from __future__ import annotations
 
+import os
+import sys
+
+import torch
+
+# hodl_plugin, torch and the standard library (contextlib, functools): never the user's line
+_SKIP = tuple(os.path.dirname(os.path.abspath(f)) for f in (__file__, torch.__file__, os.__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the caller of this function that names the
+    first frame outside hodl_plugin, torch and the standard library: the user's line, however deep
+    in an autograd or vmap rule the warning is made."""
+    frame, level = sys._getframe(1), 1  # the caller: stacklevel 1
+    while frame is not None:
+        if not os.path.abspath(frame.f_code.co_filename).startswith(_SKIP):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
 __all__ = [
     "HODLError",
     "ScheduleError",

@@ -121,6 +121,9 @@ class SolverInfo:
         error_bound: certified a-posteriori bound on the hypergradient error (inexact mode, after
             ``backward()``), or ``None`` with ``message`` saying why it could not be certified.
         error_estimate: the same formula with estimated constants — not a bound.
+        error_bound_per_sample, error_estimate_per_sample: under ``vmap``, the bound and estimate
+            of each sample's hypergradient (``error_bound`` is then their maximum); a sample's
+            ``nan`` bound means it could not be certified (``message`` says why).
 
     Under ``torch.func`` transforms the loop runs without host syncs and records no residuals
     (``message`` says so).
@@ -144,6 +147,8 @@ class SolverInfo:
     delta: Optional[float] = None
     error_bound: Optional[float] = None
     error_estimate: Optional[float] = None
+    error_bound_per_sample: Optional[Tensor] = None
+    error_estimate_per_sample: Optional[Tensor] = None
     message: str = ""
     steps_per_sample: Optional[Tensor] = None
     converged_per_sample: Optional[Tensor] = None

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import linear_solve as ls
 from ._checks import transforms_active
-from .errors import HODLError, ScheduleError
+from .errors import HODLError, ScheduleError, user_stacklevel
 from .gkm import GKMIteration, SolverInfo
 from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem
 from .inexact import BoundConstants, a_posteriori, residuals_at, with_v_norm
@@ -333,12 +333,12 @@ class Implicit(HypergradMethod):
 
     def run(self, it, u0, params, info, max_steps, key=None):
         def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info,
-                    it_: Optional[GKMIteration] = None) -> Tensor:
+                    it_: Optional[GKMIteration] = None, sample_: Any = None) -> Tensor:
             with torch.no_grad():  # it_: the batched iteration of a vmapped call
                 return (it_ or it).run(u_start.detach(), _detached(ps), info_, start=0, num_steps=max_steps)
 
-        if not torch.is_grad_enabled():
-            return forward(u0, params)
+        if not torch.is_grad_enabled() and not transforms_active():
+            return forward(u0, params)  # (under vmap the primitive's batched solve stops early)
         rtol = default_adjoint_rtol(u0.dtype) if self.rtol is None else self.rtol
 
         def make():
@@ -460,34 +460,54 @@ class Inexact(HypergradMethod):
         eps_k, delta_k = self.eps(self.k), self.delta(self.k)
         info.eps, info.delta = eps_k, delta_k
         cached = self.u_cache.get(key) if self.warm_start else None
-        use_cache = cached is not None and cached.shape == u0.shape and cached.device == u0.device
-        info.warm_started = bool(use_cache)
-        if use_cache and not self._told_warm:
-            self._told_warm = True
-            warnings.warn(
-                f"Inexact warm start: key {key!r} was solved before, so this solve starts from its cached "
-                "iterate and the u0 you pass is used only for new keys (warm_start=False always starts "
-                "from u0; this is said once per method object)",
-                UserWarning,
-                stacklevel=4,
-            )
+        sample_shape = tuple(u0.shape)  # one problem's (under vmap: one sample's)
+        pending: list[Optional[Tensor]] = []  # per-sample iterates of a vmapped call solved one by one
+
+        def warm(start: Tensor, batched: bool, sample: Optional[tuple[int, int]]) -> Optional[Tensor]:
+            """The cached iterate as a start: the same shape as ``start``; under vmap a cached batch
+            (its sample ``i`` when the samples are solved one by one) or a single problem's
+            iterate, then used for every sample."""
+            if cached is None or cached.device != start.device:
+                return None
+            if sample is not None and tuple(cached.shape) == (sample[1], *start.shape):
+                return cached[sample[0]].to(start.dtype)
+            if cached.shape == start.shape:
+                return cached.to(start.dtype)
+            if batched and tuple(cached.shape) == sample_shape:
+                return cached.to(start.dtype).expand(start.shape)
+            return None
 
         def forward(u_start: Tensor, ps: Sequence[Tensor], info_: SolverInfo = info,
-                    it_: Optional[GKMIteration] = None) -> Tensor:
-            # it_: the batched iteration of a vmapped call (a per-sample cached iterate does not fit it)
+                    it_: Optional[GKMIteration] = None, sample_: Optional[tuple[int, int]] = None) -> Tensor:
+            # it_: the batched iteration of a vmapped call; sample_: (i, B) when a vmapped call
+            # solves its samples one at a time (HODL aggregation)
             batched = it_ is not None and it_ is not it
-            start = cached.to(u_start.dtype) if use_cache and not batched else u_start.detach()
+            start = warm(u_start, batched, sample_)
+            info_.warm_started = start is not None
+            if start is not None:
+                self._tell_warm(key)
+            else:
+                start = u_start.detach()
             with torch.no_grad():
                 tols = {"tol": eps_k} if self.relative else {"tol": 0.0, "atol": eps_k}
                 u = (it_ or it).run(start, _detached(ps), info_, start=0, num_steps=max_steps, **tols)
-            if self.warm_start and not info_.diverged and not batched:
-                self.u_cache[key] = u.detach().clone()
+            if self.warm_start:
+                if sample_ is None:
+                    if not info_.diverged:
+                        self.u_cache[key] = u.detach().clone()
+                else:  # the batch is cached once its last sample is solved
+                    pending.append(None if info_.diverged else u.detach().clone())
+                    if sample_[0] == sample_[1] - 1:
+                        if len(pending) == sample_[1] and all(p is not None for p in pending):
+                            self.u_cache[key] = torch.stack(pending)  # type: ignore[arg-type]
+                        pending.clear()
             return u
 
-        if not torch.is_grad_enabled():
-            return forward(u0, params)
         call = self.k
-        self.k += 1
+        if torch.is_grad_enabled():
+            self.k += 1
+        elif not transforms_active():
+            return forward(u0, params)  # (under vmap the primitive's batched solve stops early)
 
         def make():
             if self.relative:
@@ -495,56 +515,90 @@ class Inexact(HypergradMethod):
             return _make_solver(self.solver, it.T, rtol=0.0, atol=delta_k, maxiter=self.maxiter)
 
         # the adjoint's warm start is fixed when the call is made, so every backward pass through this
-        # call starts from the same point (reentrant, as gradcheck/gradgradcheck require)
+        # call starts from the same point (reentrant, as gradcheck/gradgradcheck require); the solve
+        # uses it where its shape fits (a batch under vmap) and it is better than zero
         v_prev = self.v_cache.get(key) if self.warm_start else None
-        if v_prev is not None and (v_prev.shape != u0.shape or v_prev.dtype != u0.dtype):
+        if v_prev is not None and v_prev.dtype != u0.dtype:
             v_prev = None
 
         def x0() -> Optional[Tensor]:
             return v_prev
 
-        learned = [p for p in params if p.requires_grad]
-        if isinstance(it.T, nn.Module):
-            learned += [p for p in it.T.parameters() if p.requires_grad]
+        names = _module_tensors(it.T)[0]
 
-        def after(v: Tensor, u_star: Tensor) -> None:
+        def after(v: Tensor, u_star: Tensor, samples: Callable[[], Any]) -> None:
             if self.warm_start and bool(torch.isfinite(v).all()):
                 self.v_cache[key] = v.detach().clone()
-            info.error_bound = self._bound(it, u_star, params, learned, v, call, info)
+            self._bounds(it, samples, len(params), names, call, info, batched=tuple(v.shape) != sample_shape)
 
         return _implicit_solve(it, u0, params, info, forward, make, on_fail=self.on_fail,
                                check_unique=self.check_unique, x0=x0, after=after)
 
-    def _bound(self, it, u_star, params, learned, v, call, info) -> Optional[float]:
-        """``info.error_bound`` (a certified bound, or None with ``info.message``) and
-        ``info.error_estimate`` (not a bound), at the point the hypergradient used."""
+    def _tell_warm(self, key: Hashable) -> None:
+        if self._told_warm:
+            return
+        self._told_warm = True
+        warnings.warn(
+            f"Inexact warm start: key {key!r} was solved before, so this solve starts from its cached "
+            "iterate and the u0 you pass is used only for new keys (warm_start=False always starts "
+            "from u0; this is said once per method object)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+    def _bounds(self, it, samples, n_params, names, call, info, batched: bool) -> None:
+        """``info.error_bound`` and ``info.error_estimate`` (with ``_per_sample`` tensors under vmap)."""
         if self.constants is None:
-            return None
-        adj = info.adjoint.residual if info.adjoint is not None else None
-        if isinstance(self.constants, BoundConstants):  # user-certified constants
-            eps, delta = residuals_at(it.T, it.upper, u_star, params, v, point=u_star)
-            delta = adj if delta is None else delta
-            return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta)
-        if it.upper is None:
+            return
+        if it.upper is None and not isinstance(self.constants, BoundConstants):
             info.message = (
                 "no error bound: estimating it needs the upper objective (GKMSolver(..., upper=F, "
                 "alpha=0) uses F without aggregating) or known BoundConstants"
             )
-            return None
-        if call % max(1, self.estimate_every) != 0:
+            return
+        if not isinstance(self.constants, BoundConstants) and call % max(1, self.estimate_every) != 0:
             info.message = f"error bound not computed at this call (estimate_every={self.estimate_every})"
-            return None
+            return
+        bounds, estimates, notes = [], [], []
+        for v, u_star, ts in samples():
+            b, e, note = self._bound(it, u_star, ts, n_params, names, v, info)
+            bounds.append(math.nan if b is None else b)
+            estimates.append(math.nan if e is None else e)
+            if note:
+                notes.append(note)
+        if notes:
+            info.message = "; ".join(dict.fromkeys(notes))
+        finite = all(math.isfinite(b) for b in bounds)
+        info.error_bound = max(bounds) if finite else None
+        info.error_estimate = max(estimates) if all(math.isfinite(e) for e in estimates) else None
+        if batched:
+            info.error_bound_per_sample = torch.tensor(bounds, dtype=torch.float64)
+            info.error_estimate_per_sample = torch.tensor(estimates, dtype=torch.float64)
+
+    def _bound(self, it, u_star, ts, n_params, names, v, info) -> tuple:
+        """``(bound, estimate, note)`` for one problem at the point the hypergradient used: a
+        certified bound (or None, the note says why) and the formula with estimated constants.
+        ``ts``: its tensors, requiring grad where the hypergradient goes."""
+        params, mod = ts[:n_params], ts[n_params:]
+        if names:  # T's own learnable tensors, as the tensors this solve was differentiated for
+            def T(u: Tensor, *ps: Tensor) -> Tensor:
+                return torch.func.functional_call(it.T, dict(zip(names, mod)), (u, *ps), strict=False)
+        else:
+            T = it.T
+        learned = [t for t in ts if t.requires_grad]
+        adj = info.adjoint.residual if info.adjoint is not None else None
+        if isinstance(self.constants, BoundConstants):  # user-certified constants
+            eps, delta = residuals_at(T, it.upper, u_star, params, v, point=u_star)
+            delta = adj if delta is None else delta
+            return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta), None, ""
         spec = self.solver if self.solver is not None else _default_solver_name(it.T)
         rep = a_posteriori(
-            it.T, it.upper, u_star, params, learned, v,
+            T, it.upper, u_star, params, learned, v,
             point=u_star,  # the implicit primitive returns the forward iterate itself
             adjoint_residual=adj,
             symmetric=bool(getattr(it.T, "symmetric_jacobian", False)) or spec == "cg",
         )
-        info.error_estimate = rep.estimate
-        if rep.message:
-            info.message = "error bound: " + rep.message
-        return rep.bound
+        return rep.bound, rep.estimate, ("error bound: " + rep.message) if rep.message else ""
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and warm starts as plain containers (readable by ``torch.load(weights_only=True)``)."""

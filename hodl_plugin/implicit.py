@@ -47,7 +47,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,9 @@ from ._autodiff import make_vjp
 from ._checks import transforms_active
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
+
+#: ``after(v, u*, samples)`` of :class:`FixedPointProblem`
+AfterHook = Callable[[Tensor, Tensor, Callable[[], Iterator[tuple]]], None]
 
 __all__ = ["FixedPointProblem", "FixedPoint", "LinearSolve", "ClosureAdjoint", "transforms_active"]
 
@@ -88,15 +91,20 @@ class FixedPointProblem:
             those of higher derivatives).
         on_fail: ``"raise"`` a :class:`LinearSolveError` when a solve misses its tolerance, or
             ``"warn"``.
-        x0: warm start of the first adjoint solve (``() -> Tensor | None``).
-        after: called with ``(v, u*, info)`` after the first adjoint solve (the inexact mode's
-            bound and warm-start cache).
+        x0: warm start of the first adjoint solve (``() -> Tensor | None``); used where its shape
+            is the solve's (under ``vmap``: the batch's, or one sample's for every sample) and, per
+            sample, only where it is better than zero.
+        after: called after the first adjoint solve with ``(v, u*, samples)``: the adjoint and the
+            point (under ``vmap`` the whole batch) and ``samples()``, an iterator over the single
+            problems' ``(v_i, u*_i, tensors_i)`` as plain tensors (the inexact mode's warm-start
+            cache and its per-sample error bound).
         check_unique: probe :math:`I - \partial_u T` for a (numerically) zero singular value
             before the first adjoint solve and raise :class:`LinearSolveError` if it has one.
         symmetric: the operator claims a symmetric :math:`\partial_u T` (checked when CG runs).
         iteration: the :class:`~hodl_plugin.gkm.GKMIteration` that ``forward`` runs; with it a
             ``vmap`` over the problem becomes one batched solve (:func:`_lift`), and ``forward``
-            must accept ``it_=`` (the iteration to run instead of its own).
+            must accept ``it_=`` (the iteration to run instead of its own) and ``sample_=`` (``(i, B)``
+            when a vmap solves its samples one by one).
     """
 
     def __init__(
@@ -110,7 +118,7 @@ class FixedPointProblem:
         on_fail: str = "raise",
         info: Any = None,
         x0: Callable[[], Optional[Tensor]] = lambda: None,
-        after: Optional[Callable[[Tensor, Tensor], None]] = None,
+        after: Optional[AfterHook] = None,
         check_unique: bool = False,
         symmetric: bool = False,
         iteration: Optional[GKMIteration] = None,
@@ -122,6 +130,10 @@ class FixedPointProblem:
         self.closure_args: Sequence[Tensor] = ()
         self.symmetric_checked = False
         self.slice_info: Optional[SolverInfo] = None
+        self.slice_index: Optional[tuple[int, int]] = None  # (i, B) while a vmap solves sample i of B
+        # which tensors the reverse pass wants gradients for (set by the backward that runs the first
+        # adjoint solve; a vmapped tensor does not tell requires_grad inside the transform)
+        self.needs: Optional[Sequence[bool]] = None
         self.iteration = iteration
         # set on the batched problems that vmap builds (_lift): how many leading dims are vmap's,
         # the problem they batch, the in-dims of its tensors, and whether the solver is per-sample
@@ -146,15 +158,23 @@ class FixedPointProblem:
         warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
     def solve(
-        self, transpose: bool, b: Tensor, u: Tensor, tensors: Sequence[Tensor], first: bool = False
+        self, transpose: bool, b: Tensor, u: Tensor, tensors: Sequence[Tensor], first: bool = False,
+        *, x0: Optional[Tensor] = None, hooks: bool = True,
     ) -> Tensor:
         r""":math:`x = A^{-\top} b` (``transpose``) or :math:`A^{-1} b`, :math:`A = I - \partial_u T(u)`."""
+        first = first and transpose
         if self.parent is not None and not self.batched_solver:
             # a vmapped problem whose linear solver has no per-sample mode: one solve per sample
-            return torch.stack([
-                self.parent.solve(transpose, b[i], u[i], _slice(i, tensors, self.dims), first)
+            # (each with its slice of the warm start; the hooks see the whole batch once)
+            x0 = self._warm_start(b) if first else None
+            x = torch.stack([
+                self.parent.solve(transpose, b[i], u[i], _slice(i, tensors, self.dims), first,
+                                  x0=None if x0 is None else x0[i], hooks=False)
                 for i in range(b.shape[0])
             ])
+            if first and self.after is not None:
+                self._after(x, u, tensors)
+            return x
         b, u = b.detach(), u.detach()
         ts = [t.detach() for t in tensors]
         if not bool(torch.isfinite(b).all()):
@@ -178,19 +198,49 @@ class FixedPointProblem:
             def matvec(z: Tensor) -> Tensor:
                 return z - _jvp(lambda uu: self.T_call(uu, ts), (u,), (z,))
 
-        return self._run_solver(matvec, b, first and transpose, u)
+        return self._run_solver(matvec, b, first, u, ts, x0=x0, hooks=hooks)
 
-    def _run_solver(self, matvec: Callable[[Tensor], Tensor], b: Tensor, first: bool, u: Tensor) -> Tensor:
+    def _warm_start(self, b: Tensor) -> Optional[Tensor]:
+        """The adjoint warm start ``x0()`` where it fits ``b``: the same shape, or (under vmap) one
+        sample's shape, then used for every sample."""
+        x0 = self.x0()
+        if x0 is None or x0.dtype != b.dtype or x0.device != b.device:
+            return None
+        if x0.shape == b.shape:
+            return x0
+        if self.vmap_dims and x0.shape == b.shape[self.vmap_dims:]:
+            return x0.expand(b.shape)
+        return None
+
+    def _after(self, x: Tensor, u: Tensor, tensors: Sequence[Tensor]) -> None:
+        assert self.after is not None
+        self.after(x, u, lambda: self.samples(x, u, tensors))
+
+    def samples(self, v: Tensor, u: Tensor, tensors: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor, list]]:
+        """The single problems of a (possibly vmapped) solve: ``(v_i, u_i, tensors_i)``, plain tensors
+        with the vmap dims removed (one triple when not vmapped); ``tensors_i`` require grad where the
+        hypergradient is wanted."""
+        if self.parent is None:
+            needs = self.needs if self.needs is not None else [True] * len(tensors)
+            yield v.detach(), u.detach(), [t.detach().requires_grad_(bool(n) and t.is_floating_point())
+                                           for t, n in zip(tensors, needs)]
+            return
+        for i in range(v.shape[0]):
+            yield from self.parent.samples(v[i], u[i], _slice(i, tensors, self.dims))
+
+    def _run_solver(self, matvec: Callable[[Tensor], Tensor], b: Tensor, first: bool, u: Tensor,
+                    tensors: Sequence[Tensor], *, x0: Optional[Tensor] = None, hooks: bool = True) -> Tensor:
         solver = self.make_solver()
         if getattr(solver, "needs_symmetric", False) and not self.symmetric_checked:
             _check_symmetric(matvec, b)  # once per call, on whichever solve comes first
             self.symmetric_checked = True
         if first and self.check_unique:
             _check_nonsingular(matvec, b, solver)  # an undefined derivative is never only a warning
-        x0 = self.x0() if first else None
-        if x0 is not None:  # a warm start that is worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly)
-            if float(torch.linalg.vector_norm(b - matvec(x0))) >= float(torch.linalg.vector_norm(b)):
-                x0 = None
+        if first and hooks:
+            x0 = self._warm_start(b)
+        if x0 is not None:  # a warm start that is worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly),
+            # decided per sample under vmap
+            x0 = _better_than_zero(x0, b, matvec(x0), self.vmap_dims if self.batched_solver else 0)
         x, linfo = solver(matvec, b, x0)
         if first and self.info is not None:
             self.info.adjoint = linfo
@@ -204,12 +254,13 @@ class FixedPointProblem:
                 "use hypergrad='unrolled'), or the solver needs more iterations (adjoint_maxiter) / "
                 "another method (solver='gmres')"
             )
-        if first and self.after is not None:
-            self.after(x, u)
+        if first and hooks and self.after is not None:
+            self._after(x, u, tensors)
         return x
 
     # -- the first-order reverse pass (no graph kept) ---------------------------------------
     def vjp_fast(self, u: Tensor, tensors: Sequence[Tensor], g: Tensor, needs: Sequence[bool]) -> list:
+        _root(self).needs = tuple(needs)
         with torch.enable_grad():
             u_req = u.detach().clone().requires_grad_(True)
             ts = [t.detach().requires_grad_(bool(n) and t.is_floating_point()) for t, n in zip(tensors, needs)]
@@ -227,9 +278,9 @@ class FixedPointProblem:
             return self._finish(f, ts, self.solve(True, g, u, ts, first=True))
         else:
             vjp = make_vjp(f, u_req)
-            return self._finish(f, ts, self._run_solver(lambda z: z - vjp(z), g, True, u.detach()))
+            return self._finish(f, ts, self._run_solver(lambda z: z - vjp(z), g, True, u.detach(), ts))
         if self.after is not None:
-            self.after(v, u.detach())
+            self._after(v, u.detach(), ts)
         return self._finish(f, ts, v)
 
     @staticmethod
@@ -239,6 +290,18 @@ class FixedPointProblem:
             return [None] * len(ts)
         grads = iter(torch.autograd.grad(f, wanted, v, allow_unused=True))
         return [next(grads) if t.requires_grad else None for t in ts]
+
+
+def _better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Optional[Tensor]:
+    r""":math:`x_0` where :math:`\|b - Ax_0\| < \|b\|`, else 0 — per sample over ``batch_dims``
+    leading dims (``None`` when no sample keeps its warm start)."""
+    dims = tuple(range(batch_dims, b.dim()))
+    keep = torch.linalg.vector_norm(b - Ax0, dim=dims) < torch.linalg.vector_norm(b, dim=dims)
+    if not bool(keep.any()):
+        return None
+    if batch_dims == 0:
+        return x0
+    return torch.where(keep.reshape(keep.shape + (1,) * (b.dim() - batch_dims)), x0, torch.zeros_like(x0))
 
 
 def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor) -> None:
@@ -287,7 +350,9 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def forward(problem: FixedPointProblem, u0: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        extra = {} if problem.slice_info is None else {"info_": problem.slice_info}
+        extra: dict = {} if problem.slice_info is None else {"info_": problem.slice_info}
+        if problem.slice_index is not None:
+            extra["sample_"] = problem.slice_index
         return problem.forward(u0, tensors[: problem.n_params], **extra).clone()
 
     @staticmethod
@@ -306,6 +371,7 @@ class FixedPoint(torch.autograd.Function):
             return (None, None, *problem.vjp_fast(u, ts, g, needs))
         first = not problem.first_done
         problem.first_done = True
+        _root(problem).needs = tuple(needs)
         v = LinearSolve.apply(problem, True, g, u, first, *ts)
         _, pull = torch.func.vjp(lambda *ts_: problem.T_call(u, ts_), *ts)
         grads = pull(v)
@@ -330,11 +396,12 @@ class FixedPoint(torch.autograd.Function):
         outs, infos = [], []
         for i in range(B):  # each sample solved on its own, with its own stopping test
             problem.slice_info = SolverInfo(mode=problem.info.mode) if problem.info is not None else None
+            problem.slice_index = (i, B)
             try:
                 outs.append(FixedPoint.apply(problem, *_slice(i, (u0, *ts), in_dims[1:])))
             finally:
                 infos.append(problem.slice_info)
-                problem.slice_info = None
+                problem.slice_info, problem.slice_index = None, None
         _merge_infos(problem.info, infos)
         return torch.stack(outs), 0
 
@@ -394,8 +461,8 @@ def _lift(problem: FixedPointProblem, dims: Sequence[Optional[int]], forward: bo
         check_unique=problem.check_unique, symmetric=problem.symmetric, iteration=it_b,
     )
     lifted.vmap_dims, lifted.parent, lifted.dims = depth, problem, in_dims
-    # no ``after``: the inexact mode's a-posteriori bound evaluates T on the closure's params, which
-    # are vmap's batched tensors here (no error_bound under vmap; its warm-start cache is per sample)
+    # the inexact mode's hooks see the whole batch (warm starts) and its samples (error bounds)
+    lifted.x0, lifted.after = problem.x0, problem.after
     lifted.batched_solver = bool(getattr(base(), "batch_dims_ok", False))
     lifted.symmetric_checked = problem.symmetric_checked
     return lifted
@@ -432,6 +499,8 @@ def _merge_infos(into: Optional[SolverInfo], infos: Sequence[Optional[SolverInfo
     worst = max(done, key=lambda i: i.residual if math.isfinite(i.residual) else math.inf)
     into.residuals, into.residual_steps, into.tol = worst.residuals, worst.residual_steps, worst.tol
     into.message = "; ".join(dict.fromkeys(i.message for i in done if i.message))
+    if any(hasattr(i, "warm_started") for i in done):  # the inexact mode's flag: any sample warm-started
+        into.warm_started = any(getattr(i, "warm_started", False) for i in done)  # type: ignore[attr-defined]
 
 
 def _slice(i: int, tensors: Sequence[Any], dims: Sequence[Optional[int]]) -> list:
@@ -528,6 +597,7 @@ class ClosureAdjoint(torch.autograd.Function):
         (u,) = ctx.saved_tensors
         problem: FixedPointProblem = ctx.problem
         ts = [p.detach() for p in problem.closure_args]
+        problem.needs = [p.requires_grad for p in problem.closure_args]
         return None, problem.solve(True, g, u, ts, first=True), None
 
     @staticmethod
