@@ -167,9 +167,14 @@ def measure(problem: str, K: int, name: str, opts: dict[str, Any], quick: bool, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full()  # warm-up
-        t_fwd = _median_time(forward, repeats)
-        t_full = _median_time(full, repeats)
-        t_bwd = statistics.median(backward_only() for _ in range(repeats))
+        # interleaved (forward, forward+backward, backward alone per repeat): a machine that speeds
+        # up or slows down moves both sides of each ratio alike
+        fwd_t, full_t, bwd_t = [], [], []
+        for _ in range(repeats):
+            fwd_t.append(_median_time(forward, 1))
+            full_t.append(_median_time(full, 1))
+            bwd_t.append(backward_only())
+        t_fwd, t_full, t_bwd = (statistics.median(t) for t in (fwd_t, full_t, bwd_t))
         loss, saved = _saved_bytes(call)
         loss.backward()
         rss_runs = [peak_rss_growth(full) for _ in range(3)]
@@ -241,18 +246,28 @@ def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int
     rows["plain torch loop, no_grad (the forward)"] = {"time_ratio": 1.0, "rel_error": None}
 
     def grad_and_time(fn_total: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float, float]:
-        def run() -> tuple[torch.Tensor, float]:
+        """Interleaved with the forward (one forward, one forward+backward per repeat), so a
+        machine that speeds up or slows down moves both sides of each ratio alike."""
+        def run() -> tuple[torch.Tensor, float, float]:
             x = x0.clone().requires_grad_(True)
-            loss = F(fn_total(x), x)
             t0 = time.perf_counter()
+            loss = F(fn_total(x), x)
+            t1 = time.perf_counter()
             loss.backward()
-            return x.grad, time.perf_counter() - t0
+            t2 = time.perf_counter()
+            return x.grad, t2 - t0, t2 - t1
 
         run()
-        t_total = _median_time(lambda: run(), repeats)
-        g, _ = run()
-        t_bwd = statistics.median(run()[1] for _ in range(repeats))
-        return float((g - ref).norm() / ref.norm()), t_total / t_fwd, t_bwd / t_fwd
+        fwd, total, bwd = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward_nograd()
+            fwd.append(time.perf_counter() - t0)
+            g, t_total, t_bwd = run()
+            total.append(t_total)
+            bwd.append(t_bwd)
+        f = statistics.median(fwd)
+        return float((g - ref).norm() / ref.norm()), statistics.median(total) / f, statistics.median(bwd) / f
 
     # plain autograd through the K steps
     e, tot, bwd = grad_and_time(plain_forward)
@@ -288,6 +303,66 @@ def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int
     return {"n": n, "cond": cond, "K": K, "t_forward_s": t_fwd, "rows": rows}
 
 
+# ---------------------------------------------------------------------------- second order
+def second_order(repeats: int, n: int = 200, cond: float = 100.0, K: int = 2000) -> dict[str, Any]:
+    r"""Cost of the second-order path on the reference quadratic (closed form ``∇²f = Q⁻²``): a
+    Hessian-vector product by double backward and by forward-over-reverse (``jvp(grad(f))``) next
+    to the first-order gradient, each including the K-step solve, interleaved with a plain no-grad
+    loop of the same K steps (the unit). Theory: one more linear solve per order."""
+    P = quadratic(n, cond, seed=1)
+    Q, s, x0, F = P["Q"], P["s"], P["x0"], P["F"]
+    u0 = torch.zeros(n, dtype=DT)
+    w = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=DT)
+    hvp_ref = torch.linalg.solve(Q, torch.linalg.solve(Q, w))
+
+    def step(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return u - s * (Q @ u - x)
+
+    solver = hp.GKMSolver(step, max_steps=K, tol=0.0, check_every=K, hypergrad="implicit", solver="cg",
+                          adjoint_rtol=1e-10)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return F(solver(u0, x), x)
+
+    def forward_nograd() -> None:
+        with torch.no_grad():
+            u = u0
+            for _ in range(K):
+                u = step(u, x0)
+
+    def first() -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        return torch.autograd.grad(f(x), x)[0]
+
+    def double_backward() -> torch.Tensor:
+        x = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+        return torch.autograd.grad(g, x, w)[0]
+
+    def fwd_over_rev() -> torch.Tensor:
+        return torch.func.jvp(torch.func.grad(f), (x0,), (w,))[1]
+
+    cases = {"gradient (first order)": first, "HVP by double backward": double_backward,
+             "HVP by jvp(grad(f))": fwd_over_rev}
+    solves = {}
+    for name, fn in cases.items():
+        fn()  # warm-up, and the number of linear solves it makes
+        solves[name] = 1 + (solver.info.higher_solves if hasattr(solver.info, "higher_solves") else 0)
+    times: dict[str, list[float]] = {name: [] for name in ["forward", *cases]}
+    for _ in range(repeats):
+        times["forward"].append(_median_time(forward_nograd, 1))
+        for name, fn in cases.items():
+            times[name].append(_median_time(fn, 1))
+    t_fwd = statistics.median(times["forward"])
+    g_ref = torch.linalg.solve(Q, torch.linalg.solve(Q, x0) - P["y"])
+    errs = {"gradient (first order)": float((first() - g_ref).norm() / g_ref.norm()),
+            "HVP by double backward": float((double_backward() - hvp_ref).norm() / hvp_ref.norm()),
+            "HVP by jvp(grad(f))": float((fwd_over_rev() - hvp_ref).norm() / hvp_ref.norm())}
+    rows = {name: {"rel_error": errs[name], "over_fwd": statistics.median(times[name]) / t_fwd,
+                   "linear_solves": solves[name]} for name in cases}
+    return {"n": n, "cond": cond, "K": K, "rows": rows}
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -319,7 +394,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{label:<46} {'-':>9} {1.0:>9.2f} {'-':>8}")
         else:
             print(f"{label:<46} {r['rel_error']:>9.2e} {r['total_over_fwd']:>9.2f} {r['bwd_over_fwd']:>8.2f}")
-    out = {"machine": machine, "quick": args.quick, "results": results, "reference": ref}
+    so = second_order(max(args.repeats, 5), n=200, cond=100.0, K=500 if args.quick else 2000)
+    print("\n## second order: same quadratic; closed form Hessian Q^-2 (time includes the K-step solve)")
+    print(f"{'what':<28} {'rel.err':>9} {'time/fwd':>9} {'linear solves':>14}")
+    for label, r in so["rows"].items():
+        print(f"{label:<28} {r['rel_error']:>9.2e} {r['over_fwd']:>9.2f} {r['linear_solves']:>14}")
+    out = {"machine": machine, "quick": args.quick, "results": results, "reference": ref, "second_order": so}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

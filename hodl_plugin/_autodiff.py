@@ -83,3 +83,44 @@ def make_vjp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor]:
         return public(v)
 
     return fast
+
+
+def make_jvp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor] | None:
+    r"""``z -> (∂out/∂inp) z`` on a graph built once, by the transpose of a vjp: with
+    :math:`h(g) = J^\top g` (linear in a dummy ``g``), :math:`Jz = \partial_g\langle h(g), z\rangle`.
+
+    One reverse pass per product through a graph kept between calls — on the GKM operators several
+    times cheaper than re-tracing ``torch.func.jvp`` at every product (forward-mode AD decomposes
+    many ops). ``None`` — use ``torch.func.jvp`` — where that could be wrong or fail: a graph with a
+    custom ``autograd.Function`` (its backward may not be differentiable, which autograd would not
+    always say) or a backward that does not depend on ``g``.
+    """
+    if _has_custom_function(out):
+        return None
+    g = torch.zeros_like(out, requires_grad=True)
+    try:
+        (h,) = torch.autograd.grad(out, inp, g, create_graph=True, retain_graph=True, allow_unused=True)
+    except RuntimeError:
+        return None
+    if h is None or not h.requires_grad:
+        return None
+    jvp = make_vjp(h, g)
+    try:  # a double backward that is not implemented may only fail when it runs
+        jvp(torch.zeros_like(out))
+    except RuntimeError:
+        return None
+    return jvp
+
+
+def _has_custom_function(out: Tensor) -> bool:
+    """Whether ``out``'s graph contains a node of a custom ``torch.autograd.Function``."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False

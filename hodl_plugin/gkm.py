@@ -358,9 +358,11 @@ class _Monitor:
         idx = bad.nonzero().flatten().tolist() if bad.dim() else []
         which = f" (batch samples {idx[:8]}{'...' if len(idx) > 8 else ''})" if idx else ""
         if bool(nonfinite.any()):
+            src = ("T(u, *params) or the upper objective's gradient (HODL aggregation: upper / upper_grad)"
+                   if it.aggregates else "T(u, *params)")
             what = (
-                "became non-finite (NaN/Inf): T(u, *params) returned NaN or Inf on the iterates "
-                "(check T, e.g. a log or a division, and its parameters)"
+                f"became non-finite (NaN/Inf): {src} returned NaN or Inf on the iterates "
+                "(check it, e.g. a log or a division, and its parameters)"
             )
         else:
             ri, r0i, rm = (float(t[bad].max()) if t.dim() else float(t) for t in (r, r0, self.rmin))
@@ -373,8 +375,8 @@ class _Monitor:
                 )
         info.message = (
             f"the GKM iteration diverged at step {k}{which}: the fixed-point residual ||T(w_k) - u_k|| {what}. "
-            "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step) "
-            "and that the upper step s is below 1/L_F."
+            "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step)"
+            + (" and that the upper step s is below 1/L_F." if it.aggregates else ".")
         )
         if it.on_divergence == "raise":
             raise DivergenceError(info.message)

@@ -38,7 +38,7 @@ from . import linear_solve as ls
 from ._checks import transforms_active
 from .errors import HODLError, ScheduleError, user_stacklevel
 from .gkm import GKMIteration, SolverInfo
-from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem
+from .implicit import _CLOSURE_MSG, ClosureAdjoint, FixedPoint, FixedPointProblem, _plain_tensors
 from .inexact import BoundConstants, a_posteriori, residuals_at, with_v_norm
 from .schedules import Schedule, as_schedule, check_accuracy
 
@@ -572,8 +572,9 @@ class Inexact(HypergradMethod):
         info.error_bound = max(bounds) if finite else None
         info.error_estimate = max(estimates) if all(math.isfinite(e) for e in estimates) else None
         if batched:
-            info.error_bound_per_sample = torch.tensor(bounds, dtype=torch.float64)
-            info.error_estimate_per_sample = torch.tensor(estimates, dtype=torch.float64)
+            with _plain_tensors():
+                info.error_bound_per_sample = torch.tensor(bounds, dtype=torch.float64)
+                info.error_estimate_per_sample = torch.tensor(estimates, dtype=torch.float64)
 
     def _bound(self, it, u_star, ts, n_params, names, v, info) -> tuple:
         """``(bound, estimate, note)`` for one problem at the point the hypergradient used: a

@@ -44,6 +44,7 @@ tensor([48., 96.], dtype=torch.float64)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linear_solve as ls
-from ._autodiff import make_vjp
+from ._autodiff import make_jvp, make_vjp
 from ._checks import transforms_active
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
@@ -183,20 +184,19 @@ class FixedPointProblem:
                 "the hypergradient is NaN (fix the loss above the solver)"
             )
             return torch.full_like(b, math.nan)
-        if transpose:
-            with torch.enable_grad():
-                u_req = u.clone().requires_grad_(True)
-                f = self.T_call(u_req, ts)
+        with torch.enable_grad():
+            u_req = u.clone().requires_grad_(True)
+            f = self.T_call(u_req, ts)
             if not f.requires_grad:  # T does not depend on u: A = I
                 return b.clone()
-            vjp = make_vjp(f, u_req)
+            # products with ∂_uT (or its transpose) on one graph of T(u) built here for the whole solve
+            prod = make_vjp(f, u_req) if transpose else make_jvp(f, u_req)
+        if prod is None:  # T's backward is not differentiable: forward-mode AD at every product
+            def prod(z: Tensor) -> Tensor:
+                return _jvp(lambda uu: self.T_call(uu, ts), (u,), (z,))
 
-            def matvec(z: Tensor) -> Tensor:
-                return z - vjp(z)
-        else:
-
-            def matvec(z: Tensor) -> Tensor:
-                return z - _jvp(lambda uu: self.T_call(uu, ts), (u,), (z,))
+        def matvec(z: Tensor) -> Tensor:
+            return z - prod(z)
 
         return self._run_solver(matvec, b, first, u, ts, x0=x0, hooks=hooks)
 
@@ -492,8 +492,9 @@ def _merge_infos(into: Optional[SolverInfo], infos: Sequence[Optional[SolverInfo
     if into is None or not done:
         return
     into.steps = max(i.steps for i in done)
-    into.steps_per_sample = torch.tensor([i.steps for i in done])
-    into.converged_per_sample = torch.tensor([bool(i.converged) for i in done])
+    with _plain_tensors():  # diagnostics, not part of any transform's computation
+        into.steps_per_sample = torch.tensor([int(i.steps) for i in done])
+        into.converged_per_sample = torch.tensor([bool(i.converged) for i in done])
     into.converged = all(i.converged for i in done)
     into.diverged = any(i.diverged for i in done)
     worst = max(done, key=lambda i: i.residual if math.isfinite(i.residual) else math.inf)
@@ -501,6 +502,12 @@ def _merge_infos(into: Optional[SolverInfo], infos: Sequence[Optional[SolverInfo
     into.message = "; ".join(dict.fromkeys(i.message for i in done if i.message))
     if any(hasattr(i, "warm_started") for i in done):  # the inexact mode's flag: any sample warm-started
         into.warm_started = any(getattr(i, "warm_started", False) for i in done)  # type: ignore[attr-defined]
+
+
+def _plain_tensors() -> Any:
+    """A context in which new tensors are plain, not wrapped by the active torch.func transforms."""
+    disable = getattr(torch._C, "_DisableFuncTorch", None)
+    return disable() if disable is not None else contextlib.nullcontext()
 
 
 def _slice(i: int, tensors: Sequence[Any], dims: Sequence[Optional[int]]) -> list:

@@ -88,6 +88,9 @@ class LinearSolver(Protocol):
     must be block-diagonal over them). Each sample then has its own inner products, step sizes,
     threshold ``max(rtol·‖b_i‖, atol)`` and stopping test; a sample that has converged stops
     changing, and the loop stops when every sample has (one host sync per iteration, as without).
+    ``maxiter`` then counts the batch's products, i.e. the slowest sample's: no sample gets more
+    than it would alone (batched GMRES restarts every sample's cycle together, every ``restart``
+    products of the batch).
     """
 
     def __call__(

@@ -71,6 +71,16 @@ def test_nan_producing_operator_raises():
         hp.GKMSolver(nan_op, max_steps=30)(torch.zeros(3, dtype=DT))
 
 
+def test_a_nan_from_the_upper_objective_is_not_blamed_on_T_alone():
+    T_ok = lambda u: 0.5 * u  # noqa: E731  finite everywhere
+    F_nan = lambda u: torch.sqrt(u - 10.0).sum()  # noqa: E731  NaN gradient near the fixed point 0
+    with pytest.raises(hp.DivergenceError, match=r"upper objective's gradient"):
+        hp.GKMSolver(T_ok, upper=F_nan, alpha=hp.Harmonic(0.5), max_steps=30)(torch.zeros(3, dtype=DT))
+    with pytest.raises(hp.DivergenceError) as e:  # no aggregation: only T can produce it
+        hp.GKMSolver(lambda u: torch.log(u - 1.0), max_steps=30)(torch.zeros(3, dtype=DT))
+    assert "upper" not in str(e.value) and "T(u, *params) returned NaN" in str(e.value)
+
+
 def test_schedules_outside_convergence_conditions():
     F = lambda u, x: (u**2).sum()  # noqa: E731
     with pytest.raises(hp.ScheduleError, match="bounded away from 0"):

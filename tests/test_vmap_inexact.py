@@ -228,3 +228,22 @@ def test_the_warm_start_notice_points_at_the_users_line_under_vmap():
         torch.func.vmap(torch.func.grad(f))(X)
     notes = [w for w in seen if "Inexact warm start" in str(w.message)]
     assert len(notes) == 1 and notes[0].filename == __file__, [(w.filename, w.lineno) for w in notes]
+
+
+def test_per_sample_diagnostics_are_plain_tensors_after_outer_transforms():
+    """info's per-sample tensors are made outside the transforms (no GradTrackingTensor escapes)."""
+    from torch._C._functorch import is_batchedtensor, is_gradtrackingtensor
+
+    def plain(t):
+        return isinstance(t, torch.Tensor) and not is_gradtrackingtensor(t) and not is_batchedtensor(t)
+
+    solver = hp.GKMSolver(Affine(), upper=lambda u, d, c: upper(u, None), alpha=0, max_steps=100000,
+                          hypergrad=hp.Inexact(eps=1e-6, estimate_every=1, solver="cg"))
+    torch.func.grad(lambda cs: torch.func.vmap(lambda d, c: upper(solver(torch.zeros(N, dtype=D), d, c),
+                                                                  None))(DS, cs).sum())(CS)
+    assert plain(solver.info.error_bound_per_sample) and plain(solver.info.steps_per_sample)
+    T = Counted()
+    agg = hp.GKMSolver(T, hypergrad=hp.Implicit(check_unique=False), upper=upper, alpha=hp.Harmonic(0.1),
+                       tol=1e-8, max_steps=200)
+    torch.func.jacrev(lambda xs: torch.func.vmap(lambda x: agg(torch.zeros(N, dtype=D), x))(xs))(X)
+    assert plain(agg.info.steps_per_sample) and agg.info.steps_per_sample.tolist() == [200] * B
