@@ -560,14 +560,19 @@ class Inexact(HypergradMethod):
             info.message = f"error bound not computed at this call (estimate_every={self.estimate_every})"
             return
         bounds, estimates, notes = [], [], []
-        for v, u_star, ts in samples():
-            b, e, note = self._bound(it, u_star, ts, n_params, names, v, info)
+        adj = info.adjoint
+        per = None if adj is None or adj.residual_per_sample is None else adj.residual_per_sample.reshape(-1)
+        for i, (v, u_star, ts) in enumerate(samples()):
+            # the adjoint residual the solver reported for this sample (the batch's worst if unknown)
+            res = float(per[i]) if per is not None and i < per.numel() else (None if adj is None else adj.residual)
+            b, e, note = self._bound(it, u_star, ts, n_params, names, v, res)
             bounds.append(math.nan if b is None else b)
             estimates.append(math.nan if e is None else e)
             if note:
-                notes.append(note)
+                notes.append(f"sample {i}: {note}" if batched else note)
         if notes:
-            info.message = "; ".join(dict.fromkeys(notes))
+            more = f" (and {len(notes) - 3} more samples)" if len(notes) > 3 else ""
+            info.message = "; ".join(notes[:3]) + more
         finite = all(math.isfinite(b) for b in bounds)
         info.error_bound = max(bounds) if finite else None
         info.error_estimate = max(estimates) if all(math.isfinite(e) for e in estimates) else None
@@ -576,7 +581,7 @@ class Inexact(HypergradMethod):
                 info.error_bound_per_sample = torch.tensor(bounds, dtype=torch.float64)
                 info.error_estimate_per_sample = torch.tensor(estimates, dtype=torch.float64)
 
-    def _bound(self, it, u_star, ts, n_params, names, v, info) -> tuple:
+    def _bound(self, it, u_star, ts, n_params, names, v, adj: Optional[float]) -> tuple:
         """``(bound, estimate, note)`` for one problem at the point the hypergradient used: a
         certified bound (or None, the note says why) and the formula with estimated constants.
         ``ts``: its tensors, requiring grad where the hypergradient goes."""
@@ -587,7 +592,6 @@ class Inexact(HypergradMethod):
         else:
             T = it.T
         learned = [t for t in ts if t.requires_grad]
-        adj = info.adjoint.residual if info.adjoint is not None else None
         if isinstance(self.constants, BoundConstants):  # user-certified constants
             eps, delta = residuals_at(T, it.upper, u_star, params, v, point=u_star)
             delta = adj if delta is None else delta

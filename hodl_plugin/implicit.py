@@ -168,11 +168,15 @@ class FixedPointProblem:
             # a vmapped problem whose linear solver has no per-sample mode: one solve per sample
             # (each with its slice of the warm start; the hooks see the whole batch once)
             x0 = self._warm_start(b) if first else None
-            x = torch.stack([
-                self.parent.solve(transpose, b[i], u[i], _slice(i, tensors, self.dims), first,
-                                  x0=None if x0 is None else x0[i], hooks=False)
-                for i in range(b.shape[0])
-            ])
+            xs, infos = [], []
+            for i in range(b.shape[0]):
+                xs.append(self.parent.solve(transpose, b[i], u[i], _slice(i, tensors, self.dims), first,
+                                            x0=None if x0 is None else x0[i], hooks=False))
+                if first and self.info is not None:
+                    infos.append(self.info.adjoint)
+            if first and self.info is not None and all(li is not None for li in infos):
+                self.info.adjoint = _stack_linfos(infos)
+            x = torch.stack(xs)
             if first and self.after is not None:
                 self._after(x, u, tensors)
             return x
@@ -290,6 +294,24 @@ class FixedPointProblem:
             return [None] * len(ts)
         grads = iter(torch.autograd.grad(f, wanted, v, allow_unused=True))
         return [next(grads) if t.requires_grad else None for t in ts]
+
+
+def _stack_linfos(infos: Sequence[ls.LinearSolveInfo]) -> ls.LinearSolveInfo:
+    """The diagnostics of one solve per sample, as a batched solver reports them (per-sample
+    tensors; ``residual`` / ``threshold`` of the worst sample)."""
+    def per(li: ls.LinearSolveInfo, name: str, scalar: Any) -> Tensor:
+        t = getattr(li, name)
+        return t if t is not None else torch.tensor(scalar)
+
+    with _plain_tensors():
+        its = torch.stack([per(li, "iterations_per_sample", li.iterations) for li in infos])
+        conv = torch.stack([per(li, "converged_per_sample", li.converged) for li in infos])
+        res = torch.stack([per(li, "residual_per_sample", li.residual) for li in infos]).double()
+        th = torch.stack([per(li, "threshold_per_sample", li.threshold) for li in infos]).double()
+    worst = max(infos, key=lambda li: li.residual / li.threshold if li.threshold > 0 else math.inf)
+    return ls.LinearSolveInfo(infos[0].method, int(its.max()), worst.residual, worst.threshold, bool(conv.all()),
+                              iterations_per_sample=its, converged_per_sample=conv,
+                              residual_per_sample=res, threshold_per_sample=th)
 
 
 def _better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Optional[Tensor]:

@@ -64,6 +64,8 @@ class LinearSolveInfo:
             systems, e.g. under ``torch.func.vmap``), tensors over the batch; ``iterations`` is
             then the most products any sample used and ``residual`` / ``threshold`` are the worst
             sample's (largest ``residual / threshold``).
+        residual_per_sample, threshold_per_sample: with ``batch_dims``, each sample's final
+            residual and threshold.
 
     >>> import torch
     >>> _, info = cg(rtol=1e-12)(lambda v: 2 * v, torch.ones(3, dtype=torch.float64))
@@ -78,6 +80,8 @@ class LinearSolveInfo:
     converged: bool
     iterations_per_sample: Optional[Tensor] = None
     converged_per_sample: Optional[Tensor] = None
+    residual_per_sample: Optional[Tensor] = None
+    threshold_per_sample: Optional[Tensor] = None
 
 
 class LinearSolver(Protocol):
@@ -143,7 +147,8 @@ class _Batch:
         w = int(ratio.reshape(-1).argmax())
         flat_res, flat_th = res.reshape(-1), thresh.reshape(-1)
         return LinearSolveInfo(method, int(its.max()), float(flat_res[w]), float(flat_th[w]), bool(conv.all()),
-                               iterations_per_sample=its, converged_per_sample=conv)
+                               iterations_per_sample=its, converged_per_sample=conv,
+                               residual_per_sample=res, threshold_per_sample=thresh)
 
 
 def _check_tols(rtol: float, atol: float, maxiter: int) -> None:

@@ -284,16 +284,23 @@ def test_vmap_module_operator_parameter_gradient():
 
 @pytest.mark.parametrize("solver_name", ["cg", "gmres", "fixed_point", "bicgstab"])
 def test_vmap_grad_every_adjoint_solver(solver_name):
-    """cg / gmres / fixed_point run their per-sample mode; bicgstab (none) one solve per sample."""
-    _, solver = make(solver=solver_name, adjoint_maxiter=20000)
-    _, f = f_of(solver)
+    """cg / gmres / fixed_point run their per-sample mode; bicgstab (none) one solve per sample;
+    both report per-sample diagnostics (each sample's own products, residual and threshold)."""
+    T, solver = make(solver=solver_name, adjoint_maxiter=20000)
+    solve, f = f_of(solver)
+    with torch.no_grad():
+        torch.func.vmap(solve)(X)
+    T.calls, forward_calls = 0, T.calls
     G = torch.func.vmap(torch.func.grad(f))(X)
     close(G, torch.stack([grad_ref(x, "implicit") for x in X]), 1e-7)
-    batched = solver.info.adjoint.iterations_per_sample is not None
-    assert batched == (solver_name != "bicgstab")
-    if batched:
-        its = solver.info.adjoint.iterations_per_sample
-        assert its[0] < its[2], its  # the well-conditioned sample stopped first
+    # the backward calls T to build graphs only: one for the adjoint products of the whole batch (a
+    # per-sample solver) or one per sample (bicgstab), plus one for the final vjp
+    assert T.calls - forward_calls == (1 + B if solver_name == "bicgstab" else 2)
+    adj = solver.info.adjoint
+    its = adj.iterations_per_sample
+    assert its is not None and its.shape == (B,) and int(its.max()) == adj.iterations
+    assert its[0] < its[2], its  # the well-conditioned sample stopped first
+    assert bool((adj.residual_per_sample <= adj.threshold_per_sample).all()) and adj.converged
 
 
 def test_vmap_with_aggregation_falls_back_per_sample():

@@ -127,23 +127,28 @@ class Affine:
         return u - S * (R @ (d * (R.T @ u)) - c)
 
 
+@pytest.mark.parametrize("adjoint", ["cg", "gmres", "bicgstab", "fixed_point"])  # batched / one by one
 @pytest.mark.parametrize("entry", ["vmap_grad", "grad_vmap", "backward_vmap"])
-def test_each_sample_gets_a_certified_bound_above_its_true_error(entry):
-    # loose accuracies, so the errors are visible; no warm starts, so each call is the same
+def test_each_sample_gets_a_certified_bound_above_its_true_error(entry, adjoint):
+    # loose accuracies, so the errors are visible; no warm starts, so each call is the same. Each
+    # sample's bound uses its own adjoint residual (not the batch's worst or last)
     solver = hp.GKMSolver(Affine(), upper=lambda u, d, c: upper(u, None), alpha=0, max_steps=100000,
-                          hypergrad=hp.Inexact(eps=1e-4, warm_start=False, estimate_every=1, solver="cg"))
+                          hypergrad=hp.Inexact(eps=1e-4, warm_start=False, estimate_every=1, solver=adjoint))
+
+    # samples of very different scales (so their adjoint residuals differ by orders of magnitude)
+    Cs = CS * torch.tensor([1.0, 1e3, 1e-2], dtype=D)[:, None]
 
     def f(d, c):
         return upper(solver(torch.zeros(N, dtype=D), d, c), None)
 
     # closed form: ∂f/∂c = Q(d)⁻¹(u* − y)
-    ref = torch.stack([torch.linalg.solve(Q(d), u_star(torch.cat([d, c])) - Y) for d, c in zip(DS, CS)])
+    ref = torch.stack([torch.linalg.solve(Q(d), u_star(torch.cat([d, c])) - Y) for d, c in zip(DS, Cs)])
     if entry == "vmap_grad":
-        g = torch.func.vmap(torch.func.grad(f, argnums=1))(DS, CS)
+        g = torch.func.vmap(torch.func.grad(f, argnums=1))(DS, Cs)
     elif entry == "grad_vmap":
-        g = torch.func.grad(lambda cs: torch.func.vmap(f)(DS, cs).sum())(CS)
+        g = torch.func.grad(lambda cs: torch.func.vmap(f)(DS, cs).sum())(Cs)
     else:
-        cs = CS.clone().requires_grad_(True)
+        cs = Cs.clone().requires_grad_(True)
         torch.func.vmap(f)(DS, cs).sum().backward()
         g = cs.grad
     info = solver.info
@@ -158,7 +163,7 @@ def test_each_sample_gets_a_certified_bound_above_its_true_error(entry):
     # each sample's bound is the one its own unbatched call certifies
     for i in range(B):
         solver.info.error_bound = None
-        ci = CS[i].clone().requires_grad_(True)
+        ci = Cs[i].clone().requires_grad_(True)
         f(DS[i], ci).backward()
         assert solver.info.error_bound == pytest.approx(float(bounds[i]), rel=1e-6)
 
