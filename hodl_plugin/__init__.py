@@ -16,7 +16,7 @@ The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that 
 """
 
 from . import acceleration, errors, inexact, linear_solve, operators, presets, prox, schedules
-from .acceleration import Anderson
+from .acceleration import Anderson, Broyden
 from .errors import (
     ConfigurationError,
     ConvergenceWarning,
@@ -41,6 +41,7 @@ __all__ = [
     "GKMSolver",
     "SolverInfo",
     "Anderson",
+    "Broyden",
     "HypergradMethod",
     "Unrolled",
     "Truncated",

@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable, Optional, Union
 from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
-from .acceleration import Anderson
+from .acceleration import Accelerator, Anderson
 from .errors import ConvergenceWarning, ScheduleError, SummableScheduleWarning, UnusedOptionWarning
 from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_count
 from .hypergrad import HypergradMethod, get_method
@@ -163,9 +163,10 @@ class GKMSolver(nn.Module):
         self.max_steps = validate_count(max_steps, "max_steps")
         if upper is not None and not callable(upper):
             raise TypeError("upper must be callable (u, *params) -> scalar tensor")
-        if acceleration is not None and not isinstance(acceleration, Anderson):
+        if acceleration is not None and not isinstance(acceleration, Accelerator):
             raise TypeError(
-                f"acceleration must be None or hodl_plugin.Anderson(...), got {type(acceleration).__name__}"
+                "acceleration must be None, hodl_plugin.Anderson(...), hodl_plugin.Broyden(...) or another "
+                f"hodl_plugin.acceleration.Accelerator, got {type(acceleration).__name__}"
             )
         self.T = T  # registered as a submodule when it is an nn.Module
         self.upper = upper

@@ -82,11 +82,12 @@ class HODLConfig(_BettyConfig):
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
-        from ..acceleration import Anderson
+        from ..acceleration import Accelerator
 
-        if self.acceleration is not None and not isinstance(self.acceleration, Anderson):
+        if self.acceleration is not None and not isinstance(self.acceleration, Accelerator):
             raise TypeError(
-                "HODLConfig(acceleration=...) must be None or hodl_plugin.Anderson(history_size=m), got "
+                "HODLConfig(acceleration=...) must be None or hodl_plugin.Anderson(history_size=m) (or "
+                "another hodl_plugin.acceleration.Accelerator, e.g. hodl_plugin.Broyden()), got "
                 f"{type(self.acceleration).__name__}"
             )
 

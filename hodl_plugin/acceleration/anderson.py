@@ -26,18 +26,20 @@ ridge-regularised least-squares problem
   plain KM step of the last accepted point (no extra evaluation of :math:`T`: the rejected
   evaluation is the price).
 
-Three implementations of the same iteration, in preallocated buffers:
+Implementations of the same iteration, in preallocated buffers:
 
-- one problem (no ``batch_dims``), eager — the fast path: the columns of :math:`\Delta F` are scaled
-  to unit norm when they enter the ring buffer (the :math:`D^{-1}` above, once), so the Gram matrix
-  gains one row and column per step (one matrix-vector product instead of :math:`m^2 n`); on the
-  CPU the safeguard/restart decisions are Python branches on host floats (reading a CPU tensor is
-  no device sync) and the :math:`m\times m` solve is one ``numpy.linalg.solve`` (13 torch operations
-  per step; the plain KM step of a ``u - (Qu - x)/L`` map is 4); on a GPU the decisions are masks
-  and the solve a Cholesky factorisation with two triangular solves (38 operations, none of which
-  synchronises: the solver's residual checks are the only syncs);
-- batched (``batch_dims``) or under ``torch.func`` transforms: one least-squares per sample, masks,
-  no host synchronisation.
+- one problem (no ``batch_dims``), eager — the fast path of this module: the columns of
+  :math:`\Delta F` are scaled to unit norm when they enter the ring buffer (the :math:`D^{-1}` above,
+  once), so the Gram matrix gains one row and column per step (one matrix-vector product instead of
+  :math:`m^2 n`); on the CPU the safeguard/restart decisions are Python branches on host floats
+  (reading a CPU tensor is no device sync) and the :math:`m\times m` solve is one
+  ``numpy.linalg.solve`` (13 torch operations per step; the plain KM step of a ``u - (Qu - x)/L`` map
+  is 4); on a GPU the decisions are masks and the solve a Cholesky factorisation with two triangular
+  solves (38 operations, none of which synchronises: the solver's residual checks are the only syncs);
+- per sample (``batch_dims``, or one problem under ``torch.func`` transforms):
+  :mod:`~hodl_plugin.acceleration._anderson_batch` — every sample its own :math:`\gamma`, restarts and
+  safeguard, all samples in one batched least-squares step (numpy on the host, masked torch
+  operations on a GPU and under transforms).
 
 Why not with HODL aggregation: the aggregated map changes with :math:`k`
 (:math:`w_k = u_k - \alpha_k s\nabla F(u_k)`), and the selection of the :math:`F`-optimal fixed point
@@ -63,38 +65,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from .errors import ConfigurationError
-
-try:  # the m×m Cholesky of the CPU fast path (torch's, MKL's, enters a thread pool: see _Single)
-    import numpy as np
-except ImportError:  # pragma: no cover - torch runs without numpy
-    np = None  # type: ignore[assignment]
+from .._checks import transforms_active
+from ._anderson_batch import HostBatch, MaskedBatch
+from .base import Accelerator, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard, host_ok, np
 
 __all__ = ["Anderson"]
-
-
-@dataclass
-class _State:
-    """The batched state (``batch_dims > 0``, or under ``torch.func`` transforms)."""
-
-    W: Tensor  # (B, m, 2n) ring buffer of [Δu, Δf] pairs; zero columns are unused
-    G: Tensor  # (B, m, m) Gram matrix of the Δf halves (of the last step)
-    z_prev: Tensor  # (B, 2n) [u, f] at the last accepted point
-    r_prev: Tensor  # (B,) its residual norm
-    must_accept: Tensor  # (B,) bool: the current point is a fall-back KM step
-    restarts: Tensor  # (B,) restarts + fall-backs
-    probe: Tensor  # (m,) fixed probe vector of the condition estimate
-    probe_limit: float  # restart_cond · ‖probe‖
-    shape: torch.Size
-    n: int
-    B: int
-    steps: int = 0
 
 
 class _Single:
@@ -149,22 +129,7 @@ class _Single:
         self.G.copy_(self.I1)
 
 
-def _batched_solve(H: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.solve_ex(H, B)``; eagerly on the CPU by numpy, whose LAPACK stays on one
-    thread for tiny systems (MKL's enters its pool: a scheduler time slice per call on busy cores)."""
-    from ._checks import transforms_active
-
-    if np is not None and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and not (
-        transforms_active() or H.requires_grad or B.requires_grad
-    ):
-        try:
-            return torch.from_numpy(np.linalg.solve(H.numpy(), B.numpy())), H.new_zeros(H.shape[:-2], dtype=torch.int32)
-        except np.linalg.LinAlgError:  # a singular sample: torch reports which
-            pass
-    return torch.linalg.solve_ex(H, B)
-
-
-class Anderson:
+class Anderson(Accelerator):
     """Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
 
     Args:
@@ -176,6 +141,9 @@ class Anderson:
             this.
         safeguard: reject an accelerated point whose residual exceeds ``safeguard`` times the last
             accepted residual (fall back to the plain KM step); ``inf`` switches it off.
+
+    With ``batch_dims`` every sample has its own history, coefficients, restarts and safeguard
+    (:mod:`~hodl_plugin.acceleration._anderson_batch`), as if it were solved alone.
 
     >>> Anderson(history_size=5)
     Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0)
@@ -189,21 +157,13 @@ class Anderson:
         restart_cond: float = 1e8,
         safeguard: float = 10.0,
     ) -> None:
-        if isinstance(history_size, bool) or not isinstance(history_size, numbers.Integral) or history_size < 1:
-            raise ValueError(f"history_size must be an integer >= 1, got {history_size!r}")
-        if mixing is not None and not (isinstance(mixing, numbers.Real) and 0 < mixing <= 1):
-            raise ValueError(f"mixing must be None or in (0, 1], got {mixing!r}")
-        if not (isinstance(regularization, numbers.Real) and 0 <= regularization < 1):
+        self.history_size = check_history(history_size)
+        self.mixing = check_mixing(mixing)
+        if isinstance(regularization, bool) or not (isinstance(regularization, numbers.Real) and 0 <= regularization < 1):
             raise ValueError(f"regularization must be in [0, 1), got {regularization!r}")
-        if not (isinstance(restart_cond, numbers.Real) and restart_cond > 1):
-            raise ValueError(f"restart_cond must be > 1, got {restart_cond!r}")
-        if not (isinstance(safeguard, numbers.Real) and safeguard >= 1):
-            raise ValueError(f"safeguard must be >= 1 (inf: off), got {safeguard!r}")
-        self.history_size = int(history_size)
-        self.mixing = None if mixing is None else float(mixing)
         self.regularization = float(regularization)
-        self.restart_cond = float(restart_cond)
-        self.safeguard = float(safeguard)
+        self.restart_cond = check_restart_cond(restart_cond)
+        self.safeguard = check_safeguard(safeguard)
         self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
 
     def __repr__(self) -> str:
@@ -213,98 +173,25 @@ class Anderson:
             f"safeguard={self.safeguard!r})"
         )
 
-    def check_compatible(self, mode: str, alpha: object) -> None:
-        """Refuse the combinations that would be wrong (see the module docstring)."""
-        if mode in ("unrolled", "truncated"):
-            raise ConfigurationError(
-                f"acceleration=Anderson(...) cannot be used with hypergrad={mode!r}: differentiating "
-                "through the least-squares extrapolation is not supported; use hypergrad='implicit', "
-                "'inexact' or 'first_order' (exact at the fixed point whatever the forward), or "
-                "acceleration=None"
-            )
-        from .schedules import is_zero
-
-        if alpha is not None and not is_zero(alpha):  # type: ignore[arg-type]
-            raise ConfigurationError(
-                "acceleration=Anderson(...) cannot be combined with HODL aggregation (alpha_k > 0): the "
-                "selection of the F-optimal fixed point comes from the slowly vanishing alpha_k over "
-                "the whole run, which extrapolation skips. Pass alpha=0 (keeps upper for the inexact "
-                "bound) or acceleration=None"
-            )
-
-    # -- the batched state machine, called by GKMIteration ---------------------------------------
-    def init(self, u: Tensor, batch_dims: int) -> _State | _Single:
-        """The state for ``u`` (``batch_dims`` leading dims are independent samples); the history
-        buffers are preallocated at the first step, from ``[u, T(u) - u]`` (so that under
-        ``torch.func.vmap`` they are batched like the iterates)."""
-        from ._checks import transforms_active
-
-        B = int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
-        m = min(self.history_size, max(u.numel() // max(B, 1), 1))  # at most n differences are independent
-        probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
+    # -- the state machine, called by GKMIteration -----------------------------------------------
+    def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch]:
+        """The state for ``u`` (``batch_dims`` leading dims are independent samples): the one-problem
+        fast path, or the per-sample state (host or masked, :func:`~.base.host_ok`)."""
+        B = batch_size(u, batch_dims)
         if batch_dims == 0 and not transforms_active():
+            m = min(self.history_size, max(u.numel(), 1))  # at most n differences are independent
+            probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic
             return _Single(self, u, probe)
-        empty = u.new_zeros(0)
-        return _State(W=empty, G=empty, z_prev=empty, r_prev=empty, must_accept=empty, restarts=empty,
-                      probe=probe, probe_limit=self.restart_cond * float(torch.linalg.vector_norm(probe)),
-                      shape=u.shape, n=u.numel() // B if B else 0, B=B)
+        if host_ok(u, self._host_decisions):
+            return HostBatch(self, u, B)
+        return MaskedBatch(self, u, B)
 
-    def step(self, st: _State | _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
-        """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``.
-
-        None of the tensor operations synchronises with the host (about 20 on one problem, 50
-        batched).
-        """
+    def step(self, st: Union[_Single, HostBatch, MaskedBatch], u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``; no host
+        synchronisation on a GPU or under transforms."""
         if isinstance(st, _Single):
             return self._step_single(st, u, f, r, beta)
-        B, n = st.B, st.n
-        m = min(self.history_size, max(n, 1))
-        z = torch.cat([u.reshape(B, n), f.reshape(B, n)], dim=1)
-        uf, ff, r = z[:, :n], z[:, n:], r.reshape(B)
-        mix = beta if self.mixing is None else self.mixing
-        st.steps += 1
-        if st.steps == 1:  # no history yet: allocate it, take the plain KM step
-            zeros = torch.zeros_like(z)
-            st.W = zeros.unsqueeze(1).repeat(1, m, 1)
-            st.G = zeros[:, :1].unsqueeze(-1).repeat(1, m, m)
-            st.must_accept = r != r
-            st.restarts = torch.zeros_like(r)
-            st.z_prev, st.r_prev = z, r
-            return (uf + mix * ff).reshape(st.shape)
-        # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
-        keep = (r <= self.safeguard * st.r_prev) | st.must_accept
-        # 2. the new secant pair [Δu, Δf] into the ring buffer; the Gram matrix of the Δf halves
-        #    (m² n multiply-adds, one kernel: cheaper than updating it row by row)
-        i = (st.steps - 2) % m
-        st.W[:, i] = z - st.z_prev
-        dF = st.W[:, :, n:]
-        st.G = torch.bmm(dF, dF.transpose(1, 2))
-        # 3. ridge least squares on unit-scaled columns; an unused (zero) column gets a zero row and
-        #    column and a unit diagonal, so its coefficient is 0
-        sc = st.G.diagonal(dim1=1, dim2=2).clamp_min(torch.finfo(z.dtype).tiny).rsqrt()
-        H = st.G * (sc.unsqueeze(-1) * sc.unsqueeze(-2))
-        H.diagonal(dim1=1, dim2=2).fill_(1.0 + self.regularization)
-        rhs = torch.bmm(dF, ff.unsqueeze(-1)).squeeze(-1) * sc
-        sol, fail = _batched_solve(H, torch.stack([rhs, st.probe.expand_as(rhs)], dim=-1))
-        # restart on ill-conditioning: with a fixed probe p, ‖H⁻¹p‖/‖p‖ ≤ ‖H⁻¹‖ and ‖H‖ ≤ m + λ, so
-        # m‖H⁻¹p‖/‖p‖ estimates cond(H) from below (one extra right-hand side, no extra factorisation)
-        ok = (fail == 0) & (m * torch.linalg.vector_norm(sol[..., 1], dim=-1) <= st.probe_limit)
-        gamma = torch.where(ok.unsqueeze(-1), sol[..., 0], 0.0) * sc  # where: a failed solve may hold NaN
-        # 4. the step (plain KM when gamma = 0), or the fall-back KM step of the last accepted point
-        c = torch.bmm(gamma.unsqueeze(1), st.W).squeeze(1)
-        u_aa = uf - c[:, :n] + mix * (ff - c[:, n:])
-        prev = st.z_prev
-        k1 = keep.unsqueeze(-1)
-        u_next = torch.where(k1, u_aa, prev[:, :n] + beta * prev[:, n:])
-        # 5. rejected or ill-conditioned samples restart with an empty history; the accepted point
-        #    becomes the reference
-        fresh = keep & ok
-        st.W.mul_(fresh[:, None, None])
-        st.z_prev = torch.where(k1, z, prev)
-        st.r_prev = torch.where(keep, r, st.r_prev)
-        st.must_accept = ~keep
-        st.restarts = st.restarts + ~fresh
-        return u_next.reshape(st.shape)
+        return st.step(self, u, f, r, beta)
 
     def _step_single(self, st: _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         """:meth:`step` for one problem: the same iteration as the batched code, in 2-D products,
@@ -411,12 +298,3 @@ class Anderson:
         if not float(torch.linalg.vector_norm(sol[1])) <= st.probe_limit:  # NaN too
             return None
         return sol[0]
-
-    def report(self, st: _State | _Single, info: object) -> None:
-        """Add the acceleration's counts to ``info`` (eager mode only)."""
-        from ._checks import transforms_active
-
-        if transforms_active() or st.steps < 1:
-            return
-        info.restarts += int(st.restarts.max())  # type: ignore[attr-defined]
-        info.accelerated += max(0, st.steps - 1)  # type: ignore[attr-defined]

@@ -1,0 +1,245 @@
+r"""Per-sample Anderson acceleration: ``batch_dims > 0``, or one problem under ``torch.func`` transforms.
+
+Every sample :math:`b` runs the iteration of :mod:`~hodl_plugin.acceleration.anderson` on its own
+history (its own :math:`\gamma_b`, restarts and safeguard), and one step does the work of all samples
+at once: the newest secant pair of every sample goes into slot :math:`i = k \bmod m` of a
+preallocated ring buffer ``W`` of shape ``(B, m, 2n)`` (rows :math:`[\Delta u, \Delta f]`), the raw
+Gram matrices :math:`G_b = \Delta F_b^\top\Delta F_b` gain that row and column from one batched
+product (which also gives :math:`\Delta F_b^\top f_b`), the column scaling
+:math:`D_b^{-1} = \mathrm{diag}(G_b)^{-1/2}` and the ridge are applied in the small
+:math:`m\times m` space, one batched solve gives every :math:`\gamma_b` and the condition probe, and
+one batched product gives every :math:`(\Delta U_b + \beta\Delta F_b)\gamma_b`. A converged sample the
+loop keeps frozen arrives unchanged (:math:`\Delta f_b = 0`): it keeps its row of every buffer (no
+gather, no re-indexing) and gets :math:`\gamma_b = 0`.
+
+Two implementations of the same step:
+
+- :class:`HostBatch` — CPU tensors run eagerly: numpy on views of the tensors (a small numpy
+  operation costs a fraction of a torch one), decisions as Python branches on host arrays (reading a
+  CPU array is no device sync); the :math:`m\times m` solves only for the samples that moved;
+- :class:`MaskedBatch` — GPU tensors and ``torch.func`` transforms: torch operations only, every
+  decision a mask, no host synchronisation (the buffers are allocated from the first iterate, so
+  under ``vmap`` they are batched like it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from .base import as_rows, np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .anderson import Anderson
+
+
+def _probe(m: int) -> list[float]:
+    """The fixed, generic probe vector of the condition estimate (the same as the one-problem path)."""
+    return [math.cos(2.3 * i + 0.4) for i in range(m)]
+
+
+class HostBatch:
+    r"""Per-sample Anderson state on the host (numpy); see the module docstring.
+
+    As in the one-problem fast path, a pair enters the ring buffer scaled to a unit :math:`\Delta f`
+    (the column scaling :math:`D^{-1}`, once), so every Gram matrix keeps the diagonal
+    :math:`1 + \lambda` and is the ridge matrix itself: a step adds one row and column and solves.
+    """
+
+    def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
+        n = u.numel() // B if B else 0
+        m = min(acc.history_size, max(n, 1))  # more differences than dimensions add nothing
+        dt = np.float64 if u.dtype == torch.float64 else np.float32
+        self.shape, self.B, self.n, self.m, self.steps = u.shape, B, n, m, 0
+        self.W = np.zeros((B, m, 2 * n), dt)  # ring buffer of [Δu, Δf]/‖Δf‖ rows; zero rows are unused
+        self.dU, self.dF = self.W[:, :, :n], self.W[:, :, n:]
+        self.lam1 = 1.0 + acc.regularization
+        self.I1 = np.eye(m, dtype=dt) * self.lam1  # the ridge Gram matrix of an empty history
+        self.G = np.repeat(self.I1[None], B, 0)  # ridge Gram matrices D⁻¹ΔFᵀΔFD⁻¹ + λI
+        self.Gd = self.G.reshape(B, m * m)[:, :: m + 1]  # their diagonals (a view)
+        self.Z = np.empty((B, 2, n), dt)  # [Δf/‖Δf‖, f] of the step
+        probe = np.asarray(_probe(m), dt)
+        self.R = np.empty((B, m, 2), dt)  # right-hand sides [D⁻¹ΔFᵀf, probe]
+        self.R[:, :, 1] = probe
+        self.lim2 = (acc.restart_cond * float(np.linalg.norm(probe)) / m) ** 2
+        self.tiny, self.big = float(np.finfo(dt).tiny), float(np.finfo(dt).max)
+        self.sg = acc.safeguard if math.isfinite(acc.safeguard) else None
+        self.restarts = np.zeros(B, np.int64)
+        self.up: Any = None  # the last accepted point and its residual, (B, n)
+        self.fp: Any = None
+        self.rlim: Any = None  # safeguard · its residual norm; the largest float after a fall-back
+
+    def _limit(self, r: Any) -> Any:
+        return r * self.sg if self.sg is not None else np.full_like(r, self.big)
+
+    def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        B, n, m = self.B, self.n, self.m
+        un, fn = as_rows(u, B, n), as_rows(f, B, n)
+        rn = as_rows(r, B, 1)[:, 0]
+        mix = beta if acc.mixing is None else acc.mixing
+        self.steps += 1
+        if self.steps == 1:  # no history yet: the plain KM step
+            self.up, self.fp, self.rlim = un, fn, self._limit(rn)
+            return torch.from_numpy(un + mix * fn).view(self.shape)
+        keep = rn <= self.rlim  # 1. safeguard (NaN and Inf fail it)
+        if keep.all():  # finite residuals: no floating-point warning to silence
+            out = self._step(keep, un, fn, rn, mix, beta)
+        else:
+            with np.errstate(all="ignore"):  # a diverging sample may overflow; the loop reports it
+                out = self._step(keep, un, fn, rn, mix, beta)
+        t = torch.from_numpy(out)
+        return t if t.shape == self.shape else t.view(self.shape)
+
+    def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
+        """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""
+        n, m = self.n, self.m
+        # 2. the new pair, scaled to a unit Δf, into slot i; its Gram row/column and D⁻¹ΔFᵀf from one
+        #    batched product
+        i = (self.steps - 2) % m
+        w, df, Z = self.W[:, i], self.dF[:, i], self.Z
+        np.subtract(un, self.up, out=self.dU[:, i])
+        np.subtract(fn, self.fp, out=df)
+        nrm = np.einsum("bn,bn->b", df, df)
+        moved = nrm > 0  # a sample the loop keeps frozen did not move: γ = 0
+        np.maximum(nrm, self.tiny, out=nrm)
+        nrm **= -0.5
+        w *= nrm[:, None]
+        Z[:, 0] = df
+        Z[:, 1] = fn
+        g = np.matmul(self.dF, Z.transpose(0, 2, 1))  # (B, m, 2)
+        self.G[:, i] = g[:, :, 0]
+        self.G[:, :, i] = g[:, :, 0]
+        self.Gd[:, i] = self.lam1
+        self.R[:, :, 0] = g[:, :, 1]
+        # 3. γ of every sample that moved (one batched solve), with the restart test
+        gamma, ok = self._solve(moved)
+        # 4. u + βf - (ΔU + βΔF)γ for all samples from one batched product
+        c = np.matmul(gamma[:, None, :], self.W)[:, 0]
+        out = fn - c[:, n:]
+        if mix != 1.0:
+            out *= mix
+        out += un
+        out -= c[:, :n]
+        # 5. restarts and fall-backs; the accepted point becomes the reference
+        if ok.all() and keep.all():
+            self.up, self.fp, self.rlim = un, fn, self._limit(rn)
+        else:
+            self._restart(keep, ok, out, un, fn, rn, beta)
+        return out
+
+    def _solve(self, moved: Any) -> tuple[Any, Any]:
+        r"""``(γ, ok)``: :math:`\gamma = H^{-1}D^{-1}\Delta F^\top f` for the samples that ``moved``
+        (0 for the others, whose solve is skipped when they are the majority); ``ok`` false where the condition estimate :math:`m\|H^{-1}p\|/\|p\|`
+        exceeds ``restart_cond`` (or the solve failed), and then γ = 0."""
+        B, m = self.B, self.m
+        k = int(np.count_nonzero(moved))
+        if k == 0:
+            return np.zeros((B, m), self.G.dtype), np.ones(B, bool)
+        # solve for the samples that moved only when that saves more than the gather costs
+        idx = np.flatnonzero(moved) if 2 * k < B else None
+        H, R = (self.G, self.R) if idx is None else (self.G[idx], self.R[idx])
+        try:
+            sol = np.linalg.solve(H, R)
+            ok = np.einsum("bi,bi->b", sol[:, :, 1], sol[:, :, 1]) <= self.lim2  # NaN fails
+        except np.linalg.LinAlgError:  # an exactly singular (NaN-free) sample: torch says which
+            s, info = torch.linalg.solve_ex(torch.from_numpy(H), torch.from_numpy(R))
+            sol, ok = s.numpy(), info.numpy() == 0
+            ok &= np.einsum("bi,bi->b", sol[:, :, 1], sol[:, :, 1]) <= self.lim2
+        gamma = sol[:, :, 0]
+        if not ok.all():
+            gamma[~ok] = 0.0  # restart: the plain KM step
+        if idx is None:
+            if k < B:
+                gamma[~moved] = 0.0
+            return gamma, ok
+        full, ok_full = np.zeros((B, m), gamma.dtype), np.ones(B, bool)
+        full[idx], ok_full[idx] = gamma, ok
+        return full, ok_full
+
+    def _restart(self, keep: Any, ok: Any, out: Any, un: Any, fn: Any, rn: Any, beta: float) -> None:
+        """Samples that failed the safeguard or the restart test lose their history; the rejected
+        ones continue from the KM step of their last accepted point (``out`` is changed in place)."""
+        drop = ~(keep & ok)
+        self.W[drop] = 0.0
+        self.G[drop] = self.I1
+        self.restarts += drop
+        if keep.all():
+            self.up, self.fp, self.rlim = un, fn, self._limit(rn)
+            return
+        rej = ~keep
+        out[rej] = self.up[rej] + beta * self.fp[rej]
+        k1 = keep[:, None]
+        self.up, self.fp = np.where(k1, un, self.up), np.where(k1, fn, self.fp)
+        self.rlim = np.where(keep, self._limit(rn), self.big)  # the fall-back point is accepted
+
+
+class MaskedBatch:
+    """Per-sample Anderson state in torch operations without host syncs; the same iteration as
+    :class:`HostBatch` (unit-scaled pairs, ridge Gram matrices with the diagonal 1 + λ), every
+    decision a mask (see the module docstring)."""
+
+    def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
+        n = u.numel() // B if B else 0
+        self.shape, self.B, self.n, self.steps = u.shape, B, n, 0
+        self.m = m = min(acc.history_size, max(n, 1))
+        self.probe = torch.tensor(_probe(m), dtype=u.dtype, device=u.device).expand(B, m)
+        self.lim2 = (acc.restart_cond * math.sqrt(sum(p * p for p in _probe(m))) / m) ** 2
+        self.lam1 = 1.0 + acc.regularization
+        self.I1 = torch.eye(m, dtype=u.dtype, device=u.device) * self.lam1  # the Gram matrix of no history
+        self.tiny, self.big = torch.finfo(u.dtype).tiny, torch.finfo(u.dtype).max
+        self.sg = acc.safeguard if math.isfinite(acc.safeguard) else None
+        # allocated at the first step, from the iterates (batched like them under vmap)
+        self.W = self.G = self.up = self.fp = self.rlim = self.fresh = u.new_zeros(0)
+
+    @property
+    def restarts(self) -> Tensor:
+        """Restarts + fall-backs of every sample."""
+        return (self.steps - 1) - self.fresh
+
+    def _limit(self, r: Tensor) -> Tensor:
+        return r * self.sg if self.sg is not None else torch.full_like(r, self.big)
+
+    def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        B, n = self.B, self.n
+        un, fn, r = u.reshape(B, n), f.reshape(B, n), r.reshape(B)
+        mix = beta if acc.mixing is None else acc.mixing
+        self.steps += 1
+        if self.steps == 1:  # allocate the history, take the plain KM step
+            z = torch.cat([un, fn], 1)
+            self.W = torch.zeros_like(z).unsqueeze(1).repeat(1, self.m, 1)
+            self.G = (self.I1 + torch.zeros_like(z[:, :1, None])).contiguous()
+            self.up, self.fp, self.rlim = un, fn, self._limit(r)
+            self.fresh = torch.zeros_like(r)
+            return torch.add(un, fn, alpha=mix).reshape(self.shape)
+        keep = r <= self.rlim  # 1. safeguard (NaN and Inf fail it)
+        # 2. the new pair, scaled to a unit Δf, into slot i; its Gram row/column and D⁻¹ΔFᵀf
+        i = (self.steps - 2) % self.m
+        df = fn - self.fp
+        nrm = df.square().sum(-1, keepdim=True)
+        w = torch.cat([un - self.up, df], 1) * nrm.clamp_min(self.tiny).rsqrt()
+        self.W[:, i] = w
+        g = torch.bmm(self.W[:, :, n:], torch.stack([w[:, n:], fn], 2))  # (B, m, 2)
+        self.G[:, i] = g[..., 0]
+        self.G[:, :, i] = g[..., 0]
+        self.G[:, i, i] = self.lam1
+        # 3. the ridge least squares, the condition probe as a second right-hand side
+        sol, fail = torch.linalg.solve_ex(self.G, torch.stack([g[..., 1], self.probe], -1))
+        ok = (fail == 0) & (sol[..., 1].square().sum(-1) <= self.lim2)
+        moved = (nrm > 0).squeeze(-1)  # a sample the loop keeps frozen did not move: γ = 0
+        gamma = torch.where((ok & moved).unsqueeze(-1), sol[..., 0], 0.0)  # where: a failed solve may hold NaN
+        # 4. the step, or the KM step of the last accepted point for a rejected sample
+        z = torch.cat([un, fn], 1) - torch.bmm(gamma.unsqueeze(1), self.W).squeeze(1)
+        k1 = keep.unsqueeze(-1)
+        u_next = torch.where(k1, torch.add(z[:, :n], z[:, n:], alpha=mix), torch.add(self.up, self.fp, alpha=beta))
+        # 5. rejected or ill-conditioned samples restart with an empty history
+        fresh = keep & ok
+        f3 = fresh.view(B, 1, 1)
+        self.W.mul_(f3)
+        self.G = torch.where(f3, self.G, self.I1)
+        self.up, self.fp = torch.where(k1, un, self.up), torch.where(k1, fn, self.fp)
+        self.rlim = torch.where(keep, self._limit(r), self.big)
+        self.fresh = self.fresh + fresh
+        return u_next.reshape(self.shape)

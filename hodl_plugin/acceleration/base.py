@@ -1,0 +1,164 @@
+r"""The interface every forward accelerator of the GKM iteration implements (``acceleration=``).
+
+The solver's loop calls, for one run from :math:`u_0`,
+
+.. code-block:: python
+
+    state = acc.init(u0, batch_dims)                # once
+    for k in ...:
+        f = T(u) - u;  r = ‖f‖ (per sample)
+        u = acc.step(state, u, f, r, beta_k)        # the next iterate
+    acc.report(state, info)                         # counts into SolverInfo
+
+and :meth:`Accelerator.check_compatible` once, when the solver is built. ``step`` receives the
+iterate the loop actually used (a converged sample the loop keeps frozen arrives unchanged), so an
+accelerator must take its secant pairs from these arguments, never from its own last proposal.
+
+Example — the plain KM step as an accelerator (what ``acceleration=None`` does):
+
+    >>> import torch, hodl_plugin as hp
+    >>> class KM(hp.acceleration.Accelerator):
+    ...     def init(self, u, batch_dims):
+    ...         return None
+    ...     def step(self, state, u, f, r, beta):
+    ...         return u + beta * f
+    >>> u, info = hp.GKMSolver(lambda u: 0.5 * u + 1.0, tol=1e-12, acceleration=KM()).solve(torch.zeros(2))
+    >>> u.tolist(), info.converged
+    ([2.0, 2.0], True)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .._checks import transforms_active
+from ..errors import ConfigurationError
+
+try:  # the host (CPU, eager) paths compute in numpy: a few µs less per small operation than torch
+    import numpy as np
+except ImportError:  # pragma: no cover - torch runs without numpy
+    np = None  # type: ignore[assignment]
+
+__all__ = ["Accelerator"]
+
+#: dtypes the host paths compute in (numpy has no bfloat16; half precision keeps the torch paths)
+HOST_DTYPES = (torch.float32, torch.float64)
+
+
+class Accelerator:
+    """Base class of forward accelerators: :class:`~hodl_plugin.acceleration.Anderson`,
+    :class:`~hodl_plugin.acceleration.Broyden`, or your own (see the module docstring).
+
+    Subclasses implement :meth:`init` and :meth:`step`; :meth:`report` adds ``state.steps`` and
+    ``state.restarts`` (when the state has them) to the solver's info; :meth:`check_compatible`
+    refuses the hypergradient modes and aggregation the extrapolation would make wrong.
+    """
+
+    def init(self, u: Tensor, batch_dims: int) -> Any:
+        """The state of one run from ``u`` (``batch_dims`` leading dims index independent samples)."""
+        raise NotImplementedError
+
+    def step(self, state: Any, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+        """The next iterate from ``u``, its residual ``f = T(u) - u`` and the norm(s) ``r`` of ``f``
+        (per sample with ``batch_dims``); ``beta`` is the solver's KM relaxation of this step."""
+        raise NotImplementedError
+
+    def report(self, state: Any, info: Any) -> None:
+        """Add the run's counts to ``info``: ``accelerated`` (steps after the first) and ``restarts``
+        (history restarts + safeguard fall-backs, the most over the samples). Eager runs only."""
+        steps = getattr(state, "steps", 0)
+        if transforms_active() or steps < 1:
+            return
+        restarts = getattr(state, "restarts", None)
+        if restarts is not None:
+            info.restarts += int(restarts.max()) if hasattr(restarts, "max") else int(restarts)
+        info.accelerated += max(0, steps - 1)
+
+    def check_compatible(self, mode: str, alpha: object) -> None:
+        r"""Refuse the combinations that would be wrong.
+
+        - ``hypergrad="unrolled"/"truncated"``: differentiating through the extrapolation is not
+          supported (the implicit, inexact and first_order modes are exact at the fixed point
+          whatever the forward iteration was);
+        - HODL aggregation (:math:`\alpha_k > 0`): the selection of the F-optimal fixed point comes
+          from the slowly vanishing :math:`\alpha_k` over the whole run, which extrapolation skips.
+        """
+        name = f"acceleration={type(self).__name__}(...)"
+        if mode in ("unrolled", "truncated"):
+            raise ConfigurationError(
+                f"{name} cannot be used with hypergrad={mode!r}: differentiating through the extrapolation "
+                "is not supported; use hypergrad='implicit', 'inexact' or 'first_order' (exact at the fixed "
+                "point whatever the forward), or acceleration=None"
+            )
+        from ..schedules import is_zero
+
+        if alpha is not None and not is_zero(alpha):  # type: ignore[arg-type]
+            raise ConfigurationError(
+                f"{name} cannot be combined with HODL aggregation (alpha_k > 0): the selection of the "
+                "F-optimal fixed point comes from the slowly vanishing alpha_k over the whole run, which "
+                "extrapolation skips. Pass alpha=0 (keeps upper for the inexact bound) or acceleration=None"
+            )
+
+
+# -- validation shared by the accelerators' constructors -----------------------------------------
+def check_history(value: object, name: str = "history_size") -> int:
+    """An integer >= 1 (not a bool, not 2.5)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_mixing(value: object) -> Optional[float]:
+    """``None`` (the solver's beta) or a number in (0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 < value <= 1):
+        raise ValueError(f"mixing must be None or in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_safeguard(value: object) -> float:
+    """A number >= 1 (``inf`` switches the safeguard off)."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value >= 1):
+        raise ValueError(f"safeguard must be >= 1 (inf: off), got {value!r}")
+    return float(value)
+
+
+def check_restart_cond(value: object) -> float:
+    """A number > 1 (``inf``: never restart on conditioning)."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and value > 1):
+        raise ValueError(f"restart_cond must be > 1, got {value!r}")
+    return float(value)
+
+
+# -- helpers of the batched paths ------------------------------------------------------------------
+def batch_size(u: Tensor, batch_dims: int) -> int:
+    """The number of samples: the product of the ``batch_dims`` leading sizes (1 without)."""
+    return int(math.prod(u.shape[:batch_dims])) if batch_dims else 1
+
+
+def host_ok(u: Tensor, force: Optional[bool] = None) -> bool:
+    """Whether a run on ``u`` may take the host path: CPU, float32/float64, eager, no autograd, numpy
+    importable (a CPU tensor is read without a device sync). ``force`` overrides (tests)."""
+    if force is not None:
+        return force and np is not None and u.dtype in HOST_DTYPES and not transforms_active()
+    return (
+        np is not None
+        and u.device.type == "cpu"
+        and u.dtype in HOST_DTYPES
+        and not u.requires_grad
+        and not transforms_active()
+    )
+
+
+def as_rows(t: Tensor, B: int, n: int) -> Any:
+    """``t`` as a ``(B, n)`` numpy array sharing memory where it can (a view of a contiguous
+    tensor; a copy otherwise)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.numpy().reshape(B, n)  # (numpy's reshape costs a fraction of torch's)
