@@ -76,7 +76,7 @@ class HostBatch:
         return r * self.sg if self.sg is not None else np.full_like(r, self.big)
 
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
-        B, n, m = self.B, self.n, self.m
+        B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
         rn = as_rows(r, B, 1)[:, 0]
         mix = beta if acc.mixing is None else acc.mixing
@@ -132,8 +132,9 @@ class HostBatch:
 
     def _solve(self, moved: Any) -> tuple[Any, Any]:
         r"""``(γ, ok)``: :math:`\gamma = H^{-1}D^{-1}\Delta F^\top f` for the samples that ``moved``
-        (0 for the others, whose solve is skipped when they are the majority); ``ok`` false where the condition estimate :math:`m\|H^{-1}p\|/\|p\|`
-        exceeds ``restart_cond`` (or the solve failed), and then γ = 0."""
+        (0 for the others, whose solve is skipped when they are the majority); ``ok`` false where the
+        condition estimate :math:`m\|H^{-1}p\|/\|p\|` exceeds ``restart_cond`` (or the solve
+        failed), and then γ = 0."""
         B, m = self.B, self.m
         k = int(np.count_nonzero(moved))
         if k == 0:

@@ -159,7 +159,8 @@ class Anderson(Accelerator):
     ) -> None:
         self.history_size = check_history(history_size)
         self.mixing = check_mixing(mixing)
-        if isinstance(regularization, bool) or not (isinstance(regularization, numbers.Real) and 0 <= regularization < 1):
+        reg_ok = isinstance(regularization, numbers.Real) and 0 <= regularization < 1
+        if isinstance(regularization, bool) or not reg_ok:
             raise ValueError(f"regularization must be in [0, 1), got {regularization!r}")
         self.regularization = float(regularization)
         self.restart_cond = check_restart_cond(restart_cond)

@@ -53,8 +53,17 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from .base import Accelerator, as_rows, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard
-from .base import host_ok, np
+from .base import (
+    Accelerator,
+    as_rows,
+    batch_size,
+    check_history,
+    check_mixing,
+    check_restart_cond,
+    check_safeguard,
+    host_ok,
+    np,
+)
 
 __all__ = ["Broyden"]
 
