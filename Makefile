@@ -16,9 +16,10 @@ install:
 	$(PIP) install --quiet --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"
 	# every extra: betty, torchopt (linear_solve.torchopt_cg and a peer), dev (tests, build), recipes, docs
 	$(PIP) install --quiet -e ".[betty,torchopt,dev,recipes,docs]"
-	# peers of benchmarks/compare.py (not dependencies of the package); boat-torch's torchvision
-	# requirement would pull a CUDA torch, so --no-deps (its other needs are installed above)
-	$(PIP) install --quiet --no-deps "higher==0.2.1" "boat-torch==1.1.1"
+	# peers of benchmarks/compare.py and benchmarks/deq.py (not dependencies of the package); boat-torch's
+	# torchvision requirement would pull a CUDA torch, so --no-deps (its other needs are installed
+	# above); torchdeq needs only torch and numpy
+	$(PIP) install --quiet --no-deps "higher==0.2.1" "boat-torch==1.1.1" "torchdeq==0.1.0"
 	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
 
 test:

@@ -140,16 +140,16 @@ def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: str, block: str) -> None:
-    """Replace the text between the markers of ``path`` by ``block``, atomically (a temporary file in
-    the same folder, then ``os.replace``); ``ValueError`` if the markers are missing or unordered,
-    and then the file is untouched."""
+def write_readme(path: str, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` by ``block``, atomically
+    (a temporary file in the same folder, then ``os.replace``); ``ValueError`` if the markers are
+    missing or unordered, and then the file is untouched."""
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    i, j = text.find(BEGIN), text.find(END)
-    if i < 0 or j < i or text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
-    new = text[: i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i or text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path} must hold exactly one {begin} followed by one {end}")
+    new = text[: i + len(begin)] + "\n" + block + "\n" + text[j:]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -11,6 +11,8 @@ module                      wrappers (quadratic problem (a)/(d); hyper-cleaning 
 :mod:`.betty_peer`          Betty 0.2.1: its ``Engine``, lower node solved by Betty steps, ``darts`` /
                             ``sama`` / ``neumann`` / ``cg``
 :mod:`.boat_peer`           BOAT 1.1.1: ``NGD`` + ``CG`` / ``RAD``
+:mod:`.torchdeq_peer`       TorchDEQ 0.1.0: ``anderson_solver`` / ``broyden_solver``, a DEQ core with
+                            the IFT backward (:mod:`benchmarks.deq`)
 ==========================  ========================================================================
 
 A quadratic wrapper is a factory returning ``run(knob) -> hypergradient`` (a fresh forward + backward

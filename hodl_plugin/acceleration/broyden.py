@@ -25,7 +25,7 @@ Safeguards (the same as :class:`~hodl_plugin.acceleration.Anderson`'s):
   :math:`|s^\top M y| \le \|s\|\,\|My\| / \texttt{restart_cond}`, the memory is cleared and the
   step is plain KM;
 - *fall-back*: when the residual at the new point exceeds ``safeguard`` times the last accepted one
-  (or is not finite), the point is rejected, the memory cleared, and the iteration continues from
+  (or is not finite; by default 100 times, where Anderson uses 10), the point is rejected, the memory cleared, and the iteration continues from
   the plain KM step of the last accepted point.
 
 With ``batch_dims`` every sample has its own :math:`M`, restarts and safeguard, in batched products
@@ -79,10 +79,12 @@ class Broyden(Accelerator):
             ``None`` uses the solver's ``beta``.
         restart_cond: clear the memory when :math:`\\|s\\|\\|My\\| / |s^\\top My|` exceeds this.
         safeguard: reject a point whose residual exceeds ``safeguard`` times the last accepted one
-            (fall back to the plain KM step); ``inf`` switches it off.
+            (fall back to the plain KM step); ``inf`` switches it off. Broyden's residuals are less
+            monotone than Anderson's: at 10 (Anderson's default) the fall-backs cost 30–40 % more
+            steps on the DEQ benchmark, at 100 none fired.
 
     >>> Broyden(history_size=20)
-    Broyden(history_size=20, mixing=None, restart_cond=1e+08, safeguard=10.0)
+    Broyden(history_size=20, mixing=None, restart_cond=1e+08, safeguard=100.0)
     """
 
     def __init__(
@@ -90,7 +92,7 @@ class Broyden(Accelerator):
         history_size: int = 20,
         mixing: Optional[float] = None,
         restart_cond: float = 1e8,
-        safeguard: float = 10.0,
+        safeguard: float = 100.0,
     ) -> None:
         self.history_size = check_history(history_size)
         self.mixing = check_mixing(mixing)
@@ -164,8 +166,9 @@ class _HostState:
             by, bf = np.matmul(b[:, None, :], Y.transpose(0, 2, 1))[:, 0].T  # sᵀMy, sᵀMf
             My = MY[:, 0]
             ss = np.einsum("bn,bn->b", s, s)
-            ok = by * by * self.rc2 >= ss * np.einsum("bn,bn->b", My, My)  # NaN fails
-            coef = np.where(ok & (ss > 0), -1.0 / by, 0.0)  # a sample that did not move: no update
+            still = ss == 0  # a sample that did not move (kept frozen by the loop): no update, no restart
+            ok = (by * by > ss * np.einsum("bn,bn->b", My, My) / self.rc2) | still  # NaN fails
+            coef = np.where(ok & ~still, -1.0 / by, 0.0)
             a = A[:, i]
             np.add(s, My, out=a)
             a *= coef[:, None]
@@ -245,8 +248,9 @@ class _MaskedState:
         by, bf = d[:, 0], d[:, 1]
         My = MY[:, 0]
         ss = s.square().sum(-1)
-        ok = by * by * self.rc2 >= ss * My.square().sum(-1)
-        upd = ok & (ss > 0)
+        still = ss == 0  # a sample that did not move: no update, no restart
+        ok = (by * by > ss * My.square().sum(-1) / self.rc2) | still
+        upd = ok & ~still
         coef = torch.where(upd, -1.0 / torch.where(upd, by, 1.0), 0.0)
         a = (s + My) * coef.unsqueeze(-1)
         self.A[:, i] = a
