@@ -25,8 +25,8 @@ Safeguards (the same as :class:`~hodl_plugin.acceleration.Anderson`'s):
   :math:`|s^\top M y| \le \|s\|\,\|My\| / \texttt{restart_cond}`, the memory is cleared and the
   step is plain KM;
 - *fall-back*: when the residual at the new point exceeds ``safeguard`` times the last accepted one
-  (or is not finite; by default 100 times, where Anderson uses 10), the point is rejected, the memory cleared, and the iteration continues from
-  the plain KM step of the last accepted point.
+  (or is not finite; by default 100 times, where Anderson uses 10), the point is rejected, the
+  memory cleared, and the iteration continues from the plain KM step of the last accepted point.
 
 With ``batch_dims`` every sample has its own :math:`M`, restarts and safeguard, in batched products
 (numpy on the host; masked torch operations, without host syncs, on a GPU and under ``torch.func``
