@@ -177,6 +177,8 @@ def test_safeguard_rejects_one_sample_and_leaves_the_others_alone(kind, path):
     assert torch.allclose(out[0], u2[0] + 0.7 * f2[0], rtol=0, atol=1e-15)  # KM step of the last accepted point
     assert torch.allclose(out[1], solo.step(st1, u[1:], f[1:], f[1:].norm(dim=1), 0.7)[0], rtol=1e-13, atol=1e-15)
     assert [int(v) for v in st.restarts] == [1, 0]
+    memory = torch.as_tensor(st.W if kind == "anderson" else st.A)
+    assert float(memory[0].abs().sum()) == 0.0 and float(memory[1].abs().sum()) > 0  # only sample 0 forgot
 
 
 @pytest.mark.parametrize("path", ["host", "masked"])
@@ -210,10 +212,11 @@ class Count(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("kind", ["anderson", "broyden"])
-@pytest.mark.parametrize("path, most", [("host", 6), ("masked", 70)])
+@pytest.mark.parametrize("path, most", [("auto", 6), ("masked", 70)])
 def test_per_sample_step_operations_and_no_sync(kind, path, most):
-    """The host path computes in numpy (a handful of torch calls per step: views in, one tensor out);
-    the masked path is pure torch and never reads the device (no ``_local_scalar_dense``)."""
+    """On the CPU the default is the host path, which computes in numpy (a handful of torch calls per
+    step: views in, one tensor out); the masked path is pure torch and never reads the device (no
+    ``_local_scalar_dense``)."""
     W, x = tanh_batch(B=16, n=50, c=0.99)
     acc = make(kind, path)
     u = torch.zeros_like(x)
@@ -249,11 +252,43 @@ def test_non_accelerators_are_refused_by_name():
         hp.GKMSolver(lambda u: u, acceleration="anderson")
 
 
+@pytest.mark.parametrize("restart_cond", [1e8, math.inf])
 @pytest.mark.parametrize("kind", ["anderson", "broyden"])
-def test_report_counts_steps_and_per_sample_restarts(kind):
+def test_report_counts_steps_and_no_restart_for_frozen_samples(kind, restart_cond):
+    """The samples stop at different steps and the loop keeps them frozen: a sample that does not move
+    is neither updated nor restarted."""
     W, x = tanh_batch(B=3)
-    _, info = bsolve(kind, lambda z, x: torch.tanh(z @ W.T + x), torch.zeros_like(x), x, check_every=1)
-    assert info.accelerated == info.steps - 1 and info.restarts >= 0
+    acc = make(kind)
+    acc.restart_cond = restart_cond
+    with torch.no_grad():
+        _, info = hp.GKMSolver(lambda z, x: torch.tanh(z @ W.T + x), max_steps=2000, tol=1e-11, batch_dims=1,
+                               check_every=1, acceleration=acc).solve(torch.zeros_like(x), x)
+    assert len(set(info.steps_per_sample.tolist())) > 1
+    assert info.accelerated == info.steps - 1 and info.restarts == 0
+
+
+@pytest.mark.parametrize("path", ["host", "masked"])
+def test_per_sample_anderson_restart_on_a_degenerate_sample_only(path):
+    """Sample 0's iterates stay on one line (T(u) = c + ½(u·e)e, e = c/‖c‖): its second difference is
+    parallel to the first and Anderson's scaled Gram matrix is singular up to the ridge (Broyden's
+    counterpart is in test_broyden.py); sample 1 is generic."""
+    kind = "anderson"
+    e = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=D)
+    A1 = torch.tensor([[0.5, 0.2, 0.0, 0.1], [0.0, 0.6, 0.3, 0.0], [0.1, 0.0, 0.7, 0.2], [0.0, 0.1, 0.0, 0.4]], dtype=D)
+    c = torch.tensor([[2.0, 0.0, 0.0, 0.0], [1.0, -1.0, 0.5, 2.0]], dtype=D)
+
+    def T(u):
+        return torch.stack([c[0] + 0.5 * (u[0] @ e) * e, A1 @ u[1] + c[1]])
+
+    acc = make(kind, path)
+    u = torch.zeros(2, 4, dtype=D)
+    st = acc.init(u, 1)
+    for _ in range(6):
+        f = T(u) - u
+        u = acc.step(st, u, f, f.norm(dim=1), 1.0)
+    restarts = [int(v) for v in st.restarts]
+    assert restarts[0] >= 1 and restarts[1] == 0, restarts
+    assert torch.allclose(u[0], torch.tensor([4.0, 0, 0, 0], dtype=D), rtol=1e-10)  # 1-D: exact after restarts
 
 
 @pytest.mark.parametrize("kind", ["anderson", "broyden"])

@@ -157,6 +157,24 @@ def test_a_degenerate_update_restarts_with_the_km_step(path):
 
 
 @pytest.mark.parametrize("path", ["host", "masked"])
+def test_a_degenerate_update_restarts_that_sample_only(path):
+    """Per sample: sample 0 gets the degenerate pair (s ⊥ y), sample 1 a generic one."""
+    acc = hp.Broyden(5)
+    acc._host_decisions = path == "host"
+    u0 = torch.zeros(2, 3, dtype=D)
+    f0 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, -1.0]], dtype=D)
+    st = acc.init(u0, 1)
+    u1 = acc.step(st, u0, f0, f0.norm(dim=1), 0.5)
+    f1 = f0 + torch.tensor([[0.0, 1.0, 0.0], [-0.3, -0.5, 0.2]], dtype=D)
+    u2 = acc.step(st, u1, f1, f1.norm(dim=1), 0.5)
+    assert torch.allclose(u2[0], u1[0] + 0.5 * f1[0])  # restart: the KM step
+    assert not torch.allclose(u2[1], u1[1] + 0.5 * f1[1])  # the generic sample is updated
+    assert [int(v) for v in torch.as_tensor(st.restarts)] == [1, 0]
+    A = torch.as_tensor(st.A)
+    assert float(A[0].abs().sum()) == 0.0 and float(A[1].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("path", ["host", "masked"])
 def test_safeguard_on_one_problem(path):
     acc = hp.Broyden(5, safeguard=2.0)
     acc._host_decisions = path == "host"
