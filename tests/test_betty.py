@@ -249,7 +249,7 @@ def test_per_sample_warm_starts_across_betty_steps(kind, opts):
         # the same solve, cold: a fresh solver and method built from the node's config (no caches)
         cfg = lower.config
         solver = hp.GKMSolver(lambda u, c=c: T(u, c, torch.zeros(2, dtype=DT)), max_steps=cfg.max_steps,
-                              tol=cfg.tol, rtol=cfg.rtol, hypergrad=hb.config._method_for(cfg))
+                              tol=cfg.tol, hypergrad=hb.config._method_for(cfg))
         solver(torch.zeros(2, 8, dtype=DT))
         cold.append(solver.info.steps)
     first, second = steps[: len(data)], steps[len(data):]
