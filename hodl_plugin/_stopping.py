@@ -5,23 +5,24 @@ The rule (:ref:`math-stopping`): a sample stops at the first check :math:`k` whe
 .. math::  r_k = \|T(u_k) - u_k\| \le \max(\mathrm{tol}\cdot\|u_k\|,\ \mathrm{atol}),
 
 and the point returned is that :math:`u_k` — the point whose residual was measured — so
-``converged=True`` always means the returned :math:`u` meets the tolerance. (A run whose steps autograd
-records — unrolled, truncated — returns at least :math:`u_1`: :math:`u_0` carries no derivative.) A sample that runs out
-of steps returns its last iterate, whose residual is measured once more at the end (one evaluation
-of T, no autograd). In float16/bfloat16 a small residual is not enough: the rounding of T can stop
-the iteration far from :math:`u^*` when it contracts slowly, so a stop also needs the
-contraction-based error estimate :math:`r_k/(1-\hat\rho) \le 10\max(\mathrm{tol}\|u_k\|,
-\mathrm{atol})`, with :math:`\hat\rho` the residual's rate between checks.
+``converged=True`` always means the returned :math:`u` meets the tolerance. A run whose steps
+autograd records (unrolled, truncated) returns at least :math:`u_1`: :math:`u_0` carries no derivative
+of the map. A sample that runs out of steps returns its last iterate, whose residual is measured once
+more at the end (one evaluation of T, no autograd) — except in an exact-steps run (``tol=0, atol=0``),
+which evaluates T exactly K times and reports its last step's residual.
 
-A run is stopped with a diagnosis when
+A run with a tolerance also stops, with ``converged=False`` and a diagnosis, when
 
-- a residual is non-finite, exceeds ``divergence_factor`` times the first one, or grew for
-  5 checks in a row to twice its smallest value (``DivergenceError``: T is not nonexpansive);
-- (with a tolerance) the residual has not reached a new minimum (by 1 %) for
-  :data:`STALL_STEPS` steps, nor for as many steps as it took to reach the last one: the tolerance
-  is below what the dtype resolves for this T, or T is not a contraction near the iterates. Above
-  a relative residual of :data:`STALL_DIVERGED` (far from any rounding floor) this is a
-  ``DivergenceError`` too; below, a ``ConvergenceWarning``.
+- the residual is at the rounding floor of the dtype (below :data:`FLOOR` ``·eps·‖u‖``) and made no new
+  minimum (by 1 %) for :data:`FLOOR_CHECKS` checks: the tolerance is below what the dtype resolves
+  (a ``ConvergenceWarning`` says so, with the residual reached);
+- it made no new minimum for :data:`STALL_STEPS` steps, nor for as many steps as it took to reach the
+  last one: T is not a contraction near the iterates (``DivergenceError`` when the residual is far
+  above any rounding error, above :data:`STALL_DIVERGED` relative; else a ``ConvergenceWarning``).
+
+Any run stops with ``DivergenceError`` (``on_divergence="warn"``: a warning and the last finite point)
+when a residual is non-finite, exceeds ``divergence_factor`` times the first one, or grew for 5 checks
+in a row to twice its smallest value.
 
 Everything is a tensor over the batch so that the same code runs eagerly (one host sync per check)
 and under ``torch.func`` transforms (none: stopped samples are frozen by masks, diverged ones become
@@ -42,9 +43,9 @@ from .errors import ConvergenceWarning, DivergenceError
 if TYPE_CHECKING:  # pragma: no cover
     from .gkm import GKMIteration, SolverInfo
 
-__all__ = ["Monitor", "default_tol", "low_precision"]
+__all__ = ["Monitor", "default_tol", "certifies"]
 
-_DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+_DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 #: consecutive growing checks, and growth over the smallest residual, that flag a slow divergence
 SLOW_DIVERGENCE_CHECKS = 5
@@ -54,22 +55,38 @@ STALL_STEPS = 200
 STALL_IMPROVEMENT = 0.99
 #: a stall above this relative residual (or 1000 times the dtype's default tolerance) is a divergence
 STALL_DIVERGED = 1e-6
-#: float16/bfloat16: the error estimate r/(1-ρ) may exceed the threshold by at most this factor
-LOW_PRECISION_FACTOR = 10.0
+#: the rounding floor: a residual below FLOOR·eps·‖u‖ that makes no new minimum for FLOOR_CHECKS
+#: checks has reached what the dtype resolves
+FLOOR = 32.0
+FLOOR_CHECKS = 3
 
 
 def default_tol(dtype: torch.dtype) -> float:
-    """The default relative tolerance of the forward solve for ``dtype`` (reachable in it).
+    r"""The default relative tolerance of the forward solve for ``dtype``: ``1e-10`` in float64,
+    ``1e-5`` in float32, the machine epsilon in lower precision (:func:`certifies`).
 
     >>> default_tol(torch.float64), default_tol(torch.float32), default_tol(torch.bfloat16)
-    (1e-10, 1e-05, 0.01)
+    (1e-10, 1e-05, 0.0078125)
     """
-    return _DEFAULT_TOL.get(dtype, 1e-5)
+    if dtype in _DEFAULT_TOL:
+        return _DEFAULT_TOL[dtype]
+    return float(torch.finfo(dtype).eps)
 
 
-def low_precision(dtype: torch.dtype) -> bool:
-    """float16 / bfloat16 (machine epsilon above 1e-4), where the stop test also bounds the error."""
-    return torch.finfo(dtype).eps > 1e-4
+def certifies(dtype: torch.dtype) -> bool:
+    r"""Whether a residual test in ``dtype`` certifies a fixed point by default.
+
+    Not in float16 / bfloat16: the rounding of T alone is ``eps·‖u‖`` (0.4 % in bfloat16), the rounded
+    map can have fixed points of its own far from :math:`u^*` (its residual is then exactly 0), and the
+    error of :math:`u` is the residual times :math:`\|(I - \partial_u T)^{-1}\|` — 100 times it for a
+    contraction 0.99. So with the default tolerance such a solve reports ``converged=False`` and says
+    why; ``tol=`` given explicitly is a residual threshold the caller accepts (``converged`` then means
+    it holds), and computing in float32 gives a certified solve.
+
+    >>> certifies(torch.float32), certifies(torch.bfloat16)
+    (True, False)
+    """
+    return torch.finfo(dtype).eps <= 1e-4
 
 
 class Monitor:
@@ -82,8 +99,9 @@ class Monitor:
     """
 
     def __init__(self, it: GKMIteration, u: Tensor, info: SolverInfo, tol: float, atol: float,
-                 stop: bool, functional: bool, start: int) -> None:
+                 stop: bool, functional: bool, start: int, certified: bool = True) -> None:
         self.it, self.info, self.tol, self.atol, self.start = it, info, tol, atol, start
+        self.certified = certified
         self.stop, self.functional = stop, functional
         # a run whose steps autograd records (unrolled, truncated) returns at least one step: u_0
         # itself would carry no derivative of the map
@@ -91,7 +109,8 @@ class Monitor:
         self.bdims = it.batch_dims
         self.reduce_dims = tuple(range(self.bdims, u.dim()))
         self.noise_tol = default_tol(u.dtype)
-        self.low = low_precision(u.dtype)
+        self.floor = FLOOR * torch.finfo(u.dtype).eps
+        self.dtype = u.dtype
         self.stall_level = max(STALL_DIVERGED, 1e3 * self.noise_tol)
         self.masking = functional  # freeze stopped samples with torch.where at every step
         self.done = False
@@ -138,24 +157,25 @@ class Monitor:
         un = un if math.isfinite(un) else 0.0
         thresh = max(self.tol * un, self.atol)
         finite = math.isfinite(rf)
-        rho = _rate(rf, s.rprev, k - s.kprev) if s.rprev is not None else math.nan
         conv = rf <= thresh and k - self.start >= self.min_steps
-        if self.low and conv:
-            conv = rf == 0.0 or (rho < 1.0 and rf / (1.0 - rho) <= LOW_PRECISION_FACTOR * thresh)
         noise = rf <= self.noise_tol * un
         if s.rref is None or rf < STALL_IMPROVEMENT * s.rref:  # a new minimum, by 1 %
-            s.kmin, s.rref = k, rf
+            s.kmin, s.rref, s.cmin = k, rf, 0
+        else:
+            s.cmin += 1
         s.rmin = rf if s.rmin is None else min(s.rmin, rf)
         s.ups = s.ups + 1 if (s.rprev is not None and rf > s.rprev) else 0
         s.rprev, s.kprev = rf, k
         grow = rf > self.it.divergence_factor * max(s.r0, 1e-30) or (
             s.ups >= SLOW_DIVERGENCE_CHECKS and rf > SLOW_DIVERGENCE_GROWTH * s.rmin and not noise
         )
-        stalled = self.stop and finite and not conv and k - s.kmin >= max(STALL_STEPS, s.kmin - self.start)
+        floor = s.rmin <= self.floor * un and s.cmin >= FLOOR_CHECKS
+        long = k - s.kmin >= max(STALL_STEPS, s.kmin - self.start)
+        stalled = self.stop and finite and not conv and (floor or long)
         self.hist.append(r)
         self.hist_steps.append(k)
         info.tol = thresh
-        if not finite or grow or (stalled and s.rmin > self.stall_level * un):
+        if not finite or grow or (stalled and not floor and s.rmin > self.stall_level * un):
             s.diverged = True
             s.stopped_at = k
             self.done = True
@@ -167,7 +187,7 @@ class Monitor:
         if (conv and self.stop) or stalled:
             s.stopped_at, s.stop_res, s.stop_thr, s.converged = k, rf, thresh, conv
             if stalled:
-                self._stall_warning(k, rf, s.rmin, s.kmin, thresh, None)
+                self._stall_message(k, rf, s.rmin, s.kmin, thresh, floor, None)
             self.done = True
             return u_k
         return u_next
@@ -187,20 +207,15 @@ class Monitor:
         conv = r <= thresh
         if k - self.start < self.min_steps:
             conv = torch.zeros_like(conv)
-        if self.low:
-            if s.rprev is None:
-                ok = r == 0
-            else:
-                rho = (r / s.rprev.clamp_min(1e-30)).pow(1.0 / max(k - s.kprev, 1))
-                ok = (rho < 1) & (r <= (1 - rho) * LOW_PRECISION_FACTOR * thresh)
-            conv = conv & ok
         noise = r <= self.noise_tol * un
         if s.rmin is None:
-            s.rmin, s.rref, s.ups, s.kmin = r, r, torch.zeros_like(r), torch.full_like(r, k)
+            s.rmin, s.rref, s.ups, s.cmin = r, r, torch.zeros_like(r), torch.zeros_like(r)
+            s.kmin = torch.full_like(r, k)
         else:
             s.ups = torch.where(r > s.rprev, s.ups + 1, torch.zeros_like(s.ups))
             new_min = r < STALL_IMPROVEMENT * s.rref  # a new minimum, by 1 %
             s.kmin = torch.where(new_min, torch.full_like(s.kmin, k), s.kmin)
+            s.cmin = torch.where(new_min, torch.zeros_like(s.cmin), s.cmin + 1)
             s.rref = torch.where(new_min, r, s.rref)
             s.rmin = torch.minimum(s.rmin, r)
         s.rprev, s.kprev = r, k
@@ -208,12 +223,13 @@ class Monitor:
             (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
         )
         active = torch.ones_like(conv) if s.active is None else s.active
+        floor = (s.rmin <= self.floor * un) & (s.cmin >= FLOOR_CHECKS)
         if self.stop and not self.functional:
             window = torch.clamp(s.kmin - self.start, min=STALL_STEPS)
-            stalled = active & finite & ~conv & ((k - s.kmin) >= window)
+            stalled = active & finite & ~conv & (floor | ((k - s.kmin) >= window))
         else:
             stalled = torch.zeros_like(conv)
-        bad = ~finite | grow | (stalled & (s.rmin > self.stall_level * un))
+        bad = ~finite | grow | (stalled & ~floor & (s.rmin > self.stall_level * un))
         stalled = stalled & ~bad
         newly_conv = active & conv & ~bad if self.stop else torch.zeros_like(conv)
         newly_bad = active & bad
@@ -255,10 +271,9 @@ class Monitor:
             self.masking = True
             if any_stall:
                 idx = stalled.nonzero().flatten().tolist() if stalled.dim() else []
-                rs = float(r[stalled].max()) if r.dim() else float(r)
-                self._stall_warning(k, rs, float(s.rmin[stalled].max()) if r.dim() else float(s.rmin),
-                                    int(s.kmin[stalled].min()) if r.dim() else int(s.kmin),
-                                    float(thresh[stalled].max()) if r.dim() else float(thresh), idx)
+                rs = float(r[stalled].max())
+                self._stall_message(k, rs, float(s.rmin[stalled].max()), int(s.kmin[stalled].min()),
+                                    float(thresh[stalled].max()), bool(floor[stalled].all()), idx)
         self.u_good = u_k if all_finite else torch.where(self.expand(finite, u_k), u_k, self.u_good)
         self.done = bool(all_done)
         return out
@@ -292,15 +307,19 @@ class Monitor:
             raise DivergenceError(info.message)
         warnings.warn(info.message, ConvergenceWarning, stacklevel=5)
 
-    def _stall_warning(self, k: int, r: float, rmin: float, kmin: int, thresh: float,
+    def _stall_message(self, k: int, r: float, rmin: float, kmin: int, thresh: float, floor: bool,
                        which: Optional[list]) -> None:
         where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
-        self.info.message = (
-            f"the GKM iteration stopped at step {k}{where}: the residual has not decreased since step {kmin} "
-            f"(smallest {rmin:.3e}, now {r:.3e}) and is above the threshold {thresh:.3e}. The tolerance is "
-            "below what this dtype resolves for this T (loosen tol / atol, or compute in float64), or T is "
-            "not a contraction near the iterates"
-        )
+        dtype = str(self.dtype).replace("torch.", "")
+        if floor:
+            why = (f"it reached the rounding floor of {dtype} (smallest {rmin:.3e}, now {r:.3e}) above the threshold "
+                   f"{thresh:.3e}: the tolerance is below what {dtype} resolves for this T; the error of u may be "
+                   "this residual times ||(I - dT/du)^-1||. Loosen tol / atol, or compute in a wider dtype "
+                   "(float16/bfloat16: in float32)")
+        else:
+            why = (f"the residual has not decreased since step {kmin} (smallest {rmin:.3e}, now {r:.3e}, threshold "
+                   f"{thresh:.3e}): T is not a contraction near the iterates, or the tolerance is out of reach")
+        self.info.message = f"the GKM iteration stopped at step {k}{where}: {why}"
 
     # -- the end of the run ----------------------------------------------------------------------
     def finish(self, u: Tensor, executed: int, residual: Optional[Callable[[Tensor], Tensor]]) -> None:
@@ -327,9 +346,6 @@ class Monitor:
                 tol = self.tol if not info.exact_steps else self.noise_tol
                 thresh = max(tol * (un if math.isfinite(un) else 0.0), self.atol)
                 conv = rf <= thresh
-                if self.low and conv and s.rprev is not None:
-                    rho = _rate(rf, s.rprev, max(self.start + executed - s.kprev, 1))
-                    conv = rf == 0.0 or (rho < 1.0 and rf / (1.0 - rho) <= LOW_PRECISION_FACTOR * thresh)
                 self.hist.append(r)
                 self.hist_steps.append(self.start + executed)
                 info.tol = thresh
@@ -338,6 +354,7 @@ class Monitor:
             steps = executed if s.stopped_at is None else s.stopped_at - self.start
             info.steps = before + steps
             info.converged = bool(s.converged and not s.diverged)
+            self._uncertified()
             return
         s = self.t
         if s.stopped_at is None:
@@ -354,9 +371,6 @@ class Monitor:
             tol = self.tol if not info.exact_steps else self.noise_tol
             thresh = torch.clamp(tol * torch.where(torch.isfinite(un), un, torch.zeros_like(un)), min=self.atol)
             conv = r <= thresh
-            if self.low and s.rprev is not None:
-                rho = (r / s.rprev.clamp_min(1e-30)).pow(1.0 / max(self.start + executed - s.kprev, 1))
-                conv = conv & ((r == 0) | ((rho < 1) & (r <= (1 - rho) * LOW_PRECISION_FACTOR * thresh)))
             if s.stop_res is not None:  # stopped samples keep the residual of their returned point
                 r = torch.where(running, r, s.stop_res)
             self.hist.append(r)
@@ -371,8 +385,23 @@ class Monitor:
         info.steps = int(ran.max())
         if self.bdims:
             info.steps_per_sample = ran
-            info.converged_per_sample = conv
+            info.converged_per_sample = conv if self.certified else torch.zeros_like(conv)
         info.converged = bool(conv.all())
+        self._uncertified()
+
+    def _uncertified(self) -> None:
+        """A residual test in a dtype that does not certify it (:func:`certifies`): not converged, said."""
+        info = self.info
+        if self.certified or not info.converged or info.exact_steps:
+            return
+        info.converged = False
+        dtype = str(self.dtype).replace("torch.", "")
+        info.message = (
+            f"the residual {info.residual:.3e} meets the default tolerance of {dtype}, but in {dtype} that does "
+            f"not certify a fixed point (rounding of T alone is {float(torch.finfo(self.dtype).eps):.1e}·||u||, "
+            "and the error of u is the residual times ||(I - dT/du)^-1||): compute in float32 for a certified "
+            "solve, or pass tol= to accept this residual threshold"
+        )
 
     def _like(self, u: Tensor) -> Tensor:
         return torch.zeros(u.shape[: self.bdims], device=u.device)
@@ -389,13 +418,6 @@ class Monitor:
         info.residual_steps = info.residual_steps + self.hist_steps
 
 
-def _rate(r: float, rprev: float, steps: int) -> float:
-    """The residual's contraction rate per step between two checks (``nan`` when unknown)."""
-    if not (rprev > 0 and steps > 0 and math.isfinite(r)):
-        return math.nan
-    return (r / rprev) ** (1.0 / steps)
-
-
 class _ScalarState:
     """Host-float state of one problem."""
 
@@ -404,6 +426,7 @@ class _ScalarState:
         self.rmin: Optional[float] = None
         self.rref: Optional[float] = None
         self.kmin = 0
+        self.cmin = 0
         self.rprev: Optional[float] = None
         self.kprev = 0
         self.ups = 0
@@ -422,6 +445,7 @@ class _TensorState:
         self.rmin: Optional[Tensor] = None
         self.rref: Optional[Tensor] = None
         self.kmin: Optional[Tensor] = None
+        self.cmin: Optional[Tensor] = None
         self.rprev: Optional[Tensor] = None
         self.kprev = 0
         self.ups: Optional[Tensor] = None

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ._autodiff import grad_u
 from ._checks import check_operator_output, guard_inplace
-from ._stopping import Monitor, default_tol
+from ._stopping import Monitor, certifies, default_tol
 from ._torch_compat import transforms_active
 from .errors import ConfigurationError
 from .linear_solve import LinearSolveInfo
@@ -323,7 +323,8 @@ class GKMIteration:
         functional = transforms_active()
         if self.batch_dims > u.dim():
             raise ValueError(f"batch_dims={self.batch_dims} but u0 has only {u.dim()} dimensions")
-        mon = Monitor(self, u, info, rel, absolute, stop and not info.exact_steps, functional, start)
+        certified = not (self.tol is None and tol is None and not certifies(u.dtype))
+        mon = Monitor(self, u, info, rel, absolute, stop and not info.exact_steps, functional, start, certified)
         first_check = info.steps == 0 and not functional
         u = u.clone()  # a private copy: an operator writing into its input cannot touch the caller's u0
         acc_state = None

@@ -279,16 +279,14 @@ def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None) -> None:
     if info.converged_per_sample is not None:
         bad = (~info.converged_per_sample).nonzero().flatten().tolist()
         which = f" ({len(bad)} of {info.converged_per_sample.numel()} samples, e.g. {bad[:5]})"
-    hint = ("Raise max_steps, loosen tol (relative) / atol, pass acceleration=hp.Anderson(), or use tol=0 "
-            "for exactly max_steps steps")
-    if u is not None and not transforms_active() and info.tol == 0.0:
-        hint = ("The fixed point is 0 (or near it), where a relative tolerance tol·‖u‖ cannot be met: pass "
-                "atol=... (an absolute tolerance)")
-    why = f" ({info.message})" if info.message else ""
-    warnings.warn(
-        f"the lower solve ({info.mode}) did not converge{which}: it stopped after {info.steps} steps "
-        f"with residual ||T(u) - u|| = {info.residual:.3e} above the threshold {info.tol:.3e}{why}; the "
-        f"result is not a fixed point. {hint}",
-        ConvergenceWarning,
-        stacklevel=3,
-    )
+    if info.message:
+        why = info.message
+    else:
+        hint = ("Raise max_steps, loosen tol (relative) / atol, pass acceleration=hp.Anderson(), or use tol=0 "
+                "for exactly max_steps steps")
+        if u is not None and not transforms_active() and info.tol == 0.0:
+            hint = ("The fixed point is 0 (or near it), where a relative tolerance tol·‖u‖ cannot be met: pass "
+                    "atol=... (an absolute tolerance)")
+        why = (f"it stopped after {info.steps} steps with residual ||T(u) - u|| = {info.residual:.3e} above the "
+               f"threshold {info.tol:.3e}; the result is not a fixed point. {hint}")
+    warnings.warn(f"the lower solve ({info.mode}) did not converge{which}: {why}", ConvergenceWarning, stacklevel=3)
