@@ -152,13 +152,10 @@ class Truncated(HypergradMethod):
 class FirstOrder(HypergradMethod):
     r"""Jacobian-free hypergradient :math:`\nabla_x F + J_x^\top \nabla_u F` (Fung et al., 2022).
 
-    The forward runs without autograd; the returned :math:`T(u^*; x)` is differentiated as if
-    :math:`u^*` did not depend on x, i.e. the first term of the Neumann series of the implicit
-    hypergradient — the cheap baseline.
-
-    The value returned is one more application of :math:`T` than ``info.steps`` counts: with
-    ``tol=0, max_steps=K`` it is :math:`T^{K+1}(u_0)` (the differentiable step after the K no-grad
-    ones), not the K-th iterate — for a layer-by-layer unrolled model use ``hypergrad="unrolled"``.
+    The forward runs without autograd; the returned :math:`u^*` carries the derivative of
+    :math:`T(u^*; x)` as if :math:`u^*` did not depend on x (its value is :math:`u^*` itself, its
+    gradient flows through one evaluation of T), i.e. the first term of the Neumann series of the
+    implicit hypergradient — the cheap baseline.
 
     >>> import torch, hodl_plugin as hp
     >>> x = torch.ones(1, requires_grad=True)
@@ -171,8 +168,9 @@ class FirstOrder(HypergradMethod):
 
     def run(self, it, u0, params, info, key=None):
         with torch.no_grad():
-            u = it.run(u0.detach(), _detached(params), info)
-        return it.T(u.detach(), *params)
+            u = it.run(u0.detach(), _detached(params), info).detach()
+        w = it.T(u, *params)
+        return u + (w - w.detach())  # the value of u*, the derivative of T(u*; x) in x
 
 
 def _methods() -> dict[str, Callable[..., HypergradMethod]]:
