@@ -100,7 +100,8 @@ def main() -> dict:
         r = results[mode] = train(mode)
         losses = r["losses"]
         line = (f"{mode:14s} max ||W||_2 = {r['max_norm']:.3f}, max ||dT/du||_2 = {r['max_local']:.3f}   "
-                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}   {len(losses)} steps, {r['unconverged']} unconverged solves")
+                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}   {len(losses)} steps, "
+                f"{r['unconverged']} unconverged solves")
         print(line + (f"   {r['error'][:90]}..." if r["error"] else ""))
     return results
 
