@@ -61,6 +61,12 @@ def test_spectral_norm_and_jacobian_penalty_train_without_a_failed_solve(example
     assert max(norms_along_training(example, "jacobian")[0]) > 1.0  # though W itself is not bounded
 
 
+def test_one_power_iteration_per_step_lags_the_weight(example):
+    """The page's warning: torch's default n_power_iterations=1 does not keep ||W||_2 <= 1 at lr 0.05."""
+    out = example["train"]("spectral_norm", power_iterations=1)
+    assert out["max_norm"] > 1.0 and out["max_local"] > 1.0
+
+
 def test_page_numbers_are_the_ones_the_example_prints(example, capsys):
     """The table printed in docs/contractive.rst is this run's output (its decimals to 2 %: BLAS may differ)."""
     example["main"]()

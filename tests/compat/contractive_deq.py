@@ -28,13 +28,13 @@ d, m, N = 16, 8, 32
 class DEQ(torch.nn.Module):
     """u* = tanh(W u* + U x + c), solved by GKM (one problem per sample), implicit gradients."""
 
-    def __init__(self, mode: str, gamma: float = 0.9) -> None:
+    def __init__(self, mode: str, gamma: float = 0.9, power_iterations: int = 10) -> None:
         super().__init__()
         self.mode, self.gamma = mode, gamma
         self.V = torch.nn.Linear(d, d, bias=False, dtype=D)
         torch.nn.init.normal_(self.V.weight, std=0.3 / d**0.5)
         if mode == "spectral_norm":
-            torch.nn.utils.parametrizations.spectral_norm(self.V, n_power_iterations=10)
+            torch.nn.utils.parametrizations.spectral_norm(self.V, n_power_iterations=power_iterations)
         self.U = torch.nn.Linear(m, d, dtype=D)
         self.solver = hp.GKMSolver(self.T, max_steps=500, batch_dims=1)
 
@@ -64,11 +64,11 @@ def jacobian_penalty(T, u, z, W):
     return (vjp**2).sum(-1).mean()
 
 
-def train(mode: str, steps: int = 100, lr: float = 0.05, seed: int = 0) -> dict:
+def train(mode: str, steps: int = 100, lr: float = 0.05, seed: int = 0, power_iterations: int = 10) -> dict:
     torch.manual_seed(seed)
     X = torch.randn(N, m, dtype=D)
     Y = 0.9 * torch.sign(torch.randn(N, d, dtype=D))  # saturated targets: they ask for a large gain
-    model = DEQ(mode)
+    model = DEQ(mode, power_iterations=power_iterations)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     out = {"mode": mode, "max_norm": 0.0, "max_local": 0.0, "losses": [], "error": None, "unconverged": 0}
     for step in range(steps):
