@@ -39,7 +39,7 @@ class HODLConfig(_BettyConfig):
       :func:`hodl_plugin.gkm.default_tol` of the solution's dtype (1e-10 in float64, 1e-5 in float32);
       ``tol=0`` (with ``atol=0``) runs exactly ``max_steps`` steps. Not used by ``gkm_inexact``, whose
       forward stops at its accuracy :math:`\varepsilon_k` (``eps``): giving them with it warns.
-    - ``adjoint_rtol=None`` (default) is :func:`hodl_plugin.hypergrad.default_adjoint_rtol` of the dtype
+    - ``adjoint_rtol=None`` (default) is ``hodl_plugin.hypergrad.default_adjoint_rtol`` of the dtype
       (1e-10 in float64, 1.2e-5 in float32), as ``hp.Implicit()``; ``adjoint_atol`` is absolute.
     - ``warm_start=True`` (default) is the one deliberate difference from the core, whose
       ``GKMSolver`` starts where it is told: each Betty step's solve starts from the node's previous

@@ -137,7 +137,7 @@ def implicit_vjp(
     r"""Implicit hypergradient of an argmin node :math:`\theta^*(\lambda) = \arg\min_\theta L(\theta, \lambda)`.
 
     Solves :math:`\nabla^2_{\theta\theta} L\, q = v` (``vector``) to the tolerance
-    ``config.adjoint_rtol`` (default ``None``: :func:`~hodl_plugin.hypergrad.default_adjoint_rtol` of the
+    ``config.adjoint_rtol`` (default ``None``: ``hodl_plugin.hypergrad.default_adjoint_rtol`` of the
     dtype, 1e-10 in float64, 1.2e-5 in float32) with ``solver`` (``"cg"`` or ``"gmres"``), then returns
     :math:`-\nabla^2_{\lambda\theta} L\, q`. Correct where Betty's ``cg`` is not (its direction
     update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
