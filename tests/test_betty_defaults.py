@@ -113,6 +113,18 @@ def test_defaults_follow_the_dtype_like_the_core():
             {torch.float64: 1e-10, torch.float32: 1.1920928955078125e-05}[dtype], rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", hb.GKM_METHODS)
+def test_the_method_a_default_config_builds_is_the_cores_default(kind):
+    """Every option of the hypergradient method that HODLConfig(type=kind) builds equals the core's default
+    (hp.GKMSolver(T, hypergrad=name) builds the same object), e.g. on_fail: implicit raises, inexact warns."""
+    built = hb.config._method_for(hb.HODLConfig(type=kind))
+    core = hp.hypergrad.get_method(kind[len("gkm_"):])
+    assert type(built) is type(core)
+    own = {k: v for k, v in vars(core).items() if not k.startswith("_")}
+    for k, v in own.items():
+        assert repr(getattr(built, k)) == repr(v), (kind, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_warm_and_cold_solves_stop_at_the_same_accuracy(dtype):
     """warm_start=True (the default) changes the steps, not the accuracy: both meet the closed form."""
@@ -249,7 +261,7 @@ BAD = {
     "adjoint_rtol": [("1e-10", TypeError), (-1e-10, ValueError)],
     "adjoint_atol": [(None, TypeError), (-1.0, ValueError)],
     "adjoint_maxiter": [("1000", TypeError), (0, ValueError), (10.5, ValueError)],
-    "on_fail": [(None, TypeError), ("rasie", ValueError), ("ignore", ValueError)],
+    "on_fail": [(3, TypeError), ("rasie", ValueError), ("ignore", ValueError)],
     "truncate": [("10", TypeError), (0, ValueError)],
     "eps": [("1e-4", TypeError), (None, TypeError)],
     "delta": [("1e-4", TypeError)],

@@ -41,6 +41,8 @@ class HODLConfig(_BettyConfig):
       forward stops at its accuracy :math:`\varepsilon_k` (``eps``): giving them with it warns.
     - ``adjoint_rtol=None`` (default) is ``hodl_plugin.hypergrad.default_adjoint_rtol`` of the dtype
       (1e-10 in float64, 1.2e-5 in float32), as ``hp.Implicit()``; ``adjoint_atol`` is absolute.
+      ``on_fail=None`` (default) is the method's own: ``gkm_implicit`` raises a ``LinearSolveError`` when
+      the adjoint misses its tolerance, ``gkm_inexact`` warns (its adjoint stops at δ_k), as in the core.
     - ``warm_start=True`` (default) is the one deliberate difference from the core, whose
       ``GKMSolver`` starts where it is told: each Betty step's solve starts from the node's previous
       solution (per sample with ``sample_keys``), because consecutive steps solve nearby problems. It
@@ -86,7 +88,7 @@ class HODLConfig(_BettyConfig):
     adjoint_rtol: Optional[float] = None  # None: the dtype's default (hodl_plugin.hypergrad.default_adjoint_rtol)
     adjoint_atol: float = 0.0
     adjoint_maxiter: int = 1000
-    on_fail: str = "raise"
+    on_fail: Optional[str] = None  # None: the method's own default, as in the core (implicit raises, inexact warns)
     truncate: int = 10
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
@@ -186,7 +188,7 @@ def _field_checks() -> dict[str, _fields.Check]:
         "adjoint_rtol": _fields.real(minimum=0.0, optional=True),
         "adjoint_atol": _fields.real(minimum=0.0),
         "adjoint_maxiter": _fields.count(1),
-        "on_fail": _fields.choice("raise", "warn"),
+        "on_fail": _fields.choice("raise", "warn", optional=True),
         "truncate": _fields.count(1),
         "eps": _fields.schedule(),
         "delta": _fields.schedule(optional=True),
@@ -228,6 +230,11 @@ def as_config(config: Any, node: str = "GKMProblem") -> Any:
 
 def _cfg(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
+
+
+def _given(config: Any, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that the config sets (not None): the others keep the core's defaults."""
+    return {n: getattr(config, n) for n in names if getattr(config, n, None) is not None}
 
 
 #: the HODLConfig fields that build a method object: with ``method=`` given they must stay at their defaults
@@ -283,7 +290,7 @@ def _method_for(config: Any) -> HypergradMethod:
             adjoint_rtol=_cfg(config, "adjoint_rtol", None),
             adjoint_atol=_cfg(config, "adjoint_atol", 0.0),
             adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
-            on_fail=_cfg(config, "on_fail", "raise"),
+            **_given(config, "on_fail"),
         )
     if kind == "gkm_unrolled":
         return Unrolled()
@@ -297,7 +304,7 @@ def _method_for(config: Any) -> HypergradMethod:
             delta=_cfg(config, "delta", None),
             solver=_cfg(config, "linear_solver", None),
             adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
-            on_fail="warn" if _cfg(config, "on_fail", "raise") == "warn" else "raise",
+            **_given(config, "on_fail"),
         )
     raise HODLError(
         f"a GKMProblem needs Config(type=...) in {list(GKM_METHODS)}, got {kind!r}: the edge from a GKM "

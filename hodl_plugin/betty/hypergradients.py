@@ -176,7 +176,7 @@ def implicit_vjp(
             f"({info.method}: residual {info.residual:.3e} > {info.threshold:.3e} after {info.iterations} "
             "products); is the lower level solved to optimality and its Hessian nonsingular?"
         )
-        if _cfg(cfg, "on_fail", "raise") == "raise":
+        if _cfg(cfg, "on_fail", None) in (None, "raise"):  # None: raise, as hp.Implicit() does
             raise LinearSolveError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=2)
     prev_params = list(prev.trainable_parameters())
