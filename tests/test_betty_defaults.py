@@ -113,6 +113,21 @@ def test_defaults_follow_the_dtype_like_the_core():
             {torch.float64: 1e-10, torch.float32: 1.1920928955078125e-05}[dtype], rel=1e-5)
 
 
+def test_solver_options_default_to_the_cores():
+    """The GKMSolver options HODLConfig spells have GKMSolver's defaults (warm_start, which the core does not
+    have, is the stated difference)."""
+    import dataclasses
+    import inspect
+
+    core = inspect.signature(hp.GKMSolver.__init__).parameters
+    shared = ["max_steps", "tol", "atol", "beta", "alpha", "upper_step", "aggregation", "check_every",
+              "on_divergence", "acceleration"]
+    defaults = {f.name: f.default for f in dataclasses.fields(hb.HODLConfig)}
+    for name in shared:
+        assert defaults[name] == core[name].default, name
+    assert "warm_start" not in core and defaults["warm_start"] is True
+
+
 @pytest.mark.parametrize("kind", hb.GKM_METHODS)
 def test_the_method_a_default_config_builds_is_the_cores_default(kind):
     """Every option of the hypergradient method that HODLConfig(type=kind) builds equals the core's default
@@ -185,8 +200,8 @@ def test_cg_failure_points_to_the_config_field():
     assert "below what" not in msg  # 1e-10 is reachable in float64: the iteration count is at fault
 
 
-def test_argmin_node_default_adjoint_tolerance_follows_the_dtype():
-    """implicit_cg on Betty's argmin node, float32, default adjoint_rtol: reachable, close to the closed form."""
+def argmin_graph(config):
+    """Betty's argmin node θ*(x) = argmin ½θᵀQθ - (Bx)ᵀθ in float32, started at θ*; one hypergradient."""
     Q, B, y, s = problem(torch.float32)
     x0 = torch.tensor(X0, dtype=torch.float32)
     xm = torch.nn.Module()
@@ -214,12 +229,20 @@ def test_argmin_node_default_adjoint_tolerance_follows_the_dtype():
     u_star, exact = closed_form(Q, B, y, x0)
     tm = torch.nn.Module()
     tm.theta = torch.nn.Parameter(u_star.float())
-    low = Low("lower", hb.HODLConfig(type="implicit_cg"), module=tm, optimizer=torch.optim.SGD(tm.parameters(), lr=s))
+    low = Low("lower", config, module=tm, optimizer=torch.optim.SGD(tm.parameters(), lr=s))
     up = Up("upper", hb.HODLConfig(type="darts"), module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=0.0))
     Engine([up, low], EngineConfig(train_iters=1, strategy="cpu"),
            dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}).run()
+    return low, grads, exact
+
+
+def test_argmin_node_default_adjoint_tolerance_follows_the_dtype():
+    """implicit_cg on Betty's argmin node, float32, default adjoint_rtol: reachable, close to the closed form."""
+    low, grads, exact = argmin_graph(hb.HODLConfig(type="implicit_cg"))
     assert low.hodl_adjoint_info.converged
     assert rel_err(grads[0].double(), exact) < ACCURACY[torch.float32]
+    with pytest.raises(hp.LinearSolveError, match=r"below what torch.float32 resolves.*adjoint_rtol=None"):
+        argmin_graph(hb.HODLConfig(type="implicit_cg", adjoint_rtol=1e-10))
 
 
 # ------------------------------------------------------------------ every field's Python type, at construction

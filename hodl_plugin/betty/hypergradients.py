@@ -171,10 +171,12 @@ def implicit_vjp(
     q, info = solve(matvec, b)
     curr.hodl_adjoint_info = info
     if not info.converged:
+        note = resolution_note(info.threshold, float(torch.linalg.vector_norm(b)), b.dtype)
         msg = (
             f"node {curr.name!r}: the Hessian system of the implicit hypergradient was not solved "
             f"({info.method}: residual {info.residual:.3e} > {info.threshold:.3e} after {info.iterations} "
-            "products); is the lower level solved to optimality and its Hessian nonsingular?"
+            "products); " + (note or "is the lower level solved to optimality and its Hessian nonsingular? Or "
+                             "raise HODLConfig(adjoint_maxiter=...)")
         )
         if _cfg(cfg, "on_fail", None) in (None, "raise"):  # None: raise, as hp.Implicit() does
             raise LinearSolveError(msg)
