@@ -351,14 +351,11 @@ class GKMProblem(_ImplicitProblem):
         )
 
     def _tolerances(self, cfg: Any) -> dict[str, Any]:
-        """``tol``/``rtol`` of the config for the solver; gkm_inexact stops at its own ε_k (``eps``) instead, so
-        they are not passed to it (HODLConfig's fields serve every node type; documented there)."""
+        """``tol``/``atol`` of the config for the solver (``tol=None``: the core's dtype default); gkm_inexact
+        stops at its own ε_k (``eps``) instead, so they are not passed to it (HODLConfig warns if given)."""
         if self.method.name == "inexact":
             return {}
-        tol, rtol, atol = _cfg(cfg, "tol", None), _cfg(cfg, "rtol", 0.0), _cfg(cfg, "atol", 0.0)
-        if tol is not None and rtol:
-            tol = max(tol, rtol)
-        return {"tol": tol, "atol": atol}
+        return {"tol": _cfg(cfg, "tol", None), "atol": _cfg(cfg, "atol", 0.0)}
 
     def _run_solver(self, u0: Tensor, batch: Any) -> Tensor:
         """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
@@ -378,7 +375,7 @@ class GKMProblem(_ImplicitProblem):
         info = self._solver.info
         cfg = self.config
         tol = _cfg(cfg, "tol", None)
-        asked = tol is None or tol > 0 or _cfg(cfg, "rtol", 0.0) > 0 or _cfg(cfg, "atol", 0.0) > 0
+        asked = tol is None or tol > 0 or _cfg(cfg, "atol", 0.0) > 0
         mode = _cfg(cfg, "on_nonconvergence", "warn")
         stopped = asked and not info.converged and not info.diverged
         for w in caught:
