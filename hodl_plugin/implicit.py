@@ -201,7 +201,7 @@ class FixedPointProblem:
             raise LinearSolveError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
-    def record(self, role: str, linfo: ls.LinearSolveInfo) -> None:
+    def record(self, role: str, linfo: ls.LinearSolveInfo, b: Optional[Tensor] = None) -> None:
         """Diagnostics of a solve into the call's info; a missed tolerance is reported."""
         if self.info is not None:
             if role == "adjoint":
@@ -209,21 +209,29 @@ class FixedPointProblem:
             else:
                 self.info.higher_solves += 1
         if not linfo.converged:
-            self.fail(_unsolved_message(self, role, linfo))
+            self.fail(_unsolved_message(self, role, linfo, b))
 
 
-def _unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo) -> str:
-    dtype_note = ""
-    if linfo.threshold > 0 and linfo.residual > 0 and linfo.threshold < 1e-12 * max(linfo.residual, 1.0):
-        dtype_note = " The threshold may be below the precision of the dtype: loosen adjoint_rtol."
-    other = "'gmres'" if linfo.method not in ("gmres", "GMRES") else "'bicgstab' or a looser adjoint_rtol"
+def _unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo,
+                      b: Optional[Tensor]) -> str:
     what = "(I - dT/du)" if problem.sign == 1.0 else "dG/du"
+    head = (
+        f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved: {linfo.method} stopped "
+        f"after {linfo.iterations} products with residual {linfo.residual:.3e} > {linfo.threshold:.3e}."
+    )
+    if b is not None:
+        eps = float(torch.finfo(b.dtype).eps)
+        bn = float(torch.linalg.vector_norm(b.detach()))
+        if bn > 0 and linfo.threshold / bn < 10 * eps:
+            return (
+                f"{head} The threshold is {linfo.threshold / bn:.1e} relative to ||b||, below what {b.dtype} resolves "
+                f"(eps = {eps:.1e}): no solver reaches it; loosen adjoint_rtol (the dtype's default is "
+                f"{ls.default_rtol(b.dtype):.1e})"
+            )
+    other = "another method (solver='gmres')" if linfo.method != "gmres" else "a looser tolerance (adjoint_rtol)"
     return (
-        f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved: {linfo.method} "
-        f"stopped after {linfo.iterations} products with residual {linfo.residual:.3e} > "
-        f"{linfo.threshold:.3e}.{dtype_note} The matrix may be singular (a non-singleton fixed-point set: "
-        f"use hypergrad='unrolled'), or the solve needs more iterations (adjoint_maxiter=) or another "
-        f"solver (solver={other})"
+        f"{head} (I - dT/du) may be singular (a non-singleton fixed-point set: use hypergrad='unrolled'), or the "
+        f"solver needs more iterations (adjoint_maxiter) / {other}"
     )
 
 
@@ -247,7 +255,7 @@ def _solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u:
         x, linfo = _vmap.solve_per_sample(problem, transpose, role, b, u, ts, x0, _solve_one)
     else:
         x, linfo = _solve_one(problem, transpose, role, b, u, ts, x0)
-    problem.record(role, linfo)
+    problem.record(role, linfo, b)
     if role == "adjoint" and problem.after is not None:
         problem.after(x, u, lambda: _vmap.samples(problem, x, u, ts))
     return x
@@ -426,7 +434,7 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
         return _run_solver(problem, matvec, b, "adjoint", x0=_warm_start(problem, b))
 
     grads, v, linfo = implicit_vjp_lean(problem.op, u, ts, g, needs, solve, problem.sign)
-    problem.record("adjoint", linfo)
+    problem.record("adjoint", linfo, g)
     if problem.after is not None:
         ud = u.detach()
         problem.after(v, ud, lambda: _vmap.samples(problem, v, ud, ts))
@@ -619,6 +627,8 @@ def configure_solver(solver: ls.SolverLike, rtol: Optional[float], atol: Optiona
     """The adjoint solver of a method: ``solver`` (``None``: chosen per operator) with the ``adjoint_*``
     options applied; a tolerance given twice is refused."""
     changes = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("maxiter", maxiter)) if v is not None}
+    if solver is None:  # the defaults of the solver chosen per operator are no change
+        changes = {k: v for k, v in changes.items() if v != getattr(ls.GMRES(), k)}
     try:  # validated now, named as the user wrote them
         ls.GMRES(**{"rtol": None, **changes})
     except ValueError as e:
