@@ -36,7 +36,7 @@ class ALTO(FirstOrderMethod):
     ...                lower=lambda x, y: 0.5 * ((y - x) ** 2).sum(), x_lr=0.1, y_lr=0.5)
     >>> for _ in range(200):
     ...     info = alto.step()
-    >>> round(float(x), 4)                 # ∇_x F = 0 at x = 1; the bilevel optimum is x* = 1/2
+    >>> round(x.item(), 4)                 # ∇_x F = 0 at x = 1; the bilevel optimum is x* = 1/2
     1.0
     """
 

@@ -66,9 +66,9 @@ class MESO(FirstOrderMethod):
     >>> import torch, hodl_plugin as hp
     >>> x = torch.zeros(2, requires_grad=True); y = torch.zeros(2, requires_grad=True)
     >>> meso = hp.MESO(x, y, upper=lambda x, y: ((y - 1) ** 2).sum() + (x ** 2).sum(),
-    ...                lower=lambda x, y: 0.5 * ((y - x) ** 2).sum(), gamma=1.0, eta=0.5, c0=1.0, p=0.3,
-    ...                x_lr=0.2, y_lr=0.2)
-    >>> for _ in range(3000):
+    ...                lower=lambda x, y: 0.5 * ((y - x) ** 2).sum(), gamma=1.0, eta=0.5, c0=50.0, p=0.25,
+    ...                x_lr=0.8, y_lr=0.8)
+    >>> for _ in range(2000):
     ...     info = meso.step()
     >>> torch.allclose(x, torch.full((2,), 0.5), atol=0.02)
     True
