@@ -51,8 +51,8 @@ def moreau_theta_step(lower: Callable[..., Tensor], x: Var, y: Var, theta: Var, 
 class MESO(FirstOrderMethod):
     r"""MESO (MEHA): the Moreau-envelope penalty, one step of :math:`\theta`, x and y per iteration.
 
-    Cost per step: 5 gradient evaluations (f at θ in y; F and f in x; f at θ in x; F and f in y);
-    memory: one copy of y (θ, kept across steps).
+    Cost per step: 4 gradient computations (f at θ in θ; F/c + f in x; f at θ in x; F/c + f in y at the
+    new x); memory: one copy of y (θ, kept across steps).
 
     Args:
         x, y, upper, lower, x_lr, y_lr, x_optimizer, y_optimizer: see
