@@ -277,3 +277,49 @@ def test_divergence_raises_instead_of_returning_nan():
     with pytest.raises(hp.DivergenceError, match="PGDO: non-finite"):
         for _ in range(400):
             m.step()
+
+
+def test_boat_pgdo_gradient_penalty_is_a_constant(boat):
+    # BOAT builds ‖∇_y f‖² without create_graph: its "gradient" penalty adds nothing, the step descends F alone
+    P = QuadraticBLO()
+    g, lr = 10.0, 0.02
+    cfg = dict(y_hat_lr=1 / P.L_lower, gamma_init=g, gamma_max=g, gamma_argmax_step=1, update_y_ahead=False,
+               penalty="gradient")
+    xb, yb, _ = boat.run(P, "PGDO", cfg, 5, lr, lr, 10, dtype=DT)
+    x, y, s = P.x0.clone(), P.y0.clone(), lr / (g + 1e-8)
+    for _ in range(10):
+        gx, gy = P.gF(x, y)
+        x, y = x - s * gx, y - s * gy
+    assert torch.allclose(x, xb, atol=1e-14) and torch.allclose(y, yb, atol=1e-14)
+
+
+# ------------------------------------------------------------------ recipes
+def test_recipes_run_the_first_order_baselines(tmp_path):
+    from recipes import hyper_cleaning, nonsingleton
+
+    res = hyper_cleaning.main(["--quick", "--modes", "implicit,bome,pgdo,meso,alto", "--no-betty", "--n-train", "100",
+                               "--n-val", "100", "--iters", "3", "--K", "5", "--no-progress", "--out", str(tmp_path)])
+    rows = {r["method"].split(" ")[0]: r for r in res["rows"]}
+    assert {"bome", "pgdo", "meso", "alto"} <= set(rows) and len(rows["bome"]["curve"]) == 3
+    assert rows["alto"]["F1_flags"] == 0.0  # ALTO never moves the weights: ∂_x F = 0 in hyper-cleaning
+    res = nonsingleton.main(["--methods", "hodl1,bome,alto", "--K", "5", "--iters", "3", "--p", "3", "--n", "6",
+                             "--no-progress", "--out", str(tmp_path)])
+    labels = [r["method"] for r in res["rows"]]
+    assert labels[0] == "HODL α=1/(k+1)" and labels[1].startswith("BOME") and labels[-1].startswith("Tikhonov")
+    P = nonsingleton.problem(3, 6, 0.1, 0, torch.device("cpu"))
+    x_eps = nonsingleton.tikhonov(P, 1e-6 / P["s"])  # ε → 0: the Tikhonov solution tends to HODL's x*
+    assert float((x_eps - P["x_star"]).norm() / P["x_star"].norm()) < 1e-4
+
+
+@pytest.mark.slow  # about a minute: `make test-slow`
+def test_baselines_benchmark_quick():
+    pytest.importorskip("boat_torch")
+    from benchmarks.baselines import main
+
+    rows = main(["--quick"])
+    assert len(rows) == 8
+    for r in rows:
+        assert r["ours vs reference"] < 1e-12 and r["BOAT vs rebuilt"] < 1e-11, r
+        assert (r["ours vs BOAT"] < 1e-12) == (r["method"] in ("PGDO", "ALTO")), r
+        assert r["time ours/BOAT"] > 0
+    assert all(r["x dist"] < 0.3 for r in rows if r["problem"] == "quadratic" and r["method"] != "ALTO")
