@@ -27,12 +27,12 @@ def _descent(P: Any, x: Tensor, y: Tensor, steps: int, lr: float, momentum: floa
 
 
 def bome(P: Any, iters: int, *, inner_steps: int, inner_lr: float, eta: float, x_lr: float, y_lr: float,
-         barrier: str = "gradient") -> tuple[Tensor, Tensor]:
+         barrier: str = "gradient", inner_momentum: float = 0.0) -> tuple[Tensor, Tensor]:
     r""":math:`d = \nabla F + \lambda\nabla\hat q`,
     :math:`\lambda = \max(\phi - \langle\nabla F,\nabla\hat q\rangle, 0)/\|\nabla\hat q\|^2`."""
     x, y = P.x0.clone(), P.y0.clone()
     for _ in range(iters):
-        yh = _descent(P, x, y, inner_steps, inner_lr)
+        yh = _descent(P, x, y, inner_steps, inner_lr, inner_momentum)
         Fx, Fy = P.gF(x, y)
         fx, fy = P.gf(x, y)
         qx, qy = fx - P.gf(x, yh)[0], fy

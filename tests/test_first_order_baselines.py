@@ -129,7 +129,8 @@ def test_each_method_equals_its_papers_equations(problem):
 
 def test_bome_value_barrier_and_momentum_follow_the_reference():
     P = QuadraticBLO()
-    kw = dict(inner_steps=5, inner_lr=1 / P.L_lower, eta=0.5, x_lr=0.02, y_lr=0.02, barrier="value")
+    kw = dict(inner_steps=5, inner_lr=1 / P.L_lower, eta=0.5, x_lr=0.02, y_lr=0.02, barrier="value",
+              inner_momentum=0.5)
     ours = run_ours(P, "BOME", kw, 10)
     assert max(float((a - b).abs().max()) for a, b in zip(ours, fo_reference.bome(P, 10, **kw))) < 1e-12
 
@@ -268,6 +269,14 @@ def test_bad_inputs_raise_named_errors():
         hp.ALTO(x, y, lambda x, y: y, f, x_lr=0.1, y_lr=0.1).step()
     with pytest.raises(ValueError, match="non-finite"):
         hp.ALTO(torch.full((3,), math.nan, requires_grad=True), y, F, f, x_lr=0.1, y_lr=0.1)
+
+
+def test_an_update_that_overflows_raises():
+    P = Toy()
+    x, y = start()
+    m = hp.ALTO(x, y, P.upper, P.lower, x_lr=1e308, y_lr=0.1)
+    with pytest.raises(hp.DivergenceError, match="ALTO: non-finite x at step 0"):
+        m.step()
 
 
 def test_divergence_raises_instead_of_returning_nan():
