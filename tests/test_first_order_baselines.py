@@ -273,8 +273,8 @@ def test_bad_inputs_raise_named_errors():
 
 def test_an_update_that_overflows_raises():
     P = Toy()
-    x, y = start()
-    m = hp.ALTO(x, y, P.upper, P.lower, x_lr=1e308, y_lr=0.1)
+    x, y = torch.full((3,), 100.0, dtype=DT, requires_grad=True), torch.zeros(3, dtype=DT, requires_grad=True)
+    m = hp.ALTO(x, y, P.upper, P.lower, x_lr=1e307, y_lr=0.1)  # finite direction ≈ 100, the update overflows
     with pytest.raises(hp.DivergenceError, match="ALTO: non-finite x at step 0"):
         m.step()
 
