@@ -14,13 +14,28 @@ The public API in one place:
 - schedules (:mod:`hodl_plugin.schedules`), the "as in the papers" configuration
   :func:`paper_config` (:mod:`hodl_plugin.presets`) and adjoint linear solvers
   (:mod:`hodl_plugin.linear_solve`);
-- the certified error bound of the inexact mode (:mod:`hodl_plugin.bound`).
+- the certified error bound of the inexact mode (:mod:`hodl_plugin.bound`);
+- first-order bilevel baselines that move both levels, :class:`BOME`, :class:`PGDO`, :class:`MESO`,
+  :class:`ALTO` (:mod:`hodl_plugin.baselines`; BOAT's ``fo_ol`` operations).
 
 The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that imports Betty.
 """
 
-from . import acceleration, bound, errors, implicit, inexact, linear_solve, operators, presets, prox, schedules
+from . import (
+    acceleration,
+    baselines,
+    bound,
+    errors,
+    implicit,
+    inexact,
+    linear_solve,
+    operators,
+    presets,
+    prox,
+    schedules,
+)
 from .acceleration import Anderson
+from .baselines import ALTO, BOME, MESO, PGDO
 from .bound import BoundConstants
 from .errors import (
     ConfigurationError,
@@ -76,7 +91,12 @@ __all__ = [
     "ConvergenceWarning",
     "SummableScheduleWarning",
     "UnusedOptionWarning",
+    "BOME",
+    "PGDO",
+    "MESO",
+    "ALTO",
     "acceleration",
+    "baselines",
     "bound",
     "errors",
     "implicit",
