@@ -1,5 +1,5 @@
 r"""The certified a-posteriori error bound of the inexact implicit hypergradient (ISGD / MAID,
-:ref:`math-bound`).
+:ref:`the bound <math-bound>`).
 
 The inexact mode returns the forward iterate :math:`z = \tilde u` and solves
 the adjoint system :math:`(I - J_u^\top)\tilde v = \nabla_u F(z)` to a residual

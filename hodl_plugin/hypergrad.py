@@ -19,7 +19,7 @@ graph carries its hypergradient. Pass one to ``GKMSolver(..., hypergrad=method)`
     flat in K.
 
 with :math:`J_u = \partial_u T(u^*; x)` and :math:`J_x = \partial_x T(u^*; x)`
-(:ref:`math-choosing` compares them).
+(:ref:`choosing a mode <math-choosing>` compares them).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _detached(params: Sequence[Any]) -> list[Any]:
 
 
 class Unrolled(HypergradMethod):
-    r"""Back-propagation through all K GKM steps (HODL/BMO's choice, :ref:`math-unrolled`).
+    r"""Back-propagation through all K GKM steps (HODL/BMO's choice; :ref:`what it differentiates <math-unrolled>`).
 
     Differentiates exactly the map :math:`x \mapsto u_k(x)` that produced the returned iterate,
     aggregation included; memory grows linearly with K (autograd keeps every step).

@@ -373,11 +373,13 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def forward(problem: FixedPointProblem, u0: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        """The forward solve ``problem.forward`` (without autograd)."""
         info = problem.forward_info if problem.forward_info is not None else problem.info
         return problem.forward(u0, tensors, info, problem).clone()
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        """Saves the solution and the tensors."""
         problem, _u0, *tensors = inputs
         ctx.problem = problem
         ctx.save_for_backward(output, *tensors)
@@ -385,6 +387,7 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
+        """:func:`implicit_vjp` (the lean :func:`implicit_vjp_lean` for a first-order pass)."""
         problem: FixedPointProblem = ctx.problem
         u, *ts = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]
@@ -397,6 +400,7 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx: Any, _problem_t: Any, _u0_t: Optional[Tensor], *ts_t: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+        """:func:`implicit_jvp`."""
         problem: FixedPointProblem = ctx.problem
         u, *ts = ctx.saved_tensors
         solve = functools.partial(_apply_solve, problem, False, "tangent", u, ts, None)
@@ -404,6 +408,7 @@ class FixedPoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
+        """One batched solve (:mod:`hodl_plugin._vmap`)."""
         return _vmap.fixed_point(FixedPoint, info, in_dims, problem, u0, ts)
 
 
@@ -452,10 +457,12 @@ class LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(problem, transpose, role, b, u, *ts):  # type: ignore[override]
+        """The solve (without autograd)."""
         return _solve(problem, transpose, role, b, u, ts)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        """Saves the solution and the tensors."""
         problem, transpose, _role, _b, u, *ts = inputs
         ctx.problem, ctx.transpose = problem, transpose
         ctx.save_for_backward(output, u, *ts)
@@ -463,6 +470,7 @@ class LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, xbar: Tensor) -> tuple:  # type: ignore[override]
+        """Another solve with the transposed operator, and the pairing's gradient."""
         problem, transpose = ctx.problem, ctx.transpose
         x, u, *ts = ctx.saved_tensors
         y = LinearSolve.apply(problem, not transpose, "higher", xbar, u, *ts)
@@ -483,6 +491,7 @@ class LinearSolve(torch.autograd.Function):
     def jvp(  # type: ignore[override]
         ctx: Any, _p: Any, _t: Any, _r: Any, b_t: Optional[Tensor], u_t: Optional[Tensor], *ts_t: Optional[Tensor]
     ) -> Tensor:
+        """Another solve with the same operator."""
         problem, transpose = ctx.problem, ctx.transpose
         x, u, *ts = ctx.saved_tensors
         u_t = torch.zeros_like(u) if u_t is None else u_t
@@ -503,6 +512,7 @@ class LinearSolve(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, problem, transpose, role, b, u, *ts) -> tuple:  # type: ignore[override]
+        """One batched solve (:mod:`hodl_plugin._vmap`)."""
         return _vmap.linear_solve(LinearSolve, info, in_dims, problem, transpose, role, b, u, ts)
 
 
