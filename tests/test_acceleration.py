@@ -248,7 +248,7 @@ def test_a_custom_accelerator_through_the_base_class():
 
 
 def test_non_accelerators_are_refused_by_name():
-    with pytest.raises(TypeError, match="Accelerator"):
+    with pytest.raises(TypeError, match="acceleration must be None or an accelerator"):
         hp.GKMSolver(lambda u: u, acceleration="anderson")
 
 
@@ -264,7 +264,7 @@ def test_report_counts_steps_and_no_restart_for_frozen_samples(kind, restart_con
         _, info = hp.GKMSolver(lambda z, x: torch.tanh(z @ W.T + x), max_steps=2000, tol=1e-11, batch_dims=1,
                                check_every=1, acceleration=acc).solve(torch.zeros_like(x), x)
     assert len(set(info.steps_per_sample.tolist())) > 1
-    assert info.accelerated == info.steps - 1 and info.restarts == 0
+    assert info.steps - 1 <= info.accelerated <= info.steps and info.restarts == 0  # (the stopping step's proposal)
 
 
 @pytest.mark.parametrize("path", ["host", "masked"])

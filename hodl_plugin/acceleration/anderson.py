@@ -70,7 +70,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .._checks import transforms_active
+from .._torch_compat import transforms_active
 from ._anderson_batch import HostBatch, MaskedBatch
 from .base import Accelerator, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard, host_ok, np
 

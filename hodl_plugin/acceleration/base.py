@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._checks import transforms_active
+from .._torch_compat import transforms_active
 from ..errors import ConfigurationError
 
 try:  # the host (CPU, eager) paths compute in numpy: a few µs less per small operation than torch
