@@ -1,5 +1,5 @@
 """DEQ-style batches: per-sample Anderson and Broyden against the plain iteration, whole-batch Anderson
-and TorchDEQ — forward time to the same residual, implicit backward, gradient errors — side by side.
+and TorchDEQ — forward time to the same residual, implicit backward, gradient errors — side by side::
 
     python -m benchmarks.deq                 # B = 64 samples of n = 32, contractions 0.9 and 0.99, 5 rounds
     python -m benchmarks.deq --quick         # 2 rounds, well under a minute
