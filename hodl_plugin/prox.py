@@ -1,7 +1,8 @@
 r"""Proximal maps used by :class:`~hodl_plugin.operators.ProximalGradient`.
 
 A proximal map for the operator library is a callable ``prox(v, step, *params) -> tensor``
-computing :math:`\mathrm{prox}_{s g}(v)`; the factories below build the common ones. All are
+computing :math:`\mathrm{prox}_{s g}(v)`; the factories below build the common ones as small
+objects (picklable, so a module holding one can be saved with ``torch.save``). All are
 differentiable (almost everywhere) w.r.t. ``v`` and their weights.
 
 >>> import torch
@@ -17,6 +18,8 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+
+from ._torch_compat import is_functorch_wrapped, transforms_active, version
 
 __all__ = ["soft_threshold", "l1", "l1_param", "nonnegative", "box", "identity"]
 
@@ -41,7 +44,18 @@ def l1(weight: float) -> Prox:
         weight = float(weight)
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"the l1 weight must be a finite number >= 0, got {weight!r}")
-    return lambda v, step, *params: soft_threshold(v, step * weight)
+    return _L1(float(weight))
+
+
+class _L1:
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def __call__(self, v: Tensor, step, *params: Tensor) -> Tensor:
+        return soft_threshold(v, step * self.weight)
+
+    def __repr__(self) -> str:
+        return f"l1({self.weight!r})"
 
 
 class _WeightCheck:
@@ -69,7 +83,7 @@ class _WeightCheck:
             return w
         if _wrapped(w):
             return torch.where(torch.isfinite(w) & (w >= 0), w, torch.full_like(w, math.nan))
-        if self.ref is not None and self.ref() is w and w._version == self.version:
+        if self.ref is not None and self.ref() is w and version(w) == self.version:
             return w
         with torch.no_grad():
             finite = bool(torch.isfinite(w).all())
@@ -84,16 +98,18 @@ class _WeightCheck:
             )
         try:
             self.ref = weakref.ref(w)
-            self.version = w._version
+            self.version = version(w)
         except TypeError:  # tensors that cannot be weakly referenced: check every call
             self.ref = None
         return w
 
+    def __getstate__(self) -> dict:  # pickling / deepcopy: the last checked tensor is not state
+        return {"what": self.what, "ref": None, "version": -1}
+
 
 def _wrapped(w: Tensor) -> bool:
     """Whether ``w`` is a torch.func (functorch) wrapper whose values cannot be read."""
-    fn = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return bool(fn(w)) if fn is not None else False
+    return transforms_active() and is_functorch_wrapped(w)
 
 
 def l1_param(index: int = 0) -> Prox:
@@ -112,16 +128,23 @@ def l1_param(index: int = 0) -> Prox:
     """
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         raise ValueError(f"l1_param index must be an int >= 0, got {index!r}")
-    check = _WeightCheck(f"l1_param weight params[{index}]")
+    return _L1Param(index)
 
-    def prox(v: Tensor, step, *params: Tensor) -> Tensor:
-        if index >= len(params):
+
+class _L1Param:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.check = _WeightCheck(f"l1_param weight params[{index}]")
+
+    def __call__(self, v: Tensor, step, *params: Tensor) -> Tensor:
+        if self.index >= len(params):
             raise ValueError(
-                f"l1_param({index}) reads params[{index}] but the operator got {len(params)} parameter(s)"
+                f"l1_param({self.index}) reads params[{self.index}] but the operator got {len(params)} parameter(s)"
             )
-        return soft_threshold(v, step * check(params[index]))
+        return soft_threshold(v, step * self.check(params[self.index]))
 
-    return prox
+    def __repr__(self) -> str:
+        return f"l1_param({self.index})"
 
 
 def nonnegative() -> Prox:
@@ -131,7 +154,15 @@ def nonnegative() -> Prox:
     >>> nonnegative()(torch.tensor([-1.0, 2.0]), 0.1)
     tensor([0., 2.])
     """
-    return lambda v, step, *params: torch.relu(v)
+    return _NonNegative()
+
+
+class _NonNegative:
+    def __call__(self, v: Tensor, step, *params: Tensor) -> Tensor:
+        return torch.relu(v)
+
+    def __repr__(self) -> str:
+        return "nonnegative()"
 
 
 def box(lo: float, hi: float) -> Prox:
@@ -143,9 +174,28 @@ def box(lo: float, hi: float) -> Prox:
     """
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"box needs lo <= hi (not NaN), got [{lo}, {hi}]")
-    return lambda v, step, *params: torch.clamp(v, lo, hi)
+    return _Box(float(lo), float(hi))
+
+
+class _Box:
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, v: Tensor, step, *params: Tensor) -> Tensor:
+        return torch.clamp(v, self.lo, self.hi)
+
+    def __repr__(self) -> str:
+        return f"box({self.lo!r}, {self.hi!r})"
 
 
 def identity() -> Prox:
     """The prox of the zero function."""
-    return lambda v, step, *params: v
+    return _Identity()
+
+
+class _Identity:
+    def __call__(self, v: Tensor, step, *params: Tensor) -> Tensor:
+        return v
+
+    def __repr__(self) -> str:
+        return "identity()"
