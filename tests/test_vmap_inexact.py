@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from test_vmap_batched import CS, DS, B, Counted, D, N, Q, R, S, X, Y, grad_ref, u_star
+from test_vmap import CS, DS, B, Counted, D, N, Q, R, S, X, Y, grad_ref, u_star
 
 import hodl_plugin as hp
 

@@ -336,7 +336,7 @@ def test_the_docs_example_selects_the_solution_closest_to_y():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent / "compat" / "betty_coupled_example.py"
+    path = Path(__file__).parents[1] / "compat" / "betty_coupled_example.py"
     spec = importlib.util.spec_from_file_location("betty_coupled_example", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
