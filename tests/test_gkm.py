@@ -1,7 +1,10 @@
-"""Aggregation "inside" (SPEC §0) vs "outside" (BDA/BOAT), Geometric schedules, paper_config.
+"""The GKM iteration (:mod:`hodl_plugin.gkm`, :ref:`math-gkm`): KM relaxation, HODL's aggregation inside
+the operator and BDA/BOAT's outside it (:ref:`math-aggregation`), the selection of the upper-optimal
+fixed point of a non-singleton set, per-sample iteration with ``batch_dims``.
 
-Every reference is independent of the solver: closed forms (SPEC T5), hand-written loops of the
-two iterations, and central finite differences of a hand-written forward.
+Every reference is independent of the solver: closed forms (Fix T = {u : Au = b}, whose F-optimal point
+for F = ½‖u − z‖² is the projection of z), hand-written loops of the two iterations
+(:func:`_oracles.gkm_loop`), and central finite differences of a hand-written forward.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import warnings
 
 import pytest
 import torch
+from _oracles import DT, gkm_loop, gradient_step_tanh, nonsingleton, rel_err
 
 import hodl_plugin as hp
-from conftest import DT, nonsingleton, rel_err
 
 
 def _quiet(**kw) -> hp.GKMSolver:
@@ -23,13 +26,67 @@ def _quiet(**kw) -> hp.GKMSolver:
         return hp.GKMSolver(**kw)
 
 
-# -- (a) both forms select the closed-form point of SPEC T5 ---------------------------------------
+# -- KM relaxation ----------------------------------------------------------------------------------
+def _hypergrad(solver, q, x0):
+    x = x0.clone().requires_grad_(True)
+    u = solver(torch.zeros(q.n, dtype=DT), x)
+    q.F(u, x).backward()
+    return x.grad
+
+
+@pytest.mark.parametrize("beta", [0.5, hp.Constant(0.8)])
+def test_km_relaxation_same_fixed_point_and_hypergradient(quad, beta):
+    x0 = torch.tensor([1.0, 0.0, -1.0], dtype=DT)
+    for mode in ("implicit", "unrolled"):
+        solver = hp.GKMSolver(quad.T, max_steps=40000, tol=1e-13, beta=beta, hypergrad=mode)
+        assert rel_err(_hypergrad(solver, quad, x0), quad.hypergrad(x0)) < 1e-8
+
+
+# -- plain KM depends on u0; both aggregation forms select the projection ---------------------------
+@pytest.fixture
+def ns():
+    A, b, s, z, proj = nonsingleton()
+    T = lambda u, *x: u - s * A.T @ (A @ u - b)  # noqa: E731  (rank-deficient least squares)
+    return A, b, z, proj, T
+
+
+def test_plain_km_converges_to_a_fixed_point_that_depends_on_u0(ns):
+    A, b, z, proj, T = ns
+    solver = hp.GKMSolver(T, max_steps=100000, tol=1e-13)
+    outs = []
+    for seed in (0, 1):
+        u0 = torch.randn(12, generator=torch.Generator().manual_seed(seed), dtype=DT)
+        with torch.no_grad():
+            u = solver(u0)
+        assert rel_err(u, proj(u0)) < 1e-10  # the projection of u0: depends on u0
+        outs.append(u)
+    assert rel_err(outs[0], outs[1]) > 0.1
+    assert rel_err(outs[0], proj(z)) > 0.1  # and is not the upper-optimal fixed point
+
+
+def test_hodl_aggregation_selects_the_upper_optimal_fixed_point(ns):
+    A, b, z, proj, T = ns
+    u_sel = proj(z)  # argmin ½||u - z||² over Fix(T), closed form
+    F = lambda u: 0.5 * ((u - z) ** 2).sum()  # noqa: E731
+    errs = {}
+    for K in (1000, 4000):
+        for seed in (0, 1):
+            u0 = torch.randn(12, generator=torch.Generator().manual_seed(seed), dtype=DT)
+            solver = hp.GKMSolver(T, max_steps=K, tol=0.0, upper=F, upper_step=1.0, alpha=hp.Harmonic(1.0))
+            with torch.no_grad():
+                u = solver(u0)
+            errs[K, seed] = rel_err(u, u_sel)
+    # converges to u_sel from any start, at the O(1/K) rate of the harmonic weights
+    assert max(errs[4000, 0], errs[4000, 1]) < 2e-3
+    assert errs[4000, 0] < 0.3 * errs[1000, 0]
+
+
 @pytest.mark.parametrize("aggregation", ["inside", "outside"])
-def test_both_forms_select_the_T5_projection(aggregation):
+def test_both_forms_select_the_projection(aggregation):
     A, b, s, z, proj = nonsingleton()
     T = lambda u: u - s * A.T @ (A @ u - b)  # noqa: E731  Fix T = {u : Au = b}
     F = lambda u: 0.5 * ((u - z) ** 2).sum()  # noqa: E731
-    u_sel = z - A.T @ torch.linalg.solve(A @ A.T, A @ z - b)  # SPEC T5 closed form
+    u_sel = z - A.T @ torch.linalg.solve(A @ A.T, A @ z - b)  # the closed form
     u0 = torch.randn(12, generator=torch.Generator().manual_seed(3), dtype=DT)
     errs = {}
     for K in (1000, 4000):
@@ -43,7 +100,27 @@ def test_both_forms_select_the_T5_projection(aggregation):
     assert errs[4000] < 0.35 * errs[1000], errs  # the O(1/K) rate of harmonic weights
 
 
-# -- (b) outside form == gradient descent, written by hand ----------------------------------------
+def test_hyper_training_through_the_selection(ns):
+    """z = ω, task loss ½||u_sel(ω) - u_gt||², u_gt ∈ Fix T: d/dω of the limit = P_null(A)(u_sel - u_gt).
+
+    Unrolled through the aggregated iteration (HODL's hypergradient) approaches it as K grows.
+    """
+    A, b, z, proj, T = ns
+    u_gt = proj(torch.zeros(12, dtype=DT) + 0.3)
+    F = lambda u, w: 0.5 * ((u - w) ** 2).sum()  # noqa: E731
+    P_null = torch.eye(12, dtype=DT) - A.T @ torch.linalg.solve(A @ A.T, A)
+    expected = P_null @ (proj(z) - u_gt)
+    errs = []
+    for K in (300, 1200):
+        w = z.clone().requires_grad_(True)
+        solver = hp.GKMSolver(T, max_steps=K, tol=0.0, upper=F, alpha=hp.Harmonic(1.0), hypergrad="unrolled")
+        u = solver(torch.zeros(12, dtype=DT), w)
+        (0.5 * ((u - u_gt) ** 2).sum()).backward()
+        errs.append(rel_err(w.grad, expected))
+    assert errs[1] < 0.05 and errs[1] < errs[0]
+
+
+# -- the outside form is gradient descent on the mixed objective, written by hand -------------------
 def _gd_problem():
     g = torch.Generator().manual_seed(5)
     n = 6
@@ -130,44 +207,11 @@ def test_outside_stops_on_the_fixed_point_residual():
     assert rel_err(u, u_star) < 1e-10
 
 
-# -- (c) unrolled gradients of both forms against central finite differences ----------------------
-def _nonlinear():
-    g = torch.Generator().manual_seed(11)
-    n, m = 5, 3
-    M = torch.randn(n, n, generator=g, dtype=DT)
-    Q = M @ M.T / n + 0.5 * torch.eye(n, dtype=DT)
-    B = torch.randn(n, m, generator=g, dtype=DT)
-    C = torch.randn(n, m, generator=g, dtype=DT)
-    t = 0.8 / (float(torch.linalg.eigvalsh(Q).max()) + 0.3)
-
-    def T(u, x):  # gradient step of ½uᵀQu + 0.3·Σ log cosh(u) - (Bx)ᵀu
-        return u - t * (Q @ u + 0.3 * torch.tanh(u) - B @ x)
-
-    def F(u, x):  # the upper objective depends on x too, so ∇_u F(u; x) carries x
-        return 0.5 * ((u - torch.sin(C @ x)) ** 2).sum()
-
-    def grad_F(u, x):
-        return u - torch.sin(C @ x)
-
-    return T, F, grad_F, t, n, m
-
-
-def _hand_loop(T, grad_F, x, u0, K, s, alpha, beta, aggregation):
-    u = u0
-    for k in range(K):
-        a = alpha(k)
-        if aggregation == "inside":  # SPEC §0
-            w = (1 - a) * u + a * (u - s * grad_F(u, x))
-            u = (1 - beta) * u + beta * T(w, x)
-        else:  # BDA/BOAT
-            u = (1 - beta) * u + beta * ((1 - a) * T(u, x) + a * (u - s * grad_F(u, x)))
-    return u
-
-
+# -- unrolled gradients of both forms against central finite differences -----------------------------
 @pytest.mark.parametrize("aggregation", ["inside", "outside"])
 @pytest.mark.parametrize("alpha", [hp.Harmonic(1.0), hp.Geometric(0.6, 0.9)])
 def test_unrolled_gradient_matches_finite_differences(aggregation, alpha):
-    T, F, grad_F, t, n, m = _nonlinear()
+    T, F, grad_F, t, n, m = gradient_step_tanh()
     K, s, beta = 15, 0.7, 0.9
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(m, generator=g, dtype=DT)
@@ -175,7 +219,7 @@ def test_unrolled_gradient_matches_finite_differences(aggregation, alpha):
     y = torch.randn(n, generator=g, dtype=DT)
 
     def loss_by_hand(x):
-        return 0.5 * ((_hand_loop(T, grad_F, x, u0, K, s, alpha, beta, aggregation) - y) ** 2).sum()
+        return 0.5 * ((gkm_loop(T, grad_F, x, u0, K, s, alpha, beta, aggregation) - y) ** 2).sum()
 
     solver = _quiet(T=T, upper=F, upper_step=s, alpha=alpha, beta=beta, aggregation=aggregation,
                     max_steps=K, tol=0.0, hypergrad="unrolled")
@@ -189,10 +233,66 @@ def test_unrolled_gradient_matches_finite_differences(aggregation, alpha):
     # the two forms are different maps after K steps (the test can tell them apart)
     other = "outside" if aggregation == "inside" else "inside"
     with torch.no_grad():
-        assert rel_err(u, _hand_loop(T, grad_F, x0, u0, K, s, alpha, beta, other)) > 1e-4
+        assert rel_err(u, gkm_loop(T, grad_F, x0, u0, K, s, alpha, beta, other)) > 1e-4
 
 
-# -- implicit / inexact / batch_dims / Anderson with the outside form -----------------------------
+def _tanh_aggregation(n, K):
+    """T(u; x) = u − (Q tanh(u) − x)/L, F(u; x) = ½‖u − z‖² + 0.3·xᵀu; the aggregated loop of :ref:`math-gkm`
+    with β = 1, s = 1, α_k = 1/(k+1) written out (∇_u F = u − z + 0.3x); a loss through it and its central
+    differences."""
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(n, n, generator=g, dtype=DT)
+    Q = A @ A.T + n * torch.eye(n, dtype=DT)
+    L = float(torch.linalg.matrix_norm(Q, 2))
+    z = torch.randn(n, generator=g, dtype=DT)
+
+    def T(u, x):
+        return u - (Q @ torch.tanh(u) - x) / L
+
+    def F(u, x):
+        return 0.5 * ((u - z) ** 2).sum() + 0.3 * (x * u).sum()
+
+    def hand_loop(x, steps=K):
+        u = torch.zeros(n, dtype=DT)
+        for k in range(steps):
+            u = T(u - (u - z + 0.3 * x) / (k + 1), x)
+        return u
+
+    def loss(u, x):
+        return (u ** 3).sum() + F(u, x)
+
+    def fd_grad(x, h=1e-6):
+        e = torch.eye(n, dtype=DT)
+        return torch.stack([(loss(hand_loop(x + h * e[i]), x + h * e[i]) - loss(hand_loop(x - h * e[i]), x - h * e[i]))
+                            / (2 * h) for i in range(n)])
+
+    return T, F, hand_loop, loss, fd_grad
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "truncated"])
+def test_func_grad_vmap_jacfwd_through_aggregation(mode):
+    """torch.func.grad / jacfwd / vmap through the aggregated step (``upper=``, α_k ≠ 0), unrolled and
+    truncated: ∇_u F inside the step goes through ``torch.func.grad`` (``requires_grad_`` is refused under
+    torch.func). Reference: central differences of the hand-written loop (float64)."""
+    n, K = 4, 12
+    T, F, hand_loop, loss, fd_grad = _tanh_aggregation(n, K)
+    hg = "unrolled" if mode == "unrolled" else hp.Truncated(K)  # truncated with k = K: every step
+    s = hp.GKMSolver(T, upper=F, alpha=hp.schedules.Harmonic(1.0), hypergrad=hg, max_steps=K, tol=0, atol=0)
+
+    def f(x):
+        return loss(s(torch.zeros(n, dtype=DT), x), x)
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=DT)
+    ref = fd_grad(x)
+    assert torch.allclose(hand_loop(x), s(torch.zeros(n, dtype=DT), x), atol=1e-13)  # the forward is that loop
+    assert torch.allclose(torch.func.grad(f)(x), ref, atol=1e-7)
+    assert torch.allclose(torch.func.jacfwd(f)(x), ref, atol=1e-7)
+    xs = torch.stack([x, 0.5 * x])
+    refs = torch.stack([ref, fd_grad(0.5 * x)])
+    assert torch.allclose(torch.func.vmap(torch.func.grad(f))(xs), refs, atol=1e-7)
+
+
+# -- implicit / inexact / batch_dims with the outside form -------------------------------------------
 def test_outside_implicit_gradient_at_the_unique_fixed_point(quad):
     """Strongly convex lower level: the outside form converges to u* = Q⁻¹Bx and the implicit
     hypergradient is the closed form Bᵀ Q⁻¹ (u* - y) + c x."""
@@ -253,68 +353,10 @@ def test_outside_with_batch_dims_is_per_sample():
         assert rel_err(out[i], u) < 1e-13
 
 
-def test_anderson_is_refused_with_either_form():
-    T = lambda u: 0.5 * u  # noqa: E731
-    F = lambda u: (u**2).sum()  # noqa: E731
-    for agg in ("inside", "outside"):
-        with pytest.raises(hp.ConfigurationError, match="aggregation"):
-            hp.GKMSolver(T, upper=F, alpha=hp.Harmonic(1.0), aggregation=agg, acceleration=hp.Anderson())
-
-
-# -- (d) Geometric: values, the named warning, invalid arguments ----------------------------------
-def test_geometric_values_and_facts():
-    a = hp.Geometric(0.6, 0.9)
-    assert a.values(4) == pytest.approx([0.6, 0.54, 0.486, 0.4374], rel=1e-15)
-    assert a(30) == pytest.approx(0.6 * 0.9**30, rel=1e-15)
-    assert a.summable and a.limit == 0.0 and a.nonincreasing
-    assert sum(a.values(2000)) == pytest.approx(0.6 / (1 - 0.9), rel=1e-12)
-
-
-def test_summable_schedules_warn_with_the_named_warning():
-    T = lambda u: 0.5 * u  # noqa: E731
-    F = lambda u: (u**2).sum()  # noqa: E731
-    for alpha in (hp.Geometric(0.5, 0.9), hp.Polynomial(1.0, 2.0)):
-        with pytest.warns(hp.SummableScheduleWarning, match="outside the selection theory"):
-            hp.GKMSolver(T, upper=F, alpha=alpha)
-    assert issubclass(hp.SummableScheduleWarning, hp.ConvergenceWarning)
-    with warnings.catch_warnings():  # a non-summable schedule does not warn
-        warnings.simplefilter("error")
-        hp.GKMSolver(T, upper=F, alpha=hp.Harmonic(1.0), aggregation="outside")
-        hp.GKMSolver(T, upper=F, alpha=0.0, aggregation="outside")
-
-
-@pytest.mark.parametrize(
-    "args,match",
-    [((-0.1, 0.9), "alpha0"), ((math.nan, 0.9), "alpha0"), ((math.inf, 0.9), "alpha0"),
-     ((0.5, 1.0), "gamma"), ((0.5, 0.0), "gamma"), ((0.5, -0.5), "gamma"), ((0.5, math.nan), "gamma")],
-)
-def test_geometric_rejects_invalid_arguments(args, match):
-    with pytest.raises(hp.ScheduleError, match=match):
-        hp.Geometric(*args)
-
-
-def test_solver_rejects_bad_aggregation_arguments():
-    T = lambda u: 0.5 * u  # noqa: E731
-    F = lambda u: (u**2).sum()  # noqa: E731
-    for bad in ("Outside", "both", None, 1):
-        with pytest.raises(ValueError, match="aggregation must be one of"):
-            hp.GKMSolver(T, upper=F, aggregation=bad)
-    with pytest.raises(ValueError, match="needs the upper objective"):
-        hp.GKMSolver(T, aggregation="outside")
-    with pytest.raises(hp.ScheduleError, match=r"\[0, 1\]"):  # alpha_0 > 1 stays an error
-        hp.GKMSolver(T, upper=F, alpha=hp.Geometric(1.5, 0.9), aggregation="outside")
-    with pytest.raises(hp.ScheduleError, match="decrease to 0"):  # so does a non-vanishing weight
-        hp.GKMSolver(T, upper=F, alpha=0.5, aggregation="outside")
-    with pytest.raises(ValueError, match="steps"):
-        hp.paper_config(steps=0)
-    with pytest.raises(ValueError, match="aggregation"):
-        hp.paper_config(steps=5, aggregation="middle")
-
-
-# -- (e) the default is the SPEC §0 "inside" form, unchanged --------------------------------------
+# -- the default is the inside form of the math page --------------------------------------------------
 @pytest.mark.parametrize("explicit", [False, True])
-def test_default_inside_matches_a_hand_written_spec_loop(explicit):
-    T, F, grad_F, t, n, m = _nonlinear()
+def test_default_inside_matches_a_hand_written_loop(explicit):
+    T, F, grad_F, t, n, m = gradient_step_tanh()
     g = torch.Generator().manual_seed(8)
     x = torch.randn(m, generator=g, dtype=DT)
     u0 = torch.randn(n, generator=g, dtype=DT)
@@ -324,109 +366,77 @@ def test_default_inside_matches_a_hand_written_spec_loop(explicit):
     with torch.no_grad():
         out = solver(u0, x)
     assert solver.iteration.aggregation == "inside"
-    assert rel_err(out, _hand_loop(T, grad_F, x, u0, K, s, alpha, beta, "inside")) < 1e-14
+    assert rel_err(out, gkm_loop(T, grad_F, x, u0, K, s, alpha, beta, "inside")) < 1e-14
 
 
-# -- paper_config: exactly K unrolled steps of the outside form ------------------------------------
-def test_paper_config_runs_exactly_K_unrolled_outside_steps():
-    T, F, grad_F, t, n, m = _nonlinear()
-    g = torch.Generator().manual_seed(9)
-    x0 = torch.randn(m, generator=g, dtype=DT)
-    u0 = torch.randn(n, generator=g, dtype=DT)
-    K = 7
-    with pytest.warns(hp.SummableScheduleWarning):
-        solver = hp.GKMSolver(T, upper=F, **hp.paper_config(steps=K))
-    x = x0.clone().requires_grad_(True)
-    u = solver(u0, x)
-    assert solver.info.steps == K and solver.info.exact_steps
-    alpha = hp.Geometric(0.5, 0.9)
-    assert rel_err(u.detach(), _hand_loop(T, grad_F, x0, u0, K, 1.0, alpha, 1.0, "outside")) < 1e-14
-    u.sum().backward()  # unrolled: the gradient of the K-step map, checked against FD
-    h = 1e-6
-    fd = torch.stack([
-        (_hand_loop(T, grad_F, x0 + h * e, u0, K, 1.0, alpha, 1.0, "outside").sum()
-         - _hand_loop(T, grad_F, x0 - h * e, u0, K, 1.0, alpha, 1.0, "outside").sum()) / (2 * h)
-        for e in torch.eye(m, dtype=DT)
-    ])
-    assert rel_err(x.grad, fd) < 1e-7
+# -- batch_dims: each sample its own iteration ----------------------------------------------------------
+def spd(n, cond, seed=0, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))
+    ev = torch.logspace(0, math.log10(cond), n, dtype=dtype)
+    return (U * ev) @ U.T, ev.max()
 
 
-# ------------------------------------------------------------------------------------ converged means converged
-@pytest.mark.parametrize("aggregation", ["inside", "outside"])
-@pytest.mark.parametrize("hypergrad", ["implicit", "inexact"])
-@pytest.mark.parametrize("start", ["at_u_star", "at_zero"])
-def test_a_converged_aggregated_solve_is_within_the_tolerance_of_the_fixed_point(aggregation, hypergrad, start):
-    """Single fixed point u* = Q⁻¹x, F = ½‖u‖²: a solve that says converged returns u* (and the hypergradient
-    Q⁻²x... at it) to the tolerance, whatever α does on the way. Caught before: the outside form stopped on
-    ‖T(u_k) - u_k‖ at u* but returned the aggregated step, 25 % off; the inside form stopped on the small
-    steps of a slowly decaying α, 1 % off (both with converged=True)."""
-    Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
-    x = torch.tensor([-3.0, 1.0], dtype=DT)
-    u_star = torch.linalg.solve(Q, x)
-    g_ref = torch.linalg.solve(Q, u_star)  # d/dx ½‖Q⁻¹x‖²
+def _batch_problem(conds, n=8, seed=0):
+    Qs, Ls = zip(*(spd(n, c, seed=seed + i) for i, c in enumerate(conds)))
+    Q, L = torch.stack(Qs), torch.stack(Ls)
+    b = torch.randn(len(conds), n, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    return Q, L, b
+
+
+@pytest.mark.parametrize("accel", [None, "anderson"])
+def test_batch_dims_each_sample_equals_its_own_solve(accel):
+    Q, L, b = _batch_problem([2.0, 10.0, 300.0, 5.0])
 
     def T(u, x):
-        return u - 0.4 * (Q @ u - x)
+        return u - torch.einsum("bij,bj->bi", Q, u) / L[:, None] + x / L[:, None]
 
-    def F(u, x):
-        return 0.5 * (u ** 2).sum()
+    def make(**kw):
+        acc = hp.Anderson(3) if accel else None
+        return hp.GKMSolver(T, max_steps=20000, tol=1e-9, check_every=5, acceleration=acc, **kw)
 
-    extra = {"eps": 1e-9, "delta": 1e-9} if hypergrad == "inexact" else {}
-    for alpha in (hp.Geometric(0.5, 0.5), hp.Harmonic(1.0)):
-        method = hp.Inexact(**extra) if hypergrad == "inexact" else hypergrad
-        sol = hp.GKMSolver(T, upper=F, alpha=alpha, upper_step=0.5, aggregation=aggregation, hypergrad=method,
-                           max_steps=20000)
-        xr = x.clone().requires_grad_(True)
-        u0 = u_star.clone() if start == "at_u_star" else torch.zeros(2, dtype=DT)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", hp.SummableScheduleWarning)
-            warnings.simplefilter("error", hp.ConvergenceWarning)  # a stop short of tol would say so
-            try:
-                u = sol(u0, xr)
-            except hp.ConvergenceWarning:
-                assert not sol.info.converged
-                continue
-        F(u, xr).backward()
-        assert sol.info.converged
-        assert rel_err(u.detach(), u_star) < 1e-7
-        assert rel_err(xr.grad, g_ref) < 1e-6
-
-
-@pytest.mark.parametrize("hypergrad", ["implicit", "inexact"])
-def test_a_loose_tolerance_with_a_slow_alpha_still_bounds_the_distance_to_the_fixed_point(hypergrad):
-    """Inside form, α_k = 1/(k+1), relative tolerance 1e-4 (inexact's default ε): the aggregated steps get
-    that small while u_k is still ~1e-2 from u* (α_k‖∇F‖ away); converged must mean ~tolerance × cond."""
-    Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
-    x = torch.tensor([1.0, 2.0], dtype=DT)
-    u_star = torch.linalg.solve(Q, x)
-    opts = {"tol": 1e-4} if hypergrad == "implicit" else {}
-    sol = hp.GKMSolver(lambda u, x: u - 0.4 * (Q @ u - x), upper=lambda u, x: 0.5 * (u ** 2).sum(),
-                       alpha=hp.Harmonic(1.0), hypergrad=hypergrad, max_steps=5000, **opts)
-    u = sol(torch.zeros(2, dtype=DT), x)
-    assert sol.info.converged
-    assert rel_err(u, u_star) < 1e-3  # was 1.3e-2 with converged=True
+    u, info = make(batch_dims=1).solve(torch.zeros_like(b), b)
+    assert info.converged and info.steps_per_sample.shape == (4,)
+    exact = torch.linalg.solve(Q, b.unsqueeze(-1)).squeeze(-1)
+    assert float(((u - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-6  # tol 1e-9 x cond 300
+    for i in range(4):  # the same iteration, one sample at a time
+        Ti = lambda v, x, i=i: v - Q[i] @ v / L[i] + x / L[i]  # noqa: E731
+        acc = hp.Anderson(3) if accel else None
+        ui, inf_i = hp.GKMSolver(Ti, max_steps=20000, tol=1e-9, check_every=5, acceleration=acc).solve(
+            torch.zeros(8, dtype=DT), b[i])
+        if accel is None:  # bitwise the same iteration
+            assert int(info.steps_per_sample[i]) == inf_i.steps
+            assert torch.allclose(u[i], ui, rtol=1e-12, atol=1e-14)
+        else:  # batched vs single small least squares round differently: equal to the tolerance
+            assert abs(int(info.steps_per_sample[i]) - inf_i.steps) <= 10
+            assert float((u[i] - ui).norm() / ui.norm()) < 1e-7
+    # the slow sample (cond 300) does not hold the others back
+    assert int(info.steps_per_sample[2]) > 5 * int(info.steps_per_sample[0])
 
 
-def test_a_forward_tolerance_given_to_the_inexact_mode_is_said_unused():
-    """The inexact forward stops at its ε_k: tol= was silently unused (1e-4 accuracy for tol=1e-12)."""
-    for bad in ({"tol": 1e-12}, {"atol": 1e-9}):
-        with pytest.warns(hp.errors.UnusedOptionWarning, match="eps="):
-            hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad="inexact", **bad)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad="inexact", eps=1e-12)  # the way to ask for it
+def test_batch_slow_sample_does_not_change_the_others():
+    Q, L, b = _batch_problem([2.0, 10.0, 1000.0])
+
+    def solve(idx):
+        Qi, Li, bi = Q[idx], L[idx], b[idx]
+
+        def T(u, x):
+            return u - torch.einsum("bij,bj->bi", Qi, u) / Li[:, None] + x / Li[:, None]
+
+        return hp.GKMSolver(T, max_steps=50000, tol=1e-9, batch_dims=1).solve(torch.zeros_like(bi), bi)
+
+    u_all, info_all = solve([0, 1, 2])
+    u_fast, info_fast = solve([0, 1])
+    assert torch.equal(u_all[:2], u_fast)
+    assert torch.equal(info_all.steps_per_sample[:2], info_fast.steps_per_sample)
 
 
-def test_geometric_zero_is_no_aggregation_and_a_huge_anderson_history_is_capped():
-    """Geometric(0, γ) ≡ 0: plain KM — accepted with Anderson, no summable warning; Geometric(True, ·) refused;
-    history_size far above n keeps at most n differences (was an 8 TB allocation for m = 1e6, n = 8)."""
-    Q = torch.diag(torch.linspace(1, 10, 8, dtype=DT))
-    x = torch.ones(8, dtype=DT)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        s = hp.GKMSolver(lambda u, x: u - (Q @ u - x) / 10, upper=lambda u, x: (u ** 2).sum(),
-                         alpha=hp.Geometric(0.0, 0.5), acceleration=hp.Anderson(history_size=10 ** 6))
-        u = s(torch.zeros(8, dtype=DT), x)
-    assert rel_err(u, torch.linalg.solve(Q, x)) < 1e-9
-    with pytest.raises(hp.ScheduleError):
-        hp.Geometric(True, 0.9)
+def test_batch_unconverged_sample_is_named():
+    Q, L, b = _batch_problem([2.0, 1000.0])
+
+    def T(u, x):
+        return u - torch.einsum("bij,bj->bi", Q, u) / L[:, None] + x / L[:, None]
+
+    with pytest.warns(hp.ConvergenceWarning, match=r"1 of 2 samples, e.g. \[1\]"):
+        _, info = hp.GKMSolver(T, max_steps=200, batch_dims=1).solve(torch.zeros_like(b), b)
+    assert info.converged_per_sample.tolist() == [True, False]

@@ -13,8 +13,7 @@ import warnings
 
 import pytest
 import torch
-
-from conftest import DT, nonsingleton, rel_err
+from _oracles import DT, nonsingleton, rel_err
 
 pytest.importorskip("betty")
 from betty.configs import EngineConfig  # noqa: E402
@@ -218,7 +217,7 @@ def test_without_alpha_there_is_no_aggregation():
 
 
 def test_coupled_aggregation_selects_the_upper_optimal_fixed_point():
-    """SPEC T5: Fix T = {Au = b}; F(u) = ½||u - z||² in the upper's training_step selects proj(z)."""
+    """Fix T = {Au = b}; F(u) = ½||u - z||² in the upper's training_step selects proj(z) (closed form)."""
     A, b, s, z0, proj = nonsingleton()
     n = A.shape[1]
 
