@@ -8,7 +8,7 @@ reference (closed form for the quadratic; unrolled to convergence for the conv n
 ratio to the K-step forward solve (``total/fwd``: solve + backward; ``bwd/fwd``: the backward alone),
 the bytes of the distinct tensors autograd saved for the backward, and the peak resident-memory growth
 of one solve + backward (Linux high-water mark, reset before the call).
-Then the reference comparison of the core issue (quadratic n=200, condition 100, K=2000, float64)
+Then a reference comparison (quadratic n=200, condition 100, K=2000, float64)
 against ``torchopt.diff.implicit.custom_root`` + CG and plain autograd through the K steps.
 Writes a JSON of everything to ``--out`` (default ``out/bench_hypergrad.json``).
 """
@@ -220,7 +220,8 @@ def peak_rss_growth(run: Callable[[], Any]) -> float | None:
 
 # ---------------------------------------------------------------------------- reference comparison
 def reference_comparison(repeats: int, n: int = 200, cond: float = 100.0, K: int = 2000) -> dict[str, Any]:
-    """Core issue's reference point: our implicit/unrolled vs TorchOpt custom_root+CG and plain autograd."""
+    """One reference point (n = 200, cond 100, K = 2000): our implicit/unrolled vs TorchOpt custom_root+CG and
+    plain autograd through the K steps."""
     import torchopt
 
     P = quadratic(n, cond, seed=1)

@@ -1,4 +1,5 @@
-r"""ISGD as a Betty graph: the learned FoE regulariser of :mod:`recipes.learned_regularizer` in Betty.
+r"""ISGD as a Betty graph: the learned FoE regulariser of :mod:`recipes.learned_regularizer` in Betty
+(the model and task of :mod:`recipes._foe`, shared with the core recipe).
 
 Two nodes, the same mathematics as ``run_isgd`` of the core recipe:
 
@@ -31,7 +32,7 @@ from betty.problems import ImplicitProblem
 import hodl_plugin as hp
 import hodl_plugin.betty as hb
 
-from .learned_regularizer import FoE, Task, _adam, _loss
+from ._foe import FoE, Task, adam_with_decay, upper_loss
 
 __all__ = ["run_isgd_betty"]
 
@@ -59,7 +60,7 @@ class Regulariser(ImplicitProblem):
     """The upper level: θ, trained on the squared error of the lower solution to the clean patches."""
 
     def training_step(self, batch: Any) -> torch.Tensor:
-        return _loss(self.denoiser.u, batch[0])
+        return upper_loss(self.denoiser.u, batch[0])
 
     def param_callback(self) -> None:
         self.module.project()  # filters kept zero-mean, as after each core step
@@ -101,7 +102,7 @@ def run_isgd_betty(task: Task, args: Any, budget: float, label: str,
                                                acceleration=getattr(task, "acc", None)),
                      train_data_loader=lower_data)
     lower.task, lower.T = task, T
-    opt, sched = _adam(foe, args.lr, args.q)
+    opt, sched = adam_with_decay(foe, args.lr, args.q)
     upper = Regulariser("regulariser", hb.HODLConfig(), module=foe, optimizer=opt, scheduler=sched,
                         train_data_loader=upper_data)
     upper.task, upper.batch_size, upper.budget, upper.eval_every = task, B, budget, args.eval_every

@@ -28,19 +28,16 @@ run differentiates its plain steps).
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
 from ._common import (
-    acceleration,
     add_anderson,
     choice,
     parse_list,
@@ -51,98 +48,17 @@ from ._common import (
     save_json,
     setup,
 )
-from ._images import TEST_IMAGES, TRAIN_IMAGES, blur, gaussian_kernel, load_gray, psnr, random_patches
+from ._foe import FoE, Task, adam_with_decay, upper_loss
+from ._images import psnr
 
 NAME = "learned_regularizer"
-DT = torch.float64
-
-
-class FoE(torch.nn.Module):
-    """Convex Field-of-Experts regulariser R_θ (see the module docstring)."""
-
-    def __init__(self, n_filters: int, ksize: int, seed: int) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        K = torch.randn(n_filters, 1, ksize, ksize, generator=g, dtype=DT) * math.sqrt(2.0 / (2 * ksize * ksize))
-        self.K = torch.nn.Parameter(K - K.mean(dim=(2, 3), keepdim=True))
-        self.w = torch.nn.Parameter(torch.full((n_filters,), math.log(0.01), dtype=DT))
-        self.s = torch.nn.Parameter(torch.tensor([-3.0], dtype=DT))  # shape (1,), not 0-d
-        self.c = torch.nn.Parameter(torch.tensor([0.0], dtype=DT))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.K.shape[-1] // 2
-        z = Fnn.conv2d(Fnn.pad(x, (p, p, p, p), mode="reflect"), self.K)
-        e = torch.exp(self.s)
-        pot = torch.sqrt(z * z + e) - torch.sqrt(e)
-        return torch.exp(self.c) * (torch.exp(self.w)[None, :, None, None] * pot).sum()
-
-    @torch.no_grad()
-    def lipschitz(self) -> float:
-        """Upper bound of the Lipschitz constant of ∇R: e^c Σ e^{w_j} ||K_j||₁² / e^{s/2}."""
-        l1 = self.K.abs().sum(dim=(1, 2, 3))
-        return float(torch.exp(self.c) * (torch.exp(self.w) * l1**2).sum() / torch.exp(self.s / 2))
-
-    @torch.no_grad()
-    def project(self) -> None:
-        self.K -= self.K.mean(dim=(2, 3), keepdim=True)
-
-
-class Task:
-    """Forward model A, data and the lower-level operator for one task (denoise / deblur)."""
-
-    def __init__(self, kind: str, args: Any, rng: np.random.Generator, g: torch.Generator) -> None:
-        self.acc = acceleration(args)  # of the lower solves to a tolerance (--anderson)
-        self.kind = kind
-        size = 40 if args.paper else 24
-        n_train = 256 if args.paper else 64
-        n_test = 64 if args.paper else 32
-        imgs = load_gray(TRAIN_IMAGES + TEST_IMAGES, args.data_dir)
-        train_imgs, test_imgs = imgs[:-2], imgs[-2:]
-        self.x_train = random_patches(train_imgs, size, n_train, rng)
-        self.x_test = random_patches(test_imgs, size, n_test, rng)
-        self.k = gaussian_kernel(5, 1.0) if kind == "deblur" else None
-        sigma = 25 / 255 if kind == "denoise" else 0.01
-        self.y_train = self.A(self.x_train) + sigma * torch.randn(self.x_train.shape, generator=g, dtype=DT)
-        self.y_test = self.A(self.x_test) + sigma * torch.randn(self.x_test.shape, generator=g, dtype=DT)
-
-    def A(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.k is None else blur(x, self.k)
-
-    def operator(self, foe: FoE) -> hp.GradientStep:
-        def h(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return 0.5 * ((self.A(x) - y) ** 2).sum() + foe(x)
-
-        T = hp.GradientStep(objective=h, step=1.0)
-        T.foe = foe  # registered: the solver checks its parameters' dtype/device
-        return T
-
-    def set_step(self, T: hp.GradientStep, foe: FoE) -> None:
-        T.step = 1.0 / (1.0 + foe.lipschitz())  # ||A|| ≤ 1 for the identity and a normalised blur
-
-    def test_psnr(self, foe: FoE) -> float:
-        T = self.operator(foe)
-        self.set_step(T, foe)
-        solver = hp.GKMSolver(T, max_steps=5000, tol=1e-6, acceleration=self.acc)
-        with torch.no_grad():
-            return psnr(solver(self.y_test.clone(), self.y_test), self.x_test)
-
-
-def _loss(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Upper loss: squared error summed over a patch's pixels, averaged over patches (ISGD's scaling;
-    a per-pixel mean makes the gradients, and so the meaning of absolute accuracies, tiny)."""
-    return ((u - x) ** 2).sum() / x.shape[0]
-
-
-def _adam(foe: FoE, lr0: float, q: float):
-    opt = torch.optim.Adam(foe.parameters(), lr=lr0)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) ** (-q))
 
 
 def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: FoE, T: hp.GradientStep,
                         solve, step_cost, max_steps: Optional[int] = None) -> dict[str, Any]:
     """Adam on θ over mini-batches in a fixed order until the cost budget (or ``max_steps`` steps); test
     PSNR every few steps."""
-    opt, sched = _adam(foe, args.lr, args.q)
+    opt, sched = adam_with_decay(foe, args.lr, args.q)
     B, N = args.batch, len(task.y_train)
     cost, xs, ys, k = 0.0, [0.0], [task.test_psnr(foe)], 0
     ts, t0, t_eval = [0.0], time.perf_counter(), 0.0  # training seconds, test evaluations excluded
@@ -152,7 +68,7 @@ def _minibatch_training(task: Task, args: Any, budget: float, label: str, foe: F
         y, x = task.y_train[b * B:(b + 1) * B], task.x_train[b * B:(b + 1) * B]
         task.set_step(T, foe)
         opt.zero_grad()
-        _loss(solve(y, b), x).backward()
+        upper_loss(solve(y, b), x).backward()
         opt.step()
         sched.step()
         foe.project()
@@ -208,7 +124,7 @@ def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
         solver.method.eps = solver.method.delta = hp.Constant(eps_k)
         task.set_step(T, foe)
         foe.zero_grad()
-        loss = _loss(solver(y.clone(), y, key="full"), x)
+        loss = upper_loss(solver(y.clone(), y, key="full"), x)
         loss.backward()
         cost += N * (solver.info.steps + solver.info.adjoint.iterations)
         params = list(foe.parameters())
@@ -224,7 +140,7 @@ def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
                 foe.project()
                 task.set_step(T, foe)
                 fwd.iteration = fwd.iteration.replace(atol=eps_k)  # absolute, like the inexact solver
-                f_new = float(_loss(fwd(solver.method.u_cache["full"].clone(), y), x))
+                f_new = float(upper_loss(fwd(solver.method.u_cache["full"].clone(), y), x))
             cost += N * fwd.info.steps
             if f_new <= float(loss.detach()) - eta * trial * g2:
                 accepted, step = True, trial * 1.1

@@ -15,6 +15,13 @@ Problems:
   :math:`S_K = \sum_{i<K} M^i`.
 - :class:`TanhFP` — :math:`T(u; x) = \tanh(Wu + Bx)`, W nonsymmetric, :math:`\|W\| < 1`:
   :math:`du^*/dx = (I - DW)^{-1}DB`, :math:`D = \mathrm{diag}(1-u^{*2})`.
+- :class:`Quadratic` (:func:`make_quadratic`) — :math:`T(u;x) = u - s(Qu - Bx)` with the upper objective
+  :math:`\tfrac12\|u-y\|^2 + \tfrac c2\|x\|^2`; :func:`small_linear` — a small SPD or nonsymmetric Q.
+- :func:`nonsingleton`, :func:`nonsingleton_projector` — :math:`T(u) = u - sA^\top(Au - b)` with A wide, so
+  :math:`\mathrm{Fix}\,T = \{u : Au = b\}` is not a singleton; the upper-optimal fixed point of
+  :math:`F = \tfrac12\|u - z\|^2` is the projection of z (closed form).
+- :func:`gradient_step_tanh`, :func:`gkm_loop` — a nonlinear gradient-step operator and the GKM iteration
+  with aggregation inside or outside the operator (:ref:`math-gkm`), written out by hand.
 
 :func:`reference` returns the value, Jacobian, gradient and Hessian that a hypergradient mode must
 produce: ``("fixed",)`` (implicit / inexact), ``("unrolled", K)``, ``("truncated", K, k, tol0)``,
@@ -281,3 +288,130 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     a, b = torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT)
     den = float(b.norm())
     return float((a - b).norm()) / (den if den > 0 else 1.0)
+
+
+@dataclass
+class Quadratic:
+    r"""Lower level :math:`\min_u \tfrac12 u^\top Q u - (Bx)^\top u`, i.e. :math:`T(u;x) = u - s(Qu - Bx)`;
+    upper :math:`F(u;x) = \tfrac12\|u-y\|^2 + \tfrac{c}{2}\|x\|^2`.
+
+    Closed forms: :math:`u^* = Q^{-1}Bx`, :math:`\nabla f(x) = B^\top Q^{-1}(u^*-y) + c x`.
+    """
+
+    Q: torch.Tensor
+    B: torch.Tensor
+    y: torch.Tensor
+    s: float
+    c: float = 0.1
+
+    def T(self, u, x):
+        return u - self.s * (self.Q @ u - self.B @ x)
+
+    def F(self, u, x):
+        return 0.5 * ((u - self.y) ** 2).sum() + 0.5 * self.c * (x**2).sum()
+
+    def u_star(self, x):
+        return torch.linalg.solve(self.Q, self.B @ x)
+
+    def hypergrad(self, x):
+        return self.B.T @ torch.linalg.solve(self.Q, self.u_star(x) - self.y) + self.c * x
+
+    @property
+    def n(self) -> int:
+        return self.Q.shape[0]
+
+
+def make_quadratic(n: int = 40, m: int = 3, cond: float = 20.0, seed: int = 0) -> Quadratic:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    eig = torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=DT)
+    Q = U @ torch.diag(eig) @ U.T
+    Q = 0.5 * (Q + Q.T)
+    B = torch.randn(n, m, generator=g, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    return Quadratic(Q, B, y, s=1.0 / cond)
+
+
+def nonsingleton(seed: int = 1, p: int = 5, n: int = 12):
+    """T(u) = u - sAᵀ(Au - b) with A p×n, p < n, so Fix T = {u : Au = b} (not a singleton).
+
+    Returns ``(A, b, s, z, proj)``: ``z`` a random point, ``proj(v)`` the closed-form projection of v
+    onto Fix T (so ``proj(z)`` = argmin ½||u - z||² over Fix T).
+    """
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(p, n, generator=g, dtype=DT)
+    b = A @ torch.randn(n, generator=g, dtype=DT)
+    s = 1.0 / torch.linalg.matrix_norm(A, 2).item() ** 2
+    z = torch.randn(n, generator=g, dtype=DT)
+
+    def proj(v):
+        return v - A.T @ torch.linalg.solve(A @ A.T, A @ v - b)
+
+    return A, b, s, z, proj
+
+
+def nonsingleton_projector(seed=2, p=2, n=5):
+    """A smaller non-singleton set {u : Au = b}: ``(A, b, s, P, proj, g)`` with P the projector onto
+    null(A), ``proj`` the projection onto the set and ``g`` the generator (for more random data)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(p, n, generator=g, dtype=DT)
+    b = A @ torch.randn(n, generator=g, dtype=DT)
+    s = 1.0 / torch.linalg.matrix_norm(A, 2).item() ** 2
+    P = torch.eye(n, dtype=DT) - A.T @ torch.linalg.solve(A @ A.T, A)  # projector onto null(A)
+
+    def proj(v):
+        return v - A.T @ torch.linalg.solve(A @ A.T, A @ v - b)
+
+    return A, b, s, P, proj, g
+
+
+def small_linear(n=5, m=3, seed=0, sym=True):
+    """(Q, B, y, s): Q SPD (``sym``) or I + a small nonsymmetric part, s = 0.9/‖Q‖."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    Q = M @ M.T / n + torch.eye(n, dtype=DT) if sym else torch.eye(n, dtype=DT) + 0.3 * M / n**0.5
+    B = torch.randn(n, m, generator=g, dtype=DT)
+    y = torch.randn(n, generator=g, dtype=DT)
+    s = 0.9 / float(torch.linalg.matrix_norm(Q, 2))
+    return Q, B, y, s
+
+
+def gradient_step_tanh():
+    """(T, F, grad_F, t, n, m): T a gradient step of ½uᵀQu + 0.3·Σ log cosh(u) − (Bx)ᵀu, F(u; x) =
+    ½‖u − sin(Cx)‖² depending on x too."""
+    g = torch.Generator().manual_seed(11)
+    n, m = 5, 3
+    M = torch.randn(n, n, generator=g, dtype=DT)
+    Q = M @ M.T / n + 0.5 * torch.eye(n, dtype=DT)
+    B = torch.randn(n, m, generator=g, dtype=DT)
+    C = torch.randn(n, m, generator=g, dtype=DT)
+    t = 0.8 / (float(torch.linalg.eigvalsh(Q).max()) + 0.3)
+
+    def T(u, x):  # gradient step of ½uᵀQu + 0.3·Σ log cosh(u) - (Bx)ᵀu
+        return u - t * (Q @ u + 0.3 * torch.tanh(u) - B @ x)
+
+    def F(u, x):  # the upper objective depends on x too, so ∇_u F(u; x) carries x
+        return 0.5 * ((u - torch.sin(C @ x)) ** 2).sum()
+
+    def grad_F(u, x):
+        return u - torch.sin(C @ x)
+
+    return T, F, grad_F, t, n, m
+
+
+def gkm_loop(T, grad_F, x, u0, K, s, alpha, beta, aggregation):
+    """K steps of the GKM iteration of :ref:`math-gkm`, aggregation inside (HODL) or outside (BDA/BOAT)."""
+    u = u0
+    for k in range(K):
+        a = alpha(k)
+        if aggregation == "inside":  # HODL: T at the aggregated point
+            w = (1 - a) * u + a * (u - s * grad_F(u, x))
+            u = (1 - beta) * u + beta * T(w, x)
+        else:  # BDA/BOAT
+            u = (1 - beta) * u + beta * ((1 - a) * T(u, x) + a * (u - s * grad_F(u, x)))
+    return u
+
+
+def affine_k_steps(a, x, K):
+    """u_K of u <- a u + x from 0: x (1 - a^K) / (1 - a)."""
+    return x * (1 - a**K) / (1 - a)

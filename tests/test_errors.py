@@ -1,4 +1,6 @@
-"""Bad input gets a clear error naming the problem; opt-outs warn and flag info.converged = False."""
+"""Bad input gets a clear error (:mod:`hodl_plugin.errors`, checks in :mod:`hodl_plugin._checks`) naming the
+problem — wrong types, dtypes, devices, shapes, non-finite values, operators that work in place; opt-outs warn
+and flag info.converged = False."""
 
 from __future__ import annotations
 
@@ -6,9 +8,9 @@ import math
 
 import pytest
 import torch
+from _oracles import DT
 
 import hodl_plugin as hp
-from conftest import DT
 
 T = lambda u, x: 0.5 * u + x  # noqa: E731  (contraction, fixed point 2x)
 
@@ -135,3 +137,41 @@ def test_adjoint_failure_raises_by_default_and_can_warn():
     with pytest.warns(hp.ConvergenceWarning, match="not solved"):
         s(torch.zeros(3, dtype=DT), x).sum().backward()
     assert not s.info.adjoint.converged
+
+
+# -- operators that write into their input ---------------------------------------------------------------
+MODES = ["implicit", "inexact", "unrolled", "truncated", "first_order"]
+
+
+def _opts(mode):
+    return {"steps": 5} if mode == "truncated" else {}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inplace_operator_raises_and_leaves_u0(mode):
+    u0 = torch.zeros(3, dtype=DT)
+    x = torch.ones(3, dtype=DT, requires_grad=mode == "unrolled")
+    solver = hp.GKMSolver(lambda u, x: u.mul_(0.5).add_(x), hypergrad=mode, **_opts(mode))
+    with pytest.raises(ValueError, match="in place"):
+        solver(u0, x.detach() if mode != "unrolled" else x.detach())
+    assert torch.equal(u0, torch.zeros(3, dtype=DT)) and u0._version == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("grad", [True, False])
+def test_inplace_operator_raises_with_or_without_grad(mode, grad):
+    kw = {"steps": 5} if mode == "truncated" else {}
+    solver = hp.GKMSolver(lambda u, x: u.mul_(0.5).add_(x), hypergrad=mode, **kw)
+    u0 = torch.ones(3, dtype=DT)
+    x = torch.ones(3, dtype=DT, requires_grad=grad)
+    with pytest.raises((hp.HODLError, ValueError, TypeError), match=r"(?i)in.?place"):
+        u = solver(u0, x)
+        if grad:
+            u.sum().backward()
+    assert torch.equal(u0, torch.ones(3, dtype=DT)), f"the caller's u0 was modified: {u0}"
+
+
+def test_operator_writing_into_a_parameter_raises():
+    x = torch.ones(2, dtype=DT)
+    with pytest.raises(ValueError, match=r"params\[0\] in place"):
+        hp.GKMSolver(lambda u, x: 0.5 * u + x.mul_(1.0))(torch.zeros(2, dtype=DT), x)

@@ -31,41 +31,17 @@ derivative accurate to 1e-2; truncated and first_order are biased by design).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Optional
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+from _assertions import assert_right_or_named
 from _oracles import DT, make_linear, make_tanh, reference, rel_err
 
 import hodl_plugin as hp
 
 pytestmark = pytest.mark.filterwarnings("ignore::hodl_plugin.ConvergenceWarning")
-
-MODE_NAMES = ("implicit", "inexact", "unrolled", "truncated", "first_order")
-_MODE_RE = re.compile("|".join(MODE_NAMES))
-
-
-def assert_right_or_named(fn: Callable[[], Any], ref: Any, tol: float, what: str = "") -> Optional[Any]:
-    """``fn()`` equals ``ref`` (relative error ≤ ``tol``; ``ref=True`` for gradcheck-like calls), or
-    raises a :class:`hp.HODLError` naming a hypergradient mode. Returns the result (None if named)."""
-    try:
-        out = fn()
-    except hp.HODLError as e:
-        msg = str(e)
-        assert _MODE_RE.search(msg), f"{what}: named error {type(e).__name__} names no mode to use: {msg}"
-        return None
-    if ref is True:
-        assert out is True, f"{what}: expected True, got {out!r}"
-        return out
-    assert isinstance(out, torch.Tensor), f"{what}: expected a tensor, got {type(out).__name__}"
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert bool(torch.isfinite(out).all()), f"{what}: non-finite result {out}"
-    err = rel_err(out.detach(), ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}\n got {out}\n ref {ref}"
-    return out
-
 
 # ------------------------------------------------------------------------------------------------
 # the grid
@@ -88,7 +64,7 @@ EXACT_MODES = {"implicit", "inexact", "unrolled"}  # claim the exact derivative 
 K_LARGE = 150  # check_large: max_steps, all < check_every (ρ ≤ 0.84: u_150 = u* to 1e-14)
 K_SHORT, K_TRUNC = 8, 3  # tol0 for unrolled / truncated: exactly 8 steps, the last 3 differentiated
 TRUNC_STEPS = 10  # truncated steps in the check_* options (> check_every = 3)
-TRUNC_DEFAULT = 20  # truncated steps with the default check_every = 10: the issue-11 item-1 bug
+TRUNC_DEFAULT = 20  # truncated steps > the default check_every = 10 (all 20 must be differentiated)
 
 
 def _cells():
@@ -296,7 +272,7 @@ def test_reference_self_check() -> None:
         rt = reference(p, ("truncated", K_SHORT, K_TRUNC, True), x)
         assert rel_err(torch.autograd.grad(p.F(ut), xr)[0], rt.grad) < 1e-12
         assert rel_err(ut.detach(), rt.value) < 1e-13
-    # the issue's number: Truncated(50) of T = .9u + x gives Σ_{i<50} .9^i = 9.948
+    # Truncated(50) of T = .9u + x gives Σ_{i<50} .9^i = 9.948 (test_hypergrad's truncated check)
     assert abs(sum(0.9**i for i in range(50)) - 9.948) < 1e-3
     # tanh: closed-form Jacobian vs central differences of the plain loop
     p = _problem("tanh")

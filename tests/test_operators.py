@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oracles import DT, rel_err
 
 import hodl_plugin as hp
-from conftest import DT, rel_err
 
 
 def test_gradient_step_and_prox_values():
@@ -41,6 +41,31 @@ def test_operator_argument_errors():
         hp.ProximalGradient(grad=lambda u: u, prox=None, step=1.0)
     with pytest.raises(ValueError):
         hp.prox.box(1.0, 0.0)
+
+
+def _hypergrad(solver, q, x0):
+    x = x0.clone().requires_grad_(True)
+    u = solver(torch.zeros(q.n, dtype=DT), x)
+    q.F(u, x).backward()
+    return x.grad
+
+
+def test_gradient_step_operator_uses_cg_by_default(quad):
+    x0 = torch.tensor([0.3, -1.0, 2.0], dtype=DT)
+    T = hp.GradientStep(grad=lambda u, x: quad.Q @ u - quad.B @ x, step=quad.s)
+    solver = hp.GKMSolver(T, max_steps=20000, tol=1e-13)
+    g = _hypergrad(solver, quad, x0)
+    assert solver.info.adjoint.method == "cg"
+    assert rel_err(g, quad.hypergrad(x0)) < 1e-8
+
+
+def test_objective_gradient_step_by_autograd(quad):
+    x0 = torch.tensor([0.3, -1.0, 2.0], dtype=DT)
+    f = lambda u, x: 0.5 * u @ (quad.Q @ u) - (quad.B @ x) @ u  # noqa: E731
+    T = hp.GradientStep(objective=f, step=quad.s)
+    for mode in ("implicit", "unrolled"):
+        solver = hp.GKMSolver(T, max_steps=20000, tol=1e-13, hypergrad=mode)
+        assert rel_err(_hypergrad(solver, quad, x0), quad.hypergrad(x0)) < 1e-8
 
 
 def test_learned_upper_criterion_gets_gradients_through_aggregation():

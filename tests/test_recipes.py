@@ -126,7 +126,7 @@ def test_learned_regularizer_quick(tmp_path):
     res = run_recipe("learned_regularizer", tmp_path)
     rows = {r["method"].split(" (")[0]: r for r in res["rows"]}
     noisy = rows["observation y"]["test_psnr"]
-    assert 19.5 < noisy < 20.5  # SPEC T6 sanity: σ = 25/255 gives ≈ 20.2 dB
+    assert 19.5 < noisy < 20.5  # the noisy input: σ = 25/255 gives ≈ 20.2 dB
     isgd = rows["ISGD"]
     assert isgd["test_psnr"] > noisy + 4  # the learned regulariser denoises
     assert isgd["test_psnr"] > rows["MAID-style"]["test_psnr"]  # at equal cost

@@ -1,18 +1,25 @@
-"""``GKMSolver`` and its options: one meaning per option, validated at construction; configured
-linear solvers; methods configured by objects. References are closed forms."""
+"""``GKMSolver`` (:mod:`hodl_plugin.solver`) and its options: one meaning per option, validated at construction
+and naming the argument; configured linear solvers; methods configured by objects. References are closed
+forms."""
 
 from __future__ import annotations
 
+import math
+import re
 import warnings
 
 import pytest
 import torch
+from _assertions import zeros
+from _oracles import DT
 
 import hodl_plugin as hp
 from hodl_plugin import linear_solve as ls
 
-D = torch.float64
-Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=D)
+MODES = ["implicit", "inexact", "unrolled", "truncated", "first_order"]
+
+
+Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
 
 
 def T(u, x):
@@ -20,7 +27,7 @@ def T(u, x):
 
 
 def exact_grad(x):  # f = Σ u*(x), u* = Q⁻¹x: ∇f = Q⁻ᵀ1
-    return torch.linalg.solve(Q.T, torch.ones(2, dtype=D))
+    return torch.linalg.solve(Q.T, torch.ones(2, dtype=DT))
 
 
 @pytest.mark.parametrize("bad", [2.5, 0, -1, "3", True])
@@ -37,11 +44,11 @@ def test_a_configured_solver_is_used_as_given(solver):
     """hp.Implicit(hp.linear_solve.cg(rtol=1e-12)) was accepted, then failed at backward() (TypeError)."""
     Tsym = hp.GradientStep(grad=lambda u, x: Q @ u - x, step=0.3)
     s = hp.GKMSolver(Tsym, tol=1e-13, hypergrad=hp.Implicit(solver))
-    x = torch.tensor([1.0, -2.0], dtype=D, requires_grad=True)
-    s(torch.zeros(2, dtype=D), x).sum().backward()
+    x = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True)
+    s(torch.zeros(2, dtype=DT), x).sum().backward()
     assert torch.allclose(x.grad, exact_grad(x), rtol=1e-10)
     if not isinstance(solver, str):
-        assert s.info.adjoint.threshold <= 1e-12 * float(torch.linalg.solve(Q, torch.ones(2, dtype=D)).norm()) * 10
+        assert s.info.adjoint.threshold <= 1e-12 * float(torch.linalg.solve(Q, torch.ones(2, dtype=DT)).norm()) * 10
 
 
 def test_a_solver_function_is_wrapped_and_checked():
@@ -51,13 +58,13 @@ def test_a_solver_function_is_wrapped_and_checked():
         A = torch.stack([matvec(e) for e in torch.eye(n, dtype=b.dtype)], dim=1)
         return torch.linalg.solve(A, b)
 
-    x = torch.tensor([1.0, -2.0], dtype=D, requires_grad=True)
+    x = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True)
     s = hp.GKMSolver(T, tol=1e-13, hypergrad=hp.Implicit(direct))
-    s(torch.zeros(2, dtype=D), x).sum().backward()
+    s(torch.zeros(2, dtype=DT), x).sum().backward()
     assert torch.allclose(x.grad, exact_grad(x), rtol=1e-10) and s.info.adjoint.method == "direct"
     s = hp.GKMSolver(T, tol=1e-13, hypergrad=hp.Implicit(lambda matvec, b, x0=None: 0 * b))
     with pytest.raises(hp.LinearSolveError, match="was not solved"):
-        s(torch.zeros(2, dtype=D), x).sum().backward()
+        s(torch.zeros(2, dtype=DT), x).sum().backward()
 
 
 def test_a_factory_is_refused_at_construction_naming_the_configured_form():
@@ -95,15 +102,15 @@ def test_solver_defaults_follow_the_dtype():
 def test_gradcheck_says_false_for_a_warm_started_inexact_solve():
     """The warm start makes the forward depend on the previous call (within eps = 1e-4 ≫ gradcheck's
     step): gradcheck must not report True for it (warm_start=False, or eps ≪ the step, does)."""
-    x = torch.tensor([1.0, -2.0], dtype=D, requires_grad=True)
+    x = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True)
     warm = hp.GKMSolver(T, hypergrad="inexact")
-    f = lambda z: warm(torch.zeros(2, dtype=D), z)  # noqa: E731
+    f = lambda z: warm(torch.zeros(2, dtype=DT), z)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         f(x)
         assert not torch.autograd.gradcheck(f, (x,), raise_exception=False)
         tight = hp.GKMSolver(T, hypergrad="inexact", eps=1e-13)
-        g = lambda z: tight(torch.zeros(2, dtype=D), z)  # noqa: E731
+        g = lambda z: tight(torch.zeros(2, dtype=DT), z)  # noqa: E731
         g(x)
         assert torch.autograd.gradcheck(g, (x,))
 
@@ -112,13 +119,132 @@ def test_max_steps_belongs_to_the_iteration():
     s = hp.GKMSolver(T, max_steps=7, tol=0.0)
     assert s.iteration.max_steps == 7 == s.max_steps
     s.max_steps = 3
-    u = s(torch.zeros(2, dtype=D), torch.ones(2, dtype=D))
+    u = s(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
     assert s.info.steps == 3
-    ref = torch.zeros(2, dtype=D)
+    ref = torch.zeros(2, dtype=DT)
     for _ in range(3):
-        ref = T(ref, torch.ones(2, dtype=D))
+        ref = T(ref, torch.ones(2, dtype=DT))
     assert torch.equal(u, ref)
     with pytest.raises(ValueError, match="max_steps"):
         s.max_steps = 0
     with pytest.raises(Exception, match="frozen|cannot assign"):
         s.iteration.tol = 1e-3  # options are replaced, not mutated: s.iteration.replace(tol=...)
+
+
+# -- bad arguments are refused at construction, naming the argument -----------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_steps=2.5), "max_steps"),
+        (dict(max_steps=math.inf), "max_steps"),
+        (dict(max_steps=math.nan), "max_steps"),
+        (dict(max_steps=None), "max_steps"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(tol=math.nan), "tol"),
+        (dict(tol=-1.0), "tol"),
+        (dict(atol=math.inf), "atol"),
+        (dict(rtol=math.nan), "rtol"),
+        (dict(divergence_factor=0.0), "divergence_factor"),
+        (dict(divergence_factor=-3.0), "divergence_factor"),
+        (dict(divergence_factor=math.nan), "divergence_factor"),
+        (dict(check_every=2.5), "check_every"),
+        (dict(check_every=0), "check_every"),
+        (dict(batch_dims=-1), "batch_dims"),
+        (dict(on_divergence="rasie"), "on_divergence"),
+        (dict(acceleration="anderson"), "acceleration"),
+    ],
+)
+def test_bad_arguments_are_named_at_construction(kwargs, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        hp.GKMSolver(lambda u: 0.5 * u, **kwargs)
+
+
+def test_integral_float_max_steps_is_accepted():
+    assert hp.GKMSolver(lambda u: 0.5 * u, max_steps=3.0).max_steps == 3
+
+
+_T = lambda u, x: 0.5 * u + x  # noqa: E731
+
+
+BAD_CONSTRUCTIONS = {
+    "max_steps=2.5": (lambda: hp.GKMSolver(_T, max_steps=2.5), "max_steps"),
+    "max_steps=inf": (lambda: hp.GKMSolver(_T, max_steps=float("inf")), "max_steps"),
+    "max_steps=nan": (lambda: hp.GKMSolver(_T, max_steps=float("nan")), "max_steps"),
+    "max_steps=None": (lambda: hp.GKMSolver(_T, max_steps=None), "max_steps"),
+    "tol=nan": (lambda: hp.GKMSolver(_T, tol=float("nan")), "tol"),
+    "divergence_factor=0": (lambda: hp.GKMSolver(_T, divergence_factor=0.0), "divergence_factor"),
+    "divergence_factor=-1": (lambda: hp.GKMSolver(_T, divergence_factor=-1.0), "divergence_factor"),
+    "Inexact(solver='qr')": (lambda: hp.Inexact(solver="qr"), "solver"),
+    "GKMSolver(inexact, solver='qr')": (lambda: hp.GKMSolver(_T, hypergrad="inexact", solver="qr"), "solver"),
+    "Implicit(adjoint_rtol=-1)": (lambda: hp.Implicit(adjoint_rtol=-1), "adjoint_rtol"),
+    "GKMSolver(adjoint_rtol=-1)": (lambda: hp.GKMSolver(_T, adjoint_rtol=-1.0), "adjoint_rtol"),
+    "Inexact(on_fail='rasie')": (lambda: hp.Inexact(on_fail="rasie"), "on_fail"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONSTRUCTIONS))
+def test_bad_construction_names_the_argument(case):
+    make, name = BAD_CONSTRUCTIONS[case]
+    with pytest.raises((ValueError, TypeError, hp.HODLError), match=re.escape(name)):
+        make()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"solver": "qr"}, "unknown linear solver"),
+        ({"on_fail": "rasie"}, "on_fail"),
+        ({"adjoint_maxiter": 2.5}, "adjoint_maxiter"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+def test_method_options_are_validated_at_construction(mode, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=mode, **kwargs)
+
+
+def test_solver_rejects_bad_aggregation_arguments():
+    T = lambda u: 0.5 * u  # noqa: E731
+    F = lambda u: (u**2).sum()  # noqa: E731
+    for bad in ("Outside", "both", None, 1):
+        with pytest.raises(ValueError, match="aggregation must be one of"):
+            hp.GKMSolver(T, upper=F, aggregation=bad)
+    with pytest.raises(ValueError, match="needs the upper objective"):
+        hp.GKMSolver(T, aggregation="outside")
+    with pytest.raises(hp.ScheduleError, match=r"\[0, 1\]"):  # alpha_0 > 1 stays an error
+        hp.GKMSolver(T, upper=F, alpha=hp.Geometric(1.5, 0.9), aggregation="outside")
+    with pytest.raises(hp.ScheduleError, match="decrease to 0"):  # so does a non-vanishing weight
+        hp.GKMSolver(T, upper=F, alpha=0.5, aggregation="outside")
+
+
+def test_anderson_is_refused_with_either_form():
+    T = lambda u: 0.5 * u  # noqa: E731
+    F = lambda u: (u**2).sum()  # noqa: E731
+    for agg in ("inside", "outside"):
+        with pytest.raises(hp.ConfigurationError, match="aggregation"):
+            hp.GKMSolver(T, upper=F, alpha=hp.Harmonic(1.0), aggregation=agg, acceleration=hp.Anderson())
+
+
+def test_an_upper_grad_of_the_wrong_shape_is_refused():
+    solver = hp.GKMSolver(lambda u, x: 0.5 * u + x, upper_grad=lambda u, x: torch.ones(1, dtype=DT),
+                          alpha=hp.Harmonic(1.0))
+    with pytest.raises((hp.HODLError, ValueError, TypeError), match=r"upper_grad"):
+        solver(zeros(3), torch.ones(3, dtype=DT))
+
+
+def test_upper_objective_independent_of_u_is_named():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="does not depend on u"):
+            hp.GKMSolver(lambda u, x: 0.5 * u + x, upper=lambda u, x: (x**2).sum())(
+                torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_upper_independent_of_u_is_refused_in_every_mode(mode):
+    """An upper objective that does not depend on u: refused at construction or at the first call."""
+    kw = {"steps": 5} if mode == "truncated" else {}
+    with pytest.raises((ValueError, TypeError, hp.HODLError), match="upper"):
+        solver = hp.GKMSolver(_T, upper=lambda u, x: (x**2).sum(), hypergrad=mode, **kw)
+        x = torch.ones(2, dtype=DT, requires_grad=True)
+        solver(zeros(2), x).sum().backward()

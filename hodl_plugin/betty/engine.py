@@ -24,7 +24,7 @@ class HODLEngine(_BettyEngine):
     places every rank on the CPU and leaves the rest to Betty: data loaders split by rank, modules
     wrapped in DDP. GKM edges average the full hypergradient over the ranks. Where CUDA is present,
     Betty's own path runs unchanged. With any other strategy it is Betty's ``Engine`` (example in
-    :func:`save_checkpoint`; the 2-process run is ``tests/ddp_case.py``).
+    :func:`save_checkpoint`; the 2-process run is ``tests/betty/ddp_case.py``).
 
     Ctrl-C (SIGINT) during :meth:`run` finishes the current global step and then raises
     ``KeyboardInterrupt``, so a checkpoint saved in ``except KeyboardInterrupt`` resumes exactly; a

@@ -142,7 +142,7 @@ def implicit_vjp(
     :math:`-\nabla^2_{\lambda\theta} L\, q`. Correct where Betty's ``cg`` is not (its direction
     update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
     path of the graph. Betty calls it for ``type="implicit_cg"`` / ``"implicit_gmres"``
-    (``tests/test_betty.py`` checks it against the closed form).
+    (``tests/betty/test_betty_hypergradients.py`` checks it against the closed form).
     """
     if isinstance(curr, GKMProblem):
         raise HODLError(

@@ -5,7 +5,7 @@
 The lower level u1 + u2 = b has a line of solutions; plain KM from 0 finds the minimum-norm one
 (1, 1). With ``HODLConfig(alpha=...)`` the GKM node aggregates F = the upper's training_step
 (½||u - y||², nothing written twice) and selects the solution closest to y. Run by
-tests/test_betty_coupled.py.
+tests/betty/test_betty_coupling.py.
 """
 
 import torch

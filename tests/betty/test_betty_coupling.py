@@ -13,8 +13,7 @@ import warnings
 
 import pytest
 import torch
-
-from conftest import DT, nonsingleton, rel_err
+from _oracles import DT, nonsingleton, rel_err
 
 pytest.importorskip("betty")
 from betty.configs import EngineConfig  # noqa: E402
@@ -218,7 +217,7 @@ def test_without_alpha_there_is_no_aggregation():
 
 
 def test_coupled_aggregation_selects_the_upper_optimal_fixed_point():
-    """SPEC T5: Fix T = {Au = b}; F(u) = ½||u - z||² in the upper's training_step selects proj(z)."""
+    """Fix T = {Au = b}; F(u) = ½||u - z||² in the upper's training_step selects proj(z) (closed form)."""
     A, b, s, z0, proj = nonsingleton()
     n = A.shape[1]
 
@@ -336,7 +335,7 @@ def test_the_docs_example_selects_the_solution_closest_to_y():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parent / "compat" / "betty_coupled_example.py"
+    path = Path(__file__).parents[1] / "compat" / "betty_coupled_example.py"
     spec = importlib.util.spec_from_file_location("betty_coupled_example", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

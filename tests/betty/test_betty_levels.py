@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import DT, rel_err
+from _oracles import DT, rel_err
 
 pytest.importorskip("betty")
 from betty.configs import EngineConfig  # noqa: E402

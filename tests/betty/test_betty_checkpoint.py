@@ -12,8 +12,7 @@ import warnings
 
 import pytest
 import torch
-
-from conftest import DT
+from _oracles import DT
 
 pytest.importorskip("betty")
 from betty.configs import EngineConfig  # noqa: E402

@@ -1,4 +1,5 @@
-"""Products with ∂_uT in the non-transposed solves (forward mode, second order).
+"""Derivative products on autograd graphs (:mod:`hodl_plugin._autodiff`): the vjp of one graph equals
+autograd's; products with ∂_uT in the non-transposed solves (forward mode, second order).
 
 They run on one graph of T(u*) by the transpose of a vjp (``_autodiff.make_jvp``), except where that
 could be silently wrong: a custom ``autograd.Function`` inside T (its backward may not be
@@ -10,18 +11,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _oracles import DT
 
 import hodl_plugin as hp
-from hodl_plugin._autodiff import make_jvp
-
-D = torch.float64
+from hodl_plugin._autodiff import make_jvp, make_vjp
 
 
 def _quad():
     g = torch.Generator().manual_seed(3)
-    M = torch.randn(5, 5, generator=g, dtype=D)
-    Q = M @ M.T / 5 + torch.eye(5, dtype=D)
-    B = torch.randn(5, 3, generator=g, dtype=D)
+    M = torch.randn(5, 5, generator=g, dtype=DT)
+    Q = M @ M.T / 5 + torch.eye(5, dtype=DT)
+    B = torch.randn(5, 3, generator=g, dtype=DT)
     s = 1.0 / float(torch.linalg.eigvalsh(Q).max())
     return Q, B, s
 
@@ -58,11 +58,24 @@ class ScaleNoJvp(Scale):
         return torch.from_numpy(ctx.c * g.detach().numpy()), None
 
 
+def test_fast_vjp_equals_public_autograd():
+    W = torch.randn(7, 7, dtype=DT)
+    u = torch.randn(7, dtype=DT, requires_grad=True)
+    out = torch.tanh(W @ u)
+    v = torch.randn(7, dtype=DT)
+    (ref,) = torch.autograd.grad(out, u, v, retain_graph=True)
+    vjp = make_vjp(out, u)
+    assert torch.equal(vjp(v), ref) and torch.equal(vjp(2 * v), 2 * ref)
+    # unused input -> zeros
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    assert torch.equal(make_vjp(out, w)(v), torch.zeros(3, dtype=DT))
+
+
 def test_make_jvp_is_the_jacobian_product():
     Q, _, s = _quad()
-    u = torch.randn(5, dtype=D, requires_grad=True)
+    u = torch.randn(5, dtype=DT, requires_grad=True)
     out = torch.tanh(u - s * (Q @ u))
-    z = torch.randn(5, dtype=D)
+    z = torch.randn(5, dtype=DT)
     J = torch.autograd.functional.jacobian(lambda v: torch.tanh(v - s * (Q @ v)), u.detach())
     assert torch.allclose(make_jvp(out, u)(z), J @ z, rtol=1e-13, atol=1e-14)
     # with a custom Function in the graph it declines (the caller then uses forward-mode AD)
@@ -79,14 +92,14 @@ def test_forward_mode_and_hessian_are_exact_with_or_without_a_custom_function_in
         return v if fn is None else fn.apply(v, 1.0)
 
     solver = hp.GKMSolver(T, tol=1e-13, max_steps=100000)
-    x = torch.randn(3, dtype=D)
+    x = torch.randn(3, dtype=DT)
     QiB = torch.linalg.solve(Q, B)
-    J = torch.func.jacfwd(lambda x: solver(torch.zeros(5, dtype=D), x))(x)
+    J = torch.func.jacfwd(lambda x: solver(torch.zeros(5, dtype=DT), x))(x)
     assert torch.allclose(J, QiB, rtol=1e-8)
-    f = lambda x: 0.5 * (solver(torch.zeros(5, dtype=D), x) ** 2).sum()  # noqa: E731
+    f = lambda x: 0.5 * (solver(torch.zeros(5, dtype=DT), x) ** 2).sum()  # noqa: E731
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(f(xr), xr, create_graph=True)
-    w = torch.randn(3, dtype=D)
+    w = torch.randn(3, dtype=DT)
     (hv,) = torch.autograd.grad(g, xr, w)
     assert torch.allclose(hv, QiB.T @ (QiB @ w), rtol=1e-8)
 
@@ -95,21 +108,21 @@ def test_a_custom_function_without_jvp_in_T_is_an_error_in_forward_mode_never_a_
     Q, B, s = _quad()
     solver = hp.GKMSolver(lambda u, x: ScaleNoJvp.apply(u - s * (Q @ u - B @ x), 1.0), tol=1e-13,
                           max_steps=100000)
-    x = torch.randn(3, dtype=D)
+    x = torch.randn(3, dtype=DT)
     with pytest.raises(RuntimeError):  # (its numpy backward cannot run under the transform)
-        torch.func.jacfwd(lambda x: solver(torch.zeros(5, dtype=D), x))(x)
+        torch.func.jacfwd(lambda x: solver(torch.zeros(5, dtype=DT), x))(x)
 
 
 def test_second_order_on_a_nonlinear_equilibrium_matches_central_differences():
     g = torch.Generator().manual_seed(8)
-    W = torch.randn(4, 4, generator=g, dtype=D)
+    W = torch.randn(4, 4, generator=g, dtype=DT)
     W = 0.6 * W / torch.linalg.matrix_norm(W, 2)
-    Bm = torch.randn(4, 3, generator=g, dtype=D)
+    Bm = torch.randn(4, 3, generator=g, dtype=DT)
     solver = hp.GKMSolver(lambda u, x: torch.tanh(W @ u + Bm @ x), tol=1e-14, max_steps=100000)
-    f = lambda x: (solver(torch.zeros(4, dtype=D), x) ** 3).sum()  # noqa: E731
-    x = torch.randn(3, generator=g, dtype=D)
+    f = lambda x: (solver(torch.zeros(4, dtype=DT), x) ** 3).sum()  # noqa: E731
+    x = torch.randn(3, generator=g, dtype=DT)
     H = torch.func.hessian(f)(x)
     h = 1e-4
     grad = lambda z: torch.func.grad(f)(z)  # noqa: E731
-    fd = torch.stack([(grad(x + h * e) - grad(x - h * e)) / (2 * h) for e in torch.eye(3, dtype=D)])
+    fd = torch.stack([(grad(x + h * e) - grad(x - h * e)) / (2 * h) for e in torch.eye(3, dtype=DT)])
     assert torch.allclose(H, fd, rtol=1e-6, atol=1e-8)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = 'pip install --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"'
 
 

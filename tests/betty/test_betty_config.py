@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import make_quadratic, rel_err
+from _oracles import make_quadratic, rel_err
 
 betty = pytest.importorskip("betty")
 from betty.configs import EngineConfig  # noqa: E402

@@ -1,0 +1,140 @@
+"""The linear solves of the implicit primitives (:mod:`hodl_plugin._adjoint`): CG only on a symmetric
+matrix; a singular system — a fixed-point set that is not a singleton (:ref:`math-unrolled`) — solved where
+it is consistent and named where it is not; tolerances that follow the dtype. The rule: the right number,
+or a :class:`~hodl_plugin.LinearSolveError` that says what to use instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _assertions import assert_right_or_named, zeros
+from _oracles import DT, make_linear, nonsingleton, nonsingleton_projector, reference, rel_err, small_linear
+
+import hodl_plugin as hp
+
+
+# -- a fixed-point set that is not a singleton: I − ∂T is singular ----------------------------------------
+@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+def test_selection_with_x_only_in_the_upper_objective_raises(mode):
+    """Fix T = {Au = b}, F = ½||u - x||²: du_sel/dx is the projector, which implicit
+    differentiation of u = T(u) cannot see. It must raise, not return du/dx = 0."""
+    A, b, s, z, proj = nonsingleton()
+    solver = hp.GKMSolver(lambda u, x: u - s * A.T @ (A @ u - b), max_steps=2000, tol=0.0,
+                          upper=lambda u, x: 0.5 * ((u - x) ** 2).sum(), hypergrad=mode)
+    x = z.clone().requires_grad_(True)
+    u = solver(torch.zeros(12, dtype=DT), x)
+    assert u.requires_grad
+    with pytest.raises(hp.LinearSolveError, match="not a singleton"):
+        (0.5 * (u**2).sum()).backward()
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+def test_selection_with_x_only_in_the_upper_objective_is_named(mode):
+    A, b, s, P, proj, g = nonsingleton_projector()
+    n = A.shape[1]
+    x = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+    c = torch.randn(n, generator=g, dtype=DT)
+    solver = hp.GKMSolver(lambda u, x: u - s * A.T @ (A @ u - b), upper=lambda u, x: 0.5 * ((u - x) ** 2).sum(),
+                          hypergrad=mode, max_steps=3000)
+
+    def hypergrad():
+        u = solver(zeros(n), x)
+        return torch.autograd.grad((c * u).sum(), x)[0]
+
+    # u_sel(x) = proj(x): d(c·u_sel)/dx = P c
+    assert_right_or_named(hypergrad, P @ c, 1e-2, what=f"selection {mode}")
+
+
+def test_consistent_singular_adjoint_returns_the_derivative_of_the_plain_iterations_limit():
+    """Without aggregation, a consistent singular adjoint system (CG) gives the minimum-norm solution,
+    which for an affine T is the derivative of x -> lim_k u_k(x; u0): compare with unrolled."""
+    A, b, s, z, proj = nonsingleton()
+    Bx = torch.randn(A.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    T = lambda u, x: u - s * A.T @ (A @ u - b - Bx @ x)  # noqa: E731
+    x0 = torch.tensor([0.2, -0.4], dtype=DT)
+    u0 = torch.randn(12, dtype=DT, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for mode, kw in [("implicit", {"solver": "cg"}), ("unrolled", {})]:
+        x = x0.clone().requires_grad_(True)
+        u = hp.GKMSolver(T, max_steps=3000, tol=0.0, hypergrad=mode, **kw)(u0, x)
+        (0.5 * ((A @ (u - z)) ** 2).sum()).backward()  # ∇_u = Aᵀ(...) lies in the range: consistent
+        grads[mode] = x.grad
+    torch.testing.assert_close(grads["implicit"], grads["unrolled"], rtol=1e-7, atol=1e-9)
+    with pytest.raises(hp.LinearSolveError, match="not a singleton"):
+        x = x0.clone().requires_grad_(True)
+        u = hp.GKMSolver(T, max_steps=3000, tol=0.0, solver="cg", check_unique=True)(u0, x)
+        (0.5 * ((A @ (u - z)) ** 2).sum()).backward()
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+@pytest.mark.parametrize("solver_name", ["cg", "gmres"])
+def test_a_singular_adjoint_is_solved_where_consistent_or_named(consistent, solver_name):
+    """Fix T(·; x) = {Au = x}; plain KM from u0 = z lands on u(x) = z − Aᵀ(AAᵀ)⁻¹(Az − x), the
+    projection of z (HODL's selection by ½‖u − z‖², reached here without aggregation so the forward
+    converges geometrically). For L = cᵀu: dL/dx = (AAᵀ)⁻¹Ac. The adjoint right-hand side c is
+    consistent iff c ∈ range(Aᵀ); then any adjoint solution gives the right number."""
+    A, _, s, P, _, g = nonsingleton_projector(seed=18)
+    p_, n = A.shape
+    z = torch.randn(n, generator=g, dtype=DT)
+    c = A.T @ torch.randn(p_, generator=g, dtype=DT) if consistent else torch.randn(n, generator=g, dtype=DT)
+    x = torch.randn(p_, generator=g, dtype=DT, requires_grad=True)
+    solver = hp.GKMSolver(lambda u, x: u - s * A.T @ (A @ u - x), hypergrad="implicit", solver=solver_name,
+                          max_steps=5000, tol=1e-12, adjoint_maxiter=200)
+
+    def run():
+        u = solver(z, x)
+        assert rel_err(u.detach(), z - A.T @ torch.linalg.solve(A @ A.T, A @ z - x.detach())) < 1e-9
+        return torch.autograd.grad((c * u).sum(), x)[0]
+
+    assert_right_or_named(run, torch.linalg.solve(A @ A.T, A @ c), 1e-7, what=f"non-singleton {solver_name}")
+
+
+def test_implicit_mode_reports_singular_adjoint():
+    """Fix(T) is not a singleton, so I - ∂T is singular: the implicit method must not return garbage."""
+    A, b, s, z, proj = nonsingleton()
+    T2 = lambda u, x: u - s * A.T @ (A @ u - b) + 0 * x  # noqa: E731
+    solver = hp.GKMSolver(T2, max_steps=5000, tol=1e-12, hypergrad="implicit", solver="fixed_point",
+                          adjoint_maxiter=200)
+    x = torch.zeros(12, dtype=DT, requires_grad=True)
+    u = solver(torch.zeros(12, dtype=DT), x)
+    with pytest.raises(hp.LinearSolveError, match="singular"):
+        ((u - z) ** 2).sum().backward()
+
+
+# -- CG needs a symmetric matrix --------------------------------------------------------------------------
+def test_cg_on_a_nonsymmetric_jacobian_is_detected():
+    W = torch.tensor([[0.0, 0.5], [-0.5, 0.0]], dtype=DT)
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    u = hp.GKMSolver(lambda u, x: W @ u + x, solver="cg", tol=1e-12)(torch.zeros(2, dtype=DT), x)
+    with pytest.raises(hp.LinearSolveError, match="symmetric"):
+        u.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+def test_cg_on_a_nonsymmetric_jacobian_is_right_or_named(mode):
+    p = make_linear("nonsym", seed=18)
+    opts = dict(eps=1e-12, delta=1e-12) if mode == "inexact" else dict(tol=1e-12)
+    solver = hp.GKMSolver(p.T, hypergrad=mode, solver="cg", max_steps=3000, adjoint_maxiter=200, **opts)
+
+    def run():
+        x = p.x0.clone().requires_grad_(True)
+        return torch.autograd.grad(p.F(solver(zeros(p.n), x)), x)[0]
+
+    assert_right_or_named(run, reference(p, ("fixed",), p.x0).grad, 1e-7, what=f"cg {mode}")
+
+
+# -- tolerances follow the dtype ---------------------------------------------------------------------------
+def test_float32_defaults_reach_their_adjoint_tolerance():
+    Q, B, y, s = small_linear(n=6, seed=2)
+    Q = Q + 0 * torch.eye(6, dtype=DT)
+    ev = torch.linalg.eigvalsh(Q)
+    Q = (Q - ev[0] * torch.eye(6, dtype=DT)) + (ev[-1] - ev[0]) / 19 * torch.eye(6, dtype=DT)  # cond 20
+    Qf, Bf, yf = Q.float(), B.float(), y.float()
+    s = 1.0 / float(torch.linalg.eigvalsh(Q)[-1])
+    x = torch.tensor([0.5, -1.0, 0.25], requires_grad=True)
+    u = hp.GKMSolver(lambda u, x: u - s * (Qf @ u - Bf @ x), max_steps=20000, tol=1e-6)(torch.zeros(6), x)
+    (0.5 * ((u - yf) ** 2).sum()).backward()
+    Qi_B = torch.linalg.solve(Q, B)
+    ref = Qi_B.T @ (Qi_B @ x.detach().double() - y)
+    torch.testing.assert_close(x.grad.double(), ref, rtol=1e-4, atol=1e-4)
