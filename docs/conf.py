@@ -1,36 +1,175 @@
-"""Sphinx configuration of the hodl_plugin documentation (built with -W: warnings are errors)."""
+"""Sphinx configuration of the hodl_plugin documentation.
+
+Built with ``-W`` (warnings are errors) and ``nitpicky = True`` (every cross-reference must resolve).
+No network at build time: MathJax is bundled (``_static/mathjax``) and the intersphinx inventories of
+Python and PyTorch are shipped in ``_intersphinx/`` (built by ``_intersphinx/build_inventories.py``).
+The example gallery (``../examples``) is executed by sphinx-gallery during the build.
+"""
 
 import os
 import sys
+import warnings
 
-sys.path.insert(0, os.path.abspath(".."))
+DOCS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(DOCS))
+
+import hodl_plugin  # noqa: E402
 
 project = "hodl_plugin"
 author = "hodl_plugin developers"
 copyright = "2026, hodl_plugin developers"
-release = "0.1.0"
+release = hodl_plugin.__version__
+version = release
 
 extensions = [
     "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx.ext.intersphinx",
+    "sphinx_copybutton",
+    "sphinx_gallery.gen_gallery",
+    "myst_parser",
 ]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
+                    "auto_examples/*.md5", "auto_examples/*.codeobj.json", "_intersphinx"]
+
+# --- API reference -------------------------------------------------------------------------------
+templates_path = ["_templates"]
+autosummary_generate = True
+autosummary_imported_members = False
+autosummary_ignore_module_all = False  # a module's tables list exactly its __all__
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints_description_target = "documented_params"
+autodoc_type_aliases = {"Tensor": "torch.Tensor"}
+autodoc_class_signature = "separated"
+autodoc_default_options = {"members": True, "show-inheritance": True, "exclude-members": "__init__"}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-nitpicky = False
-exclude_patterns = ["_build"]
-html_theme = "alabaster"
+napoleon_use_rtype = False
+napoleon_attr_annotations = True
+
+# every cross-reference must resolve; the names below are type aliases and private bases that Sphinx
+# cannot link (they are explained in the text where they appear)
+nitpicky = True
+nitpick_ignore = [
+    ("py:class", "optional"),
+    ("py:class", "callable"),
+    ("py:class", "Tensor"),
+    ("py:class", "Module"),
+    ("py:class", "nn.Module"),
+    ("py:class", "torch.nn.modules.module.Module"),
+    ("py:class", "Schedule"),
+    ("py:class", "ScheduleLike"),
+    ("py:class", "SolverSpec"),
+    ("py:class", "LinearSolver"),
+    ("py:class", "MatVec"),
+    ("py:class", "Hashable"),
+    ("py:class", "hodl_plugin.linear_solve.LinearSolver"),
+]
+nitpick_ignore_regex = [
+    (r"py:.*", r"betty\..*"),          # Betty publishes no Sphinx inventory
+    (r"py:.*", r"torchopt\..*"),       # nor does TorchOpt's documentation for these names
+    (r"py:class", r"hodl_plugin\..*\._.*"),  # private helpers named in signatures
+    (r"py:class", r"(typing\.)?(Any|Callable|Optional|Union|Sequence|Iterable|Mapping|Literal)\b.*"),
+]
+
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", os.path.join(DOCS, "_intersphinx", "python.inv")),
+    "torch": ("https://docs.pytorch.org/docs/stable", os.path.join(DOCS, "_intersphinx", "torch.inv")),
+}
+intersphinx_disabled_reftypes = ["*"]  # a bare name resolves locally first; `python:`/`torch:` prefixes explicit
+intersphinx_timeout = 1
+
+# --- HTML ----------------------------------------------------------------------------------------
+html_theme = "furo"
+html_title = f"hodl_plugin {release}"  # the version on every page (sidebar, and the header on a phone)
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+html_theme_options = {
+    "source_repository": "",
+    "navigation_with_keys": True,
+}
+html_show_sourcelink = False
 # MathJax bundled (docs/_static/mathjax, Apache-2.0): formulas render without network access
 mathjax_path = "mathjax/tex-chtml.js"
-html_theme_options = {"description": "HODL for Betty & TorchOpt", "fixed_sidebar": True, "page_width": "1100px"}
-doctest_global_setup = "import torch\nimport hodl_plugin as hp"
-suppress_warnings = ["config.cache"]
-# docstring examples are run by pytest --doctest-modules in their own modules (make test);
-# the doctest builder runs the explicit ``.. doctest::`` blocks of these pages
+pygments_style = "default"
+pygments_dark_style = "monokai"
+
+# copy buttons copy the code without ">>> ", "... " and "$ " prompts, and without the printed output
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
+copybutton_exclude = ".linenos, .gp, .go"
+
+# --- example gallery ------------------------------------------------------------------------------
+sphinx_gallery_conf = {
+    "examples_dirs": os.path.join(DOCS, "..", "examples"),
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": r"/plot_",          # every plot_*.py is executed at build time
+    "within_subsection_order": "FileNameSortKey",
+    "abort_on_example_error": True,
+    "only_warn_on_example_error": False,
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "min_reported_time": 0,
+    "matplotlib_animations": False,
+    "image_scrapers": ("matplotlib",),
+    "reset_modules": ("matplotlib",),
+    "show_memory": False,
+    "show_signature": False,
+    "plot_gallery": "True",
+    "doc_module": ("hodl_plugin",),
+    "backreferences_dir": None,
+    "first_notebook_cell": None,
+    "copyfile_regex": "",
+}
+# sphinx-gallery's own example CSS/thumbnail machinery writes these; not a user-facing problem
+warnings.filterwarnings("ignore", message="Matplotlib is currently using agg")
+
+# --- doctest builder -------------------------------------------------------------------------------
+# no global setup: every block on these pages starts with its own imports, as a reader copies it
+# (tests/test_docs_examples.py runs each block in a fresh interpreter as well)
+doctest_global_setup = ""
 doctest_test_doctest_blocks = ""
+suppress_warnings = ["config.cache"]
+
+
+# --- `hodl_plugin.GKMSolver` and the other re-exported names link to their module's page ----------
+def _resolve_reexport(app, env, node, contnode):
+    """A reference to a name re-exported by a package (``hodl_plugin.GKMSolver``, ``hodl_plugin.betty.GKMProblem``)
+    resolves to the object's own page (``hodl_plugin.solver.GKMSolver``)."""
+    import importlib
+
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("hodl_plugin."):
+        return None
+    parts = target.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        head = getattr(obj, "__module__", None) if not hasattr(obj, "__path__") else None
+        name = getattr(obj, "__qualname__", None)
+        if head is None or name is None or f"{head}.{name}" == target:
+            return None
+        domain = env.get_domain("py")
+        node = node.deepcopy()
+        node["reftarget"] = f"{head}.{name}"
+        return domain.resolve_xref(env, node.get("refdoc"), app.builder, node["reftype"], node["reftarget"],
+                                   node, contnode)
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _resolve_reexport)
