@@ -34,7 +34,7 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
+exclude_patterns = ["_build", "sg_execution_times.rst", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
                     "auto_examples/*.md5", "auto_examples/*.codeobj.json", "_intersphinx"]
 
 # --- API reference -------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ autosummary_ignore_module_all = False  # a module's tables list exactly its __al
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
-autodoc_type_aliases = {"Tensor": "torch.Tensor"}
+autodoc_inherit_docstrings = False  # torch.autograd.Function's own docstrings are torch's, not ours
 autodoc_class_signature = "separated"
 autodoc_default_options = {"members": True, "show-inheritance": True, "exclude-members": "__init__"}
 napoleon_google_docstring = True
@@ -82,7 +82,6 @@ intersphinx_mapping = {
     "python": ("https://docs.python.org/3", os.path.join(DOCS, "_intersphinx", "python.inv")),
     "torch": ("https://docs.pytorch.org/docs/stable", os.path.join(DOCS, "_intersphinx", "torch.inv")),
 }
-intersphinx_disabled_reftypes = ["*"]  # a bare name resolves locally first; `python:`/`torch:` prefixes explicit
 intersphinx_timeout = 1
 
 # --- HTML ----------------------------------------------------------------------------------------
@@ -122,11 +121,12 @@ sphinx_gallery_conf = {
     "reset_modules": ("matplotlib",),
     "show_memory": False,
     "show_signature": False,
-    "plot_gallery": "True",
+    "plot_gallery": os.environ.get("HODL_DOCS_GALLERY", "True"),  # "False": a quick build without running
     "doc_module": ("hodl_plugin",),
     "backreferences_dir": None,
     "first_notebook_cell": None,
     "copyfile_regex": "",
+    "write_computation_times": False,
 }
 # sphinx-gallery's own example CSS/thumbnail machinery writes these; not a user-facing problem
 warnings.filterwarnings("ignore", message="Matplotlib is currently using agg")
@@ -146,7 +146,17 @@ def _resolve_reexport(app, env, node, contnode):
     import importlib
 
     target = node.get("reftarget", "")
-    if node.get("refdomain") != "py" or not target.startswith("hodl_plugin."):
+    if node.get("refdomain") != "py":
+        return None
+    if "." not in target and target in _short_names():  # a bare public name: GKMSolver, CheckpointError
+        target = _short_names()[target]
+        node = node.deepcopy()
+        node["reftarget"] = target
+        resolved = env.get_domain("py").resolve_xref(env, node.get("refdoc"), app.builder, node["reftype"], target,
+                                                     node, contnode)
+        if resolved is not None:
+            return resolved
+    if not target.startswith("hodl_plugin."):
         return None
     parts = target.split(".")
     for cut in range(len(parts) - 1, 0, -1):
@@ -169,6 +179,95 @@ def _resolve_reexport(app, env, node, contnode):
         return domain.resolve_xref(env, node.get("refdoc"), app.builder, node["reftype"], node["reftarget"],
                                    node, contnode)
     return None
+
+
+def _short_names() -> dict[str, str]:
+    """Each public name defined once in the package's modules (``GKMProblem``) → its full name."""
+    global _SHORT
+    if _SHORT is None:
+        import importlib
+
+        seen: dict[str, set] = {}
+        for m in public_modules():
+            mod = importlib.import_module(m)
+            for name in getattr(mod, "__all__", []):
+                obj = getattr(mod, name)
+                home = getattr(obj, "__module__", m) if not isinstance(obj, (str, tuple, frozenset)) else m
+                seen.setdefault(name, set()).add(f"{home}.{name}" if home.startswith("hodl_plugin") else f"{m}.{name}")
+        _SHORT = {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+    return _SHORT
+
+
+_SHORT = None
+
+
+# --- one API page per public module, its tables listing exactly the module's ``__all__`` --------------
+def public_modules() -> list[str]:
+    """Every public module of the package (no ``_private`` part), the Betty adapter included."""
+    import pkgutil
+
+    names = []
+    for info in pkgutil.walk_packages(hodl_plugin.__path__, "hodl_plugin."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            names.append(info.name)
+    return sorted(names)
+
+
+def _write_api_pages(app) -> None:
+    """``docs/api/<module>.rst`` for each public module (generated at every build, not committed): the
+    module docstring, then autosummary tables of its classes, functions, errors and warnings, and its
+    constants. (autosummary's own ``:recursive:`` mode cannot be used: it resolves a submodule that
+    the package imports as an attribute of the package.)"""
+    import importlib
+    import inspect
+
+    out = os.path.join(DOCS, "api")
+    os.makedirs(out, exist_ok=True)
+    modules = public_modules()
+    for name in modules:
+        mod = importlib.import_module(name)
+        # a package re-exports its submodules' names: those are documented on the submodule's page
+        children = [importlib.import_module(m) for m in modules if m.startswith(name + ".") and hasattr(mod, "__path__")]
+        groups: dict[str, list[str]] = {"Classes": [], "Functions": [], "Errors and warnings": [], "data": []}
+        reexported = []
+        for member in getattr(mod, "__all__", []):
+            obj = getattr(mod, member)
+            if inspect.ismodule(obj):
+                continue
+            home = next((c for c in children if member in getattr(c, "__all__", ()) and getattr(c, member) is obj), None)
+            if home is not None:
+                reexported.append(f":obj:`~{home.__name__}.{member}`")
+                continue
+            if inspect.isclass(obj) and issubclass(obj, (Exception, Warning)):
+                groups["Errors and warnings"].append(member)
+            elif inspect.isclass(obj):
+                groups["Classes"].append(member)
+            elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
+                groups["Functions"].append(member)
+            else:
+                groups["data"].append(member)
+        lines = [name, "=" * len(name), "", f".. automodule:: {name}", "   :no-members:", ""]
+        if reexported:
+            lines += [f"Importable from ``{name}``: " + ", ".join(reexported) + ".", ""]
+        for title, members in groups.items():
+            if not members:
+                continue
+            if title == "data":
+                lines += [".. rubric:: Constants", ""]
+                lines += [x for m in members for x in (f".. autodata:: {name}.{m}", "   :no-value:", "")]
+                continue
+            template = "function.rst" if title == "Functions" else "class.rst"
+            lines += [f".. rubric:: {title}", "", ".. autosummary::", "   :toctree: ../generated",
+                      f"   :template: {template}", "   :nosignatures:", ""]
+            lines += [f"   {m}" for m in members] + [""]
+        text = "\n".join(lines)
+        path = os.path.join(out, f"{name}.rst")
+        if not os.path.exists(path) or open(path).read() != text:
+            with open(path, "w") as f:
+                f.write(text)
+
+
+_write_api_pages(None)  # before autosummary scans the sources
 
 
 def setup(app):

@@ -13,7 +13,7 @@ fitted on training data, chosen to minimise the error on validation data,
 The lower level is solved by proximal-gradient steps,
 :math:`T(u; \lambda) = S_{s\lambda}(u - s X^\top(Xu - y)/n)` (:class:`~hodl_plugin.ProximalGradient`
 with the soft-threshold :func:`~hodl_plugin.prox.l1_param`), whose fixed point is the LASSO solution.
-We check the fixed point against scikit-learn's :class:`~sklearn.linear_model.Lasso` (same objective,
+We check the fixed point against scikit-learn's ``Lasso`` (same objective,
 ``alpha`` = λ), the hypergradient :math:`\mathrm{d}F/\mathrm{d}\lambda` against finite differences of
 scikit-learn's solutions, and the λ found by hypergradient descent against a grid search.
 """

@@ -529,7 +529,7 @@ class GKMIteration:
         stop_on_tol: bool = True,
         atol: Optional[float] = None,
     ) -> Tensor:
-        r"""Run up to ``num_steps`` GKM steps (:meth:`_run_once`); with HODL aggregation, a stop on the
+        r"""Run up to ``num_steps`` GKM steps (``_run_once``); with HODL aggregation, a stop on the
         tolerance is followed by plain KM steps (:math:`\alpha = 0`) until the fixed-point residual
         :math:`\|T(u) - u\|` itself meets it.
 

@@ -296,7 +296,7 @@ class Implicit(HypergradMethod):
         adjoint_rtol, adjoint_atol, adjoint_maxiter: stopping rule of the adjoint solve,
             ``‖(I - J_u^T)v - ∇_u F‖ ≤ max(adjoint_rtol·‖∇_u F‖, adjoint_atol)`` within
             ``adjoint_maxiter`` matrix products. ``adjoint_rtol=None`` (default) follows the dtype:
-            ``1e-10`` in float64, ``1.2e-5`` in float32 (:func:`default_adjoint_rtol`).
+            ``1e-10`` in float64, ``1.2e-5`` in float32 (``default_adjoint_rtol``).
         on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when the
             adjoint solve misses its tolerance, or ``"warn"``.
         check_unique: before the adjoint solve, solve :math:`(I - \partial_u T)^\top z = r` for a

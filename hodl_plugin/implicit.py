@@ -103,7 +103,7 @@ class FixedPointProblem:
             before the first adjoint solve and raise :class:`LinearSolveError` if it has one.
         symmetric: the operator claims a symmetric :math:`\partial_u T` (checked when CG runs).
         iteration: the :class:`~hodl_plugin.gkm.GKMIteration` that ``forward`` runs; with it a
-            ``vmap`` over the problem becomes one batched solve (:func:`_lift`), and ``forward``
+            ``vmap`` over the problem becomes one batched solve (``_lift``), and ``forward``
             must accept ``it_=`` (the iteration to run instead of its own) and ``sample_=`` (``(i, B)``
             when a vmap solves its samples one by one).
     """

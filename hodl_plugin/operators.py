@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ._autodiff import grad_u
 from .prox import Prox
 
-#: a step size: a positive number, a positive scalar tensor (may require grad), or ``step(*params)``
+#: A step size. A positive number, a positive scalar tensor (may require grad), or ``step(*params)``
 StepLike = Union[float, Tensor, Callable[..., Union[float, Tensor]]]
 
 __all__ = ["StepLike", "GradientStep", "ProximalGradient", "LearnedResidual", "KMAveraged", "functional_operator"]

@@ -62,7 +62,7 @@ class GKMSolver(nn.Module):
     (:math:`r_0` the first residual) or ``max_steps``, and
     returns a tensor differentiable w.r.t. every tensor in ``params`` (and the parameters of ``T``
     or ``upper`` when they are ``nn.Module``\ s) by the method ``hypergrad``. Diagnostics of the last
-    call are in :attr:`info` (:class:`~hodl_plugin.gkm.SolverInfo`).
+    call are in ``solver.info`` (:class:`~hodl_plugin.gkm.SolverInfo`).
 
     Args:
         T: the operator ``T(u, *params) -> tensor shaped like u``, nonexpansive in u (a callable or

@@ -9,7 +9,7 @@ upper level minimises the cross-entropy on a clean validation set over the weigh
 the flags, and wall time; the baselines are the unweighted fit on the noisy data and the fit on the
 clean half only (an oracle).
 
-The implicit mode runs a second time as a two-node Betty graph (:func:`run_betty`: a ``GKMProblem``
+The implicit mode runs a second time as a two-node Betty graph (``run_betty``: a ``GKMProblem``
 for the weighted fit under an ``ImplicitProblem`` for the weights), the way a Betty user writes it;
 it gives the core run's results.
 

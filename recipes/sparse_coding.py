@@ -16,7 +16,7 @@ Methods (all written with ``hodl_plugin.GKMSolver``):
   the upper-level direction, w_k = (1 - α_k) u_k + α_k N_ω(u_k), u_{k+1} = T_λ(w_k),
   α_k = α0/(k+1)^γ (GKM with ``upper_grad = u - N_ω(u)``), trained the same way.
 
-Variants (``--methods``, :class:`Method`): the learned layer with per-layer steps and thresholds or
+Variants (``--methods``, ``Method``): the learned layer with per-layer steps and thresholds or
 untied weights, HODL's aggregation inside T or outside it (BDA's form), the schedule α_k, and T with
 per-layer step and λ (ALISTA's layer). Every learned model gets the same budget: ``--iters`` Adam
 iterations of ``--batch`` fresh codes.

@@ -66,6 +66,7 @@ TORCH = [
     ("torch.optim.SGD", "class", _GEN),
     ("torch.autograd", "module", "autograd.html#module-$"),
     ("torch.autograd.Function", "class", "autograd.html#$"),
+    ("torch.autograd.function.Function", "class", "autograd.html#torch.autograd.Function"),
     ("torch.autograd.grad", "function", _GEN),
     ("torch.autograd.backward", "function", _GEN),
     ("torch.autograd.gradcheck", "function", "generated/torch.autograd.gradcheck.gradcheck.html#$"),

@@ -26,7 +26,7 @@ class HODLEngine(_BettyEngine):
     Betty's own path runs unchanged. With any other strategy it is Betty's ``Engine`` (example in
     :func:`save_checkpoint`; the 2-process run is ``tests/ddp_case.py``).
 
-    Ctrl-C (SIGINT) during :meth:`run` finishes the current global step and then raises
+    Ctrl-C (SIGINT) during ``run()`` finishes the current global step and then raises
     ``KeyboardInterrupt``, so a checkpoint saved in ``except KeyboardInterrupt`` resumes exactly; a
     second Ctrl-C interrupts at once (and such a checkpoint is refused). Outside the main thread
     the signal is Python's default.

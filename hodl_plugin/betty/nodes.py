@@ -83,7 +83,7 @@ class GKMProblem(_ImplicitProblem):
     differentiable solution with its own autograd graph; ``gkm_implicit`` and ``gkm_inexact`` are
     exact at any order there, ``gkm_unrolled`` with ``warm_start=False``.) An upper node may also
     call the node like a Betty child, ``self.<node>(batch)`` (see :meth:`forward`). Diagnostics of the last solve and
-    hypergradient are in :attr:`stats` (and are logged through Betty's logger every
+    hypergradient are in ``stats`` (and are logged through Betty's logger every
     ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
     and for the inexact mode ε_k, δ_k and the error bound. A solve that stops before its tolerance
     is reported (``config.on_nonconvergence``: ``"warn"``, ``"raise"`` or ``"ignore"``).
@@ -146,7 +146,7 @@ class GKMProblem(_ImplicitProblem):
 
     @property
     def u(self) -> Tensor:
-        """The lower variable (a parameter holding the last solution): read it in the upper node."""
+        """The lower variable, a parameter holding the last solution; the upper node reads it."""
         if self._u_override is not None:  # the aggregation evaluates the upper's objective at a candidate
             self._u_reads += 1
             return self._u_override
@@ -185,7 +185,7 @@ class GKMProblem(_ImplicitProblem):
 
         Its autograd graph is its own (Betty frees the graphs of the losses it differentiates, so
         nodes that differentiate through this node's solution in their own ``training_step`` call
-        this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
+        this rather than sharing ``solution``). The node's state (``u``, warm starts) is left
         unchanged. A solve that stops before its tolerance is reported (``config.on_nonconvergence``).
         """
         if self._aggregating:
