@@ -98,7 +98,7 @@ class SummableScheduleWarning(ConvergenceWarning):
     r"""An aggregation schedule :math:`\alpha_k` is summable (e.g. :class:`~hodl_plugin.Geometric`).
 
     Accepted — it is the BDA/BOAT codes' practical default for a few unrolled steps — but outside
-    the selection theory of SPEC §0, which needs :math:`\sum_k \alpha_k = \infty`: the iterates still
+    HODL's selection theory, which needs :math:`\sum_k \alpha_k = \infty`: the iterates still
     approach :math:`\mathrm{Fix}\,T` but not necessarily its :math:`F`-optimal point.
 
     >>> import warnings, hodl_plugin as hp

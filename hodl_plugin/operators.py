@@ -139,7 +139,7 @@ class GradientStep(nn.Module):
 class ProximalGradient(nn.Module):
     r"""Proximal-gradient step :math:`T(u; x) = \mathrm{prox}_{s g}(u - s\nabla_u f(u; x))`.
 
-    Averaged for convex L-smooth f, convex g and :math:`s\in(0,2/L)` (SPEC T4). ``prox`` is
+    Averaged for convex L-smooth f, convex g and :math:`s\in(0,2/L)`. ``prox`` is
     ``prox(v, step, *params)`` (see :mod:`hodl_plugin.prox`), so g may carry learned weights.
 
     LASSO :math:`\tfrac12\|Au-b\|^2 + \lambda\|u\|_1` with a learned λ:

@@ -1,6 +1,6 @@
 r"""Schedules: tiny pure objects ``schedule(k) -> float``.
 
-The GKM iteration (SPEC §0) uses three sequences — the KM relaxation :math:`\beta_k`, the HODL
+The GKM iteration (HODL's scheme, see the math page) uses three sequences — the KM relaxation :math:`\beta_k`, the HODL
 aggregation weight :math:`\alpha_k` and, in the inexact mode, the accuracies
 :math:`\varepsilon_k, \delta_k`. Each is a :class:`Schedule`: callable on the step index, with the
 asymptotic facts (limit, summability, monotonicity) the convergence conditions need, so that a
@@ -102,7 +102,7 @@ class Constant(Schedule):
 
 @dataclass(frozen=True)
 class Polynomial(Schedule):
-    """``value_k = c0 · (k + offset)^(-power)`` — ISGD's "poly" schedule (SPEC §3.4, T7).
+    """``value_k = c0 · (k + offset)^(-power)`` — ISGD's "poly" schedule.
 
     ``power`` in (0, 1] gives a sequence that tends to 0 and is not summable (the HODL aggregation
     condition); ``power > 1`` a summable one.
@@ -140,7 +140,7 @@ class Polynomial(Schedule):
 
 
 def Harmonic(c0: float = 1.0) -> Polynomial:
-    """``value_k = c0 / (k + 1)`` — the BDA / HODL aggregation weight of SPEC T5.
+    """``value_k = c0 / (k + 1)`` — the BDA / HODL aggregation weight.
 
     >>> Harmonic(0.5)(1)
     0.25
@@ -183,7 +183,7 @@ class Log(Schedule):
 class Geometric(Schedule):
     r"""``value_k = alpha0 · gamma^k`` (:math:`k = 0, 1, \dots`) — the BDA/BOAT aggregation weight.
 
-    Summable (for ``gamma < 1``): outside the selection theory of SPEC §0, which needs
+    Summable (for ``gamma < 1``): outside HODL's selection theory, which needs
     :math:`\sum_k\alpha_k = \infty`; :class:`~hodl_plugin.GKMSolver` accepts it with a
     :class:`~hodl_plugin.errors.SummableScheduleWarning`. It is what the same group's codes run for
     a few unrolled steps (combined with ``aggregation="outside"``):
@@ -283,7 +283,7 @@ def check_relaxation(beta: Schedule) -> list[str]:
 
 def check_aggregation(alpha: Schedule) -> list[str]:
     r"""Problems of a HODL aggregation schedule: :math:`\alpha_k \in [0,1]`, non-increasing,
-    :math:`\alpha_k \to 0` (SPEC §0). Summability is not a problem here but a warning
+    :math:`\alpha_k \to 0`. Summability is not a problem here but a warning
     (:func:`summable_aggregation`).
 
     >>> check_aggregation(Harmonic(1.0))
@@ -296,7 +296,7 @@ def check_aggregation(alpha: Schedule) -> list[str]:
     alpha_k must decrease to 0 (its limit is 0.5): ...
     """
     if is_zero(alpha):
-        return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)
+        return []  # alpha ≡ 0: no aggregation, plain KM
     problems = []
     if not (0.0 <= alpha(0) <= 1.0) or not (0.0 <= alpha.sup <= 1.0):
         problems.append(f"alpha_k must lie in [0, 1], got alpha_0 = {alpha(0)}")
@@ -325,7 +325,7 @@ def summable_aggregation(alpha: Schedule) -> str:
     if isinstance(alpha, Geometric):
         extra = f" (Geometric: sum = {alpha.alpha0 / (1 - alpha.gamma):.4g})"
     return (
-        f"sum of alpha_k is finite{extra}: accepted, but outside the selection theory of SPEC §0 "
+        f"sum of alpha_k is finite{extra}: accepted, but outside the selection theory of HODL "
         "(which needs sum alpha_k = inf to select the F-optimal fixed point of T); the iterates "
         "approach Fix T, not necessarily its F-optimal point. Use Harmonic/Polynomial(power <= 1) "
         "for the selection, or keep this (the BDA/BOAT codes' default for a few unrolled steps)"

@@ -1,6 +1,6 @@
 """Sparse coding (LISTA setting): ISTA, FISTA, unrolled-only LISTA and HODL/BMO learning, NMSE per layer.
 
-Protocol (Chen et al. 2018, the usual one for learned ISTA, SPEC §2.4): A ∈ R^{250×500} with
+Protocol (Chen et al. 2018, the usual one for learned ISTA): A ∈ R^{250×500} with
 N(0, 1/250) entries and unit-norm columns; codes with Bernoulli(0.1) support and N(0, 1) values;
 observations b = A u_gt (noiseless) or with Gaussian noise at 40 dB SNR; K = 16 layers.
 Metric: NMSE(dB) = 10 log10(Σ||û - u_gt||² / Σ||u_gt||²) on a held-out test set, per layer k ≤ K.

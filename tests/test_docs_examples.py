@@ -24,7 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts and "auto_examples" not in p.parts
                and "generated" not in p.parts and "_templates" not in p.parts)
-DIRECTIVE = re.compile(r"^(?P<indent> *)\.\. (?P<kind>code-block|code|sourcecode|doctest|testcode)::\s*(?P<lang>\S*)\s*$")
+DIRECTIVE = re.compile(
+    r"^(?P<indent> *)\.\. (?P<kind>code-block|code|sourcecode|doctest|testcode)::\s*(?P<lang>\S*)\s*$")
 
 
 def blocks(page: pathlib.Path) -> list[dict]:
@@ -57,8 +58,11 @@ PEERS = ("jax", "jaxopt", "torchdeq")
 results = []
 for b in json.load(sys.stdin):
     src = b["code"]
-    plain = "\n".join(l[4:] for l in src.splitlines() if l.startswith((">>> ", "... "))) if b["kind"] == "doctest" else src
-    missing = [m for m in PEERS if re.search(rf"^\s*(import|from) {m}\b", plain, re.M) and importlib.util.find_spec(m) is None]
+    plain = src
+    if b["kind"] == "doctest":
+        plain = "\n".join(l[4:] for l in src.splitlines() if l.startswith((">>> ", "... ")))
+    missing = [m for m in PEERS
+               if re.search(rf"^\s*(import|from) {m}\b", plain, re.M) and importlib.util.find_spec(m) is None]
     if missing:
         results.append({"line": b["line"], "status": "skipped", "why": "not installed: " + ", ".join(missing)})
         continue
@@ -141,7 +145,8 @@ def test_extraction_sees_every_block_kind(tmp_path):
 def test_a_block_without_its_imports_fails(tmp_path):
     """The runner really uses a fresh namespace per block (a block using the previous one's names fails)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    bs = [{"line": 1, "kind": "script", "code": "import math\nx = 1"}, {"line": 5, "kind": "script", "code": "print(x)"},
+    bs = [{"line": 1, "kind": "script", "code": "import math\nx = 1"},
+          {"line": 5, "kind": "script", "code": "print(x)"},
           {"line": 9, "kind": "doctest", "code": ">>> import math\n>>> math.floor(2.5)\n3"}]
     proc = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(bs), text=True, capture_output=True,
                           env=env, timeout=60)
