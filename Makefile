@@ -22,7 +22,7 @@ install:
 	$(PY) -c "import torch, torchopt, betty, hodl_plugin; print('installed: torch', torch.__version__, '| torchopt', torchopt.__version__, '| hodl_plugin', hodl_plugin.__version__)"
 
 test:
-	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes examples docs/conf.py docs/_intersphinx
 	$(PY) -m pytest -q
 	$(MAKE) docs
 
@@ -36,7 +36,7 @@ test-slow:  # the recipes' --quick runs and other long tests; exit code 5 (none 
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
 lint:
-	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes
+	$(VENV)/bin/ruff check hodl_plugin tests benchmarks recipes examples docs/conf.py docs/_intersphinx
 
 bench:
 	$(PY) -m benchmarks.hypergrad

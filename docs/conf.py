@@ -34,8 +34,8 @@ extensions = [
     "myst_parser",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "sg_execution_times.rst", "auto_examples/*.ipynb", "auto_examples/*.py", "auto_examples/*.zip",
-                    "auto_examples/*.md5", "auto_examples/*.codeobj.json", "_intersphinx"]
+exclude_patterns = ["_build", "sg_execution_times.rst", "_intersphinx", "auto_examples/*.ipynb", "auto_examples/*.py",
+                    "auto_examples/*.zip", "auto_examples/*.md5", "auto_examples/*.codeobj.json"]
 
 # --- API reference -------------------------------------------------------------------------------
 templates_path = ["_templates"]
@@ -227,14 +227,16 @@ def _write_api_pages(app) -> None:
     for name in modules:
         mod = importlib.import_module(name)
         # a package re-exports its submodules' names: those are documented on the submodule's page
-        children = [importlib.import_module(m) for m in modules if m.startswith(name + ".") and hasattr(mod, "__path__")]
+        children = [importlib.import_module(m) for m in modules
+                    if m.startswith(name + ".") and hasattr(mod, "__path__")]
         groups: dict[str, list[str]] = {"Classes": [], "Functions": [], "Errors and warnings": [], "data": []}
         reexported = []
         for member in getattr(mod, "__all__", []):
             obj = getattr(mod, member)
             if inspect.ismodule(obj):
                 continue
-            home = next((c for c in children if member in getattr(c, "__all__", ()) and getattr(c, member) is obj), None)
+            home = next((c for c in children
+                         if member in getattr(c, "__all__", ()) and getattr(c, member) is obj), None)
             if home is not None:
                 reexported.append(f":obj:`~{home.__name__}.{member}`")
                 continue

@@ -26,11 +26,22 @@ F = lambda u: 0.5 * ((u - y) ** 2).sum()  # upper objective
 solver = hp.GKMSolver(T, max_steps=5000, tol=1e-12, hypergrad="implicit")
 x = torch.randn(n, dtype=dt, requires_grad=True)
 u = solver(torch.zeros(n, dtype=dt), x)  # the forward runs without autograd
-F(u).backward()  # one adjoint linear solve (CG: the Jacobian of a gradient step is symmetric)
+F(
+    u
+).backward()  # one adjoint linear solve (CG: the Jacobian of a gradient step is symmetric)
 
 exact = torch.linalg.solve(A, torch.linalg.solve(A, x.detach()) - y)
-print("steps:", solver.info.steps, "converged:", solver.info.converged, "adjoint:", solver.info.adjoint.method)
-print(f"relative error of x.grad: {((x.grad - exact).norm() / exact.norm()).item():.1e}")
+print(
+    "steps:",
+    solver.info.steps,
+    "converged:",
+    solver.info.converged,
+    "adjoint:",
+    solver.info.adjoint.method,
+)
+print(
+    f"relative error of x.grad: {((x.grad - exact).norm() / exact.norm()).item():.1e}"
+)
 
 # %%
 # Other ways to differentiate
@@ -42,7 +53,9 @@ print(f"relative error of x.grad: {((x.grad - exact).norm() / exact.norm()).item
 
 methods = {
     "implicit": dict(hypergrad="implicit"),
-    "implicit + Anderson(5)": dict(hypergrad="implicit", acceleration=hp.Anderson(history_size=5)),
+    "implicit + Anderson(5)": dict(
+        hypergrad="implicit", acceleration=hp.Anderson(history_size=5)
+    ),
     "unrolled": dict(hypergrad="unrolled"),
     "truncated(20)": dict(hypergrad=hp.Truncated(20)),
     "first_order": dict(hypergrad="first_order"),

@@ -27,7 +27,9 @@ from sklearn.linear_model import Lasso
 import hodl_plugin as hp
 
 dt = torch.float64
-X_all, y_all = load_diabetes(return_X_y=True)  # bundled with scikit-learn: 442 patients, 10 features
+X_all, y_all = load_diabetes(
+    return_X_y=True
+)  # bundled with scikit-learn: 442 patients, 10 features
 X_all = (X_all - X_all.mean(0)) / X_all.std(0)
 y_all = (y_all - y_all.mean()) / y_all.std()
 rng = np.random.default_rng(0)
@@ -37,14 +39,20 @@ X, y = torch.tensor(X_all[tr], dtype=dt), torch.tensor(y_all[tr], dtype=dt)
 Xv, yv = torch.tensor(X_all[va], dtype=dt), torch.tensor(y_all[va], dtype=dt)
 n = len(y)
 
-L = torch.linalg.matrix_norm(X, 2).item() ** 2 / n  # Lipschitz constant of the smooth part
-T = hp.ProximalGradient(grad=lambda u, lam: X.T @ (X @ u - y) / n, prox=hp.prox.l1_param(0), step=1 / L)
+L = (
+    torch.linalg.matrix_norm(X, 2).item() ** 2 / n
+)  # Lipschitz constant of the smooth part
+T = hp.ProximalGradient(
+    grad=lambda u, lam: X.T @ (X @ u - y) / n, prox=hp.prox.l1_param(0), step=1 / L
+)
 solver = hp.GKMSolver(T, max_steps=20000, tol=1e-12, hypergrad="implicit")
 val_loss = lambda u: 0.5 * ((Xv @ u - yv) ** 2).mean()
 
 
 def sklearn_solution(lam):
-    model = Lasso(alpha=lam, fit_intercept=False, tol=1e-14, max_iter=100000).fit(X.numpy(), y.numpy())
+    model = Lasso(alpha=lam, fit_intercept=False, tol=1e-14, max_iter=100000).fit(
+        X.numpy(), y.numpy()
+    )
     return torch.tensor(model.coef_, dtype=dt)
 
 
@@ -58,7 +66,9 @@ val_loss(u).backward()
 
 u_ref = sklearn_solution(0.05)
 h = 1e-6
-fd = (val_loss(sklearn_solution(0.05 + h)) - val_loss(sklearn_solution(0.05 - h))) / (2 * h)
+fd = (val_loss(sklearn_solution(0.05 + h)) - val_loss(sklearn_solution(0.05 - h))) / (
+    2 * h
+)
 print(f"max |u - u_sklearn|         = {(u.detach() - u_ref).abs().max().item():.1e}")
 print(f"dF/dλ (implicit, {solver.info.adjoint.method}) = {lam.grad.item():+.6f}")
 print(f"dF/dλ (finite differences)  = {fd.item():+.6f}")
@@ -73,7 +83,7 @@ log_lam = torch.tensor(np.log(0.3), dtype=dt, requires_grad=True)
 opt = torch.optim.Adam([log_lam], lr=0.1)
 u = torch.zeros(X.shape[1], dtype=dt)
 path = []
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     u = solver(u.detach(), log_lam.exp())
     loss = val_loss(u)
@@ -85,7 +95,9 @@ grid = np.logspace(-3, 0, 120)
 grid_loss = np.array([val_loss(sklearn_solution(g)).item() for g in grid])
 best = grid[grid_loss.argmin()]
 print(f"learned λ = {path[-1][0]:.4f} (validation loss {path[-1][1]:.5f})")
-print(f"grid λ    = {best:.4f} (validation loss {grid_loss.min():.5f}), scikit-learn on 120 values")
+print(
+    f"grid λ    = {best:.4f} (validation loss {grid_loss.min():.5f}), scikit-learn on 120 values"
+)
 
 # %%
 # The validation loss of scikit-learn's solutions over λ, and the path of hypergradient descent:
@@ -93,8 +105,17 @@ print(f"grid λ    = {best:.4f} (validation loss {grid_loss.min():.5f}), scikit-
 fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
 ax.semilogx(grid, grid_loss, color="0.6", label="scikit-learn Lasso, grid of λ")
 lams, losses = zip(*path)
-ax.semilogx(lams, losses, "o-", ms=3, color="C0", label="hypergradient descent on log λ")
-ax.semilogx([lams[-1]], [losses[-1]], "*", ms=14, color="C3", label=f"learned λ = {lams[-1]:.3f}")
+ax.semilogx(
+    lams, losses, "o-", ms=3, color="C0", label="hypergradient descent on log λ"
+)
+ax.semilogx(
+    [lams[-1]],
+    [losses[-1]],
+    "*",
+    ms=14,
+    color="C3",
+    label=f"learned λ = {lams[-1]:.3f}",
+)
 ax.set_xlabel("λ")
 ax.set_ylabel("validation loss")
 ax.set_title("LASSO on the diabetes data: λ by hypergradient vs grid search")

@@ -37,7 +37,9 @@ L = torch.linalg.eigvalsh(X.T @ X).max()
 class Ridge(hb.GKMProblem):  # lower level: a GKM fixed point
     def operator(self, u, batch):
         Xb, yb = batch
-        lam = self.upper.module.log_lam.exp()  # the upper node's variable, read as Betty users do
+        lam = (
+            self.upper.module.log_lam.exp()
+        )  # the upper node's variable, read as Betty users do
         return u - (Xb.T @ (Xb @ u - yb) + lam * u) / (L + lam)
 
     def initial_state(self, batch):
@@ -60,19 +62,39 @@ class Recorder(Validation):
 
 hyper = torch.nn.Module()
 hyper.log_lam = torch.nn.Parameter(torch.zeros((), dtype=dt))
-lower = Ridge("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-12, max_steps=5000), train_data_loader=[(X, y)])
-upper = Recorder("upper", hb.HODLConfig(), module=hyper, train_data_loader=[(Xv, yv)],
-                 optimizer=torch.optim.Adam(hyper.parameters(), lr=0.1))
-engine = hb.HODLEngine([upper, lower], EngineConfig(train_iters=200),
-                       dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}})
+lower = Ridge(
+    "lower",
+    hb.HODLConfig(type="gkm_implicit", tol=1e-12, max_steps=5000),
+    train_data_loader=[(X, y)],
+)
+upper = Recorder(
+    "upper",
+    hb.HODLConfig(),
+    module=hyper,
+    train_data_loader=[(Xv, yv)],
+    optimizer=torch.optim.Adam(hyper.parameters(), lr=0.1),
+)
+engine = hb.HODLEngine(
+    [upper, lower],
+    EngineConfig(train_iters=200),
+    dependencies={"u2l": {upper: [lower]}, "l2u": {lower: [upper]}},
+)
 engine.run()
 
 # check: the closed-form ridge solution's validation error over a grid of λ
-val = lambda lam: 0.5 * ((Xv @ torch.linalg.solve(X.T @ X + lam * torch.eye(8, dtype=dt), X.T @ y) - yv) ** 2).mean()
+val = lambda lam: (
+    0.5
+    * (
+        (Xv @ torch.linalg.solve(X.T @ X + lam * torch.eye(8, dtype=dt), X.T @ y) - yv)
+        ** 2
+    ).mean()
+)
 grid = torch.logspace(-3, 3, 2001, dtype=dt)
 losses = torch.stack([val(g) for g in grid])
 best = grid[losses.argmin()]
-print(f"learned λ = {hyper.log_lam.exp().item():.3f}, grid search λ = {best.item():.3f}")
+print(
+    f"learned λ = {hyper.log_lam.exp().item():.3f}, grid search λ = {best.item():.3f}"
+)
 print("last lower solve:", lower.info.steps, "steps, converged:", lower.info.converged)
 
 # %%
@@ -86,7 +108,14 @@ a.set_ylabel("λ")
 a.legend()
 a.grid(alpha=0.3)
 b.semilogx(grid, losses, color="0.6", label="closed form")
-b.semilogx([lams[-1]], [val(torch.tensor(lams[-1], dtype=dt)).item()], "*", ms=14, color="C3", label="learned")
+b.semilogx(
+    [lams[-1]],
+    [val(torch.tensor(lams[-1], dtype=dt)).item()],
+    "*",
+    ms=14,
+    color="C3",
+    label="learned",
+)
 b.set_xlabel("λ")
 b.set_ylabel("validation loss")
 b.legend()

@@ -52,15 +52,23 @@ class DEQ(torch.nn.Module):
         self.inject = torch.nn.Linear(d_in, d_hid)  # U x + b
         self.head = torch.nn.Linear(d_hid, 10)
         self.solver = hp.GKMSolver(
-            lambda z, W, ux: torch.tanh(z @ W.T + ux),  # T(z; W, Ux+b), one row per sample
+            lambda z, W, ux: torch.tanh(
+                z @ W.T + ux
+            ),  # T(z; W, Ux+b), one row per sample
             hypergrad=hypergrad,
-            acceleration=None if isinstance(hypergrad, hp.Truncated) else hp.Anderson(history_size=5),
+            acceleration=None
+            if isinstance(hypergrad, hp.Truncated)
+            else hp.Anderson(history_size=5),
             batch_dims=1,  # each sample stops at its own tolerance
-            tol=1e-4, max_steps=200, check_every=1,
+            tol=1e-4,
+            max_steps=200,
+            check_every=1,
         )
 
     def weight(self):
-        return self.gamma * self.V / torch.linalg.matrix_norm(self.V, 2).clamp(min=1.0)  # ‖W‖₂ ≤ γ
+        return (
+            self.gamma * self.V / torch.linalg.matrix_norm(self.V, 2).clamp(min=1.0)
+        )  # ‖W‖₂ ≤ γ
 
     def forward(self, x):
         W = self.weight()  # once per batch: T is the same map during the solve
@@ -75,6 +83,7 @@ class DEQ(torch.nn.Module):
 # the exact implicit gradient of a tightly solved fixed point (``tol=1e-10`` in float64), for three
 # contraction factors :math:`\gamma = \|W\|_2`:
 
+
 def grad_of(model, x, y):
     model.zero_grad()
     torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -82,19 +91,27 @@ def grad_of(model, x, y):
 
 
 x0, y0 = X_all[train[:256]].double(), y_all[train[:256]]
-methods = [("implicit (tol 1e-4)", "implicit"), ("truncated (last 3 steps)", hp.Truncated(3)),
-           ("first order (Jacobian-free)", "first_order")]
+methods = [
+    ("implicit (tol 1e-4)", "implicit"),
+    ("truncated (last 3 steps)", hp.Truncated(3)),
+    ("first order (Jacobian-free)", "first_order"),
+]
 errors = {name: [] for name, _ in methods}
 gammas = (0.5, 0.9, 0.99)
 for gamma in gammas:
     reference = DEQ("implicit", gamma).double()
-    reference.solver = hp.GKMSolver(reference.solver.T, tol=1e-10, max_steps=2000, batch_dims=1)
+    reference.solver = hp.GKMSolver(
+        reference.solver.T, tol=1e-10, max_steps=2000, batch_dims=1
+    )
     g_ref = grad_of(reference, x0, y0)
     for name, hg in methods:
         m = DEQ(hg, gamma).double()
         m.load_state_dict(reference.state_dict())
         errors[name].append(((grad_of(m, x0, y0) - g_ref).norm() / g_ref.norm()).item())
-print("relative error of the gradient w.r.t. V   " + "   ".join(f"γ = {g:<5}" for g in gammas))
+print(
+    "relative error of the gradient w.r.t. V   "
+    + "   ".join(f"γ = {g:<5}" for g in gammas)
+)
 for name, errs in errors.items():
     print(f"{name:40s}  " + "   ".join(f"{e:.1e}   " for e in errs))
 
@@ -104,7 +121,6 @@ for name, errs in errors.items():
 # :math:`\partial_z f`, and drift further from the true gradient as the layer gets closer to
 # non-contractive (:math:`\gamma \to 1`).
 #
-# %%
 # Training
 # --------
 # The same model, seed and batches, trained with each gradient for 12 epochs of Adam:
@@ -129,10 +145,18 @@ def train_model(hypergrad, epochs=12):
     return losses, acc, seconds, steps
 
 
-results = {name: train_model(hg) for name, hg in
-           [("implicit", "implicit"), ("truncated(3)", hp.Truncated(3)), ("first order", "first_order")]}
+results = {
+    name: train_model(hg)
+    for name, hg in [
+        ("implicit", "implicit"),
+        ("truncated(3)", hp.Truncated(3)),
+        ("first order", "first_order"),
+    ]
+}
 for name, (losses, acc, seconds, _) in results.items():
-    print(f"{name:13s} test accuracy {acc:.3f}   final training loss {losses[-1]:.3f}   {seconds:.1f} s")
+    print(
+        f"{name:13s} test accuracy {acc:.3f}   final training loss {losses[-1]:.3f}   {seconds:.1f} s"
+    )
 
 # %%
 # Per-sample stopping: on the test set, each sample's forward took its own number of Anderson steps

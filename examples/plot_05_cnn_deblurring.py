@@ -56,7 +56,11 @@ P = 32  # image size
 
 def cartoons(n, gen):
     """n piecewise-constant P×P images: six random rectangles or discs on a grey background."""
-    yy, xx = torch.meshgrid(torch.arange(P, dtype=torch.float32), torch.arange(P, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(P, dtype=torch.float32),
+        torch.arange(P, dtype=torch.float32),
+        indexing="ij",
+    )
     out = torch.full((n, 1, P, P), 0.5)
     for _ in range(6):
         c = torch.rand(n, 2, 1, 1, generator=gen) * P
@@ -68,10 +72,12 @@ def cartoons(n, gen):
     return out
 
 
-g = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * 1.5**2))
+g = torch.exp(-(torch.arange(-3.0, 4.0) ** 2) / (2 * 1.5**2))
 kernel = (g[:, None] * g[None]) / g.sum() ** 2  # 7×7 Gaussian blur, std 1.5
 K = lambda u: nnf.conv2d(u, kernel[None, None], padding=3)
-Kt = lambda r: nnf.conv_transpose2d(r, kernel[None, None], padding=3)  # the exact adjoint of K
+Kt = lambda r: nnf.conv_transpose2d(
+    r, kernel[None, None], padding=3
+)  # the exact adjoint of K
 sigma = 0.01
 
 
@@ -82,24 +88,36 @@ def observe(x, gen):
 # finite differences D = (dx, dy) and their adjoints
 dx = lambda u: nnf.pad(u[..., :, 1:] - u[..., :, :-1], (0, 1, 0, 0))
 dy = lambda u: nnf.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
-dxt = lambda p: nnf.pad(p[..., :, :-1], (1, 0, 0, 0)) - nnf.pad(p[..., :, :-1], (0, 1, 0, 0))
-dyt = lambda p: nnf.pad(p[..., :-1, :], (0, 0, 1, 0)) - nnf.pad(p[..., :-1, :], (0, 0, 0, 1))
-psnr = lambda u, x: (10 * torch.log10(1 / ((u - x) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+dxt = lambda p: (
+    nnf.pad(p[..., :, :-1], (1, 0, 0, 0)) - nnf.pad(p[..., :, :-1], (0, 1, 0, 0))
+)
+dyt = lambda p: (
+    nnf.pad(p[..., :-1, :], (0, 0, 1, 0)) - nnf.pad(p[..., :-1, :], (0, 0, 0, 1))
+)
+psnr = lambda u, x: (
+    (10 * torch.log10(1 / ((u - x) ** 2).mean(dim=(1, 2, 3)))).mean().item()
+)
 
 mu, w_min, w_max = 0.01, 0.05, 2.0
-tau = 1 / (1 + 8 * mu * w_max)  # 1/L: ‖KᵀK‖ ≤ 1 (a normalised kernel), ‖Dᵀ diag(w) D‖ ≤ 8 w_max
+tau = 1 / (
+    1 + 8 * mu * w_max
+)  # 1/L: ‖KᵀK‖ ≤ 1 (a normalised kernel), ‖Dᵀ diag(w) D‖ ≤ 8 w_max
 
 
 def T(u, b, wx, wy):  # the operator: a gradient step on ½‖Ku − b‖² + μ/2 Σ w (Du)²
     return u - tau * (Kt(K(u) - b) + mu * (dxt(wx * dx(u)) + dyt(wy * dy(u))))
 
 
-class Weights(torch.nn.Module):  # the CNN: observation → per-pixel smoothing weights in [w_min, w_max]
+class Weights(
+    torch.nn.Module
+):  # the CNN: observation → per-pixel smoothing weights in [w_min, w_max]
     def __init__(self, channels=16):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.ReLU(),
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(1, channels, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.ReLU(),
             torch.nn.Conv2d(channels, 2, 3, padding=1),
         )
         with torch.no_grad():  # start near w = 1: the Tikhonov model with weight μ
@@ -114,21 +132,34 @@ class Weights(torch.nn.Module):  # the CNN: observation → per-pixel smoothing 
 cnn = Weights()
 # ∂T/∂u = I − τ(KᵀK + μDᵀdiag(w)D) is symmetric: CG for the adjoint solve, to a relative 1e-3
 # (plenty for a stochastic gradient; the default is the float32 resolution, 1.2e-5)
-solver = hp.GKMSolver(T, tol=1e-5, max_steps=3000, acceleration=hp.Anderson(history_size=5),
-                      hypergrad=hp.Implicit("cg", adjoint_rtol=1e-3))
+solver = hp.GKMSolver(
+    T,
+    tol=1e-5,
+    max_steps=3000,
+    acceleration=hp.Anderson(history_size=5),
+    hypergrad=hp.Implicit("cg", adjoint_rtol=1e-3),
+)
 
 
 def restore(b):
-    return solver(b.clone(), b, *cnn(b))  # start at the observation; the CNN's weights enter T
+    return solver(
+        b.clone(), b, *cnn(b)
+    )  # start at the observation; the CNN's weights enter T
 
 
 x_test = cartoons(16, torch.Generator().manual_seed(4))
 b_test = observe(x_test, torch.Generator().manual_seed(5))
-tikhonov = hp.GKMSolver(lambda u, b: T(u, b, torch.ones(()), torch.ones(())), tol=1e-6, max_steps=3000,
-                        acceleration=hp.Anderson(history_size=5))
+tikhonov = hp.GKMSolver(
+    lambda u, b: T(u, b, torch.ones(()), torch.ones(())),
+    tol=1e-6,
+    max_steps=3000,
+    acceleration=hp.Anderson(history_size=5),
+)
 with torch.no_grad():
     u_tik = tikhonov(b_test.clone(), b_test)
-print(f"observation {psnr(b_test, x_test):.2f} dB, Tikhonov (μ = {mu}) {psnr(u_tik, x_test):.2f} dB")
+print(
+    f"observation {psnr(b_test, x_test):.2f} dB, Tikhonov (μ = {mu}) {psnr(u_tik, x_test):.2f} dB"
+)
 
 # %%
 # Training: 60 Adam steps on fresh batches of 8 images.
@@ -150,9 +181,13 @@ for step in range(61):
     opt.step()
     assert solver.info.converged
     fwd_steps, adj_its = solver.info.steps, solver.info.adjoint.iterations
-print(f"trained in {time.perf_counter() - t0:.1f} s; test PSNR by step:",
-      ", ".join(f"{s}: {p:.2f}" for s, p in curve))
-print(f"last training step: forward {fwd_steps} Anderson steps, adjoint {adj_its} CG iterations")
+print(
+    f"trained in {time.perf_counter() - t0:.1f} s; test PSNR by step:",
+    ", ".join(f"{s}: {p:.2f}" for s, p in curve),
+)
+print(
+    f"last training step: forward {fwd_steps} Anderson steps, adjoint {adj_its} CG iterations"
+)
 
 # %%
 # The naive model, for comparison: a randomly initialised CNN acting on :math:`u`, added to the
@@ -160,16 +195,27 @@ print(f"last training step: forward {fwd_steps} Anderson steps, adjoint {adj_its
 # :class:`~hodl_plugin.errors.ConvergenceWarning`), so its implicit gradient has no fixed point to
 # stand on:
 
-naive_cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(),
-                                torch.nn.Conv2d(16, 1, 3, padding=1))
-naive = hp.GKMSolver(lambda u, b: u - 0.5 * (Kt(K(u) - b) + naive_cnn(u)), tol=1e-6, max_steps=300,
-                     acceleration=hp.Anderson(history_size=5))
+naive_cnn = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 16, 3, padding=1),
+    torch.nn.ReLU(),
+    torch.nn.Conv2d(16, 16, 3, padding=1),
+    torch.nn.ReLU(),
+    torch.nn.Conv2d(16, 1, 3, padding=1),
+)
+naive = hp.GKMSolver(
+    lambda u, b: u - 0.5 * (Kt(K(u) - b) + naive_cnn(u)),
+    tol=1e-6,
+    max_steps=300,
+    acceleration=hp.Anderson(history_size=5),
+)
 with warnings.catch_warnings(record=True) as caught, torch.no_grad():
     warnings.simplefilter("always")
     naive(b_test.clone(), b_test)
-print("naive model:", caught[0].category.__name__ if caught else "no warning",
-      f"- converged: {naive.info.converged}, residual {naive.info.residuals[-1]:.1e} after {naive.info.steps} steps")
+print(
+    "naive model:",
+    caught[0].category.__name__ if caught else "no warning",
+    f"- converged: {naive.info.converged}, residual {naive.info.residuals[-1]:.1e} after {naive.info.steps} steps",
+)
 
 # %%
 # Results on the 16 test images: PSNR along training (left), and one test image (right).
@@ -187,13 +233,26 @@ ax.set_ylabel("test PSNR (dB)")
 ax.legend(fontsize=8)
 ax.grid(alpha=0.3)
 i = 0
-panels = [("clean", x_test[i, 0]), ("observed", b_test[i, 0]), ("Tikhonov", u_tik[i, 0]),
-          ("learned weight $w_x$", wx[i, 0]), ("learned", u_learned[i, 0])]
+panels = [
+    ("clean", x_test[i, 0]),
+    ("observed", b_test[i, 0]),
+    ("Tikhonov", u_tik[i, 0]),
+    ("learned weight $w_x$", wx[i, 0]),
+    ("learned", u_learned[i, 0]),
+]
 for j, (title, img) in enumerate(panels):
     a = fig.add_subplot(gs[j // 3, 1 + j % 3])
-    a.imshow(img, cmap="magma" if "weight" in title else "gray", vmin=None if "weight" in title else 0,
-             vmax=None if "weight" in title else 1)
-    a.set_title(f"{title} ({psnr(img[None, None], x_test[i:i + 1]):.1f} dB)" if "weight" not in title and j
-                else title, fontsize=9)
+    a.imshow(
+        img,
+        cmap="magma" if "weight" in title else "gray",
+        vmin=None if "weight" in title else 0,
+        vmax=None if "weight" in title else 1,
+    )
+    a.set_title(
+        f"{title} ({psnr(img[None, None], x_test[i : i + 1]):.1f} dB)"
+        if "weight" not in title and j
+        else title,
+        fontsize=9,
+    )
     a.axis("off")
 plt.show()

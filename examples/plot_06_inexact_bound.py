@@ -27,35 +27,50 @@ torch.manual_seed(0)
 dt = torch.float64
 n, m = 100, 20
 M = torch.randn(n, n, dtype=dt)
-Q = M @ M.T / n + 0.5 * torch.eye(n, dtype=dt)  # lower level ½uᵀQu − uᵀBx: u*(x) = Q⁻¹Bx
+Q = M @ M.T / n + 0.5 * torch.eye(
+    n, dtype=dt
+)  # lower level ½uᵀQu − uᵀBx: u*(x) = Q⁻¹Bx
 B = torch.randn(n, m, dtype=dt)
 y = torch.randn(n, dtype=dt)
 s = 1 / torch.linalg.eigvalsh(Q).max().item()
 
 T = hp.GradientStep(grad=lambda u, x: Q @ u - B @ x, step=s)
 F = lambda u, x: 0.5 * ((u - y) ** 2).sum()
-solver = hp.GKMSolver(T, max_steps=100000, upper=F, alpha=0,  # upper=F (not aggregated): for the bound
-                      hypergrad=hp.Inexact(eps=hp.Polynomial(1e-2, 1.0), estimate_every=1))
+solver = hp.GKMSolver(
+    T,
+    max_steps=100000,
+    upper=F,
+    alpha=0,  # upper=F (not aggregated): for the bound
+    hypergrad=hp.Inexact(eps=hp.Polynomial(1e-2, 1.0), estimate_every=1),
+)
 exact_grad = lambda x: B.T @ torch.linalg.solve(Q, torch.linalg.solve(Q, B @ x) - y)
 
 x = torch.zeros(m, dtype=dt, requires_grad=True)
 QiB = torch.linalg.solve(Q, B)
-opt = torch.optim.SGD([x], lr=1 / torch.linalg.matrix_norm(QiB, 2).item() ** 2)  # 1/L of f(x) = F(u*(x))
+opt = torch.optim.SGD(
+    [x], lr=1 / torch.linalg.matrix_norm(QiB, 2).item() ** 2
+)  # 1/L of f(x) = F(u*(x))
 rows = []
 for k in range(40):
     opt.zero_grad()
-    u = solver(torch.zeros(n, dtype=dt), x, key="train")  # warm-started from the last call's u and v
+    u = solver(
+        torch.zeros(n, dtype=dt), x, key="train"
+    )  # warm-started from the last call's u and v
     F(u, x).backward()
     info = solver.info
     error = (x.grad - exact_grad(x.detach())).norm().item()
-    rows.append((k, info.eps, info.steps, info.adjoint.iterations, error, info.error_bound))
+    rows.append(
+        (k, info.eps, info.steps, info.adjoint.iterations, error, info.error_bound)
+    )
     opt.step()
 
 print(" k   eps_k    forward steps  adjoint its  true error  certified bound")
 for k, eps, steps, its, err, bound in rows[::6]:
     print(f"{k:2d}  {eps:.1e}  {steps:13d}  {its:11d}  {err:10.2e}  {bound:15.2e}")
 assert all(err <= bound for *_, err, bound in rows)
-print("true error <= bound at every step:", all(err <= bound for *_, err, bound in rows))
+print(
+    "true error <= bound at every step:", all(err <= bound for *_, err, bound in rows)
+)
 
 # %%
 # The bound holds at every step (it is exact for an operator affine in :math:`u` with a quadratic

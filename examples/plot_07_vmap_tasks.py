@@ -38,7 +38,10 @@ w_mean = torch.randn(d, dtype=dt)  # the tasks share this mean: w_t = w_mean + 0
 
 def make_tasks(n):
     w = w_mean + 0.3 * torch.randn(n, d, dtype=dt)
-    Xs, Xq = torch.randn(n, n_support, d, dtype=dt), torch.randn(n, n_query, d, dtype=dt)
+    Xs, Xq = (
+        torch.randn(n, n_support, d, dtype=dt),
+        torch.randn(n, n_query, d, dtype=dt),
+    )
     ys = torch.einsum("tnd,td->tn", Xs, w) + 0.1 * torch.randn(n, n_support, dtype=dt)
     yq = torch.einsum("tnd,td->tn", Xq, w) + 0.1 * torch.randn(n, n_query, dtype=dt)
     return Xs, ys, Xq, yq
@@ -49,7 +52,11 @@ def step(X):  # a step size 1/L of the task's ridge objective
 
 
 # T(u; w0, X, y): a gradient step on ½‖Xu − y‖² + λ/2‖u − w0‖² (X's norm bound passed in, computed outside)
-solver = hp.GKMSolver(lambda u, w0, X, y, s: u - s * (X.T @ (X @ u - y) + lam * (u - w0)), tol=1e-12, max_steps=5000)
+solver = hp.GKMSolver(
+    lambda u, w0, X, y, s: u - s * (X.T @ (X @ u - y) + lam * (u - w0)),
+    tol=1e-12,
+    max_steps=5000,
+)
 
 
 def query_loss(w0, Xs, ys, Xq, yq, s):  # one task
@@ -60,7 +67,9 @@ def query_loss(w0, Xs, ys, Xq, yq, s):  # one task
 Xs, ys, Xq, yq = make_tasks(n_tasks)
 S = vmap(step)(Xs)
 w0 = torch.zeros(d, dtype=dt)
-per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0, 0))(w0, Xs, ys, Xq, yq, S)  # (n_tasks, d)
+per_task = vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0, 0))(
+    w0, Xs, ys, Xq, yq, S
+)  # (n_tasks, d)
 print("steps per task:", solver.info.steps_per_sample.tolist())
 
 # closed form, task by task
@@ -68,7 +77,8 @@ H = Xs.transpose(1, 2) @ Xs + lam * torch.eye(d, dtype=dt)
 u_star = torch.linalg.solve(H, (Xs.transpose(1, 2) @ ys[..., None])[..., 0] + lam * w0)
 r = torch.einsum("tqd,td->tq", Xq, u_star) - yq
 exact = lam * torch.linalg.solve(H, torch.einsum("tqd,tq->td", Xq, r))
-print(f"max relative error of the per-task hypergradients: {((per_task - exact).norm(dim=1) / exact.norm(dim=1)).max():.1e}")
+rel_err = ((per_task - exact).norm(dim=1) / exact.norm(dim=1)).max()
+print(f"max relative error of the per-task hypergradients: {rel_err:.1e}")
 
 # %%
 # One batched solve against a Python loop over the tasks (same results):
@@ -77,10 +87,14 @@ t0 = time.perf_counter()
 vmap(grad(query_loss), in_dims=(None, 0, 0, 0, 0, 0))(w0, Xs, ys, Xq, yq, S)
 t_vmap = time.perf_counter() - t0
 t0 = time.perf_counter()
-looped = torch.stack([grad(query_loss)(w0, *(a[t] for a in (Xs, ys, Xq, yq, S))) for t in range(n_tasks)])
+looped = torch.stack(
+    [grad(query_loss)(w0, *(a[t] for a in (Xs, ys, Xq, yq, S))) for t in range(n_tasks)]
+)
 t_loop = time.perf_counter() - t0
-print(f"vmap: {t_vmap * 1e3:.0f} ms, loop over {n_tasks} tasks: {t_loop * 1e3:.0f} ms, "
-      f"max difference {(looped - per_task).abs().max():.1e}")
+print(
+    f"vmap: {t_vmap * 1e3:.0f} ms, loop over {n_tasks} tasks: {t_loop * 1e3:.0f} ms, "
+    f"max difference {(looped - per_task).abs().max():.1e}"
+)
 
 # %%
 # Meta-training :math:`w_0` with Adam on fresh batches of tasks; the meta-test loss on 200 unseen
@@ -88,7 +102,9 @@ print(f"vmap: {t_vmap * 1e3:.0f} ms, loop over {n_tasks} tasks: {t_loop * 1e3:.0
 
 test_tasks = make_tasks(200)
 test_S = vmap(step)(test_tasks[0])
-meta_loss = lambda w0, tasks, S: vmap(query_loss, in_dims=(None, 0, 0, 0, 0, 0))(w0, *tasks, S).mean()
+meta_loss = lambda w0, tasks, S: vmap(query_loss, in_dims=(None, 0, 0, 0, 0, 0))(
+    w0, *tasks, S
+).mean()
 w0 = torch.zeros(d, dtype=dt)
 opt_state = torch.optim.Adam([w0.requires_grad_()], lr=0.1)
 curve = []
@@ -100,8 +116,15 @@ for it in range(41):
     opt_state.step()
     if it % 5 == 0:
         with torch.no_grad():
-            curve.append((it, meta_loss(w0.detach(), test_tasks, test_S).item(), (w0 - w_mean).norm().item()))
-print(f"meta-test query loss {curve[0][1]:.2f} -> {curve[-1][1]:.2f};  ‖w0 − mean‖ {curve[0][2]:.2f} -> {curve[-1][2]:.2f}")
+            curve.append(
+                (
+                    it,
+                    meta_loss(w0.detach(), test_tasks, test_S).item(),
+                    (w0 - w_mean).norm().item(),
+                )
+            )
+(_, loss0, dist0), (_, loss1, dist1) = curve[0], curve[-1]
+print(f"meta-test query loss {loss0:.2f} -> {loss1:.2f};  ‖w0 − mean‖ {dist0:.2f} -> {dist1:.2f}")
 
 fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
 it, loss, dist = zip(*curve)
