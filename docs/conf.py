@@ -105,6 +105,22 @@ copybutton_prompt_is_regexp = True
 copybutton_only_copy_prompt_lines = True
 copybutton_exclude = ".linenos, .gp, .go"
 
+def _scraper_with_alt(block, block_vars, gallery_conf, **kwargs):
+    """matplotlib's scraper, with the figure's alt text from the block's ``# sphinx_gallery_alt = "..."``
+    lines (joined; the build removes them from the rendered code) instead of the axes titles."""
+    import re
+
+    from sphinx_gallery.scrapers import matplotlib_scraper
+
+    rst = matplotlib_scraper(block, block_vars, gallery_conf, **kwargs)
+    content = block[1] if isinstance(block, tuple) else getattr(block, "content", "")
+    parts = re.findall(r"^\s*#\s*sphinx_gallery_alt\s*=\s*(['\"])(.*?)\1\s*$", content, re.M)
+    if parts and rst:
+        alt = " ".join(p[1].strip() for p in parts)
+        rst = re.sub(r"(:alt: ).*", lambda m: m.group(1) + alt, rst)
+    return rst
+
+
 # --- example gallery ------------------------------------------------------------------------------
 sphinx_gallery_conf = {
     "examples_dirs": os.path.join(DOCS, "..", "examples"),
@@ -117,7 +133,7 @@ sphinx_gallery_conf = {
     "remove_config_comments": True,
     "min_reported_time": 0,
     "matplotlib_animations": False,
-    "image_scrapers": ("matplotlib",),
+    "image_scrapers": (_scraper_with_alt,),
     "reset_modules": ("matplotlib",),
     "show_memory": False,
     "show_signature": False,
@@ -128,7 +144,8 @@ sphinx_gallery_conf = {
     "copyfile_regex": "",
     "write_computation_times": False,
 }
-# sphinx-gallery's own example CSS/thumbnail machinery writes these; not a user-facing problem
+
+
 warnings.filterwarnings("ignore", message="Matplotlib is currently using agg")
 
 # --- doctest builder -------------------------------------------------------------------------------

@@ -82,4 +82,6 @@ ax.set_ylabel("residual ‖T(u) − u‖")
 ax.set_title("Forward solve of the quadratic lower level (n = 50)")
 ax.grid(alpha=0.3)
 ax.legend()
+# sphinx_gallery_alt = "Residual of the forward solve against the GKM step, log scale: the plain iteration falls"
+# sphinx_gallery_alt = "linearly to 1e-12 in 110 steps, the Anderson-accelerated one in 40."
 plt.show()

@@ -177,6 +177,9 @@ b.hist(steps.numpy(), bins=range(int(steps.min()), int(steps.max()) + 2), color=
 b.set_xlabel("Anderson steps to tol = 1e-4")
 b.set_ylabel("test samples")
 b.set_title("per-sample stopping (batch_dims=1)", fontsize=10)
+# sphinx_gallery_alt = "Left: training loss against the Adam step for implicit, truncated(3) and first-order"
+# sphinx_gallery_alt = "gradients, all falling from 2 to about 0.08, the first-order curve slightly above. Right:"
+# sphinx_gallery_alt = "histogram of the Anderson steps each test sample needed, from 8 to 15, most 10 to 12."
 plt.show()
 
 # %%

@@ -32,7 +32,7 @@ Three choices fix it:
    ``info.converged`` holds at every training step;
 3. **a start at a good baseline**: the last layer is initialised small, so the first model is the
    tuned Tikhonov deblurring (:math:`w \approx 1`) and training improves on it from step 1; Adam with
-   ``lr=1e-2`` and a fresh batch of training images at every step.
+   ``lr=2e-2`` and a fresh batch of training images at every step.
 
 The data are synthetic piecewise-constant images (random rectangles and discs), made on the fly:
 edges are where Tikhonov smoothing fails, and an infinite stream of training images keeps the
@@ -255,4 +255,8 @@ for j, (title, img) in enumerate(panels):
         fontsize=9,
     )
     a.axis("off")
+# sphinx_gallery_alt = "Left: test PSNR against the Adam step, from the Tikhonov level 25.5 dB at step 0 to 26.4"
+# sphinx_gallery_alt = "dB at step 60. Right: one test image, a grey piecewise-constant scene with a dark disc:"
+# sphinx_gallery_alt = "clean, observed (blurred, noisy), Tikhonov (edges smeared), the learned weight map (low"
+# sphinx_gallery_alt = "along the edges), and the learned restoration with sharper edges."
 plt.show()

@@ -92,4 +92,8 @@ b.set_xlabel("upper step k")
 b.set_ylabel("work per call (warm-started)")
 b.legend(fontsize=8)
 b.grid(alpha=0.3)
+# sphinx_gallery_alt = "Left, log scale against the upper step: the certified bound stays about ten times above"
+# sphinx_gallery_alt = "the true error; both fall from about 1 and 0.2 to 0.5 and 0.02, while the accuracy"
+# sphinx_gallery_alt = "ε_k falls from 1e-2 to 3e-4. Right: forward steps per call fall from 30 to 1-10 and"
+# sphinx_gallery_alt = "adjoint iterations from 9 to 2, thanks to the warm starts."
 plt.show()

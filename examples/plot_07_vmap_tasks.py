@@ -134,4 +134,6 @@ ax.set_xlabel("meta-training step (16 tasks each, vmap∘grad)")
 ax.set_yscale("log")
 ax.legend()
 ax.grid(alpha=0.3)
+# sphinx_gallery_alt = "Log scale against the meta-training step: the meta-test query loss falls from 57 to 5"
+# sphinx_gallery_alt = "and the distance of w0 to the tasks' mean from 3.2 to 0.3."
 plt.show()

@@ -1,4 +1,4 @@
-r"""The GKM (Generalized Krasnoselskii–Mann) iteration with HODL's aggregation (SPEC §0).
+r"""The GKM (Generalized Krasnoselskii–Mann) iteration with HODL's aggregation (see the math page).
 
 For :math:`k = 0, \dots, K-1`
 

@@ -112,7 +112,7 @@ def _detached(params: Sequence[Tensor]) -> list[Tensor]:
 
 
 class Unrolled(HypergradMethod):
-    r"""Back-propagation through all K GKM steps (HODL/BMO's choice, SPEC §2.3).
+    r"""Back-propagation through all K GKM steps (HODL/BMO's choice).
 
     Differentiates exactly the map :math:`x \mapsto u_K(x)` that ran, aggregation included;
     memory grows linearly with K (autograd keeps every step).
@@ -369,7 +369,7 @@ def _cache_key(key: Optional[Hashable]) -> Optional[Hashable]:
 
 
 class Inexact(HypergradMethod):
-    r"""Inexact implicit hypergradient with accuracy schedules (ISGD / MAID, SPEC §3).
+    r"""Inexact implicit hypergradient with accuracy schedules (ISGD / MAID).
 
     At call :math:`k` (counted over calls with grad enabled): the forward stops when the residual
     :math:`\|u - T(u)\| \le \varepsilon_k\,\max(\|u\|, r_0)` (``relative=True``, the default: scale-aware,

@@ -1,4 +1,4 @@
-r"""A-posteriori error bound of the inexact implicit hypergradient (ISGD / MAID, SPEC §3.2).
+r"""A-posteriori error bound of the inexact implicit hypergradient (ISGD / MAID).
 
 The inexact mode returns the forward iterate :math:`z = \tilde u` and solves
 the adjoint system :math:`(I - J_u^\top)\tilde v = \nabla_u F(z)` to a residual

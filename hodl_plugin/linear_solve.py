@@ -1,6 +1,6 @@
 r"""Linear solvers for the adjoint system of implicit differentiation.
 
-The implicit hypergradient (SPEC §0) needs :math:`v` with
+The implicit hypergradient needs :math:`v` with
 
 .. math::  (I - \partial_u T(u^*; x))^\top v = \nabla_u F(u^*; x).
 

@@ -44,7 +44,7 @@ __all__ = ["GKMSolver"]
 class GKMSolver(nn.Module):
     r"""Approximate fixed point :math:`u^*(x) \in \mathrm{Fix}\,T(\cdot; x)` by the GKM iteration.
 
-    ``solver(u0, *params)`` runs (SPEC §0), with ``aggregation="inside"`` (default)
+    ``solver(u0, *params)`` runs, with ``aggregation="inside"`` (default)
 
     .. math::
 
@@ -102,7 +102,7 @@ class GKMSolver(nn.Module):
             the implicit, inexact and first_order modes, not with aggregation (``alpha``).
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
-        aggregation: where the upper descent step enters: ``"inside"`` (default, SPEC §0: T is
+        aggregation: where the upper descent step enters: ``"inside"`` (default: T is
             applied at the shifted point :math:`w_k`) or ``"outside"`` (BDA/BOAT: a convex
             combination of :math:`T(u_k)` and :math:`u_k - s\nabla F(u_k)`). Both need ``upper``;
             every ``hypergrad`` mode and ``batch_dims`` work with both; ``acceleration`` with
