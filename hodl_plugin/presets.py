@@ -47,6 +47,12 @@ def paper_config(
         aggregation: ``"outside"`` (default, the BDA/BOAT form) or ``"inside"``.
         upper_step: s, the step of the upper descent direction.
 
+    Returns:
+        dict: keyword arguments for ``hp.GKMSolver(T, upper=F, **paper_config(...))``.
+
+    Raises:
+        ValueError: ``steps`` not an integer >= 1, or an unknown ``aggregation``.
+
     Example:
         >>> import warnings, torch, hodl_plugin as hp
         >>> cfg = hp.paper_config(steps=3)
