@@ -177,6 +177,11 @@ class Anderson:
         safeguard: reject an accelerated point whose residual exceeds ``safeguard`` times the last
             accepted residual (fall back to the plain KM step); ``inf`` switches it off.
 
+    Raises:
+        ValueError: an option out of its range (named in the message).
+        ConfigurationError: (from :class:`~hodl_plugin.solver.GKMSolver`) with ``hypergrad="unrolled"``
+            or ``"truncated"``, or with HODL aggregation (:math:`\alpha_k > 0`).
+
     >>> Anderson(history_size=5)
     Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0)
     """

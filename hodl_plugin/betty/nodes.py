@@ -87,6 +87,33 @@ class GKMProblem(_ImplicitProblem):
     ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
     and for the inexact mode ε_k, δ_k and the error bound. A solve that stops before its tolerance
     is reported (``config.on_nonconvergence``: ``"warn"``, ``"raise"`` or ``"ignore"``).
+
+    Args:
+        name: the node's name in the graph (upper nodes read ``self.<name>.u``).
+        config: a :class:`~hodl_plugin.betty.HODLConfig`, a Betty ``Config`` or a dict
+            (``{"type": "gkm_implicit", "tol": 1e-10}``); ``type`` names the hypergradient method.
+        module: the module holding ``u`` (default: a :class:`GKMState`); the node has no optimizer —
+            its variable is the fixed point, not a trained parameter.
+        train_data_loader: the node's batches (Betty's loaders); ``None`` when the operator needs none.
+        extra_config: passed to Betty where its version accepts it.
+
+    Raises:
+        TypeError: an unknown config key, or a config of the wrong type (naming the key).
+        HODLError: a ``type`` that is not one of the ``gkm_*`` methods, or options the chosen method
+            cannot use (raised at construction, where the solver is built and validated).
+
+    Example (a complete graph: :doc:`/auto_examples/plot_03_betty_gkm_node`; the package docstring of
+    :mod:`hodl_plugin.betty` runs a smaller one):
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> class Lower(hb.GKMProblem):
+    ...     def operator(self, u, batch):
+    ...         return 0.5 * u + 1.0                    # u* = 2
+    ...     def initial_state(self, batch):
+    ...         return torch.zeros(3, dtype=torch.float64)
+    >>> node = Lower("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    >>> node.symmetric_jacobian, node.solution is None   # solved at the engine's first step
+    (False, True)
     """
 
     #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
