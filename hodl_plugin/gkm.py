@@ -86,6 +86,12 @@ SLOW_DIVERGENCE_GROWTH = 2.0
 def default_tol(dtype: torch.dtype) -> float:
     """The default relative tolerance of the forward solve for ``dtype`` (reachable in it).
 
+    Args:
+        dtype: the floating dtype of the iterates.
+
+    Returns:
+        float: the tolerance ``GKMSolver(tol=None)`` uses for this dtype.
+
     >>> default_tol(torch.float64), default_tol(torch.float32)
     (1e-10, 1e-05)
     """

@@ -135,6 +135,13 @@ class Truncated(HypergradMethod):
     """Back-propagation through the last ``steps`` GKM steps only (the earlier ones run without
     autograd); memory grows with ``steps``, not with K.
 
+    Args:
+        steps: the number of differentiated steps at the end of the run (an integer >= 1; the
+            solver's ``max_steps`` must be at least this).
+
+    Raises:
+        ValueError: ``steps < 1``, or (when the solver is built) ``steps > max_steps``.
+
     >>> Truncated(5)
     Truncated(steps=5)
     """
@@ -663,6 +670,18 @@ _METHODS: dict[str, Callable[..., HypergradMethod]] = {
 
 def get_method(spec: Union[str, HypergradMethod], **kwargs: Any) -> HypergradMethod:
     """A method object from its name (``kwargs`` go to its constructor) or pass one through.
+
+    Args:
+        spec: ``"unrolled"``, ``"truncated"``, ``"implicit"``, ``"inexact"``, ``"first_order"`` or a
+            :class:`HypergradMethod` object (then ``kwargs`` must be empty).
+        **kwargs: options of the named method's constructor.
+
+    Returns:
+        HypergradMethod: a new method object, or ``spec`` itself.
+
+    Raises:
+        ValueError: an unknown name, or options given beside a method object.
+        TypeError: an option the named method does not take.
 
     >>> get_method("truncated", steps=3)
     Truncated(steps=3)
