@@ -153,3 +153,83 @@ def test_a_block_without_its_imports_fails(tmp_path):
     results = json.loads(proc.stdout.split("@@RESULTS@@")[-1])
     assert [r["status"] for r in results] == ["ok", "failed", "failed"]
     assert "NameError" in results[1]["why"]
+
+
+# -- the API reference ---------------------------------------------------------------------------
+def _public_modules() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_conf", DOCS / "conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)  # also writes docs/api/*.rst, as the build does
+    return conf.public_modules()
+
+
+def test_every_public_module_is_in_the_api_reference():
+    listed = set(re.findall(r"^   api/(hodl_plugin[\w.]*)$", (DOCS / "api.rst").read_text(), re.M))
+    missing = sorted(set(_public_modules()) - listed)
+    assert not missing, f"add these modules to the toctree of docs/api.rst: {missing}"
+
+
+# objects whose modules are being rewritten (the differentiation core): documented, but not all
+# sections yet; remove a name here once its docstring has Args / Returns / an example
+PENDING = {
+    "hodl_plugin.gkm.SolverInfo", "hodl_plugin.gkm.GKMIteration", "hodl_plugin.hypergrad.HypergradMethod",
+    "hodl_plugin.hypergrad.Unrolled", "hodl_plugin.hypergrad.FirstOrder", "hodl_plugin.implicit.FixedPointProblem",
+    "hodl_plugin.implicit.FixedPoint", "hodl_plugin.implicit.LinearSolve", "hodl_plugin.implicit.ClosureAdjoint",
+    "hodl_plugin.inexact.BoundConstants", "hodl_plugin.inexact.ErrorReport", "hodl_plugin.inexact.SpectralInterval",
+    "hodl_plugin.inexact.lanczos_interval", "hodl_plugin.inexact.operator_norm",
+    "hodl_plugin.inexact.estimate_constants", "hodl_plugin.inexact.a_posteriori", "hodl_plugin.inexact.residuals_at",
+    "hodl_plugin.inexact.with_v_norm", "hodl_plugin.linear_solve.LinearSolveInfo",
+    "hodl_plugin.linear_solve.LinearSolver", "hodl_plugin.linear_solve.cg", "hodl_plugin.linear_solve.torchopt_cg",
+    "hodl_plugin.linear_solve.gmres", "hodl_plugin.linear_solve.bicgstab", "hodl_plugin.linear_solve.fixed_point",
+    "hodl_plugin.linear_solve.neumann", "hodl_plugin.linear_solve.get", "hodl_plugin.linear_solve.anderson_fixed_point",
+    "hodl_plugin.betty.config.HODLConfig", "hodl_plugin.betty.config.as_config",
+    "hodl_plugin.betty.coupling.UpperLookahead", "hodl_plugin.betty.coupling.evaluate_upper",
+    "hodl_plugin.betty.coupling.install_lookahead", "hodl_plugin.betty.nodes.GKMState",
+    "hodl_plugin.betty.errors.CheckpointError", "hodl_plugin.betty.errors.CheckpointWarning",
+    "hodl_plugin.betty.errors.WiringWarning",
+}
+
+
+def test_public_objects_have_args_returns_and_an_example():
+    """Each public class and function (in its module's ``__all__``) says what it takes (Args), what it
+    returns (Returns, for functions) and shows its use (a ``>>>`` example or a pointer to one)."""
+    import importlib
+    import inspect
+
+    gaps = []
+    for m in _public_modules():
+        mod = importlib.import_module(m)
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name)
+            full = f"{m}.{name}"
+            if inspect.ismodule(obj) or getattr(obj, "__module__", m) != m or full in PENDING:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            need = []
+            is_exception = inspect.isclass(obj) and issubclass(obj, (Exception, Warning))
+            target = obj.__init__ if inspect.isclass(obj) else obj
+            try:
+                takes = [p for p in inspect.signature(target).parameters if p not in ("self", "cls", "args", "kwargs")]
+            except (TypeError, ValueError):
+                takes = []
+            if takes and not is_exception and not re.search(r"^(Args|Attributes):", doc, re.M):
+                need.append("Args")
+            if inspect.isfunction(obj) and not re.search(r"^Returns:", doc, re.M):
+                need.append("Returns")
+            if ">>>" not in doc and not re.search(r"Example", doc):
+                need.append("an example")
+            if need:
+                gaps.append(f"{full}: {', '.join(need)}")
+    assert not gaps, "docstrings without these sections:\n" + "\n".join(gaps)
+
+
+def test_pending_names_still_exist():
+    import importlib
+
+    for full in PENDING:
+        module, name = full.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name), f"{full} is gone: remove it from PENDING"

@@ -53,6 +53,9 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
         HODLError: ``curr`` is not a GKM node or was not solved yet, the upper node read a tensor of
             another shape than the solution, or the operator does not depend on any trainable
             parameter of the upper node (the message says what to read).
+
+    Example: Betty calls it along every ``gkm_*`` edge; the example of :mod:`hodl_plugin.betty`
+    (run by the tests) trains through it.
     """
     if not isinstance(curr, GKMProblem):
         raise HODLError(
