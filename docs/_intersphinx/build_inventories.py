@@ -43,6 +43,7 @@ PYTHON = [
     ("functools.partial", "class", "library/functools.html#$"),
     ("random.Random", "class", "library/random.html#$"),
     ("doctest", "module", "library/doctest.html#module-$"),
+    ("logging", "module", "library/logging.html#module-$"),
     ("typing", "module", "library/typing.html#module-$"),
 ]
 
