@@ -286,7 +286,28 @@ def _write_api_pages(app) -> None:
                 f.write(text)
 
 
+# the API pages in the order of concerns a reader meets them; a public module not named here (a new
+# one) follows, alphabetically, so every public module is in the reference without editing this list
+API_ORDER = ["solver", "gkm", "hypergrad", "implicit", "acceleration", "linear_solve", "inexact", "schedules",
+             "presets", "operators", "prox", "errors", "betty", "betty.config", "betty.nodes",
+             "betty.hypergradients", "betty.coupling", "betty.engine", "betty.distributed", "betty.checkpoint",
+             "betty.errors"]
+
+
+def _write_api_toctree() -> None:
+    """``docs/api/toctree.inc``, the toctree that ``api.rst`` includes: every public module."""
+    modules = public_modules()
+    ordered = [f"hodl_plugin.{m}" for m in API_ORDER if f"hodl_plugin.{m}" in modules]
+    ordered += [m for m in modules if m not in ordered]
+    text = ".. toctree::\n   :maxdepth: 1\n\n" + "".join(f"   api/{m}\n" for m in ordered)
+    path = os.path.join(DOCS, "api", "toctree.inc")
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
 _write_api_pages(None)  # before autosummary scans the sources
+_write_api_toctree()
 
 
 def setup(app):
