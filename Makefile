@@ -32,7 +32,7 @@ test:
 docs:
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
-test-slow:  # the recipes' --quick runs and other long tests; exit code 5 (none marked slow) is not a failure
+test-slow:  # every recipe and benchmark run as typed (--quick) and other long tests; exit code 5 (none marked slow) is not a failure
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
 lint:

@@ -285,6 +285,8 @@ def sparse_coding(quick: bool) -> dict[str, Any]:
     BOAT's lower-level solvers cannot express it; they would run this same autograd loop."""
     from recipes import sparse_coding as sc
 
+    # the recipe's models with its default schedule α_k = α0/(k+1)^γ, α0 = 1, γ = 0.5 (--alpha0, --gamma)
+    recipe_args = argparse.Namespace(alpha0=1.0, gamma=0.5, ratio=0.9)
     K, batch, budget = 16, 64, (8.0 if quick else 40.0)
     g = torch.Generator().manual_seed(0)
     A = sc.make_dictionary(250, 500, g)
@@ -297,9 +299,9 @@ def sparse_coding(quick: bool) -> dict[str, Any]:
     for kind in ("hodl", "lista"):
         for impl in ("hodl_plugin", "plain torch"):
             torch.manual_seed(0)
-            solver, mods = sc.learned_solver(kind, A, s, 0.1, K, alpha)
-            fwd = ((lambda b, solver=solver: solver(torch.zeros(b.shape[0], 500, dtype=sc.DT), b))
-                   if impl == "hodl_plugin"
+            model = sc.LearnedModel(sc.Method.parse(kind), A, s, 0.1, K, recipe_args)
+            mods = torch.nn.ModuleList([model.layer] if kind == "lista" else [model.T, model.layer])
+            fwd = ((lambda b, model=model: model(b, K)) if impl == "hodl_plugin"
                    else (lambda b, kind=kind, mods=mods: plain_torch.forward(kind, mods, b, K, alpha)))
             opt = torch.optim.Adam([p for p in mods.parameters() if p.requires_grad], lr=1e-3)
             gg = torch.Generator().manual_seed(1)

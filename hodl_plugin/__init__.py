@@ -4,19 +4,39 @@ The public API in one place:
 
 - :class:`GKMSolver` — the lower-level GKM fixed-point solver with HODL aggregation
   (:mod:`hodl_plugin.solver`, iteration in :mod:`hodl_plugin.gkm`);
-- hypergradient methods :class:`Unrolled`, :class:`Truncated`, :class:`Implicit`, :class:`Inexact`,
-  :class:`FirstOrder` (:mod:`hodl_plugin.hypergrad`);
+- hypergradient methods :class:`Unrolled`, :class:`Truncated`, :class:`FirstOrder`
+  (:mod:`hodl_plugin.hypergrad`), :class:`Implicit` (:mod:`hodl_plugin.implicit`) and
+  :class:`Inexact` (:mod:`hodl_plugin.inexact`);
+- the implicit derivative of *any* solver: :func:`custom_fixed_point`, :func:`custom_root`
+  (:mod:`hodl_plugin.implicit`);
+- forward acceleration :class:`Anderson` (:mod:`hodl_plugin.acceleration`);
 - the operator library (:mod:`hodl_plugin.operators`) and proximal maps (:mod:`hodl_plugin.prox`);
 - schedules (:mod:`hodl_plugin.schedules`), the "as in the papers" configuration
   :func:`paper_config` (:mod:`hodl_plugin.presets`) and adjoint linear solvers
   (:mod:`hodl_plugin.linear_solve`);
-- the inexact error bound (:mod:`hodl_plugin.inexact`).
+- the certified error bound of the inexact mode (:mod:`hodl_plugin.bound`);
+- first-order bilevel baselines that move both levels, :class:`BOME`, :class:`PGDO`, :class:`MESO`,
+  :class:`ALTO` (:mod:`hodl_plugin.baselines`; BOAT's ``fo_ol`` operations).
 
 The Betty adapter lives in :mod:`hodl_plugin.betty` and is the only module that imports Betty.
 """
 
-from . import acceleration, errors, inexact, linear_solve, operators, presets, prox, schedules
+from . import (
+    acceleration,
+    baselines,
+    bound,
+    errors,
+    implicit,
+    inexact,
+    linear_solve,
+    operators,
+    presets,
+    prox,
+    schedules,
+)
 from .acceleration import Anderson
+from .baselines import ALTO, BOME, MESO, PGDO
+from .bound import BoundConstants
 from .errors import (
     ConfigurationError,
     ConvergenceWarning,
@@ -28,8 +48,9 @@ from .errors import (
     UnusedOptionWarning,
 )
 from .gkm import SolverInfo
-from .hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled, get_method
-from .inexact import BoundConstants
+from .hypergrad import FirstOrder, HypergradMethod, Truncated, Unrolled, get_method
+from .implicit import Implicit, custom_fixed_point, custom_root
+from .inexact import Inexact
 from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
 from .presets import paper_config
 from .schedules import Constant, Geometric, Harmonic, Log, Polynomial
@@ -48,6 +69,8 @@ __all__ = [
     "Inexact",
     "FirstOrder",
     "get_method",
+    "custom_fixed_point",
+    "custom_root",
     "paper_config",
     "GradientStep",
     "ProximalGradient",
@@ -68,8 +91,15 @@ __all__ = [
     "ConvergenceWarning",
     "SummableScheduleWarning",
     "UnusedOptionWarning",
+    "BOME",
+    "PGDO",
+    "MESO",
+    "ALTO",
     "acceleration",
+    "baselines",
+    "bound",
     "errors",
+    "implicit",
     "inexact",
     "linear_solve",
     "operators",

@@ -1,4 +1,5 @@
-"""Gradient of a scalar function w.r.t. its first argument, usable inside and outside no_grad."""
+"""Derivative products on autograd graphs: ∇_u f, and vector–Jacobian / Jacobian–vector products of a
+graph built once (the matrix products of every linear solve)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import transforms_active
+from ._torch_compat import HAS_ENGINE, engine_backward, transforms_active
 
 
 def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -59,24 +60,23 @@ def make_vjp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor]:
     r"""``v -> (∂out/∂inp)ᵀ v`` on a graph built once (kept between calls).
 
     This is the matrix product of every adjoint solve, so its fixed cost matters: it calls the
-    autograd engine directly (what ``torch.autograd.grad`` does after its argument checks; half the
-    time per call on small problems) and falls back to ``torch.autograd.grad`` if that internal
-    entry point is unavailable. Unused inputs give zeros.
+    autograd engine directly (:func:`~hodl_plugin._torch_compat.engine_backward`: what
+    ``torch.autograd.grad`` does after its argument checks, half the time per call on small problems)
+    and falls back to ``torch.autograd.grad`` where that is unavailable. Unused inputs give zeros.
     """
-    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
     def public(v: Tensor) -> Tensor:
         (g,) = torch.autograd.grad(out, inp, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(inp) if g is None else g
 
-    if engine is None:
+    if not HAS_ENGINE:
         return public
     state = {"fast": True}
 
     def fast(v: Tensor) -> Tensor:
         if state["fast"]:
             try:
-                (g,) = engine.run_backward((out,), (v,), True, False, (inp,), True, False)
+                (g,) = engine_backward((out,), (v,), (inp,))
                 return torch.zeros_like(inp) if g is None else g
             except (TypeError, RuntimeError, AttributeError):
                 state["fast"] = False

@@ -7,6 +7,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._torch_compat import transforms_active
+
 
 def module_tensors(*objs: object) -> list[Tensor]:
     """Parameters and buffers of the objects that are ``nn.Module``s."""
@@ -19,27 +21,47 @@ def module_tensors(*objs: object) -> list[Tensor]:
 
 
 def check_inputs(u0: object, params: Sequence[object], modules: Iterable[Tensor] = ()) -> None:
-    """Types, dtypes, devices and finiteness of ``u0``, ``params`` and the operator's tensors."""
+    """Types, dtypes, devices and finiteness of ``u0``, ``params`` (tensors, or lists / tuples /
+    dicts of tensors) and the operator's tensors."""
     if not isinstance(u0, Tensor):
         raise TypeError(f"u0 must be a torch.Tensor, got {type(u0).__name__}")
     if not u0.is_floating_point():
         raise TypeError(f"u0 must have a floating dtype, got {u0.dtype}")
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(
-                f"params[{i}] must be a torch.Tensor, got {type(p).__name__}; "
-                "wrap numbers as tensors, e.g. torch.tensor([0.1], dtype=u0.dtype)"
-            )
-        _check_like(p, u0, f"params[{i}]")
+    from ._capture import flatten
+
+    leaves, _ = flatten(params)  # raises TypeError naming a non-tensor parameter
+    names = _leaf_names(params)
+    for name, p in zip(names, leaves):
+        _check_like(p, u0, name)
     for j, t in enumerate(modules):
         _check_like(t, u0, f"a parameter/buffer of the operator (#{j})")
     if transforms_active():  # a finiteness test would need a host sync; NaN then propagates
         return
-    tensors = [u0, *(p for p in params if p.is_floating_point())]  # type: ignore[union-attr]
+    tensors = [u0, *(p for p in leaves if p.is_floating_point())]
+    labels = ["u0", *(n for n, p in zip(names, leaves) if p.is_floating_point())]
     finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
     if not bool(finite.all()):
-        bad = [("u0" if i == 0 else f"params[{i - 1}]") for i, ok in enumerate(finite.tolist()) if not ok]
+        bad = [label for label, ok in zip(labels, finite.tolist()) if not ok]
         raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
+
+
+def _leaf_names(params: Sequence[object]) -> list[str]:
+    """``params[i]``, ``params[i]['w']``, ... for each tensor of ``params``, in flatten order."""
+    out: list[str] = []
+
+    def walk(obj: object, where: str) -> None:
+        if isinstance(obj, Tensor):
+            out.append(where)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{where}[{k!r}]")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, f"{where}[{i}]")
+
+    for i, p in enumerate(params):
+        walk(p, f"params[{i}]")
+    return out
 
 
 def _check_like(t: Tensor, u0: Tensor, what: str) -> None:
@@ -64,17 +86,6 @@ def check_operator_output(out: object, u: Tensor) -> None:
         raise ValueError(f"the operator T(u, *params) returned a tensor on {out.device}, expected {u.device}")
 
 
-def transforms_active() -> bool:
-    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jacfwd) is running: then no host
-    sync (``float``, ``bool``, ``.item()``) may happen on the tensors it traces.
-
-    >>> transforms_active()
-    False
-    """
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False
-
-
 def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor], functional: bool = False) -> Tensor:
     """``T(u, *params)``, raising ``ValueError`` if ``T`` wrote into ``u`` or a parameter in place
     (their version counters moved): the iteration needs ``u_k`` after computing ``T(u_k)``.
@@ -87,10 +98,17 @@ def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor],
     """
     if functional:
         return T(u, *params)
-    tensors = [u, *params]
-    before = [t._version for t in tensors]
-    out = T(u, *params)
-    changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if t._version != v]
+    from ._capture import flatten
+
+    tensors = [u, *flatten(params)[0]]
+    if any(t.is_inference() for t in tensors):  # no version counters: compare u's values instead
+        kept = u.clone()
+        out = T(u, *params)
+        changed = [] if torch.equal(kept, u) else [0]
+    else:
+        before = [t._version for t in tensors]
+        out = T(u, *params)
+        changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if t._version != v]
     if changed:
         what = "u" if changed[0] == 0 else f"params[{changed[0] - 1}]"
         raise ValueError(

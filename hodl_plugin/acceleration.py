@@ -56,7 +56,7 @@ Example:
     >>> solver = hp.GKMSolver(T, max_steps=20000, acceleration=hp.Anderson(5))
     >>> u, info = solver.solve(torch.zeros(50, dtype=torch.float64))
     >>> float((u - 1 / A.diagonal()).norm() / u.norm()) < 1e-6, info.steps
-    (True, 480)
+    (True, 479)
 """
 
 from __future__ import annotations

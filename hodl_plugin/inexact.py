@@ -1,644 +1,354 @@
-r"""A-posteriori error bound of the inexact implicit hypergradient (ISGD / MAID).
+r"""The inexact implicit hypergradient of ISGD / MAID: accuracy schedules, warm starts, the bound.
 
-The inexact mode returns the forward iterate :math:`z = \tilde u` and solves
-the adjoint system :math:`(I - J_u^\top)\tilde v = \nabla_u F(z)` to a residual
-:math:`\delta = \|(I - J_u^\top)\tilde v - \nabla_u F(z)\|`, with :math:`J_u = \partial_u T`,
-:math:`J_x = \partial_x T`; the hypergradient is :math:`\tilde g = \nabla_x F(z) + J_x^\top\tilde v`.
-Let :math:`\varepsilon = \|z - T(z)\|` and :math:`\sigma \le \sigma_{\min}(I - J_u)`. When T is affine
-in u with :math:`\partial_x T` independent of u and F is quadratic in u,
-:math:`z - u^* = (I - J_u)^{-1}(z - T(z))` and
-
-.. math::
-
-    \|\tilde g - \nabla f(x)\| \;\le\; c_1\varepsilon + c_2\delta,\qquad
-    c_2 = \frac{\|J_x\|}{\sigma},\quad
-    c_1 = \frac{\|J_x\|\,L_F}{\sigma^2} + \frac{L_{xF}}{\sigma},
-
-with :math:`L_F = \|\nabla^2_{uu}F\|`, :math:`L_{xF} = \|\partial_u\nabla_x F\|`. For a contraction,
-:math:`\sigma \ge 1 - \rho` with :math:`\rho = \|J_u\|` (the Ehrhardt–Roberts form coded in MAID's
-``bound``, :class:`BoundConstants` with ``rho``); the general nonlinear case adds the terms in
-:math:`L_J` (Lipschitz constant of :math:`u\mapsto\partial T`) and :math:`c_3\varepsilon^2`.
-
-**What is certified.** No finite number of matrix–vector products can bound :math:`\|J\|` from
-above or :math:`\sigma_{\min}` from below for every matrix (a deterministic start vector can miss an
-eigenvector). :func:`a_posteriori` therefore runs Lanczos with a *random* start and full
-reorthogonalisation, and turns its Ritz values :math:`\theta` into an interval that contains the
-spectrum with probability :math:`\ge 1-p` over that start (Kuczyński & Woźniakowski 1992, Thm 4.2:
-:math:`P[\lambda_{\max} - \theta_{\max} > \epsilon(\lambda_{\max} - \lambda_{\min})] \le 1.648\sqrt n\,
-e^{-(2k-1)\sqrt\epsilon}` after k products, applied to :math:`A - \lambda_{\min}I` and
-:math:`\lambda_{\max}I - A`). When the Krylov space is exhausted (dimension n reached, or an invariant
-subspace) the interval is exact up to rounding. The resulting ``bound`` is returned only when every
-interval is certified and T, F have the structure above (checked on the autograd graph); otherwise
-``bound`` is ``None`` and the message says why, while ``estimate`` (the same formula with the Ritz
-values) is always given and is *not* a bound.
-
->>> import torch
->>> Q = torch.diag(torch.tensor([1.0, 1e-3], dtype=torch.float64))
->>> T = lambda u, x: u - (Q @ u - x)                  # I - J_u = Q, sigma_min = 1e-3
->>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
->>> F = lambda u, x: 0.5 * (u ** 2).sum()
->>> u = torch.linalg.solve(Q, x.detach()) + 1e-6      # an inexact fixed point
->>> v = torch.linalg.solve(Q, T(u, x).detach())       # exact adjoint at z = T(u)
->>> rep = a_posteriori(T, F, u, [x], [x], v)
->>> rep.exact, round(rep.constants.sigma_min, 6), rep.bound >= rep.estimate > 0
-(True, 0.001, True)
+At call :math:`k` the forward stops at accuracy :math:`\varepsilon_k` and the adjoint at
+:math:`\delta_k` (:ref:`math-inexact`); both start from the previous call's solution of the same
+``key``; the certified a-posteriori bound of the resulting error is :mod:`hodl_plugin.bound`'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence
+import warnings
+import weakref
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "BoundConstants",
-    "ErrorReport",
-    "SpectralInterval",
-    "lanczos_interval",
-    "operator_norm",
-    "estimate_constants",
-    "a_posteriori",
-    "residuals_at",
-    "with_v_norm",
-]
+from . import linear_solve as ls
+from ._capture import BoundOperator
+from ._torch_compat import plain_tensors
+from .bound import BoundConstants, a_posteriori, residuals_at, with_v_norm
+from .errors import ConfigurationError, ScheduleError, user_stacklevel
+from .gkm import GKMIteration, SolverInfo, validate_count
+from .hypergrad import HypergradMethod
+from .implicit import bind_iteration, fixed_point_solve, grad_wanted
+from .schedules import Schedule, as_schedule, check_accuracy
+
+__all__ = ["Inexact", "BoundConstants"]
 
 
-@dataclass(frozen=True)
-class BoundConstants:
-    r"""Constants of the bound :math:`c_1\varepsilon + c_2\delta + c_3\varepsilon^2`.
-
-    The gap :math:`\sigma` is ``sigma_min`` (a lower bound on :math:`\sigma_{\min}(I - \partial_u T)`)
-    when given, else :math:`1 - \rho` with :math:`\rho \ge \|\partial_u T\|`. The bound is a bound
-    only if the constants are: ``sigma_min``/``1 - rho`` a lower bound, the others upper bounds.
-
-    >>> c = BoundConstants(rho=0.5, jx_norm=1.0, lip_upper=2.0)
-    >>> c.c2, c.c1
-    (2.0, 8.0)
-    >>> c.bound(1e-3, 1e-4)
-    0.0082
-    >>> BoundConstants(rho=math.nan, jx_norm=1.0, lip_upper=2.0, sigma_min=0.5).c1
-    8.0
-    """
-
-    rho: float
-    jx_norm: float
-    lip_upper: float
-    lip_cross: float = 0.0
-    lip_jac: float = 0.0
-    v_norm: float = 0.0
-    c3: float = 0.0
-    sigma_min: Optional[float] = None
-
-    @property
-    def gap(self) -> float:
-        """:math:`\\sigma`: ``sigma_min`` if given, else ``1 - rho`` (``<= 0``: no bound)."""
-        d = float(self.sigma_min if self.sigma_min is not None else 1.0 - self.rho)
-        return d if math.isfinite(d) else -1.0
-
-    @property
-    def c2(self) -> float:
-        d = self.gap
-        return self.jx_norm / d if d > 0 else math.inf
-
-    @property
-    def c1(self) -> float:
-        d = self.gap
-        if d <= 0:
-            return math.inf
-        return (
-            self.jx_norm * self.lip_upper / d**2
-            + self.lip_cross / d
-            + self.lip_jac * self.v_norm / d * (1 + self.jx_norm / d)
-        )
-
-    def bound(self, eps: float, delta: float) -> float:
-        """:math:`c_1\\varepsilon + c_2\\delta + c_3\\varepsilon^2` (``inf`` when the gap is not positive)."""
-        if self.gap <= 0:
-            return math.inf
-        return self.c1 * eps + self.c2 * delta + self.c3 * eps**2
-
-    def running_max(self, other: BoundConstants) -> BoundConstants:
-        """Worst case of two sets of constants (maxima of the norms, minimum of the gap)."""
-        sig = None
-        if self.sigma_min is not None and other.sigma_min is not None:
-            sig = min(self.sigma_min, other.sigma_min)
-        return BoundConstants(
-            rho=max(self.rho, other.rho),
-            jx_norm=max(self.jx_norm, other.jx_norm),
-            lip_upper=max(self.lip_upper, other.lip_upper),
-            lip_cross=max(self.lip_cross, other.lip_cross),
-            lip_jac=max(self.lip_jac, other.lip_jac),
-            v_norm=other.v_norm,
-            c3=max(self.c3, other.c3),
-            sigma_min=sig,
-        )
-
-
-def with_v_norm(c: BoundConstants, v: Tensor) -> BoundConstants:
-    """Copy of ``c`` with ``v_norm = ‖v‖``."""
-    return replace(c, v_norm=float(torch.linalg.vector_norm(v)))
-
-
-# --------------------------------------------------------------------------------------------
-# certified spectral intervals
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpectralInterval:
-    r"""Where the spectrum of a symmetric operator lies, from k Lanczos steps.
-
-    ``lo <= λ_min`` and ``λ_max <= hi`` hold with probability ``>= 1 - fail_prob`` over the random
-    start (deterministically, up to rounding, when ``exact``); ``ritz_min``/``ritz_max`` are the
-    extreme Ritz values (estimates, inside the true range).
-    """
-
-    lo: float
-    hi: float
-    ritz_min: float
-    ritz_max: float
-    steps: int
-    exact: bool
-    fail_prob: float
-
-    def distance_to_zero(self) -> float:
-        """Certified lower bound on :math:`\\min_i|\\lambda_i|` (0 if the interval contains 0)."""
-        if self.lo > 0:
-            return self.lo
-        if self.hi < 0:
-            return -self.hi
-        return 0.0
-
-    def abs_max(self) -> float:
-        """Certified upper bound on :math:`\\max_i|\\lambda_i|`."""
-        return max(abs(self.lo), abs(self.hi))
-
-
-def _kw_eps(n: int, k: int, p: float) -> float:
-    """Relative Lanczos accuracy certified after k products (Kuczyński–Woźniakowski), or inf."""
-    m = k - 1  # conservative: one product fewer than used
-    if m < 1 or p <= 0:
-        return math.inf
-    e = (math.log(1.648 * math.sqrt(n) / p) / (2 * m - 1)) ** 2
-    return e if e < 0.5 else math.inf
-
-
-def _tridiag_extremes(alphas: list[float], betas: list[float]) -> tuple[float, float]:
-    """Smallest and largest eigenvalue of the symmetric tridiagonal (alphas; betas)."""
+def _cache_key(key: Optional[Hashable]) -> Optional[Hashable]:
+    """A warm-start key as a plain value: 0-d tensors by their value, other tensors refused."""
+    if isinstance(key, Tensor):
+        if key.numel() != 1:
+            raise TypeError(
+                f"key must be hashable by value (an int, a str, a tuple or a 0-d tensor), got a tensor of "
+                f"shape {tuple(key.shape)}"
+            )
+        return key.item()
     try:
-        from scipy.linalg import eigvalsh_tridiagonal
-    except ImportError:  # scipy is optional: a dense symmetric eigensolver
-        Tk = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            Tk = Tk + torch.diag(off, 1) + torch.diag(off, -1)
-        ev = torch.linalg.eigvalsh(Tk)
-        return float(ev[0]), float(ev[-1])
-    k = len(alphas)
-    if k == 1:
-        return alphas[0], alphas[0]
-    lo = eigvalsh_tridiagonal(alphas, betas, select="i", select_range=(0, 0))
-    hi = eigvalsh_tridiagonal(alphas, betas, select="i", select_range=(k - 1, k - 1))
-    return float(lo[0]), float(hi[0])
+        hash(key)
+    except TypeError:
+        raise TypeError(f"key must be hashable (an int, a str, a tuple), got {type(key).__name__}") from None
+    return key
 
 
-def lanczos_interval(
-    matvec: Callable[[Tensor], Tensor],
-    n: int,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: Optional[torch.device] = None,
-    fail_prob: float = 1e-4,
-    maxiter: int = 200,
-    need_min: bool = True,
-    seed: int = 0,
-) -> SpectralInterval:
-    r"""A certified interval for the spectrum of a symmetric ``matvec`` on :math:`\mathbb R^n`.
+class Inexact(HypergradMethod):
+    r"""Inexact implicit hypergradient with accuracy schedules (ISGD / MAID, :ref:`math-inexact`).
 
-    Lanczos with a Gaussian start and full reorthogonalisation. After k steps with extreme Ritz
-    values :math:`\theta_{\min}\le\theta_{\max}` and :math:`W = \theta_{\max}-\theta_{\min}`, with
-    :math:`\epsilon_k = (\ln(1.648\sqrt n/q)/(2k-3))^2` and :math:`q = p/2`:
-    :math:`\lambda_{\max}-\lambda_{\min}\le W/(1-2\epsilon_k)` and
-    :math:`[\lambda_{\min},\lambda_{\max}] \subset [\theta_{\min}-\epsilon_k D,\ \theta_{\max}+\epsilon_k D]`
-    with probability :math:`\ge 1-p` (no definiteness assumed). Stops when the space is exhausted
-    (exact), when the interval is within a factor 2 of the Ritz values (``need_min``: of the
-    smallest one's distance to 0; else of the largest modulus), or after ``maxiter`` products.
+    At call :math:`k` (counted over calls with grad enabled): the forward stops when the residual
+    :math:`\|u - T(u)\| \le \varepsilon_k\|u\|` (``relative=True``, the default: scale-aware) or
+    :math:`\le \varepsilon_k` (``relative=False``: ISGD's absolute accuracies), warm-started from the
+    iterate of the previous call with the same ``key`` (e.g. a mini-batch index; the ``u0`` passed is
+    then used only for keys not seen before — ``info.warm_started`` says which); the adjoint system is
+    solved to residual :math:`\delta_k\|\nabla_u F\|` (relative) or :math:`\delta_k` (absolute),
+    warm-started likewise (a warm start worse than zero is dropped, so the adjoint stays linear in the
+    upstream gradient). After ``backward()`` the solver's ``info`` holds ``eps``, ``delta``, the adjoint
+    diagnostics and the a-posteriori ``error_bound`` (:mod:`hodl_plugin.bound`). Higher derivatives
+    (double backward, forward mode, ``torch.func``) go through the same primitive as
+    :class:`~hodl_plugin.implicit.Implicit`, with solves to :math:`\delta_k`.
 
-    >>> import torch
-    >>> A = torch.diag(torch.tensor([1e-4, 0.5, 2.0], dtype=torch.float64))
-    >>> iv = lanczos_interval(lambda w: A @ w, 3)
-    >>> iv.exact, abs(iv.lo - 1e-4) < 1e-12, abs(iv.hi - 2.0) < 1e-12
-    (True, True, True)
-    """
-    if n < 1:
-        return SpectralInterval(0.0, 0.0, 0.0, 0.0, 0, True, 0.0)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    kmax = max(1, min(int(maxiter), n))
-    basis = torch.zeros(kmax + 1, n, dtype=dtype, device=device)
-    q = torch.randn(n, generator=gen, dtype=dtype).to(device)
-    basis[0] = q / torch.linalg.vector_norm(q)
-    alphas: list[float] = []
-    betas: list[float] = []
-    unit = torch.finfo(dtype).eps
-    scale = 0.0
-    result: Optional[SpectralInterval] = None
-    for k in range(1, kmax + 1):
-        qk = basis[k - 1]
-        w = matvec(qk).reshape(-1).to(dtype)
-        if not bool(torch.isfinite(w).all()):
-            return SpectralInterval(-math.inf, math.inf, math.nan, math.nan, k, False, fail_prob)
-        a = float(torch.dot(qk, w))
-        alphas.append(a)
-        Qk = basis[:k]
-        for _ in range(2):  # classical Gram-Schmidt twice against the whole basis
-            w = w - Qk.T @ (Qk @ w)
-        b = float(torch.linalg.vector_norm(w))
-        scale = max(scale, abs(a), b)
-        margin = 10.0 * (n + k) * unit * max(scale, 1e-300)
-        exhausted = k == n or b <= margin
-        if exhausted or k == kmax or k % max(5, k // 8) == 0:
-            tmin, tmax = _tridiag_extremes(alphas, betas)
-            if exhausted:
-                result = SpectralInterval(tmin - margin, tmax + margin, tmin, tmax, k, True, 0.0)
-                break
-            e = _kw_eps(n, k, fail_prob / 2)
-            if math.isfinite(e):
-                spread = (tmax - tmin) / (1 - 2 * e) + 2 * margin
-                lo, hi = tmin - e * spread - margin, tmax + e * spread + margin
-            else:
-                lo, hi = -math.inf, math.inf
-            result = SpectralInterval(lo, hi, tmin, tmax, k, False, fail_prob)
-            if need_min:
-                est = tmin if tmin > 0 else (-tmax if tmax < 0 else 0.0)
-                if est > 0 and result.distance_to_zero() >= 0.5 * est:
-                    break
-            elif math.isfinite(hi) and result.abs_max() <= 1.25 * max(abs(tmin), abs(tmax)):
-                break
-        betas.append(b)
-        basis[k] = w / b
-    assert result is not None
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# products with Jacobians of autograd graphs
-# --------------------------------------------------------------------------------------------
-
-
-def _flat(ts: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in ts]) if ts else torch.zeros(0)
-
-
-def _split(w: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(w[i : i + t.numel()].reshape(t.shape).to(t.dtype))
-        i += t.numel()
-    return out
-
-
-class _Jac:
-    """The Jacobian of ``outs`` w.r.t. ``ins`` on a built graph: ``J w`` (double vjp) and ``Jᵀ y``."""
-
-    def __init__(self, outs: Sequence[Tensor], ins: Sequence[Tensor]) -> None:
-        self.outs = [o for o in outs]
-        self.ins = list(ins)
-        self.ys = [torch.zeros_like(o, requires_grad=True) for o in self.outs]
-        jt = torch.autograd.grad(self.outs, self.ins, self.ys, create_graph=True, allow_unused=True)
-        self.jt = [g for g in jt if g is not None and g.requires_grad]
-        self.jt_idx = [i for i, g in enumerate(jt) if g is not None and g.requires_grad]
-        self.n_in = sum(t.numel() for t in self.ins)
-        self.n_out = sum(o.numel() for o in self.outs)
-
-    @property
-    def zero(self) -> bool:
-        return not self.jt
-
-    def t(self, y: Tensor) -> Tensor:
-        """:math:`J^\\top y` (flat)."""
-        g = torch.autograd.grad(self.outs, self.ins, _split(y, self.outs), retain_graph=True, allow_unused=True)
-        return _flat([torch.zeros_like(i) if gi is None else gi for i, gi in zip(self.ins, g)])
-
-    def __call__(self, w: Tensor) -> Tensor:
-        """:math:`J w` (flat)."""
-        ws = _split(w, self.ins)
-        g = torch.autograd.grad(self.jt, self.ys, [ws[i] for i in self.jt_idx], retain_graph=True, allow_unused=True)
-        return _flat([torch.zeros_like(y) if gi is None else gi for y, gi in zip(self.ys, g)])
-
-    def norm(self, **kw) -> SpectralInterval:
-        """Interval for the singular values squared, on the smaller side (JᵀJ or JJᵀ)."""
-        dt, dev = self.ins[0].dtype, self.ins[0].device
-        if self.zero:
-            return SpectralInterval(0.0, 0.0, 0.0, 0.0, 0, True, 0.0)
-        if self.n_in <= self.n_out:
-            return lanczos_interval(lambda w: self.t(self(w)), self.n_in, dtype=dt, device=dev, need_min=False, **kw)
-        return lanczos_interval(lambda y: self(self.t(y)), self.n_out, dtype=dt, device=dev, need_min=False, **kw)
-
-
-def operator_norm(out: Tensor, inputs: Sequence[Tensor], iters: int = 20, seed: int = 0) -> float:
-    r"""Estimate of the spectral norm of :math:`\partial\,\mathrm{out}/\partial\,\mathrm{inputs}`.
-
-    The largest Ritz value of ``iters`` Lanczos steps on :math:`J^\top J`: a *lower* estimate
-    (exact when the space is exhausted). :func:`a_posteriori` uses the certified upper end instead.
-
-    >>> import torch
-    >>> A = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
-    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    >>> round(operator_norm(A @ x, [x]), 6)
-    3.0
-    """
-    with torch.enable_grad():
-        J = _Jac([out], list(inputs))
-        iv = J.norm(maxiter=iters, seed=seed)
-    return math.sqrt(max(iv.ritz_max, 0.0))
-
-
-# --------------------------------------------------------------------------------------------
-# the a-posteriori bound
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ErrorReport:
-    r"""Result of :func:`a_posteriori`.
-
-    Attributes:
-        bound: :math:`\ge \|\tilde g - \nabla f(x)\|` with probability :math:`\ge 1 -` ``fail_prob``
-            (deterministic up to rounding when ``exact``); ``None`` when it cannot be certified
-            (``message`` says why).
-        estimate: the same formula with the Ritz values — an estimate, not a bound.
-        exact: every spectral interval came from an exhausted Krylov space.
-        fail_prob: the failure probability of ``bound`` (0 when ``exact``).
-        constants: the certified constants (``sigma_min`` a lower bound, norms upper bounds).
-        forward_residual: :math:`\varepsilon = \|z - T(z)\|` at the point F was evaluated.
-        adjoint_residual: :math:`\delta`, recomputed at that point.
-        message: why ``bound`` is ``None`` (empty otherwise).
-    """
-
-    bound: Optional[float]
-    estimate: float
-    exact: bool
-    fail_prob: float
-    constants: BoundConstants
-    forward_residual: float
-    adjoint_residual: float
-    message: str = ""
-
-
-def residuals_at(
-    T: Callable[..., Tensor],
-    upper: Optional[Callable[..., Tensor]],
-    u: Tensor,
-    params: Sequence[Tensor],
-    v: Tensor,
-    point: Optional[Tensor] = None,
-) -> tuple[float, Optional[float]]:
-    r""":math:`(\varepsilon, \delta)` at the point actually used, for known :class:`BoundConstants`.
-
-    :math:`\varepsilon = \|z - T(z)\|` with :math:`z` = ``point`` (default :math:`u`, what the
-    implicit/inexact modes return) and :math:`\delta = \|(I - \partial_u T(u)^\top)v - \nabla_u F(z)\|`
-    (``None`` without ``upper``). Two evaluations of T, one of :math:`\nabla F`, one product.
-
-    >>> import torch
-    >>> T = lambda u, x: 0.5 * u + x
-    >>> x = torch.ones(2, dtype=torch.float64)
-    >>> F = lambda u, x: 0.5 * (u ** 2).sum()
-    >>> u, v = torch.full((2,), 1.9, dtype=torch.float64), torch.full((2,), 3.9, dtype=torch.float64)
-    >>> eps, delta = residuals_at(T, F, u, [x], v)
-    >>> round(eps, 12), round(delta, 12)   # z = u = 1.9: |z - T(z)| = 0.05, |v - v/2 - z| = 0.05 per coordinate
-    (0.070710678119, 0.070710678119)
-    """
-    with torch.enable_grad():
-        u_ = u.detach().requires_grad_(True)
-        out = T(u_, *params)
-        z_ = (u.detach() if point is None else point.detach()).clone().requires_grad_(True)
-        eps = float(torch.linalg.vector_norm((T(z_, *params) - z_).detach()))
-        if upper is None:
-            return eps, None
-        (gz,) = torch.autograd.grad(upper(z_, *params).sum(), z_)
-        (jtv,) = torch.autograd.grad(out, u_, v.detach(), allow_unused=True)
-        jtv = torch.zeros_like(u_) if jtv is None else jtv
-    return eps, float(torch.linalg.vector_norm(v.detach() - jtv - gz))
-
-
-def _formula(sigma: float, jx: float, lf: float, lxf: float, eps: float, delta: float) -> float:
-    if not sigma > 0:
-        return math.inf
-    return lxf * eps / sigma + jx * (delta + lf * eps / sigma) / sigma
-
-
-def a_posteriori(
-    T: Callable[..., Tensor],
-    upper: Callable[..., Tensor],
-    u: Tensor,
-    params: Sequence[Tensor],
-    learned: Sequence[Tensor],
-    v: Tensor,
-    *,
-    point: Optional[Tensor] = None,
-    adjoint_residual: Optional[float] = None,
-    symmetric: Optional[bool] = None,
-    fail_prob: float = 1e-4,
-    maxiter: int = 200,
-    seed: int = 0,
-) -> ErrorReport:
-    r"""Certified a-posteriori bound on the inexact hypergradient error (module docstring).
+    A method object holds counters and warm starts: give each solver its own (a second solver using
+    the same object raises ``ValueError``); a deep copy or an unpickled copy is a new, independent
+    method that belongs to the first solver that runs it.
 
     Args:
-        T, upper: the operator ``T(u, *params)`` and the upper objective ``F(u, *params)`` (the
-            loss that was back-propagated).
-        u: the forward iterate :math:`\tilde u` at which T was linearised.
-        params: the explicit parameters; ``learned``: the tensors the hypergradient is taken
-            with respect to (those of ``params`` that require grad and the operator's own).
-        v: the adjoint solution :math:`\tilde v`.
-        point: where F and its gradient were evaluated (default :math:`\tilde u`, what the
-            implicit/inexact modes return).
-        adjoint_residual: the residual the adjoint solver reported; a recomputed residual much
-            larger means the back-propagated loss is not ``upper`` (then no bound).
-        symmetric: whether :math:`\partial_u T` is symmetric (default: ``T.symmetric_jacobian``;
-            checked with one random test). Symmetric: Lanczos on :math:`I - J_u`
-            (:math:`\sqrt{\mathrm{cond}}` convergence); else on :math:`(I - J_u)^\top(I - J_u)`.
-        fail_prob: total failure probability p of the randomised certificates (split evenly).
-        maxiter: Lanczos products per spectral interval (memory: ``maxiter`` vectors).
-        seed: seed of the random starts.
+        eps: forward accuracy schedule :math:`\varepsilon_k` (number or
+            :class:`~hodl_plugin.schedules.Schedule`), e.g. ``Polynomial(1e-2, 0.5)``.
+        delta: adjoint accuracy schedule :math:`\delta_k`; default: same as ``eps``.
+        solver: adjoint solver, as for :class:`~hodl_plugin.implicit.Implicit` (its tolerance is
+            :math:`\delta_k`: a solver object with ``rtol``/``atol`` of its own is refused).
+        adjoint_maxiter: cap on the adjoint solver's matrix products.
+        constants: known :class:`~hodl_plugin.bound.BoundConstants`, ``"estimate"`` (default:
+            certified Lanczos estimates every ``estimate_every`` calls; needs the solver's ``upper=F`` —
+            with ``alpha=0`` to use F without aggregating — else the bound is ``None`` and
+            ``info.message`` says why) or ``None`` (no bound).
+        warm_start: reuse the previous ``u`` and ``v`` of the same key.
+        on_fail: ``"warn"`` (default) or ``"raise"`` when the adjoint misses :math:`\delta_k`.
+        check_unique: as for :class:`~hodl_plugin.implicit.Implicit`.
+        relative: accuracies relative to the problem's scale (default) or absolute.
 
-    Cost: up to about ``4·maxiter`` vector–Jacobian products, plus host syncs (a diagnostic).
+    Raises:
+        ScheduleError: ``eps`` or ``delta`` is not positive and non-increasing.
+        ValueError, TypeError: another option out of range.
+
+    >>> from hodl_plugin.schedules import Polynomial
+    >>> Inexact(eps=Polynomial(1e-2, 0.5)).eps(3)
+    0.005
     """
-    notes: list[str] = []
-    p_each = fail_prob / 4
-    with torch.enable_grad():
-        u_ = u.detach().requires_grad_(True)
-        out = T(u_, *params)
-        z = u.detach() if point is None else point.detach()
-        z_ = z.clone().requires_grad_(True)
-        Tz = T(z_, *params)
-        eps = float(torch.linalg.vector_norm((Tz - z_).detach()))
-        n = u_.numel()
-        # A^T y = y - J_u^T y at u~ ; the rhs grad F at z
-        Ju = _Jac([out], [u_])
-        gz = torch.autograd.grad(upper(z_, *params).sum(), z_, create_graph=True)[0]
-        vd = v.detach().reshape(-1)
-        delta = float(torch.linalg.vector_norm(vd - Ju.t(vd) - gz.detach().reshape(-1)))
-        if adjoint_residual is not None and math.isfinite(adjoint_residual):
-            slack = 1e3 * torch.finfo(v.dtype).eps * (float(vd.norm()) + float(gz.detach().norm()))
-            if delta > 2.0 * adjoint_residual + slack:
-                notes.append(
-                    f"the adjoint residual recomputed with upper's gradient ({delta:.3e}) is far above "
-                    f"the solver's ({adjoint_residual:.3e}): the back-propagated loss is not `upper`"
+
+    name = "inexact"
+
+    def __init__(
+        self,
+        eps: Union[float, Schedule] = 1e-4,
+        delta: Union[float, Schedule, None] = None,
+        solver: ls.SolverLike = None,
+        adjoint_maxiter: int = 1000,
+        constants: Union[str, BoundConstants, None] = "estimate",
+        estimate_every: int = 10,
+        warm_start: bool = True,
+        on_fail: str = "warn",
+        check_unique: Optional[bool] = None,
+        relative: bool = True,
+    ) -> None:
+        self.relative = bool(relative)
+        self.eps = as_schedule(eps, "eps")
+        self.delta = self.eps if delta is None else as_schedule(delta, "delta")
+        problems = check_accuracy(self.eps, "eps") + check_accuracy(self.delta, "delta")
+        if problems:
+            raise ScheduleError("; ".join(problems))
+        if not (constants is None or constants == "estimate" or isinstance(constants, BoundConstants)):
+            raise ValueError(f"constants must be 'estimate', None or a BoundConstants, got {constants!r}")
+        self.solver = None if solver is None else ls.as_solver(solver)
+        if isinstance(self.solver, ls.LinearSolver) and not isinstance(self.solver, ls.FunctionSolver):
+            default = type(self.solver)()
+            if (self.solver.rtol, self.solver.atol) != (default.rtol, default.atol):
+                raise ConfigurationError(
+                    f"Inexact(solver={self.solver!r}): the adjoint tolerance of the inexact mode is delta_k "
+                    "(delta=...); pass the solver without rtol/atol"
                 )
+        if on_fail not in ("raise", "warn"):
+            raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
+        if check_unique is not None and not isinstance(check_unique, bool):
+            raise TypeError(f"check_unique must be None, True or False, got {check_unique!r}")
+        self.maxiter = validate_count(adjoint_maxiter, "adjoint_maxiter")
+        self.constants = constants
+        self.estimate_every = validate_count(estimate_every, "estimate_every")
+        self.warm_start, self.on_fail, self.check_unique = bool(warm_start), on_fail, check_unique
+        self.k = 0
+        self.u_cache: dict[Hashable, Tensor] = {}
+        self.v_cache: dict[Hashable, Tensor] = {}
+        self.estimated: Optional[BoundConstants] = None
+        self._owner: Optional[Any] = None
+        self._told_warm = False
 
-        def A(w: Tensor) -> Tensor:
-            return w - Ju(w)
-
-        def At(y: Tensor) -> Tensor:
-            return y - Ju.t(y)
-
-        # symmetry of J_u: declared and checked
-        sym = bool(getattr(T, "symmetric_jacobian", False)) if symmetric is None else bool(symmetric)
-        if sym and not Ju.zero:
-            gen = torch.Generator(device="cpu").manual_seed(seed + 7)
-            w1 = torch.randn(n, generator=gen, dtype=u_.dtype).to(u_.device)
-            w2 = torch.randn(n, generator=gen, dtype=u_.dtype).to(u_.device)
-            a12, a21 = float(torch.dot(w1, Ju.t(w2))), float(torch.dot(Ju.t(w1), w2))
-            if abs(a12 - a21) > 1e-8 * (abs(a12) + abs(a21) + float(w1.norm() * w2.norm())):
-                notes.append("symmetric_jacobian was declared but dT/du is not symmetric; used the general path")
-                sym = False
-        kw = dict(fail_prob=p_each, maxiter=maxiter, seed=seed)
-        dev = u_.device
-        if sym:
-            iv = lanczos_interval(At, n, dtype=u_.dtype, device=dev, need_min=True, **kw)
-            sigma, sigma_est = iv.distance_to_zero(), max(min(abs(iv.ritz_min), abs(iv.ritz_max)), 0.0)
-            if iv.ritz_min <= 0 <= iv.ritz_max:
-                sigma_est = 0.0
-        else:
-            iv = lanczos_interval(lambda w: At(A(w)), n, dtype=u_.dtype, device=dev, need_min=True, **kw)
-            sigma, sigma_est = math.sqrt(max(iv.lo, 0.0)), math.sqrt(max(iv.ritz_min, 0.0))
-        intervals = [iv]
-        # ||J_x||
-        learned = list(learned)
-        jx = jx_est = 0.0
-        if learned:
-            Jx = _Jac([out], learned)
-            ivx = Jx.norm(**kw)
-            intervals.append(ivx)
-            jx, jx_est = math.sqrt(max(ivx.hi, 0.0)), math.sqrt(max(ivx.ritz_max, 0.0))
-        # L_F = ||Hess_u F|| (symmetric)
-        H = _Jac([gz], [z_])
-        lf = lf_est = 0.0
-        if not H.zero:
-            ivh = lanczos_interval(lambda w: H.t(w), n, dtype=u_.dtype, device=dev, need_min=False, **kw)
-            intervals.append(ivh)
-            lf, lf_est = ivh.abs_max(), max(abs(ivh.ritz_min), abs(ivh.ritz_max))
-        # L_xF = ||d/du grad_x F||
-        xs = [p for p in params if p.requires_grad]
-        lxf = lxf_est = 0.0
-        gx_used: list[Tensor] = []
-        if xs:
-            gx = torch.autograd.grad(upper(z_, *params).sum(), xs, create_graph=True, allow_unused=True)
-            gx_used = [g for g in gx if g is not None and g.requires_grad]
-            if gx_used:
-                Jxf = _Jac(gx_used, [z_])
-                ivc = Jxf.norm(**kw)
-                intervals.append(ivc)
-                lxf, lxf_est = math.sqrt(max(ivc.hi, 0.0)), math.sqrt(max(ivc.ritz_max, 0.0))
-        # structure: T affine in u with d_x T independent of u; F quadratic in u, grad_x F affine in u
-        vv = v.detach()
-
-        def t_vjp(pt: Tensor) -> Tensor:  # (J_u(pt)^T v, J_x(pt)^T v)
-            o = (T(pt, *params) * vv).sum()
-            return _flat([g for g in torch.autograd.grad(o, [pt, *learned], allow_unused=True) if g is not None])
-
-        gen = torch.Generator(device="cpu").manual_seed(seed + 11)
-        wu = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
-        wx = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in xs]
-
-        def f_hvp(pt: Tensor) -> Tensor:  # d/du (<grad_u F, wu> + <grad_x F, wx>) at pt
-            ins = [pt, *xs]
-            gs = torch.autograd.grad(upper(pt, *params).sum(), ins, create_graph=True, allow_unused=True)
-            s_ = sum((g * w).sum() for g, w in zip(gs, [wu, *wx]) if g is not None)
-            if not isinstance(s_, Tensor) or not s_.requires_grad:
-                return torch.zeros_like(pt)
-            (h,) = torch.autograd.grad(s_, pt, allow_unused=True)
-            return torch.zeros_like(pt) if h is None else h
-
-        if not _constant_in(t_vjp, u.detach(), seed):
-            notes.append(
-                "dT/du or dT/dx changes with u (T not affine in u, or a mixed second derivative): "
-                "the bound would be first order only"
+    # -- object life: one solver; copies are independent ---------------------------------------
+    def bind(self, owner: object) -> None:
+        """Refuse a second solver: the counter :math:`k` and the warm starts belong to one problem."""
+        current = self._owner() if self._owner is not None else None
+        if current is not None and current is not owner:
+            raise ValueError(
+                "this Inexact object already belongs to another GKMSolver: its step counter and warm "
+                "starts would be shared. Give each solver its own hp.Inexact(...)"
             )
-        if not _constant_in(f_hvp, z, seed):
-            notes.append("F is not quadratic in u (or grad_x F not affine in u): the bound would be first order only")
+        self._owner = weakref.ref(owner)
 
-    exact = all(i.exact for i in intervals)
-    consts = BoundConstants(rho=math.nan, jx_norm=jx, lip_upper=lf, lip_cross=lxf, sigma_min=sigma)
-    estimate = _formula(sigma_est, jx_est, lf_est, lxf_est, eps, delta)
-    bound: Optional[float] = _formula(sigma, jx, lf, lxf, eps, delta)
-    if not sigma > 0 and iv.exact:
-        notes.append(
-            f"sigma_min(I - dT/du) (Ritz value {sigma_est:.3e}) is below the rounding level of "
-            f"{u.dtype} for this operator{'' if sym else ' (the nonsymmetric path squares the condition number)'}: "
-            "use float64, declare a symmetric Jacobian, or pass BoundConstants(sigma_min=...)"
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the owner is not part of the state
+        state = dict(self.__dict__)
+        state["_owner"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- one call ----------------------------------------------------------------------------------
+    def _solver(self, it: GKMIteration, delta: float) -> ls.LinearSolver:
+        base = self.solver
+        if base is None:
+            base = ls.CG() if getattr(it.T, "symmetric_jacobian", False) else ls.GMRES()
+        if isinstance(base, ls.FunctionSolver):
+            return base
+        tol = {"rtol": delta, "atol": 0.0} if self.relative else {"rtol": 0.0, "atol": delta}
+        return base.replace(maxiter=self.maxiter, **tol)
+
+    def run(self, it, u0, params, info, key=None):
+        key = _cache_key(key)
+        eps_k, delta_k = self.eps(self.k), self.delta(self.k)
+        info.eps, info.delta = eps_k, delta_k
+        cached = self.u_cache.get(key) if self.warm_start else None
+        sample_shape = tuple(u0.shape)  # one problem's (under vmap: one sample's)
+        pending: list[Optional[Tensor]] = []  # per-sample iterates of a vmapped call solved one by one
+        tols = {"tol": eps_k, "atol": 0.0} if self.relative else {"tol": 0.0, "atol": eps_k}
+
+        def warm(start: Tensor, batched: bool, sample: Optional[tuple[int, int]]) -> Optional[Tensor]:
+            """The cached iterate as a start: the same shape as ``start``; under vmap a cached batch
+            (its sample ``i`` when the samples are solved one by one) or a single problem's iterate,
+            then used for every sample."""
+            if cached is None or cached.device != start.device:
+                return None
+            if sample is not None and tuple(cached.shape) == (sample[1], *start.shape):
+                return cached[sample[0]].to(start.dtype)
+            if cached.shape == start.shape:
+                return cached.to(start.dtype)
+            if batched and tuple(cached.shape) == sample_shape:
+                return cached.to(start.dtype).expand(start.shape)
+            return None
+
+        def forward(u_start: Tensor, ps: Sequence[Any], info_: SolverInfo, iteration: GKMIteration,
+                    sample: Optional[tuple[int, int]]) -> Tensor:
+            batched = iteration is not it
+            start = warm(u_start, batched, sample)
+            info_.warm_started = start is not None
+            if start is not None:
+                self._tell_warm(key)
+            else:
+                start = u_start.detach()
+            with torch.no_grad():
+                u = iteration.run(start, ps, info_, **tols)
+            if self.warm_start:
+                if sample is None:
+                    if not info_.diverged:
+                        self.u_cache[key] = u.detach().clone()
+                else:  # the batch is cached once its last sample is solved
+                    pending.append(None if info_.diverged else u.detach().clone())
+                    if sample[0] == sample[1] - 1:
+                        if len(pending) == sample[1] and all(p is not None for p in pending):
+                            self.u_cache[key] = torch.stack(pending)  # type: ignore[arg-type]
+                        pending.clear()
+            return u
+
+        call = self.k
+        if torch.is_grad_enabled():
+            self.k += 1
+        if not grad_wanted():
+            return forward(u0, params, info, it, None)  # (under vmap the primitive's batched solve stops early)
+
+        # the adjoint's warm start is fixed when the call is made, so every backward pass through this
+        # call starts from the same point (reentrant, as gradcheck/gradgradcheck require)
+        v_prev = self.v_cache.get(key) if self.warm_start else None
+        if v_prev is not None and v_prev.dtype != u0.dtype:
+            v_prev = None
+        op = bind_iteration(it, u0, params)
+
+        def after(v: Tensor, u_star: Tensor, samples: Callable[[], Any]) -> None:
+            if self.warm_start and bool(torch.isfinite(v).all()):
+                self.v_cache[key] = v.detach().clone()
+            self._bounds(it, op, samples, call, info, batched=tuple(v.shape) != sample_shape)
+
+        return fixed_point_solve(it, u0, params, info, self._solver(it, delta_k), forward=forward, op=op,
+                                 on_fail=self.on_fail, check_unique=self.check_unique,
+                                 warm=lambda: v_prev, after=after)
+
+    def _tell_warm(self, key: Hashable) -> None:
+        if self._told_warm:
+            return
+        self._told_warm = True
+        warnings.warn(
+            f"Inexact warm start: key {key!r} was solved before, so this solve starts from its cached "
+            "iterate and the u0 you pass is used only for new keys (warm_start=False always starts "
+            "from u0; this is said once per method object)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
-    elif not sigma > 0:
-        notes.append(
-            f"sigma_min(I - dT/du) could not be certified > 0 within maxiter={maxiter} Lanczos products "
-            f"(Ritz estimate {sigma_est:.3e}); raise maxiter or pass BoundConstants(sigma_min=...)"
+
+    # -- the certified bound ------------------------------------------------------------------------
+    def _bounds(self, it: GKMIteration, op: BoundOperator, samples: Callable[[], Any], call: int,
+                info: SolverInfo, batched: bool) -> None:
+        """``info.error_bound`` and ``info.error_estimate`` (with ``_per_sample`` tensors under vmap)."""
+        if self.constants is None:
+            return
+        if it.upper is None and not isinstance(self.constants, BoundConstants):
+            info.message = (
+                "no error bound: estimating it needs the upper objective (GKMSolver(..., upper=F, "
+                "alpha=0) uses F without aggregating) or known BoundConstants"
+            )
+            return
+        if not isinstance(self.constants, BoundConstants) and call % self.estimate_every != 0:
+            info.message = f"error bound not computed at this call (estimate_every={self.estimate_every})"
+            return
+        bounds, estimates, notes = [], [], []
+        adj = info.adjoint
+        per = None if adj is None or adj.residual_per_sample is None else adj.residual_per_sample.reshape(-1)
+        for i, (v, u_star, ts) in enumerate(samples()):
+            # the adjoint residual the solver reported for this sample (the batch's worst if unknown)
+            res = float(per[i]) if per is not None and i < per.numel() else (None if adj is None else adj.residual)
+            b, e, note = self._bound(it, op, u_star, ts, v, res)
+            bounds.append(math.nan if b is None else b)
+            estimates.append(math.nan if e is None else e)
+            if note:
+                notes.append(f"sample {i}: {note}" if batched else note)
+        if notes:
+            more = f" (and {len(notes) - 3} more samples)" if len(notes) > 3 else ""
+            info.message = "; ".join(notes[:3]) + more
+        info.error_bound = max(bounds) if all(math.isfinite(b) for b in bounds) else None
+        info.error_estimate = max(estimates) if all(math.isfinite(e) for e in estimates) else None
+        if batched:
+            with plain_tensors():
+                info.error_bound_per_sample = torch.tensor(bounds, dtype=torch.float64)
+                info.error_estimate_per_sample = torch.tensor(estimates, dtype=torch.float64)
+
+    def _bound(self, it: GKMIteration, op: BoundOperator, u_star: Tensor, ts: Sequence[Tensor], v: Tensor,
+               adj: Optional[float]) -> tuple:
+        """``(bound, estimate, note)`` for one problem at the point the hypergradient used; ``ts``: its
+        tensors (the solver's params and the tensors T reads), requiring grad where the hypergradient goes."""
+
+        def T(u: Tensor, *tensors: Tensor) -> Tensor:
+            return op(u, tensors)
+
+        def F(u: Tensor, *tensors: Tensor) -> Tensor:
+            with op.context(tensors):
+                return it.upper(u, *op.params(tensors))  # type: ignore[misc]
+
+        learned = [t for t in ts if t.requires_grad]
+        if isinstance(self.constants, BoundConstants):  # user-certified constants
+            eps, delta = residuals_at(T, F if it.upper is not None else None, u_star, ts, v, point=u_star)
+            delta = adj if delta is None else delta
+            return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta), None, ""
+        solver = self._solver(it, 1.0)
+        rep = a_posteriori(
+            T, F, u_star, ts, learned, v,
+            point=u_star,  # the implicit primitive returns the forward iterate itself
+            adjoint_residual=adj,
+            symmetric=bool(getattr(it.T, "symmetric_jacobian", False)) or solver.symmetric,
         )
-    if any(not math.isfinite(i.hi) for i in intervals[1:]):
-        notes.append(f"a norm could not be certified within maxiter={maxiter} products")
-    if not (math.isfinite(eps) and math.isfinite(delta)):
-        notes.append("non-finite residual")
-    if notes or bound is None or not math.isfinite(bound):
-        bound = None
-    return ErrorReport(
-        bound=bound,
-        estimate=estimate,
-        exact=exact,
-        fail_prob=0.0 if exact else fail_prob,
-        constants=consts,
-        forward_residual=eps,
-        adjoint_residual=delta,
-        message="; ".join(notes),
-    )
+        return rep.bound, rep.estimate, ("error bound: " + rep.message) if rep.message else ""
 
+    # -- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and warm starts as plain containers (readable by ``torch.load(weights_only=True)``)."""
+        est = None if self.estimated is None else dataclasses.asdict(self.estimated)
+        return {
+            "method": "inexact",
+            "k": self.k,
+            "u_cache": [[k, t] for k, t in self.u_cache.items()],
+            "v_cache": [[k, t] for k, t in self.v_cache.items()],
+            "estimated": est,
+        }
 
-def _constant_in(fn: Callable[[Tensor], Tensor], z: Tensor, seed: int) -> bool:
-    r"""Whether ``fn(p)`` (a derivative of T or F at p) is the same at z and at two far random points.
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; validated whole before anything is changed."""
+        if not isinstance(state, dict) or "k" not in state or state.get("method", "inexact") != "inexact":
+            what = state.get("method", "?") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"not the state of an Inexact method (got {what!r} state with keys "
+                f"{sorted(state) if isinstance(state, dict) else '-'}); load the state of a solver with "
+                "hypergrad='inexact'"
+            )
+        k = state["k"]
+        if isinstance(k, bool) or not float(k).is_integer() or int(k) < 0:
+            raise ValueError(f"Inexact state: k must be an integer >= 0, got {k!r}")
 
-    A numerical check of the structure the bound needs (affine T, quadratic F): it catches kinks and
-    curvature at the scale :math:`1 + \|z\|` around z, and is exact for polynomial T, F of low degree
-    with random points; a black-box function could still hide a change elsewhere.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed + 5)
-    with torch.enable_grad():
-        ref = fn(z.detach().clone().requires_grad_(True)).detach()
-        scale = 1.0 + float(torch.linalg.vector_norm(z))
-        for _ in range(2):
-            g = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
-            pt = (z.detach() + scale * g / torch.linalg.vector_norm(g)).requires_grad_(True)
-            other = fn(pt).detach()
-            tol = 1e3 * torch.finfo(z.dtype).eps * (float(ref.norm()) + float(other.norm())) + 1e-300
-            if not bool(torch.isfinite(other).all()) or float((other - ref).norm()) > tol:
-                return False
-    return True
+        def pairs(name: str) -> dict:
+            raw = state.get(name, [])
+            items = raw.items() if isinstance(raw, dict) else raw
+            out = {}
+            for item in items:
+                kk, t = item
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"Inexact state: {name} must map keys to tensors, got {type(t).__name__}")
+                out[kk] = t
+            return out
 
+        u_cache, v_cache = pairs("u_cache"), pairs("v_cache")
+        est = state.get("estimated")
+        if isinstance(est, dict):
+            est = BoundConstants(**est)
+        elif est is not None and not isinstance(est, BoundConstants):
+            raise ValueError(f"Inexact state: estimated must be a dict of constants, got {type(est).__name__}")
+        self.k, self.u_cache, self.v_cache, self.estimated = int(k), u_cache, v_cache, est
 
-def estimate_constants(
-    T,
-    upper,
-    u: Tensor,
-    params: Sequence[Tensor],
-    learned: Sequence[Tensor],
-    v: Tensor,
-    iters: int = 200,
-) -> BoundConstants:
-    """Certified :class:`BoundConstants` at ``u`` (``sigma_min`` a lower bound, norms upper bounds).
-
-    Kept for callers of the old API; :func:`a_posteriori` also recomputes the residuals at the
-    point actually used and says when the bound cannot be certified — use it instead.
-    """
-    rep = a_posteriori(T, upper, u, params, learned, v, maxiter=iters)
-    return with_v_norm(rep.constants, v)
+    def __repr__(self) -> str:
+        return f"Inexact(eps={self.eps!r}, delta={self.delta!r}, k={self.k})"

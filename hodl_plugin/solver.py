@@ -25,9 +25,9 @@ from typing import Any, Callable, Hashable, Optional, Union
 from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
-from .acceleration import Anderson
+from ._torch_compat import transforms_active
 from .errors import ConvergenceWarning, ScheduleError, SummableScheduleWarning, UnusedOptionWarning
-from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_count
+from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_choice
 from .hypergrad import HypergradMethod, get_method
 from .schedules import (
     Harmonic,
@@ -44,7 +44,7 @@ __all__ = ["GKMSolver"]
 class GKMSolver(nn.Module):
     r"""Approximate fixed point :math:`u^*(x) \in \mathrm{Fix}\,T(\cdot; x)` by the GKM iteration.
 
-    ``solver(u0, *params)`` runs, with ``aggregation="inside"`` (default)
+    ``solver(u0, *params)`` runs (:ref:`math-gkm`), with ``aggregation="inside"`` (default)
 
     .. math::
 
@@ -57,27 +57,27 @@ class GKMSolver(nn.Module):
 
         u_{k+1} = (1-\beta_k) u_k + \beta_k \big[(1-\alpha_k) T(u_k; x) + \alpha_k (u_k - s\nabla_u F(u_k; x))\big],
 
-    until :math:`r_k \le \max(\mathrm{tol}\cdot\max(\|u_{k+1}\|, r_0),\ \mathrm{atol})` with
-    :math:`r_k = \|T(w_k) - u_k\|` (inside) or :math:`\|T(u_k) - u_k\|` (outside)
-    (:math:`r_0` the first residual) or ``max_steps``, and
-    returns a tensor differentiable w.r.t. every tensor in ``params`` (and the parameters of ``T``
-    or ``upper`` when they are ``nn.Module``\ s) by the method ``hypergrad``. Diagnostics of the last
-    call are in ``solver.info`` (:class:`~hodl_plugin.gkm.SolverInfo`).
+    until the returned point meets :math:`\|T(u) - u\| \le \max(\mathrm{tol}\cdot\|u\|,\ \mathrm{atol})`
+    (:ref:`math-stopping`) or ``max_steps`` steps, and returns a tensor differentiable by the method
+    ``hypergrad`` w.r.t. every tensor in ``params`` (tensors, or lists / tuples / dicts of them) and
+    every tensor ``T`` reads (its own parameters when it is an ``nn.Module``, tensors it captures,
+    a dict given to ``torch.func.functional_call``). Diagnostics of the last call are in :attr:`info`
+    (:class:`~hodl_plugin.gkm.SolverInfo`).
 
     Args:
         T: the operator ``T(u, *params) -> tensor shaped like u``, nonexpansive in u (a callable or
             an ``nn.Module``; see :mod:`hodl_plugin.operators`).
         max_steps: K, the most GKM steps (an integer >= 1).
-        tol: *relative* tolerance on the residual, scale-aware: the threshold is
-            ``tol · max(‖u‖, r_0)``, so a problem scaled by 1e-8 stops at the same relative accuracy.
-            Default ``None``: :func:`~hodl_plugin.gkm.default_tol` of the dtype (1e-10 in float64,
-            1e-5 in float32). ``tol=0`` (with ``atol=0``) runs exactly K steps; ``info.converged``
-            then says whether the last residual meets the dtype's default tolerance.
-        atol: absolute tolerance, on request: the threshold is ``max(tol·scale, atol)``; pass
-            ``tol=0, atol=1e-8`` for a purely absolute stop.
-        rtol: older name of the relative tolerance (the larger of ``tol`` and ``rtol`` counts).
+        tol: *relative* tolerance on the residual of the returned point: ``‖T(u) - u‖ ≤ tol·‖u‖``, so a
+            problem scaled by 1e-8 stops at the same relative accuracy. Default ``None``:
+            :func:`~hodl_plugin.gkm.default_tol` of the dtype (1e-10 in float64, 1e-5 in float32).
+            ``tol=0`` (with ``atol=0``) runs exactly K steps; ``info.converged`` then says whether the
+            returned point meets the dtype's default tolerance.
+        atol: absolute tolerance: the threshold is ``max(tol·‖u‖, atol)``; pass ``tol=0, atol=1e-8``
+            for a purely absolute stop (needed when the fixed point is 0).
         hypergrad: ``"implicit"`` (default), ``"unrolled"``, ``"truncated"``, ``"inexact"``,
-            ``"first_order"`` or a :class:`~hodl_plugin.hypergrad.HypergradMethod` object.
+            ``"first_order"`` or a :class:`~hodl_plugin.hypergrad.HypergradMethod` object (options: pass
+            the object, e.g. ``hp.Implicit(solver=hp.linear_solve.cg(rtol=1e-12))``, or keywords below).
         upper: the upper objective ``F(u, *params) -> scalar``; with it the iteration aggregates
             HODL's descent direction (needs ``alpha``; default ``Harmonic(1.0)``).
         upper_grad: ``∇_u F(u, *params)`` directly, instead of autograd on ``upper``.
@@ -90,16 +90,18 @@ class GKMSolver(nn.Module):
         beta: KM relaxation :math:`\beta_k \in (0, 1]`, bounded away from 0 (default 1).
         upper_lipschitz: :math:`L_F`, if known: ``upper_step`` is checked against it.
         check_every: steps between residual checks (convergence, divergence, history); each
-            costs a norm and one host sync, the steps in between cost one evaluation of T.
+            costs a norm and one host sync, the steps in between cost one evaluation of T. A run that
+            stops before ``max_steps`` returns the point of the check at which it stopped.
         divergence_factor: the iteration has diverged when the residual exceeds this multiple of
-            the first residual (or becomes non-finite).
+            the first residual, becomes non-finite, or (with a tolerance) stops decreasing far above
+            any rounding error (:mod:`hodl_plugin._stopping`).
         on_divergence: ``"raise"`` a :class:`~hodl_plugin.errors.DivergenceError` (default) or
             ``"warn"`` and return the last finite iterate with ``info.diverged = True``.
         batch_dims: the leading dims of ``u`` that index independent problems (a batch of images,
             per-sample lower levels): residuals, thresholds and the stop test are per sample,
             converged samples stop changing, ``info.steps_per_sample`` reports their steps.
-        acceleration: ``None`` (plain KM) or :class:`~hodl_plugin.acceleration.Anderson` — with
-            the implicit, inexact and first_order modes, not with aggregation (``alpha``).
+        acceleration: ``None`` (plain KM) or an accelerator (:class:`~hodl_plugin.acceleration.Anderson`)
+            — with the implicit, inexact and first_order modes, not with aggregation (``alpha``).
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
         aggregation: where the upper descent step enters: ``"inside"`` (default: T is
@@ -127,7 +129,8 @@ class GKMSolver(nn.Module):
         ScheduleError: a schedule breaks the convergence conditions (``strict=True``).
         SummableScheduleWarning: (a warning) ``alpha`` is summable — accepted, outside the
             selection theory.
-        ValueError, TypeError: at construction, an argument out of range (named in the message).
+        ValueError, TypeError: at construction, an argument out of range or of the wrong type (named in
+            the message); ``rtol=`` (removed: ``tol`` is relative, ``atol`` absolute).
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
             or non-finite inputs.
         DivergenceError: the iteration diverged (``on_divergence="raise"``).
@@ -139,7 +142,6 @@ class GKMSolver(nn.Module):
         *,
         max_steps: int = 1000,
         tol: Optional[float] = None,
-        rtol: float = 0.0,
         atol: float = 0.0,
         hypergrad: Union[str, HypergradMethod] = "implicit",
         upper: Optional[Callable[..., Tensor]] = None,
@@ -152,28 +154,27 @@ class GKMSolver(nn.Module):
         divergence_factor: float = 1e4,
         on_divergence: str = "raise",
         batch_dims: int = 0,
-        acceleration: Optional[Anderson] = None,
+        acceleration: Any = None,
         strict: bool = True,
         aggregation: str = "inside",
         **method_options: Any,
     ) -> None:
         super().__init__()
+        if "rtol" in method_options:
+            raise TypeError(
+                "GKMSolver(rtol=...) was removed: tol is the relative tolerance (threshold tol·‖u‖) and atol the "
+                "absolute one; pass tol=... (and atol=... if needed)"
+            )
         if not callable(T):
             raise TypeError(f"T must be callable (u, *params) -> tensor, got {type(T).__name__}")
-        self.max_steps = validate_count(max_steps, "max_steps")
         if upper is not None and not callable(upper):
             raise TypeError("upper must be callable (u, *params) -> scalar tensor")
-        if acceleration is not None and not isinstance(acceleration, Anderson):
-            raise TypeError(
-                f"acceleration must be None or hodl_plugin.Anderson(...), got {type(acceleration).__name__}"
-            )
         self.T = T  # registered as a submodule when it is an nn.Module
         self.upper = upper
         self.method = get_method(hypergrad, **method_options)
-        self.method.validate(self.max_steps)
-        if self.method.name == "inexact" and (tol is not None or rtol or atol):
+        if self.method.name == "inexact" and (tol is not None or atol):
             warnings.warn(
-                "GKMSolver(tol=/rtol=/atol=...) is not used with hypergrad='inexact': its forward stops at the "
+                "GKMSolver(tol=/atol=...) is not used with hypergrad='inexact': its forward stops at the "
                 "accuracy eps_k of each call (and the adjoint at delta_k); pass eps=... (and delta=...) instead",
                 UnusedOptionWarning, stacklevel=2,
             )
@@ -184,8 +185,7 @@ class GKMSolver(nn.Module):
         alpha_s: Optional[Schedule] = None
         if alpha is not None and not has_upper:
             raise ValueError("alpha (HODL aggregation) needs the upper objective: pass upper=F or upper_grad=")
-        if not isinstance(aggregation, str) or aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        validate_choice(aggregation, "aggregation", AGGREGATIONS)
         if aggregation != "inside" and not has_upper:
             raise ValueError(
                 f"aggregation={aggregation!r} needs the upper objective: pass upper=F or upper_grad= "
@@ -194,9 +194,10 @@ class GKMSolver(nn.Module):
         if has_upper:
             alpha_s = Harmonic(1.0) if alpha is None else as_schedule(alpha, "alpha")
             problems += check_aggregation(alpha_s)
-            if not upper_step > 0:
+            lip = upper_lipschitz
+            if isinstance(upper_step, (int, float)) and not upper_step > 0:
                 problems.append(f"upper_step s must be > 0, got {upper_step}")
-            elif upper_lipschitz is not None and upper_step > 1.0 / upper_lipschitz * (1 + 1e-12):
+            elif isinstance(upper_step, (int, float)) and lip is not None and upper_step > (1 + 1e-12) / lip:
                 problems.append(
                     f"upper_step s = {upper_step} exceeds 1/L_F = {1.0 / upper_lipschitz:.6g} "
                     f"(L_F = {upper_lipschitz})"
@@ -210,17 +211,17 @@ class GKMSolver(nn.Module):
         if note:  # accepted (the BDA/BOAT default), outside the selection theory: say so
             warnings.warn(note, SummableScheduleWarning, stacklevel=2)
 
-        if acceleration is not None:
+        if acceleration is not None and callable(getattr(acceleration, "check_compatible", None)):
             acceleration.check_compatible(self.method.name, alpha_s)
         self.iteration = GKMIteration(
             T,
+            max_steps=max_steps,
             beta=beta_s,
             upper=upper,
             upper_grad=upper_grad,
             upper_step=upper_step,
             alpha=alpha_s,
             tol=tol,
-            rtol=rtol,
             atol=atol,
             check_every=check_every,
             divergence_factor=divergence_factor,
@@ -229,8 +230,19 @@ class GKMSolver(nn.Module):
             acceleration=acceleration,
             aggregation=aggregation,
         )
-        self.method.bind(self.iteration)  # a stateful method (inexact) serves one solver only
+        self.method.validate(self.iteration)
+        self.method.bind(self)  # a stateful method (inexact) serves one solver only
         self.info: Optional[SolverInfo] = None
+
+    @property
+    def max_steps(self) -> int:
+        """K, the most GKM steps (the iteration's; setting it replaces the iteration, validated)."""
+        return self.iteration.max_steps
+
+    @max_steps.setter
+    def max_steps(self, value: int) -> None:
+        self.iteration = self.iteration.replace(max_steps=value)
+        self.method.validate(self.iteration)
 
     def forward(self, u0: Tensor, *params: Tensor, key: Optional[Hashable] = None) -> Tensor:
         """Solve from ``u0``; ``key`` names the problem instance for warm starts (inexact mode)."""
@@ -243,8 +255,8 @@ class GKMSolver(nn.Module):
         check_inputs(u0, params, module_tensors(self.T, self.upper))
         info = SolverInfo(mode=self.method.name)
         self.info = info
-        u = self.method.run(self.iteration, u0, params, info, self.max_steps, key)
-        warn_unconverged(info)
+        u = self.method.run(self.iteration, u0, params, info, key)
+        warn_unconverged(info, u)
         return u, info
 
     # checkpointing of counters and warm starts (inexact mode)
@@ -259,7 +271,7 @@ class GKMSolver(nn.Module):
         return f"method={self.method!r}, max_steps={self.max_steps}, tol={'dtype default' if tol is None else tol}"
 
 
-def warn_unconverged(info: SolverInfo) -> None:
+def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None) -> None:
     """The one place that warns when a forward solve asked for a tolerance and missed it."""
     if info.converged or info.diverged or info.exact_steps or not info.residuals.numel():
         return
@@ -267,11 +279,14 @@ def warn_unconverged(info: SolverInfo) -> None:
     if info.converged_per_sample is not None:
         bad = (~info.converged_per_sample).nonzero().flatten().tolist()
         which = f" ({len(bad)} of {info.converged_per_sample.numel()} samples, e.g. {bad[:5]})"
-    warnings.warn(
-        f"the lower solve ({info.mode}) did not converge{which}: it stopped after {info.steps} steps "
-        f"with residual ||T(u) - u|| = {info.residual:.3e} above the threshold {info.tol:.3e}; the result "
-        "is not a fixed point. Raise max_steps, loosen tol (relative) / atol, pass acceleration="
-        "hp.Anderson(), or use tol=0 for exactly max_steps steps",
-        ConvergenceWarning,
-        stacklevel=3,
-    )
+    if info.message:
+        why = info.message
+    else:
+        hint = ("Raise max_steps, loosen tol (relative) / atol, pass acceleration=hp.Anderson(), or use tol=0 "
+                "for exactly max_steps steps")
+        if u is not None and not transforms_active() and info.tol == 0.0:
+            hint = ("The fixed point is 0 (or near it), where a relative tolerance tol·‖u‖ cannot be met: pass "
+                    "atol=... (an absolute tolerance)")
+        why = (f"it stopped after {info.steps} steps with residual ||T(u) - u|| = {info.residual:.3e} above the "
+               f"threshold {info.tol:.3e}; the result is not a fixed point. {hint}")
+    warnings.warn(f"the lower solve ({info.mode}) did not converge{which}: {why}", ConvergenceWarning, stacklevel=3)

@@ -223,7 +223,7 @@ def tv_solve(A: Any, b: torch.Tensor, lam: float, max_steps: int = 2000, tol: fl
     """The TV task model solved by the GKM solver (no learned module), from ``u0`` (default b);
     ``acc``: its ``acceleration=`` (``--anderson``)."""
     T = TVStep(A, lam, learn_lam=False)
-    solver = hp.GKMSolver(T, max_steps=max_steps, tol=tol, rtol=0.0, check_every=25, acceleration=acc)
+    solver = hp.GKMSolver(T, max_steps=max_steps, tol=tol, check_every=25, acceleration=acc)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", hp.ConvergenceWarning)
         return solver(b.clone() if u0 is None else u0, b)

@@ -9,6 +9,11 @@ upper level minimises the cross-entropy on a clean validation set over the weigh
 the flags, and wall time; the baselines are the unweighted fit on the noisy data and the fit on the
 clean half only (an oracle).
 
+``--modes bome,pgdo,meso,alto`` adds the first-order bilevel baselines of :mod:`hodl_plugin.baselines`
+(the methods the BOME, PBGD and MEHA papers compare on hyper-cleaning): they move the weight logits
+(Adam, the same ``--lr``) and the classifier together, one method step per outer step — BOME and PGDO
+with T = K inner steps for their value-function estimate, ALTO with K lower steps, MESO single-loop.
+
 The implicit mode runs a second time as a two-node Betty graph (``run_betty``: a ``GKMProblem``
 for the weighted fit under an ``ImplicitProblem`` for the weights), the way a Betty user writes it;
 it gives the core run's results.
@@ -103,6 +108,14 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+#: the first-order baselines (hodl_plugin.baselines), run by --modes only: (class, options from (K, L))
+FIRST_ORDER: dict[str, tuple[Any, Any]] = {
+    "bome (T=K)": (hp.BOME, lambda K, L: dict(inner_steps=K, inner_lr=1.0 / L, eta=1.0, y_lr=1.0 / L)),
+    "pgdo (γ=10, T=K)": (hp.PGDO, lambda K, L: dict(gamma=10.0, inner_steps=K, inner_lr=1.0 / L, y_lr=0.1 / L)),
+    "meso (single loop)": (hp.MESO, lambda K, L: dict(gamma=1.0 / L, eta=0.5 / L, c0=1.0, p=0.25, y_lr=0.5 / L)),
+    "alto (K lower steps)": (hp.ALTO, lambda K, L: dict(lower_steps=K, y_lr=1.0 / L)),
+}
+
 ACCELERATED = ("implicit", "inexact", "first_order")  # modes whose backward does not see the forward steps
 
 
@@ -135,6 +148,26 @@ def run_mode(name: str, opts: dict[str, Any], D: dict[str, Any], mu: float, K: i
     return {"method": name, "test_acc": accuracy(W, D["Xte"], D["yte"]),
             "F1_flags": f1_flags(x.detach(), D["corrupted"]), "val_loss": val_curve[-1], "time_s": dt,
             "curve": val_curve}
+
+
+def run_first_order(name: str, D: dict[str, Any], mu: float, K: int, iters: int, lr: float,
+                    args: Any) -> dict[str, Any]:
+    """A first-order baseline of FIRST_ORDER: one method step per outer step, Adam(lr) on the logits x."""
+    cls, options = FIRST_ORDER[name]
+    f, L = lower_objective(D, mu)
+    x = torch.zeros(len(D["ytr"]), dtype=DT, requires_grad=True)
+    W = torch.zeros(D["Xtr"].shape[1], D["classes"], dtype=DT, requires_grad=True)
+    method = cls(x, W, upper=lambda x, W: Fnn.cross_entropy(D["Xva"] @ W, D["yva"]), lower=lambda x, W: f(W, x),
+                 x_optimizer=torch.optim.Adam([x], lr=lr), **options(K, L))
+    val_curve = []
+    t0 = time.perf_counter()
+    for _ in progress(range(iters), args, desc=name):
+        val_curve.append(method.step().upper)  # F at the step's starting point
+    dt = time.perf_counter() - t0
+    Wd = W.detach()
+    return {"method": name, "test_acc": accuracy(Wd, D["Xte"], D["yte"]),
+            "F1_flags": f1_flags(x.detach(), D["corrupted"]),
+            "val_loss": float(Fnn.cross_entropy(D["Xva"] @ Wd, D["yva"])), "time_s": dt, "curve": val_curve}
 
 
 def run_betty(D: dict[str, Any], mu: float, K: int, iters: int, lr: float, args: Any) -> dict[str, Any]:
@@ -193,15 +226,16 @@ def run_betty(D: dict[str, Any], mu: float, K: int, iters: int, lr: float, args:
 
 
 def select_modes(text: str, ap: Any) -> list[str]:
-    """The MODES labels named by ``--modes``: each by its first word (``implicit``, ``truncated``) or full label.
+    """The MODES (or FIRST_ORDER) labels named by ``--modes``: each by its first word (``implicit``,
+    ``truncated``, ``bome``) or full label.
 
-    >>> select_modes("implicit,truncated", None)
-    ['implicit (cg)', 'truncated (10)']
+    >>> select_modes("implicit,truncated,bome", None)
+    ['implicit (cg)', 'truncated (10)', 'bome (T=K)']
     """
-    short = {m.split(" ")[0]: m for m in MODES}
+    short = {m.split(" ")[0]: m for m in [*MODES, *FIRST_ORDER]}
     chosen = []
     for word in (w.strip() for w in text.split(",") if w.strip()):
-        label = short.get(word, word if word in MODES else None)
+        label = short.get(word, word if word in MODES or word in FIRST_ORDER else None)
         if label is None:
             msg = f"--modes: unknown mode {word!r}; choose from {', '.join(short)}"
             if ap is None:
@@ -221,7 +255,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--iters", type=int, default=None, help="outer steps (default 50 quick / 300)")
     ap.add_argument("--lr", type=float, default=0.3, help="Adam step on the weight logits")
     ap.add_argument("--modes", default=",".join(m.split(" ")[0] for m in MODES),
-                    help="comma list of modes to run (default all: %(default)s)")
+                    help="comma list of modes to run (default the GKM modes: %(default)s; the first-order "
+                         f"baselines {', '.join(m.split(' ')[0] for m in FIRST_ORDER)} on request)")
     ap.add_argument("--no-betty", action="store_true", help="skip the run of the implicit mode in a Betty Engine")
     add_anderson(ap, default=10)
     args = ap.parse_args(argv)
@@ -239,7 +274,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
          "test_acc": accuracy(fit_plain(D, args.mu, ~D["corrupted"], acc=acceleration(args)), D["Xte"], D["yte"])},
     ]
     for name in modes:
-        rows.append(run_mode(name, MODES[name], D, args.mu, K, iters, args.lr, args))
+        if name in FIRST_ORDER:
+            rows.append(run_first_order(name, D, args.mu, K, iters, args.lr, args))
+        else:
+            rows.append(run_mode(name, MODES[name], D, args.mu, K, iters, args.lr, args))
     if not args.no_betty:
         rows.append(run_betty(D, args.mu, K, iters, args.lr, args))
     its = list(range(1, iters + 1))

@@ -223,7 +223,7 @@ def run_maid(task: Task, args: Any, budget: float, label: str) -> dict[str, Any]
                     p.copy_(o - trial * gr)
                 foe.project()
                 task.set_step(T, foe)
-                fwd.iteration.atol = eps_k  # absolute, like the inexact solver (relative=False)
+                fwd.iteration = fwd.iteration.replace(atol=eps_k)  # absolute, like the inexact solver
                 f_new = float(_loss(fwd(solver.method.u_cache["full"].clone(), y), x))
             cost += N * fwd.info.steps
             if f_new <= float(loss.detach()) - eta * trial * g2:

@@ -14,6 +14,16 @@ descent and K unrolled lower steps (hypergradient ``"unrolled"``):
   learning signal through the lower level is zero, x and u never reach the solution;
 - HODL aggregation with several schedules α_k = α0/(k+1)^γ: u_K → P(x) and x → x*.
 
+``--methods`` picks among these (``km``, ``hodl1``, ``hodl075``, ``hodl05``; all four by default) and
+the first-order bilevel baselines of :mod:`hodl_plugin.baselines` (``bome``, ``pgdo``, ``meso``,
+``alto``), methods made for lower levels without a unique solution. They take the lower level as a
+loss and solve min_{x,u} L(x, u) s.t. u ∈ argmin f, which cannot express HODL's selection
+"the point of Fix T nearest to x"; they get it through the Tikhonov loss
+f_ε(x, u) = ½||Au - b||² + (ε/2)||u - x||², whose minimiser tends to P(x) as ε → 0 (ε = ``--fo-eps``
+× ||A||², default 0.01; the row "Tikhonov closed form" is the exact solution of that regularised
+problem, i.e. the bias ε adds). Each outer iteration is one method step (BOME and PGDO with K inner
+steps for their value-function estimate, ALTO with K lower steps, MESO single-loop).
+
 Prints the final relative distances ||u - u*||/||u*||, ||x - x*||/||x*||, plots them against the
 outer iteration (nonsingleton.png) and writes nonsingleton.json.
 """
@@ -26,7 +36,7 @@ import torch
 
 import hodl_plugin as hp
 
-from ._common import parser, plot_curves, print_table, progress, save_json, setup
+from ._common import choice, parse_list, parser, plot_curves, print_table, progress, save_json, setup
 
 NAME = "nonsingleton"
 
@@ -78,6 +88,49 @@ def run_method(P: dict[str, Any], alpha: Optional[hp.schedules.Schedule], K: int
             "curve_u": du, "curve_x": dx}
 
 
+HODL_METHODS: dict[str, tuple[str, Optional[hp.schedules.Schedule]]] = {
+    "km": ("plain KM (α≡0)", None),
+    "hodl1": ("HODL α=1/(k+1)", hp.Harmonic(1.0)),
+    "hodl075": ("HODL α=1/(k+1)^0.75", hp.Polynomial(1.0, 0.75)),
+    "hodl05": ("HODL α=0.5/(k+1)^0.5", hp.Polynomial(0.5, 0.5)),
+}
+FIRST_ORDER = ("bome", "pgdo", "meso", "alto")
+
+
+def tikhonov(P: dict[str, Any], eps: float) -> torch.Tensor:
+    """x_ε: the exact solution of min_x ½||u_ε(x) - u_gt||² + (μ/2)||x||², u_ε(x) = (AᵀA + εI)⁻¹(Aᵀb + εx)."""
+    A, n = P["A"], P["n"]
+    H = A.T @ A + eps * torch.eye(n, dtype=A.dtype, device=A.device)
+    M, c = eps * torch.linalg.inv(H), torch.linalg.solve(H, A.T @ P["b"])
+    return torch.linalg.solve(M.T @ M + P["mu"] * torch.eye(n, dtype=A.dtype, device=A.device), M.T @ (P["u_gt"] - c))
+
+
+def run_first_order(P: dict[str, Any], name: str, K: int, iters: int, eps_rel: float, args: Any) -> dict[str, Any]:
+    """A first-order baseline on the Tikhonov loss f_ε; x and u start at 0 like the GKM runs."""
+    A, b, mu = P["A"], P["b"], P["mu"]
+    L = 1.0 / P["s"] + eps_rel / P["s"]  # smoothness of f_ε in u
+    eps = eps_rel / P["s"]
+    options = {
+        "bome": (hp.BOME, dict(inner_steps=K, inner_lr=1 / L, eta=0.5, x_lr=0.5, y_lr=0.5 / L)),
+        "pgdo": (hp.PGDO, dict(gamma=10.0, inner_steps=K, inner_lr=1 / L, x_lr=0.05 / L, y_lr=0.05 / L)),
+        "meso": (hp.MESO, dict(gamma=1 / L, eta=0.5 / L, c0=1.0, p=0.25, x_lr=0.5 / L, y_lr=0.5 / L)),
+        "alto": (hp.ALTO, dict(lower_steps=K, x_lr=0.5, y_lr=1 / L)),
+    }
+    cls, kw = options[name]
+    x = torch.zeros(P["n"], dtype=torch.float64, device=A.device, requires_grad=True)
+    u = torch.zeros_like(x, requires_grad=True)
+    method = cls(x, u, upper=lambda x, u: 0.5 * ((u - P["u_gt"]) ** 2).sum() + 0.5 * mu * (x**2).sum(),
+                 lower=lambda x, u: 0.5 * ((A @ u - b) ** 2).sum() + 0.5 * eps * ((u - x) ** 2).sum(), **kw)
+    du, dx, loss = [], [], []
+    for _ in progress(range(iters), args, desc=name):
+        loss.append(method.step().upper)
+        with torch.no_grad():
+            du.append(float((u - P["u_star"]).norm() / P["u_star"].norm()))
+            dx.append(float((x - P["x_star"]).norm() / P["x_star"].norm()))
+    return {"method": f"{name.upper()} (Tikhonov ε={eps_rel:g}·L)", "dist_u": du[-1], "dist_x": dx[-1],
+            "loss": loss[-1], "curve_u": du, "curve_x": dx}
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--p", type=int, default=10, help="rows of A (constraints)")
@@ -86,24 +139,34 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--iters", type=int, default=None, help="outer iterations (default 150 quick / 400)")
     ap.add_argument("--mu", type=float, default=0.1, help="weight of (μ/2)||x||²")
     ap.add_argument("--lr", type=float, default=0.5, help="outer step size")
+    ap.add_argument("--methods", default=",".join(HODL_METHODS),
+                    help="comma list of methods (default %(default)s); first-order baselines on request: "
+                         f"{', '.join(FIRST_ORDER)}")
+    ap.add_argument("--fo-eps", type=float, default=0.01,
+                    help="ε of the first-order baselines' Tikhonov lower loss, relative to ||A||² (default 0.01)")
     args = ap.parse_args(argv)
+    names = parse_list(ap, "--methods", args.methods, choice([*HODL_METHODS, *FIRST_ORDER]))
     device = setup(args)
     K = args.K or (300 if args.quick else 1000)
     iters = args.iters or (150 if args.quick else 400)
     P = problem(args.p, args.n, args.mu, args.seed, device)
-    methods: list[tuple[str, Optional[hp.schedules.Schedule]]] = [
-        ("plain KM (α≡0)", None),
-        ("HODL α=1/(k+1)", hp.Harmonic(1.0)),
-        ("HODL α=1/(k+1)^0.75", hp.Polynomial(1.0, 0.75)),
-        ("HODL α=0.5/(k+1)^0.5", hp.Polynomial(0.5, 0.5)),
-    ]
-    rows = [run_method(P, a, K, iters, args.lr, args, label) for label, a in methods]
+    rows = []
+    for name in names:
+        if name in HODL_METHODS:
+            label, alpha = HODL_METHODS[name]
+            rows.append(run_method(P, alpha, K, iters, args.lr, args, label))
+        else:
+            rows.append(run_first_order(P, name, K, iters, args.fo_eps, args))
+    if any(n in FIRST_ORDER for n in names):
+        x_eps = tikhonov(P, args.fo_eps / P["s"])
+        rows.append({"method": f"Tikhonov closed form (ε={args.fo_eps:g}·L)",
+                     "dist_x": float((x_eps - P["x_star"]).norm() / P["x_star"].norm())})
     its = list(range(1, iters + 1))
     png = plot_curves(
         f"{args.out}/{NAME}.png", {}, "outer iteration", "",
         title=f"non-singleton lower level (p={args.p}, n={args.n}, K={K})",
-        ax_pairs=[("||u - u*|| / ||u*||", {r["method"]: (its, r["curve_u"]) for r in rows}),
-                  ("||x - x*|| / ||x*||", {r["method"]: (its, r["curve_x"]) for r in rows})],
+        ax_pairs=[("||u - u*|| / ||u*||", {r["method"]: (its, r["curve_u"]) for r in rows if "curve_u" in r}),
+                  ("||x - x*|| / ||x*||", {r["method"]: (its, r["curve_x"]) for r in rows if "curve_x" in r})],
     )
     print_table(rows, ["method", "dist_u", "dist_x", "loss"],
                 title=f"# {NAME}: final relative distances to the closed-form solution (K={K}, {iters} outer its)")

@@ -357,13 +357,13 @@ def per_layer_learned(model: LearnedModel, b, u_gt, L) -> list[float]:
     NMSE = +inf after the layer where the divergence was detected."""
     us: list[torch.Tensor] = []
     it = model.solver.iteration
-    it.on_divergence = "warn"
+    model.solver.iteration = it.replace(on_divergence="warn")
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", hp.ConvergenceWarning)
             u = model(b, L, trace=us.append)
     finally:
-        it.on_divergence = "raise"
+        model.solver.iteration = it
     info = model.solver.info
     if info is not None and info.diverged:
         return [nmse_db(v, u_gt) for v in us] + [math.inf] * (L - len(us))

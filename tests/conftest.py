@@ -77,3 +77,13 @@ def quad() -> Quadratic:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def runnable(package: str) -> list[str]:
+    """The modules of the repository's ``package`` (``benchmarks``, ``recipes``) that users run as
+    ``python -m package.<name>``: every ``*.py`` with a ``__main__`` block, not ``_private`` ones."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / package
+    return sorted(p.stem for p in root.glob("*.py")
+                  if not p.stem.startswith("_") and 'if __name__ == "__main__"' in p.read_text())

@@ -81,9 +81,9 @@ def graph(kind, x0, th0, iters, unroll, mid_lr=None, top_lr=0.0):
     xm.x = torch.nn.Parameter(x0.clone())
     tm = torch.nn.Module()
     tm.th = torch.nn.Parameter(torch.tensor([th0], dtype=DT))
-    opts = {"eps": 1e-13} if kind == "gkm_inexact" else {}
+    opts = {"eps": 1e-13} if kind == "gkm_inexact" else {"tol": 1e-13}  # the inexact forward stops at eps
     # unrolled: the derivative of the K steps actually run, so cold starts (a warm start would leave few)
-    low = Low("low", hb.HODLConfig(type=kind, max_steps=2000, tol=1e-13, warm_start=kind != "gkm_unrolled", **opts))
+    low = Low("low", hb.HODLConfig(type=kind, max_steps=2000, warm_start=kind != "gkm_unrolled", **opts))
     h_mid = float(torch.linalg.eigvalsh(G.T @ G).max()) + float(torch.tensor(th0).exp())
     mid = Mid("mid", hb.HODLConfig(type="implicit_cg", unroll_steps=unroll, adjoint_rtol=1e-12),
               module=xm, optimizer=torch.optim.SGD(xm.parameters(), lr=mid_lr or 1.0 / h_mid))

@@ -91,7 +91,7 @@ def test_config_as_a_dict_is_accepted():
     ([("type", "gkm_implicit")], TypeError, "config must be a HODLConfig, a Betty Config or a dict"),
     ({"on_nonconvergence": "wran"}, ValueError, "on_nonconvergence"),
     ({"type": "darts"}, hp.HODLError, "needs Config"),
-    (hb.HODLConfig(on_divergence="rasie"), ValueError, "on_divergence"),
+    ({"on_divergence": "rasie"}, ValueError, "on_divergence"),
 ])
 def test_bad_config_is_refused_at_construction(config, err, match):
     with pytest.raises(err, match=match):

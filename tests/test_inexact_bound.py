@@ -14,7 +14,7 @@ import torch
 
 import hodl_plugin as hp
 from conftest import DT, make_quadratic
-from hodl_plugin.inexact import BoundConstants, a_posteriori, lanczos_interval, residuals_at
+from hodl_plugin.bound import BoundConstants, a_posteriori, lanczos_interval, residuals_at
 
 X0 = torch.tensor([0.3, -0.6, 1.1], dtype=DT)
 

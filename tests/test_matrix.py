@@ -368,3 +368,267 @@ def test_vmap_per_sample_convergence(mode, entry):
         ref = torch.stack(rows)
         fn = lambda: torch.func.vmap(torch.func.grad(f))(X)  # noqa: E731
     assert_right_or_named(fn, ref, 1e-7, what=f"per-sample vmap {mode}/{entry}")
+
+
+# ------------------------------------------------------------------------------------------------
+# where θ lives: passed as a parameter, captured in T's closure, a module attribute, a dict given to
+# torch.func.functional_call (captured, or passed as the solver's parameter) — every entry point
+# ------------------------------------------------------------------------------------------------
+HOMES = ["passed", "closure", "module_attr", "functional_call_captured", "functional_call_passed"]
+HOME_MODES = ["implicit", "inexact", "unrolled", "truncated", "first_order"]
+HOME_ENTRIES = ENTRIES
+
+
+class _AttrOp(torch.nn.Module):
+    """T reading θ from a plain attribute (set before each solve)."""
+
+    def __init__(self, p) -> None:
+        super().__init__()
+        self.p, self.x = p, None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.p.T(u, self.x)
+
+
+class _Net(torch.nn.Module):
+    """A module whose parameter is θ, evaluated with torch.func.functional_call."""
+
+    def __init__(self, p) -> None:
+        super().__init__()
+        self.p = p
+        self.x = torch.nn.Parameter(p.x0.clone())
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.p.T(u, self.x)
+
+
+def home_solve(home: str, p, kw: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> u*(x)`` with θ = x living in ``home``."""
+    u0 = torch.zeros(p.n, dtype=DT)
+    fc = torch.func.functional_call
+    if home == "passed":
+        solver = hp.GKMSolver(p.T, **kw)
+        return lambda x: solver(u0, x)
+    if home == "closure":
+        return lambda x: hp.GKMSolver(lambda u: p.T(u, x), **kw)(u0)
+    if home == "module_attr":
+        op = _AttrOp(p)
+        solver = hp.GKMSolver(op, **kw)
+
+        def solve(x: torch.Tensor) -> torch.Tensor:
+            op.x = x
+            return solver(u0)
+
+        return solve
+    if home == "functional_call_captured":
+        net = _Net(p)
+        return lambda x: hp.GKMSolver(lambda u: fc(net, {"x": x}, (u,)), **kw)(u0)
+    if home == "functional_call_passed":
+        net = _Net(p)
+        solver = hp.GKMSolver(lambda u, prm: fc(net, prm, (u,)), **kw)
+        return lambda x: solver(u0, {"x": x})
+    raise ValueError(home)
+
+
+def _home_cells():
+    for prob in ("spd", "tanh"):
+        for home in HOMES:
+            if prob == "tanh" and home in ("module_attr", "functional_call_passed"):
+                continue  # the linear problem covers them; tanh adds T's second derivatives
+            for mode in HOME_MODES:
+                for entry in HOME_ENTRIES:
+                    if entry in ("gradcheck", "gradgradcheck") and mode not in EXACT_MODES:
+                        continue
+                    yield pytest.param(prob, home, mode, entry, id=f"{prob}-{home}-{mode}-{entry}")
+
+
+@pytest.mark.parametrize("prob,home,mode,entry", list(_home_cells()))
+def test_param_home(prob: str, home: str, mode: str, entry: str) -> None:
+    """The exact derivative wherever θ lives (a tensor T captures must not give a zero derivative)."""
+    p = _problem(prob)
+    kw, _, ref_kind, tol, _ = configure(mode, "tight")
+    if prob == "tanh" and entry in ("create_graph", "hessian"):
+        tol = max(tol, 1e-6)  # reference Hessian by central differences
+    ref = expected(entry, p, ref_kind)
+
+    def cell():
+        solve = home_solve(home, p, dict(hypergrad=mode, **kw))
+        return run_entry(entry, solve, lambda x: p.F(solve(x)), p, p.x0)
+
+    assert_right_or_named(cell, ref, tol, what=f"{prob}/{home}/{mode}/{entry}")
+
+
+# ------------------------------------------------------------------------------------------------
+# start near / far / at zero, data scale 1e-8 ... 1e8, acceleration on / off: converged=True means
+# ‖T(u) − u‖ ≤ max(tol·‖u‖, atol) at the returned u, and the values are within the tolerance's reach
+# ------------------------------------------------------------------------------------------------
+START_MODES = ["implicit", "inexact", "unrolled", "truncated", "first_order"]
+
+
+def _residual(T, u, *params) -> float:
+    with torch.no_grad():
+        return float((T(u, *params) - u).norm())
+
+
+@pytest.mark.parametrize("acc", [False, True], ids=["plain", "anderson"])
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e8])
+@pytest.mark.parametrize("start", ["zero", "near", "far"])
+@pytest.mark.parametrize("mode", START_MODES)
+def test_start_and_scale(mode: str, start: str, scale: float, acc: bool) -> None:
+    p = make_linear("spd", seed=11, cond=20.0, scale=scale)
+    x = p.x0.clone()
+    us = p.u_star(x)
+    u0 = {"zero": torch.zeros(p.n, dtype=DT), "near": us * (1 + 1e-6), "far": 1e6 * us + 1e6 * scale}[start]
+    tol = 1e-10
+    kw: dict[str, Any] = dict(eps=tol, delta=tol) if mode == "inexact" else dict(tol=tol)
+    if mode == "truncated":
+        kw["steps"] = 5
+    if acc:
+        kw["acceleration"] = hp.Anderson(5)
+    sigma = p.s * float(torch.linalg.eigvalsh(p.Q).min())  # σ_min(I − M): ‖u − u*‖ ≤ r / σ
+
+    def run():
+        solver = hp.GKMSolver(p.T, hypergrad=mode, max_steps=20000, **kw)
+        xr = x.clone().requires_grad_(True)
+        u, info = solver.solve(u0.clone(), xr)
+        p.F(u).backward()
+        return u.detach(), info, xr.grad
+
+    try:
+        u, info, g = run()
+    except hp.ConfigurationError as e:  # Anderson with unrolled / truncated: refused by name
+        assert acc and mode in ("unrolled", "truncated") and "implicit" in str(e)
+        return
+    r = _residual(p.T, u, x)
+    assert info.converged, info.message
+    assert r <= tol * float(u.norm()) * (1 + 1e-12), f"converged=True at a point with residual {r:.3e}"
+    assert info.residual == pytest.approx(r, rel=1e-6, abs=1e-300)
+    assert rel_err(u, us) <= 2 * tol / sigma
+    if mode == "unrolled":  # the derivative of the steps that ran: du_K/dx = Σ_{i<K} M^i sB
+        J = p.S(info.steps) @ (p.s * p.B)
+        ref = J.T @ (u - p.y)
+    elif mode == "truncated":
+        ref = reference(p, ("truncated", None, 5, False), x).grad
+    elif mode == "first_order":
+        ref = reference(p, ("first_order",), x).grad
+    else:
+        ref = reference(p, ("fixed",), x).grad
+    assert rel_err(g, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("path", ["single", "batch_dims", "inexact", "vmap"])
+def test_anderson_converged_means_a_fixed_point(path: str) -> None:
+    """T(u) = (1 − 1e-11)u + x: the Anderson step extrapolates to u* ~ 1e11 in two steps, where the
+    residual is rounding; converged must hold at the returned point (it held at the checked point and
+    the KM step from it was returned)."""
+    T = lambda u, x: (1 - 1e-11) * u + x  # noqa: E731
+    acc = hp.Anderson(3)
+    mode = "inexact" if path == "inexact" else "implicit"
+    kw = dict(eps=1e-10, delta=1e-10) if mode == "inexact" else {}
+    if path == "batch_dims":
+        solver = hp.GKMSolver(T, max_steps=50, check_every=1, acceleration=acc, batch_dims=1, hypergrad=mode, **kw)
+        u, info = solver.solve(torch.zeros(3, 1, dtype=DT), torch.ones(3, 1, dtype=DT))
+        r = (T(u, torch.ones(3, 1, dtype=DT)) - u).norm(dim=1)
+        thr = 1e-10 * u.norm(dim=1)
+        assert bool(((r <= thr) | ~info.converged_per_sample).all()) and info.converged
+        return
+    solver = hp.GKMSolver(T, max_steps=50, check_every=1, acceleration=acc, hypergrad=mode, **kw)
+    if path == "vmap":
+        with torch.no_grad():
+            u = torch.func.vmap(lambda x: solver(torch.zeros(1, dtype=DT), x))(torch.ones(3, 1, dtype=DT))
+        info = solver.info
+        r = (T(u, torch.ones(3, 1, dtype=DT)) - u).norm(dim=1)
+        assert bool((r <= 1e-10 * u.norm(dim=1)).all()) and info.converged
+        return
+    u, info = solver.solve(torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT))
+    r = _residual(T, u, torch.ones(1, dtype=DT))
+    assert info.converged and r <= 1e-10 * float(u.norm())
+    assert float(u) > 9.9e10  # u* = 1e11 (the residual test cannot resolve it further: σ_min = 1e-11)
+
+
+# ------------------------------------------------------------------------------------------------
+# grad mode: enabled / no_grad / inference_mode, every mode, acceleration on / off
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("acc", [False, True], ids=["plain", "anderson"])
+@pytest.mark.parametrize("grad_mode", ["enabled", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("mode", START_MODES)
+def test_grad_mode(mode: str, grad_mode: str, acc: bool) -> None:
+    p = _problem("spd")
+    kw: dict[str, Any] = dict(eps=1e-12, delta=1e-12) if mode == "inexact" else dict(tol=1e-12)
+    if acc:
+        if mode in ("unrolled", "truncated"):
+            return  # refused at construction (test_start_and_scale)
+        kw["acceleration"] = hp.Anderson(5)
+    if mode == "truncated":
+        kw["steps"] = 3
+    solver = hp.GKMSolver(p.T, hypergrad=mode, max_steps=5000, **kw)
+    ctx = {"enabled": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
+    x = p.x0.clone().requires_grad_(grad_mode == "enabled")
+    with ctx():
+        u = solver(torch.zeros(p.n, dtype=DT), x)
+    assert rel_err(u.detach(), p.u_star(p.x0)) < 1e-9 and solver.info.converged
+    assert u.requires_grad == (grad_mode == "enabled")
+    assert u.is_inference() == (grad_mode == "inference_mode")
+    if grad_mode == "enabled":
+        p.F(u).backward()
+        ref = reference(p, ("first_order",) if mode == "first_order" else
+                        ("truncated", None, 3, False) if mode == "truncated" else ("fixed",), p.x0).grad
+        assert rel_err(x.grad, ref) < 1e-7
+
+
+# ------------------------------------------------------------------------------------------------
+# object life: pickle, deepcopy, torch.save / torch.load of a module holding a solver
+# ------------------------------------------------------------------------------------------------
+class _Lower(torch.nn.Module):
+    """T(u; x) = u − s(Qu − Bx) as a module (picklable, unlike a lambda)."""
+
+    def __init__(self, Q: torch.Tensor, B: torch.Tensor, s: float) -> None:
+        super().__init__()
+        self.register_buffer("Q", Q.clone())
+        self.register_buffer("B", B.clone())
+        self.s = s
+
+    def forward(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return u - self.s * (self.Q @ u - self.B @ x)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, p, mode: str) -> None:
+        super().__init__()
+        kw: dict[str, Any] = dict(eps=1e-12, delta=1e-12) if mode == "inexact" else dict(tol=1e-12)
+        self.solver = hp.GKMSolver(_Lower(p.Q, p.B, p.s), hypergrad=mode, max_steps=5000, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.solver(torch.zeros(self.solver.T.Q.shape[0], dtype=DT), x, key="k")
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch_save"])
+@pytest.mark.parametrize("mode", START_MODES)
+def test_object_life(mode: str, how: str) -> None:
+    import copy
+    import io
+    import pickle
+
+    p = _problem("spd")
+    model = _Model(p, mode)
+    x = p.x0.clone().requires_grad_(True)
+    p.F(model(x)).backward()  # the inexact mode's counters and caches are now non-empty
+    if how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    elif how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.solver.method is not model.solver.method
+    k_before = getattr(model.solver.method, "k", None)
+    for m in (twin, model):  # both work, each with its own state
+        xr = p.x0.clone().requires_grad_(True)
+        p.F(m(xr)).backward()
+        ref = reference(p, ("first_order",) if mode == "first_order" else
+                        ("truncated", None, 10, False) if mode == "truncated" else ("fixed",), p.x0).grad
+        assert rel_err(xr.grad, ref) < 1e-7
+    if k_before is not None:
+        assert model.solver.method.k == k_before + 1 and twin.solver.method.k == k_before + 1

@@ -14,11 +14,12 @@ import sys
 
 import pytest
 
+from conftest import runnable
+
 pytest.importorskip("matplotlib")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RECIPES = ["nonsingleton", "sparse_coding", "hyper_cleaning", "learned_regularizer", "deconvolution", "derain",
-           "few_shot"]
+RECIPES = runnable("recipes")  # every recipe, found (tests/test_run_as_typed.py: each has a --quick run below)
 
 
 def run_recipe(name: str, cwd: pathlib.Path) -> dict:

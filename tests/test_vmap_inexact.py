@@ -61,9 +61,9 @@ def test_a_vmapped_call_warm_starts_each_sample_from_its_own_iterate():
     assert tuple(solver.method.u_cache["batch"].shape) == (B, N)  # the batch is cached, not one sample
     with torch.no_grad():
         warm = torch.func.vmap(solve)(X)
-    # started at its own fixed point (to eps), every sample stops at its first check
+    # started at its own fixed point (to eps), every sample stops at its first check: u_0 is returned
     assert solver.info.warm_started
-    assert solver.info.steps_per_sample.tolist() == [1] * B, solver.info.steps_per_sample
+    assert solver.info.steps_per_sample.tolist() == [0] * B, solver.info.steps_per_sample
     ref = torch.stack([u_star(x) for x in X])
     # error ≤ ‖(I − ∂T)⁻¹‖·residual ≤ cond · eps · scale = 100 · 1e-10 · scale
     assert rel(cold, ref) < 1e-7 and rel(warm, ref) < 1e-7
@@ -82,7 +82,7 @@ def test_an_unbatched_iterate_warm_starts_every_sample_of_a_vmapped_call():
         out = torch.func.vmap(solve)(X)
     assert solver.info.warm_started
     steps = solver.info.steps_per_sample.tolist()
-    assert steps[1] == 1 and steps[0] > 1 and steps[2] > 1  # only sample 1 started at its own point
+    assert steps[1] == 0 and steps[0] > 1 and steps[2] > 1  # only sample 1 started at its own point
     assert rel(out, torch.stack([u_star(x) for x in X])) < 1e-7
 
 
@@ -219,7 +219,7 @@ def test_nested_vmap_keeps_warm_starts_of_the_whole_batch():
     g1 = vv(XX)
     assert tuple(solver.method.u_cache["batch"].shape) == (2, B, N)
     g2 = vv(XX)
-    assert solver.info.warm_started and int(solver.info.steps) == 1
+    assert solver.info.warm_started and int(solver.info.steps) == 0
     ref = torch.stack([torch.stack([grad_ref(x, "implicit") for x in row]) for row in XX])
     assert rel(g1, ref) < 1e-7 and rel(g2, ref) < 1e-7
 

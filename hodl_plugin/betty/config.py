@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Any, Optional, Union
 
-from ..errors import HODLError
+from ..errors import HODLError, UnusedOptionWarning
 from ..hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled
 from ..schedules import Schedule
+from . import _fields
 from ._betty import Config as _BettyConfig
+from ._betty import hypergradient
 
 __all__ = ["GKM_METHODS", "IMPLICIT_METHODS", "HODLConfig", "as_config"]
 
@@ -21,23 +25,52 @@ _ON_NONCONVERGENCE = ("warn", "raise", "ignore")
 
 @dataclasses.dataclass
 class HODLConfig(_BettyConfig):
-    """Betty's ``Config`` plus the options of the GKM solver and of our hypergradient methods.
+    r"""Betty's ``Config`` plus the options of the GKM solver and of our hypergradient methods.
 
     Usable for every node (it *is* a Betty ``Config``). ``type`` selects the hypergradient of the
     edge from this node to its upper node: one of :data:`GKM_METHODS` for a :class:`GKMProblem`,
     one of :data:`IMPLICIT_METHODS` (or Betty's own names) for an argmin ``ImplicitProblem``.
 
+    The tolerances mean what they mean in the core, with the same dtype-aware defaults, so a problem
+    gets the same accuracy through a Betty graph as through ``hp.GKMSolver``:
+
+    - ``tol`` (relative) and ``atol`` (absolute): the lower solve stops when
+      :math:`\|T(u) - u\| \le \max(\mathrm{tol}\,\|u\|, \mathrm{atol})`. ``tol=None`` (default) is
+      :func:`hodl_plugin.gkm.default_tol` of the solution's dtype (1e-10 in float64, 1e-5 in float32);
+      ``tol=0`` (with ``atol=0``) runs exactly ``max_steps`` steps. Not used by ``gkm_inexact``, whose
+      forward stops at its accuracy :math:`\varepsilon_k` (``eps``): giving them with it warns.
+    - ``adjoint_rtol=None`` (default) is ``hodl_plugin.hypergrad.default_adjoint_rtol`` of the dtype
+      (1e-10 in float64, 1.2e-5 in float32), as ``hp.Implicit()``; ``adjoint_atol`` is absolute.
+      ``on_fail=None`` (default) is the method's own: ``gkm_implicit`` raises a ``LinearSolveError`` when
+      the adjoint misses its tolerance, ``gkm_inexact`` warns (its adjoint stops at δ_k), as in the core.
+    - ``warm_start=True`` (default) is the one deliberate difference from the core, whose
+      ``GKMSolver`` starts where it is told: each Betty step's solve starts from the node's previous
+      solution (per sample with ``sample_keys``), because consecutive steps solve nearby problems. It
+      changes the number of steps, not the accuracy: a warm and a cold solve stop by the same test,
+      measured at the returned :math:`u`, so their results differ by less than that tolerance.
+      ``warm_start=False`` starts every solve from ``initial_state`` (as the core does from its ``u0``).
+
+    Every field is checked at construction: a value of the wrong Python type (``max_steps="1000"``,
+    ``tol="1e-8"``, ``warm_start=1``) is a ``TypeError``, an out-of-range one (``max_steps=0``,
+    ``on_fail="rasie"``) a ``ValueError``; both name the field. ``rtol`` was removed: ``tol`` is
+    relative, ``atol`` absolute.
+
     >>> cfg = HODLConfig(type="gkm_inexact", eps=1e-3, max_steps=500, log_step=10)
     >>> _method_for(cfg)
     Inexact(eps=Constant(c=0.001), delta=Constant(c=0.001), k=0)
+    >>> HODLConfig(max_steps="1000")
+    Traceback (most recent call last):
+    ...
+    TypeError: HODLConfig(max_steps=...) must be an int >= 1, got '1000' (str)
     """
 
     type: str = "gkm_implicit"
-    # the lower GKM solve (see hodl_plugin.GKMSolver); tol/rtol are not used by gkm_inexact, whose forward
-    # stops at its accuracy eps_k (set eps, or method=hp.Inexact(eps=...))
+    # the lower GKM solve (see hodl_plugin.GKMSolver): stop when ||T(u) - u|| <= max(tol·||u||, atol) at the
+    # returned u; tol=None: the dtype's default (hodl_plugin.gkm.default_tol). Not used by gkm_inexact, whose
+    # forward stops at its accuracy eps_k (set eps, or method=hp.Inexact(eps=...))
     max_steps: int = 1000
-    tol: float = 1e-8
-    rtol: float = 0.0
+    tol: Optional[float] = None
+    atol: float = 0.0
     beta: Union[float, Schedule] = 1.0
     # HODL aggregation u_{k+1} = T(u_k - α_k s ∇_u F(u_k)): on when ``alpha`` is set (F: the upper node's
     # own training_step, or the node's upper_objective if it defines one, then α defaults to Harmonic(1.0))
@@ -48,13 +81,14 @@ class HODLConfig(_BettyConfig):
     aggregate_upper: Optional[str] = None  # which upper node's training_step is F, when there are several
     check_every: int = 10
     on_divergence: str = "raise"
-    warm_start: bool = True  # start each solve from the last iterate (per sample with sample_keys)
+    # start each solve from the last solution (per sample with sample_keys); the core does not (docstring)
+    warm_start: bool = True
     # hypergradients
     linear_solver: Optional[str] = None  # None: CG for GradientStep operators, else GMRES
-    adjoint_rtol: float = 1e-10
+    adjoint_rtol: Optional[float] = None  # None: the dtype's default (hodl_plugin.hypergrad.default_adjoint_rtol)
     adjoint_atol: float = 0.0
     adjoint_maxiter: int = 1000
-    on_fail: str = "raise"
+    on_fail: Optional[str] = None  # None: the method's own default, as in the core (implicit raises, inexact warns)
     truncate: int = 10
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
@@ -69,26 +103,99 @@ class HODLConfig(_BettyConfig):
     on_nonconvergence: str = "warn"
 
     def __post_init__(self) -> None:
-        if self.on_nonconvergence not in _ON_NONCONVERGENCE:
-            raise ValueError(
-                f"HODLConfig(on_nonconvergence=...) must be one of {list(_ON_NONCONVERGENCE)}, "
-                f"got {self.on_nonconvergence!r}"
+        checks = _field_checks()
+        for f in dataclasses.fields(self):
+            check = checks.get(f.name)
+            if check is not None:
+                setattr(self, f.name, check(f.name, getattr(self, f.name)))
+        if self.type == "gkm_inexact" and self.method is None and (self.tol is not None or self.atol != 0):
+            warnings.warn(
+                "HODLConfig(tol=/atol=...) is not used with type='gkm_inexact': its forward stops at the "
+                "accuracy eps_k of each step (and the adjoint at delta_k); set eps=... (and delta=...) instead",
+                UnusedOptionWarning, stacklevel=3,
             )
-        if self.aggregation not in ("inside", "outside"):
-            raise ValueError(f"HODLConfig(aggregation=...) must be 'inside' or 'outside', got {self.aggregation!r}")
-        if self.aggregate_upper is not None and not isinstance(self.aggregate_upper, str):
-            raise TypeError(
-                f"HODLConfig(aggregate_upper=...) must be the name of an upper node, got {self.aggregate_upper!r}"
-            )
-        if not isinstance(self.warm_start, bool):
-            raise TypeError(f"HODLConfig(warm_start=...) must be a bool, got {self.warm_start!r}")
-        from ..acceleration import Anderson
 
-        if self.acceleration is not None and not isinstance(self.acceleration, Anderson):
-            raise TypeError(
-                "HODLConfig(acceleration=...) must be None or hodl_plugin.Anderson(history_size=m), got "
-                f"{type(self.acceleration).__name__}"
-            )
+
+#: fields that HODLConfig no longer has, and what replaces them (said by the TypeError that refuses them)
+_REMOVED = {
+    "rtol": "HODLConfig(rtol=...) was removed: tol is the relative tolerance (the lower solve stops when "
+            "||T(u) - u|| <= max(tol·||u||, atol)) and atol the absolute one; pass tol=... (and atol=...)",
+}
+
+_dataclass_init = HODLConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self: HODLConfig, *args: Any, **kwargs: Any) -> None:
+    for key, msg in _REMOVED.items():
+        if key in kwargs:
+            raise TypeError(msg)
+    _dataclass_init(self, *args, **kwargs)
+
+
+HODLConfig.__init__ = _init  # type: ignore[method-assign]
+
+
+def _betty_types() -> list[str]:
+    """The hypergradient names Betty's registry knows now (its own, ours, any a user registered)."""
+    return sorted(set(hypergradient.jvp_fn_mapping) | set(GKM_METHODS) | set(IMPLICIT_METHODS))
+
+
+def _type_check(name: str, value: Any) -> str:
+    return _fields.choice(*_betty_types())(name, value)
+
+
+def _field_checks() -> dict[str, _fields.Check]:
+    """The check of every field, by name: HODLConfig's own and Betty's ``Config``'s (those it has)."""
+    from ..acceleration import Anderson
+
+    return {
+        # Betty's Config
+        "type": _type_check,
+        "unroll_steps": _fields.count(1),
+        "first_order": _fields.flag,
+        "retain_graph": _fields.flag,
+        "allow_unused": _fields.flag,
+        "gradient_accumulation": _fields.count(1),
+        "gradient_clipping": _fields.real(minimum=0.0),
+        "precision": _fields.choice("fp32", "fp16", "bf16"),
+        "initial_dynamic_scale": _fields.real(positive=True),
+        "scale_factor": _fields.real(positive=True),
+        "warmup_steps": _fields.count(0),
+        "log_step": _fields.count(None),
+        "log_local_step": _fields.flag,
+        "darts_alpha": _fields.real(),
+        "darts_multitask": _fields.flag,
+        "sama_adam_alpha": _fields.real(),
+        "sama_multitask": _fields.flag,
+        "neumann_iterations": _fields.count(0),
+        "neumann_alpha": _fields.real(),
+        "cg_iterations": _fields.count(0),
+        "cg_alpha": _fields.real(),
+        # ours
+        "max_steps": _fields.count(1),
+        "tol": _fields.real(minimum=0.0, optional=True),
+        "atol": _fields.real(minimum=0.0),
+        "beta": _fields.schedule(),
+        "alpha": _fields.schedule(optional=True),
+        "upper_step": _fields.real(positive=True),
+        "aggregation": _fields.choice("inside", "outside"),
+        "aggregate_upper": _fields.name_or_none,
+        "check_every": _fields.count(1),
+        "on_divergence": _fields.choice("raise", "warn"),
+        "warm_start": _fields.flag,
+        "linear_solver": _fields.linear_solver,
+        "adjoint_rtol": _fields.real(minimum=0.0, optional=True),
+        "adjoint_atol": _fields.real(minimum=0.0),
+        "adjoint_maxiter": _fields.count(1),
+        "on_fail": _fields.choice("raise", "warn", optional=True),
+        "truncate": _fields.count(1),
+        "eps": _fields.schedule(),
+        "delta": _fields.schedule(optional=True),
+        "method": _fields.instance_of(HypergradMethod, "a hodl_plugin method object (e.g. hp.Implicit(...))"),
+        "acceleration": _fields.instance_of(Anderson, "hodl_plugin.Anderson(history_size=m)"),
+        "on_nonconvergence": _fields.choice(*_ON_NONCONVERGENCE),
+    }
 
 
 def as_config(config: Any, node: str = "GKMProblem") -> Any:
@@ -108,6 +215,9 @@ def as_config(config: Any, node: str = "GKMProblem") -> Any:
     if isinstance(config, _BettyConfig):
         return config
     if isinstance(config, dict):
+        for key, msg in _REMOVED.items():
+            if key in config:
+                raise TypeError(f"{node}: {msg}")
         fields = {f.name for f in dataclasses.fields(HODLConfig)}
         unknown = sorted(set(config) - fields)
         if unknown:
@@ -120,6 +230,11 @@ def as_config(config: Any, node: str = "GKMProblem") -> Any:
 
 def _cfg(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
+
+
+def _given(config: Any, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that the config sets (not None): the others keep the core's defaults."""
+    return {n: getattr(config, n) for n in names if getattr(config, n, None) is not None}
 
 
 #: the HODLConfig fields that build a method object: with ``method=`` given they must stay at their defaults
@@ -172,10 +287,10 @@ def _method_for(config: Any) -> HypergradMethod:
     if kind == "gkm_implicit":
         return Implicit(
             solver=_cfg(config, "linear_solver", None),
-            adjoint_rtol=_cfg(config, "adjoint_rtol", 1e-10),
+            adjoint_rtol=_cfg(config, "adjoint_rtol", None),
             adjoint_atol=_cfg(config, "adjoint_atol", 0.0),
             adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
-            on_fail=_cfg(config, "on_fail", "raise"),
+            **_given(config, "on_fail"),
         )
     if kind == "gkm_unrolled":
         return Unrolled()
@@ -189,7 +304,7 @@ def _method_for(config: Any) -> HypergradMethod:
             delta=_cfg(config, "delta", None),
             solver=_cfg(config, "linear_solver", None),
             adjoint_maxiter=_cfg(config, "adjoint_maxiter", 1000),
-            on_fail="warn" if _cfg(config, "on_fail", "raise") == "warn" else "raise",
+            **_given(config, "on_fail"),
         )
     raise HODLError(
         f"a GKMProblem needs Config(type=...) in {list(GKM_METHODS)}, got {kind!r}: the edge from a GKM "

@@ -10,8 +10,10 @@ from torch import Tensor
 
 from .. import linear_solve as ls
 from ..errors import ConvergenceWarning, HODLError, LinearSolveError
+from ..hypergrad import default_adjoint_rtol
 from ._betty import get_logger
 from ._betty import hypergradient as _betty_hypergradient
+from ._messages import in_config_terms, resolution_note
 from .config import GKM_METHODS, _cfg
 from .distributed import _average_grads_across_ranks
 from .errors import WiringWarning
@@ -88,7 +90,10 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
             stacklevel=2,
         )
     curr._fresh_served = False
-    grads = torch.autograd.grad(z, params, v, retain_graph=True, allow_unused=True)
+    try:
+        grads = torch.autograd.grad(z, params, v, retain_graph=True, allow_unused=True)
+    except LinearSolveError as e:
+        raise _node_error(e, curr, v) from e
     if all(g is None for g in grads):
         raise HODLError(
             f"the operator of GKM node {curr.name!r} does not depend on the trainable parameters of "
@@ -107,6 +112,19 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
         _average_grads_across_ranks(params)
         return None
     return grads
+
+
+def _node_error(e: LinearSolveError, node: GKMProblem, v: Tensor) -> LinearSolveError:
+    """The core's adjoint failure, naming the node and the HODLConfig fields (not GKMSolver's keywords)."""
+    info = node.info
+    linfo = None if info is None else info.adjoint
+    msg = f"GKM node {node.name!r} (HODLConfig(type={node.config.type!r})): "
+    if linfo is not None and not linfo.converged:
+        rhs = float(torch.linalg.vector_norm(v.detach()))
+        note = resolution_note(linfo.threshold, rhs, v.dtype, inexact=node.method.name == "inexact")
+        msg += f"{note} The solver's report: " if note else ""
+    msg += in_config_terms(str(e), None if linfo is None else linfo.method)
+    return LinearSolveError(msg)
 
 
 def _flat(ts: Sequence[Tensor]) -> Tensor:
@@ -137,7 +155,8 @@ def implicit_vjp(
     r"""Implicit hypergradient of an argmin node :math:`\theta^*(\lambda) = \arg\min_\theta L(\theta, \lambda)`.
 
     Solves :math:`\nabla^2_{\theta\theta} L\, q = v` (``vector``) to the tolerance
-    ``config.adjoint_rtol`` (default 1e-10) with ``solver`` (``"cg"`` or ``"gmres"``), then returns
+    ``config.adjoint_rtol`` (default ``None``: ``hodl_plugin.hypergrad.default_adjoint_rtol`` of the
+    dtype, 1e-10 in float64, 1.2e-5 in float32) with ``solver`` (``"cg"`` or ``"gmres"``), then returns
     :math:`-\nabla^2_{\lambda\theta} L\, q`. Correct where Betty's ``cg`` is not (its direction
     update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
     path of the graph. Betty calls it for ``type="implicit_cg"`` / ``"implicit_gmres"``
@@ -178,21 +197,24 @@ def implicit_vjp(
         hvp = torch.autograd.grad(in_grad, params, _unflat(p, params), retain_graph=True, allow_unused=True)
         return _flat(_zeros_for_none(hvp, params))
 
+    rtol = _cfg(cfg, "adjoint_rtol", None)
     solve = ls.get(
         solver,
-        rtol=_cfg(cfg, "adjoint_rtol", 1e-10),
+        rtol=default_adjoint_rtol(b.dtype) if rtol is None else rtol,
         atol=_cfg(cfg, "adjoint_atol", 0.0),
         maxiter=_cfg(cfg, "adjoint_maxiter", 1000),
     )
     q, info = solve(matvec, b)
     curr.hodl_adjoint_info = info
     if not info.converged:
+        note = resolution_note(info.threshold, float(torch.linalg.vector_norm(b)), b.dtype)
         msg = (
             f"node {curr.name!r}: the Hessian system of the implicit hypergradient was not solved "
             f"({info.method}: residual {info.residual:.3e} > {info.threshold:.3e} after {info.iterations} "
-            "products); is the lower level solved to optimality and its Hessian nonsingular?"
+            "products); " + (note or "is the lower level solved to optimality and its Hessian nonsingular? Or "
+                             "raise HODLConfig(adjoint_maxiter=...)")
         )
-        if _cfg(cfg, "on_fail", "raise") == "raise":
+        if _cfg(cfg, "on_fail", None) in (None, "raise"):  # None: raise, as hp.Implicit() does
             raise LinearSolveError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=2)
     prev_params = list(prev.trainable_parameters())

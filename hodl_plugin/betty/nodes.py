@@ -378,12 +378,11 @@ class GKMProblem(_ImplicitProblem):
         )
 
     def _tolerances(self, cfg: Any) -> dict[str, Any]:
-        """``tol``/``rtol`` of the config for the solver; gkm_inexact stops at its own ε_k (``eps``) instead, so
-        they are not passed to it (HODLConfig's fields serve every node type; documented there)."""
-        tol, rtol = _cfg(cfg, "tol", 1e-8), _cfg(cfg, "rtol", 0.0)
-        if self.method.name != "inexact":
-            return {"tol": tol, "rtol": rtol}
-        return {}
+        """``tol``/``atol`` of the config for the solver (``tol=None``: the core's dtype default); gkm_inexact
+        stops at its own ε_k (``eps``) instead, so they are not passed to it (HODLConfig warns if given)."""
+        if self.method.name == "inexact":
+            return {}
+        return {"tol": _cfg(cfg, "tol", None), "atol": _cfg(cfg, "atol", 0.0)}
 
     def _run_solver(self, u0: Tensor, batch: Any) -> Tensor:
         """One solve; its warnings are re-issued naming this node, a stop before the tolerance is reported."""
@@ -402,7 +401,8 @@ class GKMProblem(_ImplicitProblem):
                 raise
         info = self._solver.info
         cfg = self.config
-        asked = _cfg(cfg, "tol", 1e-8) > 0 or _cfg(cfg, "rtol", 0.0) > 0
+        tol = _cfg(cfg, "tol", None)
+        asked = tol is None or tol > 0 or _cfg(cfg, "atol", 0.0) > 0
         mode = _cfg(cfg, "on_nonconvergence", "warn")
         stopped = asked and not info.converged and not info.diverged
         for w in caught:

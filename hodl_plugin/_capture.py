@@ -1,0 +1,262 @@
+r"""What an operator reads: its parameters as flat tensors, and the tensors it captures.
+
+The implicit derivative of :math:`u^*(\theta)` needs every tensor :math:`\theta` that ``T`` depends
+on as an *input* of the autograd primitive — not only the ``params`` passed to the solver, but also
+the tensors ``T`` reads from its closure, from module attributes, or through
+``torch.func.functional_call(net, p, ...)`` with a captured dict ``p``. Under ``torch.func``
+transforms those tensors are wrapped (GradTrackingTensor, BatchedTensor); a primitive that did not
+receive them would see a constant and return a zero derivative.
+
+So :func:`bind` runs ``T`` once under a recording ``TorchFunctionMode`` and collects the tensors
+that enter a torch operation without being produced inside ``T`` (its *leaves*) and that carry a
+derivative (they require grad, are wrapped by a transform, or hold a forward-mode tangent). The
+:class:`BoundOperator` then evaluates ``T`` on any replacement tensors: a second mode substitutes
+each captured tensor, by identity, with its replacement in every torch operation ``T`` performs
+(what ``functional_call`` does for module parameters, for any tensor).
+
+>>> import torch
+>>> W = torch.tensor([[0.5, 0.0], [0.1, 0.2]], requires_grad=True)
+>>> T = lambda u, x: W @ u + x
+>>> op = bind(T, torch.zeros(2), (torch.ones(2),))
+>>> len(op.captured), op.captured[0] is W
+(1, True)
+>>> op(torch.ones(2), [torch.zeros(2), torch.eye(2)])      # T with x = 0 and W = I
+tensor([1., 1.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from ._torch_compat import current_functorch_level, forward_ad_active, functorch_level, is_functorch_wrapped
+
+__all__ = ["TreeSpec", "flatten", "unflatten", "bind", "BoundOperator", "substitute"]
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters as pytrees (tensors, and lists / tuples / dicts of them)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TreeSpec:
+    """The structure of one parameter: ``kind`` ``"leaf"``, ``"list"``, ``"tuple"``, ``"namedtuple"``
+    or ``"dict"``, with its children and (for dicts) keys."""
+
+    kind: str
+    children: tuple = ()
+    keys: tuple = ()
+    cls: Any = None
+    value: Any = None  # a constant (kind "static")
+
+
+_LEAF = TreeSpec("leaf")
+
+
+def _flatten_one(obj: Any, out: list, where: str, static: bool) -> TreeSpec:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+        return _LEAF
+    if isinstance(obj, dict):
+        keys = tuple(obj)
+        kids = tuple(_flatten_one(obj[k], out, f"{where}[{k!r}]", static) for k in keys)
+        return TreeSpec("dict", kids, keys, type(obj))
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        kids = tuple(_flatten_one(v, out, f"{where}.{f}", static) for f, v in zip(obj._fields, obj))
+        return TreeSpec("namedtuple", kids, (), type(obj))
+    if isinstance(obj, (list, tuple)):
+        kids = tuple(_flatten_one(v, out, f"{where}[{i}]", static) for i, v in enumerate(obj))
+        return TreeSpec("list" if isinstance(obj, list) else "tuple", kids)
+    if static:
+        return TreeSpec("static", value=obj)
+    raise TypeError(
+        f"{where} must be a torch.Tensor (or a list / tuple / dict of tensors), got {type(obj).__name__}; "
+        "wrap numbers as tensors, e.g. torch.tensor([0.1], dtype=u0.dtype)"
+    )
+
+
+def flatten(params: Sequence[Any], static: bool = False) -> tuple[list[Tensor], tuple[TreeSpec, ...]]:
+    """The tensors of ``params`` in order, and the structure to rebuild them; with ``static``,
+    other leaves (numbers, strings, None) are kept in the structure as constants.
+
+    >>> leaves, spec = flatten([torch.zeros(1), {"w": torch.ones(2)}])
+    >>> len(leaves), unflatten(spec, leaves)[1]["w"]
+    (2, tensor([1., 1.]))
+    """
+    out: list[Tensor] = []
+    spec = tuple(_flatten_one(p, out, f"params[{i}]", static) for i, p in enumerate(params))
+    return out, spec
+
+
+def _unflatten_one(spec: TreeSpec, it: Any) -> Any:
+    if spec.kind == "leaf":
+        return next(it)
+    if spec.kind == "static":
+        return spec.value
+    kids = [_unflatten_one(c, it) for c in spec.children]
+    if spec.kind == "dict":
+        return spec.cls(zip(spec.keys, kids)) if spec.cls is not dict else dict(zip(spec.keys, kids))
+    if spec.kind == "namedtuple":
+        return spec.cls(*kids)
+    return kids if spec.kind == "list" else tuple(kids)
+
+
+def unflatten(spec: tuple[TreeSpec, ...], leaves: Sequence[Tensor]) -> list[Any]:
+    """Inverse of :func:`flatten`."""
+    if all(s is _LEAF for s in spec):
+        return list(leaves[: len(spec)])
+    it = iter(leaves)
+    return [_unflatten_one(s, it) for s in spec]
+
+
+# ------------------------------------------------------------------------------------------------
+# the two torch-function modes
+# ------------------------------------------------------------------------------------------------
+class _Record(TorchFunctionMode):
+    """Collects the tensors that enter torch operations without being produced by one of them."""
+
+    def __init__(self, known: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.known = {id(t) for t in known}
+        self.produced: set[int] = set()
+        self.keep: list[Tensor] = []  # produced tensors stay alive: their ids are not reused
+        self.leaves: dict[int, Tensor] = {}
+
+    def _scan(self, a: Any) -> None:
+        if isinstance(a, Tensor):
+            i = id(a)
+            if i not in self.known and i not in self.produced and i not in self.leaves:
+                self.leaves[i] = a
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                self._scan(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                self._scan(x)
+
+    def _mark(self, out: Any) -> None:
+        if isinstance(out, Tensor):
+            self.produced.add(id(out))
+            self.keep.append(out)
+        elif isinstance(out, (list, tuple)):
+            for x in out:
+                self._mark(x)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        self._scan(args)
+        self._scan(kwargs)
+        out = func(*args, **kwargs)
+        self._mark(out)
+        return out
+
+
+class substitute(TorchFunctionMode):
+    """Within the block, every torch operation sees ``new[i]`` wherever it gets ``old[i]`` (by identity).
+
+    >>> a, b = torch.ones(2), torch.zeros(2)
+    >>> with substitute([a], [b]):
+    ...     a + 1
+    tensor([1., 1.])
+    """
+
+    def __init__(self, old: Sequence[Tensor], new: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.map = {id(o): n for o, n in zip(old, new) if o is not n}
+
+    def _swap(self, a: Any) -> Any:
+        if isinstance(a, Tensor):
+            return self.map.get(id(a), a)
+        if isinstance(a, (list, tuple)) and not hasattr(a, "_fields"):
+            swapped = [self._swap(x) for x in a]
+            return a if all(x is y for x, y in zip(swapped, a)) else type(a)(swapped)
+        if isinstance(a, dict):
+            return {k: self._swap(v) for k, v in a.items()}
+        return a
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return func(*self._swap(args), **(self._swap(kwargs) if kwargs else {}))
+
+
+def _carries_derivative(t: Tensor, level: int) -> bool:
+    """Whether a leaf is a tensor of the caller's that carries a derivative; a tensor wrapped at a
+    deeper ``torch.func`` level than ``level`` was made inside T (by a transform T runs itself)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return False
+    if functorch_level(t) > level:
+        return False
+    if t.requires_grad or is_functorch_wrapped(t):
+        return True
+    return forward_ad_active() and fwAD.unpack_dual(t).tangent is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# the bound operator
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BoundOperator:
+    r"""``T`` as a function of explicit tensors: ``op(u, tensors)`` is ``T(u, *params)`` with
+    ``tensors = [*leaves of params, *captured]`` (the captured tensors substituted by identity).
+
+    Attributes:
+        T: the operator ``T(u, *params)``.
+        spec: the structure of ``params`` (:func:`flatten`).
+        n_params: how many of ``tensors`` are leaves of ``params``.
+        captured: the tensors ``T`` (and ``extra`` functions given to :func:`bind`) read that carry
+            a derivative, in the order they are appended to ``tensors``.
+    """
+
+    T: Callable[..., Tensor]
+    spec: tuple[TreeSpec, ...]
+    n_params: int
+    captured: tuple[Tensor, ...] = ()
+
+    def params(self, tensors: Sequence[Tensor]) -> list[Any]:
+        """The solver's ``params`` rebuilt from ``tensors``."""
+        return unflatten(self.spec, tensors[: self.n_params])
+
+    def context(self, tensors: Sequence[Tensor]) -> Any:
+        """The substitution of the captured tensors by ``tensors[n_params:]`` (a no-op when they are
+        the captured tensors themselves)."""
+        new = tensors[self.n_params:]
+        if all(a is b for a, b in zip(self.captured, new)):
+            return _NULL
+        return substitute(self.captured, new)
+
+    def __call__(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+        with self.context(tensors):
+            return self.T(u, *self.params(tensors))
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NULL = _Null()
+
+
+def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
+         extra: Sequence[Callable[[], Any]] = (), static: bool = False) -> BoundOperator:
+    """Bind ``T`` to explicit tensors: the leaves of ``params`` and the tensors it captures.
+
+    ``T(u, *params)`` runs once (without autograd) to find the captured tensors; ``extra`` are more
+    callables (e.g. the upper objective's gradient) whose captured tensors are collected too;
+    ``static``: non-tensor leaves of ``params`` are constants (:func:`flatten`).
+    """
+    leaves, spec = flatten(params, static)
+    rec = _Record([u, *leaves])
+    with torch.no_grad(), rec:
+        T(u, *params)
+        for fn in extra:
+            fn()
+    level = current_functorch_level()
+    captured = tuple(t for t in rec.leaves.values() if _carries_derivative(t, level))
+    return BoundOperator(T, spec, len(leaves), captured)

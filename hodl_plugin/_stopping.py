@@ -1,0 +1,457 @@
+r"""Stopping, divergence and diagnostics of one GKM run, per sample with ``batch_dims``.
+
+The rule (:ref:`math-stopping`): a sample stops at the first check :math:`k` where
+
+.. math::  r_k = \|T(u_k) - u_k\| \le \max(\mathrm{tol}\cdot\|u_k\|,\ \mathrm{atol}),
+
+and the point returned is that :math:`u_k` — the point whose residual was measured — so
+``converged=True`` always means the returned :math:`u` meets the tolerance. A run whose steps
+autograd records (unrolled, truncated) returns at least :math:`u_1`: :math:`u_0` carries no derivative
+of the map. A sample that runs out of steps returns its last iterate, whose residual is measured once
+more at the end (one evaluation of T, no autograd) — except in an exact-steps run (``tol=0, atol=0``),
+which evaluates T exactly K times and reports its last step's residual.
+
+A run with a tolerance also stops, with ``converged=False`` and a diagnosis, when
+
+- the residual is at the rounding floor of the dtype (below :data:`FLOOR` ``·eps·‖u‖``) and made no new
+  minimum (by 1 %) for :data:`FLOOR_CHECKS` checks: the tolerance is below what the dtype resolves
+  (a ``ConvergenceWarning`` says so, with the residual reached);
+- it made no new minimum for :data:`STALL_STEPS` steps, nor for as many steps as it took to reach the
+  last one: T is not a contraction near the iterates (``DivergenceError`` when the residual is far
+  above any rounding error, above :data:`STALL_DIVERGED` relative; else a ``ConvergenceWarning``).
+
+Any run stops with ``DivergenceError`` (``on_divergence="warn"``: a warning and the last finite point)
+when a residual is non-finite, exceeds ``divergence_factor`` times the first one, or grew for 5 checks
+in a row to twice its smallest value.
+
+Everything is a tensor over the batch so that the same code runs eagerly (one host sync per check)
+and under ``torch.func`` transforms (none: stopped samples are frozen by masks, diverged ones become
+NaN); a single problem run eagerly takes the decisions on host floats.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ConvergenceWarning, DivergenceError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .gkm import GKMIteration, SolverInfo
+
+__all__ = ["Monitor", "default_tol", "certifies"]
+
+_DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+#: consecutive growing checks, and growth over the smallest residual, that flag a slow divergence
+SLOW_DIVERGENCE_CHECKS = 5
+SLOW_DIVERGENCE_GROWTH = 2.0
+#: steps without a new smallest residual that end a run with a tolerance (see the module docstring)
+STALL_STEPS = 200
+STALL_IMPROVEMENT = 0.99
+#: a stall above this relative residual (or 1000 times the dtype's default tolerance) is a divergence
+STALL_DIVERGED = 1e-6
+#: the rounding floor: a residual below FLOOR·eps·‖u‖ that makes no new minimum for FLOOR_CHECKS
+#: checks has reached what the dtype resolves
+FLOOR = 32.0
+FLOOR_CHECKS = 3
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    r"""The default relative tolerance of the forward solve for ``dtype``: ``1e-10`` in float64,
+    ``1e-5`` in float32, the machine epsilon in lower precision (:func:`certifies`).
+
+    >>> default_tol(torch.float64), default_tol(torch.float32), default_tol(torch.bfloat16)
+    (1e-10, 1e-05, 0.0078125)
+    """
+    if dtype in _DEFAULT_TOL:
+        return _DEFAULT_TOL[dtype]
+    return float(torch.finfo(dtype).eps)
+
+
+def certifies(dtype: torch.dtype) -> bool:
+    r"""Whether a residual test in ``dtype`` certifies a fixed point by default.
+
+    Not in float16 / bfloat16: the rounding of T alone is ``eps·‖u‖`` (0.4 % in bfloat16), the rounded
+    map can have fixed points of its own far from :math:`u^*` (its residual is then exactly 0), and the
+    error of :math:`u` is the residual times :math:`\|(I - \partial_u T)^{-1}\|` — 100 times it for a
+    contraction 0.99. So with the default tolerance such a solve reports ``converged=False`` and says
+    why; ``tol=`` given explicitly is a residual threshold the caller accepts (``converged`` then means
+    it holds), and computing in float32 gives a certified solve.
+
+    >>> certifies(torch.float32), certifies(torch.bfloat16)
+    (True, False)
+    """
+    return torch.finfo(dtype).eps <= 1e-4
+
+
+class Monitor:
+    """The per-sample stop state of one run of :meth:`~hodl_plugin.gkm.GKMIteration.run`.
+
+    ``check(k, r, u_k, u_next)`` tests the residual ``r`` of the point ``u_k`` and returns the next
+    iterate: ``u_next``, except that samples that stop keep ``u_k`` and diverged ones their last
+    finite iterate. ``finish(u, residual)`` writes the diagnostics into ``info`` (measuring the
+    residual of samples that ran out of steps with ``residual(u)``).
+    """
+
+    def __init__(self, it: GKMIteration, u: Tensor, info: SolverInfo, tol: float, atol: float,
+                 stop: bool, functional: bool, start: int, certified: bool = True) -> None:
+        self.it, self.info, self.tol, self.atol, self.start = it, info, tol, atol, start
+        self.certified = certified
+        self.stop, self.functional = stop, functional
+        # a run whose steps autograd records (unrolled, truncated) returns at least one step: u_0
+        # itself would carry no derivative of the map
+        self.min_steps = 1 if torch.is_grad_enabled() else 0
+        self.bdims = it.batch_dims
+        self.reduce_dims = tuple(range(self.bdims, u.dim()))
+        self.noise_tol = default_tol(u.dtype)
+        self.floor = FLOOR * torch.finfo(u.dtype).eps
+        self.dtype = u.dtype
+        self.stall_level = max(STALL_DIVERGED, 1e3 * self.noise_tol)
+        self.masking = functional  # freeze stopped samples with torch.where at every step
+        self.done = False
+        self.hist: list[Tensor] = []
+        self.hist_steps: list[int] = []
+        self.u_good = u
+        self.scalar = self.bdims == 0 and not functional
+        r0 = None if functional else info.initial_residual
+        if self.scalar:
+            self.f = _ScalarState(None if r0 is None else float(r0))
+        else:
+            self.t = _TensorState(r0)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def norm(self, t: Tensor) -> Tensor:
+        if not self.reduce_dims:
+            return t.abs()
+        return torch.linalg.vector_norm(t, dim=self.reduce_dims)
+
+    def expand(self, mask: Tensor, like: Tensor) -> Tensor:
+        return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+
+    def freeze(self, new: Tensor, old: Tensor) -> Tensor:
+        """Samples that stopped keep ``old``."""
+        if not self.masking or self.scalar or self.t.active is None:
+            return new
+        return torch.where(self.expand(self.t.active, new), new, old)
+
+    # -- the check -------------------------------------------------------------------------------
+    def check(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+        if self.scalar:
+            return self._check_scalar(k, r, u_k, u_next)
+        return self._check_tensor(k, r, u_k, u_next)
+
+    def _check_scalar(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+        """One problem, eagerly: one host sync, then decisions on floats."""
+        s, info = self.f, self.info
+        r = r.detach().reshape(())
+        rf, un = torch.stack([r, torch.linalg.vector_norm(u_k.detach()).to(r.dtype)]).tolist()
+        if s.r0 is None:
+            s.r0 = rf
+            if info.steps == 0:
+                info.initial_residual = r
+        un = un if math.isfinite(un) else 0.0
+        thresh = max(self.tol * un, self.atol)
+        finite = math.isfinite(rf)
+        conv = rf <= thresh and k - self.start >= self.min_steps
+        noise = rf <= self.noise_tol * un
+        if s.rref is None or rf < STALL_IMPROVEMENT * s.rref:  # a new minimum, by 1 %
+            s.kmin, s.rref, s.cmin = k, rf, 0
+        else:
+            s.cmin += 1
+        s.rmin = rf if s.rmin is None else min(s.rmin, rf)
+        s.ups = s.ups + 1 if (s.rprev is not None and rf > s.rprev) else 0
+        s.rprev, s.kprev = rf, k
+        grow = rf > self.it.divergence_factor * max(s.r0, 1e-30) or (
+            s.ups >= SLOW_DIVERGENCE_CHECKS and rf > SLOW_DIVERGENCE_GROWTH * s.rmin and not noise
+        )
+        floor = s.rmin <= self.floor * un and s.cmin >= FLOOR_CHECKS
+        long = k - s.kmin >= max(STALL_STEPS, s.kmin - self.start)
+        stalled = self.stop and finite and not conv and (floor or long)
+        self.hist.append(r)
+        self.hist_steps.append(k)
+        info.tol = thresh
+        if not finite or grow or (stalled and not floor and s.rmin > self.stall_level * un):
+            s.diverged = True
+            s.stopped_at = k
+            self.done = True
+            self._diverged(k, rf, s.r0, s.rmin, not finite, stalled and finite and not grow, None)
+            # the last point with a finite residual, attached to the graph of this step (for autograd)
+            keep = torch.ones((), dtype=torch.bool, device=u_k.device)
+            return torch.where(keep, u_k if finite else self.u_good, u_next)
+        self.u_good = u_k
+        if (conv and self.stop) or stalled:
+            s.stopped_at, s.stop_res, s.stop_thr, s.converged = k, rf, thresh, conv
+            if stalled:
+                self._stall_message(k, rf, s.rmin, s.kmin, thresh, floor, None)
+            self.done = True
+            return u_k
+        return u_next
+
+    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+        """A batch (or any run under transforms): tensors over the samples."""
+        s, info = self.t, self.info
+        r = r.detach()
+        un = self.norm(u_k.detach())
+        un = torch.where(torch.isfinite(un), un, torch.zeros_like(un))
+        if s.r0 is None:
+            s.r0 = r
+            if not self.functional and info.steps == 0:
+                info.initial_residual = r
+        thresh = torch.clamp(self.tol * un, min=self.atol)
+        finite = torch.isfinite(r)
+        conv = r <= thresh
+        if k - self.start < self.min_steps:
+            conv = torch.zeros_like(conv)
+        noise = r <= self.noise_tol * un
+        if s.rmin is None:
+            s.rmin, s.rref, s.ups, s.cmin = r, r, torch.zeros_like(r), torch.zeros_like(r)
+            s.kmin = torch.full_like(r, k)
+        else:
+            s.ups = torch.where(r > s.rprev, s.ups + 1, torch.zeros_like(s.ups))
+            new_min = r < STALL_IMPROVEMENT * s.rref  # a new minimum, by 1 %
+            s.kmin = torch.where(new_min, torch.full_like(s.kmin, k), s.kmin)
+            s.cmin = torch.where(new_min, torch.zeros_like(s.cmin), s.cmin + 1)
+            s.rref = torch.where(new_min, r, s.rref)
+            s.rmin = torch.minimum(s.rmin, r)
+        s.rprev, s.kprev = r, k
+        grow = (r > self.it.divergence_factor * torch.clamp(s.r0, min=1e-30)) | (
+            (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
+        )
+        active = torch.ones_like(conv) if s.active is None else s.active
+        floor = (s.rmin <= self.floor * un) & (s.cmin >= FLOOR_CHECKS)
+        if self.stop and not self.functional:
+            window = torch.clamp(s.kmin - self.start, min=STALL_STEPS)
+            stalled = active & finite & ~conv & (floor | ((k - s.kmin) >= window))
+        else:
+            stalled = torch.zeros_like(conv)
+        bad = ~finite | grow | (stalled & ~floor & (s.rmin > self.stall_level * un))
+        stalled = stalled & ~bad
+        newly_conv = active & conv & ~bad if self.stop else torch.zeros_like(conv)
+        newly_bad = active & bad
+        newly_stop = newly_conv | stalled
+        s.active = active & ~newly_stop & ~newly_bad
+        if self.functional:  # no host syncs: diverged samples become NaN (visible), stopped ones freeze
+            out = torch.where(self.expand(newly_bad, u_next), torch.full_like(u_next, math.nan), u_next)
+            return torch.where(self.expand(newly_stop, u_next), u_k, out)
+        self.hist.append(r)
+        self.hist_steps.append(k)
+        info.tol = float(thresh.max())
+        if s.stopped_at is None:
+            s.stopped_at = torch.full_like(r, -1, dtype=torch.long)
+            s.stop_res, s.stop_thr = torch.full_like(r, math.nan), torch.full_like(r, math.nan)
+            s.converged = torch.zeros_like(conv)
+            s.diverged = torch.zeros_like(conv)
+        any_bad, all_done, any_stop, all_finite, any_stall = torch.stack(
+            [newly_bad.any(), ~s.active.any(), newly_stop.any(), finite.all(), stalled.any()]
+        ).tolist()
+        out = u_next
+        if any_bad:
+            idx = newly_bad.nonzero().flatten().tolist() if newly_bad.dim() else []
+            stall_only = bool((finite & ~grow)[newly_bad].all())
+            rb = float(r[newly_bad].max()) if r.dim() else float(r)
+            r0b = float(s.r0[newly_bad].max()) if r.dim() else float(s.r0)
+            rmb = float(s.rmin[newly_bad].max()) if r.dim() else float(s.rmin)
+            s.diverged = s.diverged | newly_bad
+            s.stopped_at = torch.where(newly_bad & (s.stopped_at < 0), k, s.stopped_at)
+            last_good = torch.where(self.expand(finite, u_k), u_k, self.u_good)
+            out = torch.where(self.expand(newly_bad, u_next), last_good, u_next)
+            self._diverged(k, rb, r0b, rmb, not bool(finite[newly_bad].all()) if r.dim() else not all_finite,
+                           stall_only, idx)
+        if any_stop:
+            s.stopped_at = torch.where(newly_stop, k, s.stopped_at)
+            s.stop_res = torch.where(newly_stop, r, s.stop_res)
+            s.stop_thr = torch.where(newly_stop, thresh, s.stop_thr)
+            s.converged = s.converged | newly_conv
+            out = torch.where(self.expand(newly_stop, u_next), u_k, out)
+            self.masking = True
+            if any_stall:
+                idx = stalled.nonzero().flatten().tolist() if stalled.dim() else []
+                rs = float(r[stalled].max())
+                self._stall_message(k, rs, float(s.rmin[stalled].max()), int(s.kmin[stalled].min()),
+                                    float(thresh[stalled].max()), bool(floor[stalled].all()), idx)
+        self.u_good = u_k if all_finite else torch.where(self.expand(finite, u_k), u_k, self.u_good)
+        self.done = bool(all_done)
+        return out
+
+    # -- reports ------------------------------------------------------------------------------
+    def _diverged(self, k: int, r: float, r0: float, rmin: float, nonfinite: bool, stall: bool,
+                  which: Optional[list]) -> None:
+        info, it = self.info, self.it
+        info.diverged = True
+        where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
+        if nonfinite:
+            src = ("T(u, *params) or the upper objective's gradient (HODL aggregation: upper / upper_grad)"
+                   if it.aggregates else "T(u, *params)")
+            what = (f"became non-finite (NaN/Inf): {src} returned NaN or Inf on the iterates "
+                    "(check it, e.g. a log or a division, and its parameters)")
+        elif stall:
+            what = (f"has not decreased for over {STALL_STEPS} steps (smallest {rmin:.3e}, now {r:.3e}), far above "
+                    "any rounding error: the iteration is not converging")
+        elif r > it.divergence_factor * r0:
+            what = f"grew from {r0:.3e} to {r:.3e} (more than divergence_factor={it.divergence_factor:g} times)"
+        else:
+            what = (f"kept growing for {SLOW_DIVERGENCE_CHECKS} checks in a row, from {rmin:.3e} to {r:.3e} "
+                    "(a slow divergence)")
+        info.message = (
+            f"the GKM iteration diverged at step {k}{where}: the fixed-point residual ||T(u_k) - u_k|| {what}. "
+            "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step; a learned "
+            "operator kept contractive, e.g. by spectral normalisation)"
+            + (" and that the upper step s is below 1/L_F." if it.aggregates else ".")
+        )
+        if it.on_divergence == "raise":
+            raise DivergenceError(info.message)
+        warnings.warn(info.message, ConvergenceWarning, stacklevel=5)
+
+    def _stall_message(self, k: int, r: float, rmin: float, kmin: int, thresh: float, floor: bool,
+                       which: Optional[list]) -> None:
+        where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
+        dtype = str(self.dtype).replace("torch.", "")
+        if floor:
+            why = (f"it reached the rounding floor of {dtype} (smallest {rmin:.3e}, now {r:.3e}) above the threshold "
+                   f"{thresh:.3e}: the tolerance is below what {dtype} resolves for this T; the error of u may be "
+                   "this residual times ||(I - dT/du)^-1||. Loosen tol / atol, or compute in a wider dtype "
+                   "(float16/bfloat16: in float32)")
+        else:
+            why = (f"the residual has not decreased since step {kmin} (smallest {rmin:.3e}, now {r:.3e}, threshold "
+                   f"{thresh:.3e}): T is not a contraction near the iterates, or the tolerance is out of reach")
+        self.info.message = f"the GKM iteration stopped at step {k}{where}: {why}"
+
+    # -- the end of the run ----------------------------------------------------------------------
+    def finish(self, u: Tensor, executed: int, residual: Optional[Callable[[Tensor], Tensor]]) -> None:
+        """Steps, residual history and convergence flags into ``info``; ``residual(u)`` measures the
+        residual of the returned point of samples that ran out of steps (``None``: the last check's
+        residual stands for it; nothing is measured under transforms)."""
+        info = self.info
+        if self.functional:
+            info.steps += executed
+            info.message = info.message or (
+                "run under torch.func transforms: no residuals recorded, no warnings (they need "
+                "host syncs); diverged samples are NaN"
+            )
+            return
+        before = info.steps
+        if self.scalar:
+            s = self.f
+            if s.stopped_at is None and not s.diverged and residual is None:  # the last check stands
+                s.converged = bool(self.hist) and float(self.hist[-1]) <= max(
+                    self.noise_tol * float(torch.linalg.vector_norm(u.detach())), self.atol)
+            elif s.stopped_at is None and not s.diverged:  # ran out of steps: measure the returned point
+                r = residual(u).detach().reshape(())
+                rf, un = torch.stack([r, torch.linalg.vector_norm(u.detach()).to(r.dtype)]).tolist()
+                tol = self.tol if not info.exact_steps else self.noise_tol
+                thresh = max(tol * (un if math.isfinite(un) else 0.0), self.atol)
+                conv = rf <= thresh
+                self.hist.append(r)
+                self.hist_steps.append(self.start + executed)
+                info.tol = thresh
+                s.converged = conv
+            self._append_history()
+            steps = executed if s.stopped_at is None else s.stopped_at - self.start
+            info.steps = before + steps
+            info.converged = bool(s.converged and not s.diverged)
+            self._uncertified()
+            return
+        s = self.t
+        if s.stopped_at is None:
+            s.stopped_at = torch.full_like(self._like(u), -1, dtype=torch.long)
+            s.converged = torch.zeros_like(s.stopped_at, dtype=torch.bool)
+            s.diverged = torch.zeros_like(s.converged)
+        running = s.stopped_at < 0
+        if residual is None and s.rprev is not None:  # the last check stands for the returned point
+            un = self.norm(u.detach())
+            s.converged = s.converged | (running & (s.rprev <= torch.clamp(self.noise_tol * un, min=self.atol)))
+        elif bool(running.any()):
+            r = residual(u).detach()
+            un = self.norm(u.detach())
+            tol = self.tol if not info.exact_steps else self.noise_tol
+            thresh = torch.clamp(tol * torch.where(torch.isfinite(un), un, torch.zeros_like(un)), min=self.atol)
+            conv = r <= thresh
+            if s.stop_res is not None:  # stopped samples keep the residual of their returned point
+                r = torch.where(running, r, s.stop_res)
+            self.hist.append(r)
+            self.hist_steps.append(self.start + executed)
+            info.tol = float(thresh.max())
+            s.converged = s.converged | (running & conv)
+        self._append_history()
+        this = torch.where(s.stopped_at < 0, torch.full_like(s.stopped_at, executed), s.stopped_at - self.start)
+        prev = info.steps_per_sample if info.steps_per_sample is not None else torch.full_like(this, before)
+        ran = prev + this
+        conv = s.converged & ~s.diverged
+        info.steps = int(ran.max())
+        if self.bdims:
+            info.steps_per_sample = ran
+            info.converged_per_sample = conv if self.certified else torch.zeros_like(conv)
+        info.converged = bool(conv.all())
+        self._uncertified()
+
+    def _uncertified(self) -> None:
+        """A residual test in a dtype that does not certify it (:func:`certifies`): not converged, said."""
+        info = self.info
+        if self.certified or not info.converged or info.exact_steps:
+            return
+        info.converged = False
+        dtype = str(self.dtype).replace("torch.", "")
+        info.message = (
+            f"the residual {info.residual:.3e} meets the default tolerance of {dtype}, but in {dtype} that does "
+            f"not certify a fixed point (rounding of T alone is {float(torch.finfo(self.dtype).eps):.1e}·||u||, "
+            "and the error of u is the residual times ||(I - dT/du)^-1||): compute in float32 for a certified "
+            "solve, or pass tol= to accept this residual threshold"
+        )
+
+    def _like(self, u: Tensor) -> Tensor:
+        return torch.zeros(u.shape[: self.bdims], device=u.device)
+
+    def _append_history(self) -> None:
+        info = self.info
+        if not self.hist:
+            return
+        new = torch.stack(self.hist)
+        old = info.residuals
+        if old.numel() and old.shape[1:] == new.shape[1:]:
+            new = torch.cat([old.to(new.device, new.dtype), new])
+        info.residuals = new
+        info.residual_steps = info.residual_steps + self.hist_steps
+
+
+class _ScalarState:
+    """Host-float state of one problem."""
+
+    def __init__(self, r0: Optional[float]) -> None:
+        self.r0 = r0
+        self.rmin: Optional[float] = None
+        self.rref: Optional[float] = None
+        self.kmin = 0
+        self.cmin = 0
+        self.rprev: Optional[float] = None
+        self.kprev = 0
+        self.ups = 0
+        self.stopped_at: Optional[int] = None
+        self.stop_res = math.nan
+        self.stop_thr = math.nan
+        self.converged = False
+        self.diverged = False
+
+
+class _TensorState:
+    """Per-sample tensor state of a batch (or of any run under transforms)."""
+
+    def __init__(self, r0: Optional[Tensor]) -> None:
+        self.r0 = r0
+        self.rmin: Optional[Tensor] = None
+        self.rref: Optional[Tensor] = None
+        self.kmin: Optional[Tensor] = None
+        self.cmin: Optional[Tensor] = None
+        self.rprev: Optional[Tensor] = None
+        self.kprev = 0
+        self.ups: Optional[Tensor] = None
+        self.active: Optional[Tensor] = None  # None: all samples active
+        self.stopped_at: Optional[Tensor] = None
+        self.stop_res: Optional[Tensor] = None
+        self.stop_thr: Optional[Tensor] = None
+        self.converged: Optional[Tensor] = None
+        self.diverged: Optional[Tensor] = None

@@ -1,0 +1,112 @@
+"""Every private torch API hodl_plugin uses, in one place.
+
+A torch upgrade is the likeliest thing to break a library quietly; so each private entry point is
+read here, once, with a public fallback where one exists, and :func:`missing` lists those that this
+torch lacks (``tests/test_torch_compat.py`` fails naming the torch version when the list is not
+empty).
+
+>>> missing()
+[]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+__all__ = [
+    "transforms_active",
+    "is_functorch_wrapped",
+    "functorch_level",
+    "current_functorch_level",
+    "forward_ad_active",
+    "plain_tensors",
+    "engine_backward",
+    "HAS_ENGINE",
+    "missing",
+]
+
+_ARE_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
+_FUNCTORCH = getattr(torch._C, "_functorch", None)
+_IS_WRAPPED = getattr(_FUNCTORCH, "is_functorch_wrapped_tensor", None)
+_GET_LEVEL = getattr(_FUNCTORCH, "maybe_get_level", None)
+_CURRENT_LEVEL = getattr(_FUNCTORCH, "maybe_current_level", None)
+_DISABLE = getattr(torch._C, "_DisableFuncTorch", None)
+_ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jacfwd) is running: then no host
+    sync (``float``, ``bool``, ``.item()``) may happen on the tensors it traces.
+
+    >>> transforms_active()
+    False
+    """
+    return bool(_ARE_ACTIVE()) if _ARE_ACTIVE is not None else False
+
+
+def is_functorch_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor of a ``torch.func`` transform (a GradTrackingTensor or a
+    BatchedTensor): a tensor that carries a transform's derivative or batch.
+
+    Without the private test, every floating tensor counts (the caller then treats more tensors as
+    differentiable inputs, which costs time, never correctness)."""
+    if _IS_WRAPPED is None:
+        return t.is_floating_point() or t.is_complex()
+    return bool(_IS_WRAPPED(t))
+
+
+def functorch_level(t: Tensor) -> int:
+    """The ``torch.func`` level ``t`` is wrapped at (-1 for a plain tensor, or when unknown)."""
+    return int(_GET_LEVEL(t)) if _GET_LEVEL is not None else -1
+
+
+def current_functorch_level() -> int:
+    """The level of the innermost active ``torch.func`` transform (0 when none, or when unknown)."""
+    if _CURRENT_LEVEL is None:
+        return 0
+    level = _CURRENT_LEVEL()
+    return 0 if level is None else int(level)
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level is open (``torch.autograd.forward_ad.dual_level``)."""
+    return getattr(fwAD, "_current_level", -1) >= 0
+
+
+def plain_tensors() -> Any:
+    """A context in which new tensors are plain, not wrapped by the active ``torch.func`` transforms
+    (for diagnostics that are no part of the transformed computation)."""
+    return _DISABLE() if _DISABLE is not None else contextlib.nullcontext()
+
+
+def engine_backward(outputs: tuple, grad_outputs: tuple, inputs: tuple) -> tuple:
+    """The autograd engine's ``run_backward`` (``retain_graph=True``, ``allow_unused=True``): what
+    ``torch.autograd.grad`` runs after its argument checks, at half its fixed cost on small problems.
+    Raises ``AttributeError`` when this torch has no such entry point (see :data:`HAS_ENGINE`)."""
+    if _ENGINE is None:
+        raise AttributeError("torch.autograd.Variable._execution_engine is not available")
+    return _ENGINE.run_backward(outputs, grad_outputs, True, False, inputs, True, False)
+
+
+#: whether :func:`engine_backward` is available
+HAS_ENGINE = _ENGINE is not None
+
+
+def missing() -> list[str]:
+    """The private torch APIs above that this torch lacks (each has a fallback; the fallback is
+    slower or less precise, so a non-empty list is a regression to look at)."""
+    names = {
+        "torch._C._are_functorch_transforms_active": _ARE_ACTIVE,
+        "torch._C._functorch.is_functorch_wrapped_tensor": _IS_WRAPPED,
+        "torch._C._functorch.maybe_get_level": _GET_LEVEL,
+        "torch._C._functorch.maybe_current_level": _CURRENT_LEVEL,
+        "torch._C._DisableFuncTorch": _DISABLE,
+        "torch.autograd.Variable._execution_engine": _ENGINE,
+        "torch.autograd.forward_ad._current_level": getattr(fwAD, "_current_level", None),
+    }
+    return [name for name, obj in names.items() if obj is None]
