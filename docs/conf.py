@@ -75,6 +75,11 @@ nitpick_ignore_regex = [
     (r"py:.*", r"betty\..*"),          # Betty publishes no Sphinx inventory
     (r"py:.*", r"torchopt\..*"),       # nor does TorchOpt's documentation for these names
     (r"py:class", r"hodl_plugin\..*\._.*"),  # private helpers named in signatures
+    (r"py:(mod|class|func|obj)", r"hodl_plugin(\.\w+)*\._\w+.*"),  # the core's private modules, cited
+    (r"py:func", r"(certifies|bind_iteration)"),  # internal helpers a docstring names
+    # a bare method or attribute name in a class docstring's first line: it resolves on the class's
+    # page, not in the module page's summary table that repeats that line
+    (r"py:(meth|attr)", r"_?[a-z][a-z_]*"),
     (r"py:class", r"(typing\.)?(Any|Callable|Optional|Union|Sequence|Iterable|Mapping|Literal)\b.*"),
 ]
 
