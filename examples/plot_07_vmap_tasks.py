@@ -18,8 +18,8 @@ u_t^*(w_0) - y'_t\|^2`. One function computes a task's query loss; ``vmap(grad(.
 task's hypergradient in one batched solve, checked against the closed form
 :math:`\nabla_{w_0} = \lambda (X_t^\top X_t + \lambda I)^{-1} X'^\top_t(X'_t u_t^* - y'_t)`.
 
-Everything the solve depends on is passed as an argument (``solver(u0, w0, X, y)``), which is how
-``torch.func`` sees it.
+Here every tensor the solve depends on is passed as an argument (``solver(u0, w0, X, y, s)``); tensors
+that the operator read from its closure would be differentiated the same way.
 """
 
 import time
