@@ -8,7 +8,7 @@ The public API in one place:
   (:mod:`hodl_plugin.hypergrad`), :class:`Implicit` (:mod:`hodl_plugin.implicit`) and
   :class:`Inexact` (:mod:`hodl_plugin.inexact`);
 - the implicit derivative of *any* solver: :func:`custom_fixed_point`, :func:`custom_root`
-  (:mod:`hodl_plugin.implicit`);
+  (:mod:`hodl_plugin.custom`);
 - forward acceleration :class:`Anderson` (:mod:`hodl_plugin.acceleration`);
 - the operator library (:mod:`hodl_plugin.operators`) and proximal maps (:mod:`hodl_plugin.prox`);
 - schedules (:mod:`hodl_plugin.schedules`), the "as in the papers" configuration
@@ -25,6 +25,7 @@ from . import (
     acceleration,
     baselines,
     bound,
+    custom,
     errors,
     implicit,
     inexact,
@@ -37,6 +38,7 @@ from . import (
 from .acceleration import Anderson
 from .baselines import ALTO, BOME, MESO, PGDO
 from .bound import BoundConstants
+from .custom import custom_fixed_point, custom_root
 from .errors import (
     ConfigurationError,
     ConvergenceWarning,
@@ -49,7 +51,7 @@ from .errors import (
 )
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Truncated, Unrolled, get_method
-from .implicit import Implicit, custom_fixed_point, custom_root
+from .implicit import Implicit
 from .inexact import Inexact
 from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
 from .presets import paper_config
@@ -98,6 +100,7 @@ __all__ = [
     "acceleration",
     "baselines",
     "bound",
+    "custom",
     "errors",
     "implicit",
     "inexact",

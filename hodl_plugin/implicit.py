@@ -29,8 +29,10 @@ graph of :math:`T(u^*; \theta)` serves every product of the solve and the final
 :math:`(\partial_\theta T)^\top v`. Neither primitive keeps state between calls beyond what ``ctx``
 saves; the solves' diagnostics are written into the call's :class:`~hodl_plugin.gkm.SolverInfo`.
 
-The faces over the rules: the :class:`Implicit` method of :class:`~hodl_plugin.GKMSolver`, and the
-decorators :func:`custom_fixed_point` / :func:`custom_root` for any solver function.
+The faces over the rules: the :class:`Implicit` method of :class:`~hodl_plugin.GKMSolver` (here), and
+the decorators :func:`~hodl_plugin.custom.custom_fixed_point` / :func:`~hodl_plugin.custom.custom_root`
+for any solver function (:mod:`hodl_plugin.custom`); the policies of each linear solve (checks, warm
+starts, messages) are :mod:`hodl_plugin._adjoint`'s, the vmap rules :mod:`hodl_plugin._vmap`'s.
 
 >>> import torch, hodl_plugin as hp
 >>> T = lambda u, x: 0.5 * u + x                      # u* = 2x
@@ -56,7 +58,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _vmap
+from . import _adjoint, _vmap
 from . import linear_solve as ls
 from ._autodiff import make_jvp, make_vjp
 from ._capture import bind, flatten, unflatten
@@ -73,8 +75,6 @@ __all__ = [
     "FixedPoint",
     "LinearSolve",
     "Implicit",
-    "custom_fixed_point",
-    "custom_root",
     "fixed_point_solve",
 ]
 
@@ -209,30 +209,7 @@ class FixedPointProblem:
             else:
                 self.info.higher_solves += 1
         if not linfo.converged:
-            self.fail(_unsolved_message(self, role, linfo, b))
-
-
-def _unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo,
-                      b: Optional[Tensor]) -> str:
-    what = "(I - dT/du)" if problem.sign == 1.0 else "dG/du"
-    head = (
-        f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved: {linfo.method} stopped "
-        f"after {linfo.iterations} products with residual {linfo.residual:.3e} > {linfo.threshold:.3e}."
-    )
-    if b is not None:
-        eps = float(torch.finfo(b.dtype).eps)
-        bn = float(torch.linalg.vector_norm(b.detach()))
-        if bn > 0 and linfo.threshold / bn < 10 * eps:
-            return (
-                f"{head} The threshold is {linfo.threshold / bn:.1e} relative to ||b||, below what {b.dtype} resolves "
-                f"(eps = {eps:.1e}): no solver reaches it; loosen adjoint_rtol (the dtype's default is "
-                f"{ls.default_rtol(b.dtype):.1e})"
-            )
-    other = "another method (solver='gmres')" if linfo.method != "gmres" else "a looser tolerance (adjoint_rtol)"
-    return (
-        f"{head} (I - dT/du) may be singular (a non-singleton fixed-point set: use hypergrad='unrolled'), or the "
-        f"solver needs more iterations (adjoint_maxiter) / {other}"
-    )
+            self.fail(_adjoint.unsolved_message(self, role, linfo, b))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,7 +227,7 @@ def _solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u:
             "the hypergradient is NaN (fix the loss above the solver)"
         )
         return torch.full_like(b, math.nan)
-    x0 = _warm_start(problem, b) if role == "adjoint" else None
+    x0 = _adjoint.warm_start(problem, b) if role == "adjoint" else None
     if problem.batch is not None and not problem.batch.batched_solver:
         x, linfo = _vmap.solve_per_sample(problem, transpose, role, b, u, ts, x0, _solve_one)
     else:
@@ -272,93 +249,7 @@ def _solve_one(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor
     if depends and prod is None:  # T's backward is not differentiable: forward-mode AD at every product
         def prod(z: Tensor) -> Tensor:
             return _jvp(lambda uu: problem.op(uu, ts), (u,), (z,))
-    return _run_solver(problem, _matvec(prod, problem.sign), b, role, x0=x0)
-
-
-def _matvec(prod: Optional[Callable[[Tensor], Tensor]], sign: float) -> Callable[[Tensor], Tensor]:
-    if prod is None:  # T does not depend on u: A = I (fixed point) or 0 (root)
-        return (lambda z: z) if sign == 1.0 else torch.zeros_like
-    if sign == 1.0:
-        return lambda z: z - prod(z)
-    return prod
-
-
-def _run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b: Tensor, role: str,
-                x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
-    solver = problem.solver
-    depth = problem.batch.depth if problem.batch is not None else 0
-    if solver.symmetric and role != "higher":
-        _check_symmetric(matvec, b, solver)
-    if role == "adjoint" and problem.check_unique:
-        _check_nonsingular(matvec, b, solver, depth)
-    if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly), per sample
-        x0 = _better_than_zero(x0, b, matvec(x0), depth)
-    return solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
-
-
-def _warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:
-    """The adjoint warm start where it fits ``b``: the same shape, or (under vmap) one sample's
-    shape, then used for every sample."""
-    x0 = problem.warm() if problem.warm is not None else None
-    if x0 is None or x0.dtype != b.dtype or x0.device != b.device:
-        return None
-    if x0.shape == b.shape:
-        return x0
-    depth = problem.batch.depth if problem.batch is not None else 0
-    if depth and x0.shape == b.shape[depth:]:
-        return x0.expand(b.shape)
-    return None
-
-
-def _better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Optional[Tensor]:
-    r""":math:`x_0` where :math:`\|b - Ax_0\| < \|b\|`, else 0 — per sample over ``batch_dims``
-    leading dims (``None`` when no sample keeps its warm start)."""
-    dims = tuple(range(batch_dims, b.dim()))
-    keep = torch.linalg.vector_norm(b - Ax0, dim=dims) < torch.linalg.vector_norm(b, dim=dims)
-    if not bool(keep.any()):
-        return None
-    if batch_dims == 0:
-        return x0
-    return torch.where(keep.reshape(keep.shape + (1,) * (b.dim() - batch_dims)), x0, torch.zeros_like(x0))
-
-
-def _check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver) -> None:
-    """A solver for symmetric matrices (CG) gets one: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random
-    vectors (two products)."""
-    gen = torch.Generator(device=b.device).manual_seed(1234)
-    a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    c = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    lhs, rhs = float((a * matvec(c)).sum()), float((matvec(a) * c).sum())
-    scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
-    tol = 1e3 * torch.finfo(b.dtype).eps ** 0.75
-    if abs(lhs - rhs) > tol * max(scale, 1e-300):
-        raise LinearSolveError(
-            f"solver={solver.name!r} needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = "
-            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric. Declare "
-            "symmetric_jacobian = False on it, or pass solver='gmres' to the implicit/inexact mode"
-        )
-
-
-def _check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver,
-                       depth: int) -> None:
-    r"""Solve :math:`A^\top z = r` for a random :math:`r` with the adjoint's own solver and tolerance.
-
-    When Fix T is not a singleton, :math:`A` is singular and a random right-hand side has a
-    component outside its range, so the solve cannot converge; the adjoint's own right-hand side may
-    lie in the range (a *consistent* system, which Krylov solvers answer with the minimum-norm
-    solution) and would not show it. Costs one more solve.
-    """
-    gen = torch.Generator(device=b.device).manual_seed(4321)
-    r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    _, info = solver(matvec, r, None, batch_dims=depth) if depth else solver(matvec, r, None)
-    if not info.converged:
-        raise LinearSolveError(
-            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "
-            f"{info.method} could not solve (I - dT/du)^T z = r for a random r (residual {info.residual:.2e} > "
-            f"{info.threshold:.2e} after {info.iterations} products). Fix T is then not a singleton and the "
-            "implicit hypergradient is undefined: differentiate the (aggregated) iteration with "
-            "hypergrad='unrolled' or 'truncated', as HODL does (check_unique=False skips this test)"
-        )
+    return _adjoint.run_solver(problem, _adjoint.matvec(prod, problem.sign), b, role, x0=x0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -436,7 +327,7 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
         return [None if not n else torch.full_like(t, math.nan) for t, n in zip(ts, needs)]
 
     def solve(matvec: Callable[[Tensor], Tensor], b: Tensor) -> tuple[Tensor, ls.LinearSolveInfo]:
-        return _run_solver(problem, matvec, b, "adjoint", x0=_warm_start(problem, b))
+        return _adjoint.run_solver(problem, matvec, b, "adjoint", x0=_adjoint.warm_start(problem, b))
 
     grads, v, linfo = implicit_vjp_lean(problem.op, u, ts, g, needs, solve, problem.sign)
     problem.record("adjoint", linfo, g)
@@ -517,7 +408,7 @@ class LinearSolve(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
-# the faces: the Implicit method of GKMSolver, and the decorators
+# the face for GKMSolver: the Implicit method (the decorators are hodl_plugin.custom's)
 # ------------------------------------------------------------------------------------------------
 def grad_wanted() -> bool:
     """Whether a derivative can be asked of this call: grad mode, a torch.func transform or a
@@ -615,8 +506,10 @@ class Implicit(HypergradMethod):
     def __init__(self, solver: ls.SolverLike = None, adjoint_rtol: Optional[float] = None,
                  adjoint_atol: Optional[float] = None, adjoint_maxiter: Optional[int] = None,
                  on_fail: str = "raise", check_unique: Optional[bool] = None) -> None:
-        self.solver = configure_solver(solver, adjoint_rtol, adjoint_atol, adjoint_maxiter)
-        self.on_fail = _choice(on_fail, "on_fail", ("raise", "warn"))
+        self.solver = ls.configure(solver, adjoint_rtol, adjoint_atol, adjoint_maxiter)
+        if on_fail not in ("raise", "warn"):
+            raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
+        self.on_fail = on_fail
         if check_unique is not None and not isinstance(check_unique, bool):
             raise TypeError(f"check_unique must be None, True or False, got {check_unique!r}")
         self.check_unique = check_unique
@@ -625,164 +518,8 @@ class Implicit(HypergradMethod):
             key: Optional[Hashable] = None) -> Tensor:
         if not grad_wanted():
             return it.run(u0, params, info)  # (under vmap the primitive's batched solve stops early)
-        return fixed_point_solve(it, u0, params, info, solver_for(self.solver, it.T), on_fail=self.on_fail,
+        return fixed_point_solve(it, u0, params, info, ls.for_operator(self.solver, it.T), on_fail=self.on_fail,
                                  check_unique=self.check_unique)
 
     def __repr__(self) -> str:
         return f"Implicit(solver={'auto' if self.solver is None else self.solver!r})"
-
-
-def configure_solver(solver: ls.SolverLike, rtol: Optional[float], atol: Optional[float],
-                     maxiter: Optional[int]) -> Optional[ls.LinearSolver]:
-    """The adjoint solver of a method: ``solver`` (``None``: chosen per operator) with the ``adjoint_*``
-    options applied; a tolerance given twice is refused."""
-    changes = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("maxiter", maxiter)) if v is not None}
-    if solver is None:  # the defaults of the solver chosen per operator are no change
-        changes = {k: v for k, v in changes.items() if v != getattr(ls.GMRES(), k)}
-    try:  # validated now, named as the user wrote them
-        ls.GMRES(**{"rtol": None, **changes})
-    except ValueError as e:
-        field = next((k for k in ("rtol", "atol", "maxiter") if f"{k} " in str(e) or f"{k} and" in str(e)), "rtol")
-        raise ValueError(str(e).replace("GMRES: ", "").replace(field, f"adjoint_{field}", 1)) from None
-    if solver is None:
-        base = None
-    else:
-        base = ls.as_solver(solver)
-    if isinstance(base, ls.LinearSolver) and isinstance(solver, ls.LinearSolver):
-        defaults = type(solver)()
-        clash = [k for k in changes if getattr(solver, k) != getattr(defaults, k)]
-        if clash:
-            from .errors import ConfigurationError
-
-            raise ConfigurationError(
-                f"the solver {solver!r} already sets {clash}; give each tolerance once, either in the solver "
-                f"(hp.linear_solve.{type(solver).__name__.lower()}(rtol=...)) or as adjoint_rtol=/adjoint_atol="
-                "/adjoint_maxiter="
-            )
-    if base is None:  # applied to the solver chosen per operator
-        return None if not changes else _Deferred(changes)  # type: ignore[return-value]
-    return base.replace(**changes) if changes else base
-
-
-@dataclass(frozen=True)
-class _Deferred:
-    """Options for the solver chosen per operator (CG or GMRES), applied when it is known."""
-
-    changes: dict
-
-    def __repr__(self) -> str:
-        return "auto(" + ", ".join(f"{k}={v!r}" for k, v in self.changes.items()) + ")"
-
-
-def solver_for(solver: Any, T: Any) -> ls.LinearSolver:
-    """The solver of a call: the configured one, else CG for a symmetric Jacobian, else GMRES."""
-    if isinstance(solver, ls.LinearSolver):
-        return solver
-    base = ls.CG() if getattr(T, "symmetric_jacobian", False) else ls.GMRES()
-    return base.replace(**solver.changes) if isinstance(solver, _Deferred) else base
-
-
-def _choice(value: Any, name: str, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
-def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fail: str,
-               symmetric: bool) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    solver = ls.as_solver(solve, default="cg" if symmetric else "gmres")
-    _choice(on_fail, "on_fail", ("raise", "warn"))
-    sign = 1.0 if kind == "fixed_point" else -1.0
-
-    def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        @functools.wraps(solver_fn)
-        def wrapped(init: Tensor, *args: Any) -> Tensor:
-            if not isinstance(init, Tensor):
-                raise TypeError(f"the first argument of {solver_fn.__name__} (the initial point) must be a tensor")
-            if not grad_wanted():
-                return solver_fn(init, *args)
-            op = bind(fn, init, args, static=True)
-
-            def fwd(u0: Tensor, tensors: Sequence[Tensor], info: Any, problem: FixedPointProblem) -> Tensor:
-                with torch.no_grad(), op.context(tensors):
-                    out = solver_fn(u0.detach(), *op.params(tensors))
-                if not isinstance(out, Tensor) or out.shape != init.shape:
-                    raise TypeError(
-                        f"{solver_fn.__name__} must return the solution, a tensor shaped like its first "
-                        f"argument {tuple(init.shape)}; got {type(out).__name__}"
-                    )
-                return out
-
-            problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail)
-            leaves, _ = flatten(args, static=True)
-            return FixedPoint.apply(problem, init, *leaves, *op.captured)
-
-        return wrapped
-
-    return decorator
-
-
-def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
-                       ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a fixed point
-    :math:`u = T(u, *args)`: the decorated function's result is differentiable w.r.t. the tensors in
-    ``args`` (and those ``T`` reads from its closure) by the implicit function theorem, at every order
-    and under ``torch.func`` transforms (jaxopt's ``custom_fixed_point``).
-
-    Args:
-        T: the fixed-point map ``T(u, *args)``.
-        solve: the linear solver of the implicit derivative (:mod:`hodl_plugin.linear_solve`; default
-            CG when ``T.symmetric_jacobian`` is true, else GMRES; tolerance following the dtype).
-        on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when a solve
-            misses its tolerance, or ``"warn"``.
-
-    Returns:
-        a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
-        through as constants.
-
-    >>> import torch, hodl_plugin as hp
-    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
-    >>> T = lambda u, x: u - 0.2 * (A @ u - x)           # gradient step of ½uᵀAu - xᵀu
-    >>> @hp.custom_fixed_point(T)
-    ... def solve(u0, x):                                  # any solver: here a direct one
-    ...     return torch.linalg.solve(A, x)
-    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    >>> solve(torch.zeros(2, dtype=torch.float64), x).sum().backward()
-    >>> torch.allclose(x.grad, torch.linalg.solve(A, torch.ones(2, dtype=torch.float64)))
-    True
-    """
-    if not callable(T):
-        raise TypeError(f"custom_fixed_point(T): T must be callable T(u, *args), got {type(T).__name__}")
-    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)))
-
-
-def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
-                ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a root
-    :math:`G(u, *args) = 0` of ``optimality_fn``: derivatives w.r.t. the tensors in ``args`` by the
-    implicit function theorem, :math:`\dot u = -(\partial_u G)^{-1}\partial_\theta G\,\dot\theta` (TorchOpt's
-    and jaxopt's ``custom_root``; ``argnums`` is not needed: every tensor argument is differentiable).
-
-    Args:
-        optimality_fn: ``G(u, *args)``, e.g. the gradient of the inner objective.
-        solve: the linear solver of :math:`(\partial_u G)^\top v = \bar u` (default GMRES; pass CG,
-            ``hp.linear_solve.cg()``, for a symmetric positive definite :math:`\partial_u G`, e.g. a Hessian).
-        on_fail: as for :func:`custom_fixed_point`.
-
-    >>> import torch, hodl_plugin as hp
-    >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
-    >>> y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    >>> G = lambda w, lam: X.T @ (X @ w - y) + lam * w            # ridge: ∇ of ½‖Xw-y‖² + λ/2‖w‖²
-    >>> @hp.custom_root(G, solve=hp.linear_solve.cg())
-    ... def ridge(w0, lam):
-    ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(2, dtype=X.dtype), X.T @ y)
-    >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    >>> w = ridge(torch.zeros(2, dtype=torch.float64), lam)
-    >>> (dw,) = torch.autograd.grad(w.sum(), lam)
-    >>> H = X.T @ X + 0.5 * torch.eye(2, dtype=X.dtype)
-    >>> torch.allclose(dw, -(torch.linalg.solve(H, w.detach())).sum())     # dw/dλ = -H⁻¹w
-    True
-    """
-    if not callable(optimality_fn):
-        raise TypeError(f"custom_root(optimality_fn): must be callable G(u, *args), got {type(optimality_fn).__name__}")
-    return _decorated("root", optimality_fn, solve, on_fail, False)

@@ -44,6 +44,8 @@ from typing import Any, Callable, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
+from .errors import ConfigurationError
+
 __all__ = [
     "LinearSolveInfo",
     "LinearSolver",
@@ -64,6 +66,8 @@ __all__ = [
     "anderson_fixed_point",
     "get",
     "as_solver",
+    "configure",
+    "for_operator",
 ]
 
 MatVec = Callable[[Tensor], Tensor]
@@ -853,3 +857,55 @@ def as_solver(spec: SolverLike, default: str = "gmres") -> LinearSolver:
         f"solver must be a name ({sorted(_BY_NAME)}), a hp.linear_solve solver object or a function "
         f"solve(matvec, b, x0=None), got {spec!r}"
     )
+
+
+def configure(solver: SolverLike, rtol: Optional[float], atol: Optional[float],
+              maxiter: Optional[int]) -> Any:
+    """The adjoint solver of a method: ``solver`` (``None``: chosen per operator by :func:`for_operator`)
+    with the ``adjoint_*`` options applied; a tolerance given twice is refused.
+
+    >>> configure("cg", 1e-8, None, None)
+    CG(rtol=1e-08, atol=0.0, maxiter=1000)
+    """
+    changes = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("maxiter", maxiter)) if v is not None}
+    if solver is None:  # the defaults of the solver chosen per operator are no change
+        changes = {k: v for k, v in changes.items() if v != getattr(GMRES(), k)}
+    try:  # validated now, named as the user wrote them
+        GMRES(**{"rtol": None, **changes})
+    except ValueError as e:
+        field = next((k for k in ("rtol", "atol", "maxiter") if f"{k} " in str(e) or f"{k} and" in str(e)), "rtol")
+        raise ValueError(str(e).replace("GMRES: ", "").replace(field, f"adjoint_{field}", 1)) from None
+    if solver is None:
+        base = None
+    else:
+        base = as_solver(solver)
+    if isinstance(base, LinearSolver) and isinstance(solver, LinearSolver):
+        defaults = type(solver)()
+        clash = [k for k in changes if getattr(solver, k) != getattr(defaults, k)]
+        if clash:
+            raise ConfigurationError(
+                f"the solver {solver!r} already sets {clash}; give each tolerance once, either in the solver "
+                f"(hp.linear_solve.{type(solver).__name__.lower()}(rtol=...)) or as adjoint_rtol=/adjoint_atol="
+                "/adjoint_maxiter="
+            )
+    if base is None:  # applied to the solver chosen per operator
+        return None if not changes else _Deferred(changes)  # type: ignore[return-value]
+    return base.replace(**changes) if changes else base
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """Options for the solver chosen per operator (CG or GMRES), applied when it is known."""
+
+    changes: dict
+
+    def __repr__(self) -> str:
+        return "auto(" + ", ".join(f"{k}={v!r}" for k, v in self.changes.items()) + ")"
+
+
+def for_operator(solver: Any, T: Any) -> LinearSolver:
+    """The solver of a call: the configured one, else CG for a symmetric Jacobian, else GMRES."""
+    if isinstance(solver, LinearSolver):
+        return solver
+    base = CG() if getattr(T, "symmetric_jacobian", False) else GMRES()
+    return base.replace(**solver.changes) if isinstance(solver, _Deferred) else base

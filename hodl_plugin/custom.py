@@ -1,0 +1,121 @@
+r"""The implicit derivative of *any* solver: :func:`custom_fixed_point` and :func:`custom_root`.
+
+The faces of :mod:`hodl_plugin.implicit`'s rules that TorchOpt and jaxopt users know: decorate a
+function ``solver(init, *args) -> u`` — a closed form, L-BFGS, your own CG — and its result gets the
+exact implicit derivative, at every order and under ``torch.func`` transforms (:ref:`math-implicit`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import linear_solve as ls
+from ._capture import bind, flatten
+from .implicit import FixedPoint, FixedPointProblem, grad_wanted
+
+__all__ = ["custom_fixed_point", "custom_root"]
+
+
+def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fail: str,
+               symmetric: bool) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    solver = ls.as_solver(solve, default="cg" if symmetric else "gmres")
+    if on_fail not in ("raise", "warn"):
+        raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
+    sign = 1.0 if kind == "fixed_point" else -1.0
+
+    def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        @functools.wraps(solver_fn)
+        def wrapped(init: Tensor, *args: Any) -> Tensor:
+            if not isinstance(init, Tensor):
+                raise TypeError(f"the first argument of {solver_fn.__name__} (the initial point) must be a tensor")
+            if not grad_wanted():
+                return solver_fn(init, *args)
+            op = bind(fn, init, args, static=True)
+
+            def fwd(u0: Tensor, tensors: Sequence[Tensor], info: Any, problem: FixedPointProblem) -> Tensor:
+                with torch.no_grad(), op.context(tensors):
+                    out = solver_fn(u0.detach(), *op.params(tensors))
+                if not isinstance(out, Tensor) or out.shape != init.shape:
+                    raise TypeError(
+                        f"{solver_fn.__name__} must return the solution, a tensor shaped like its first "
+                        f"argument {tuple(init.shape)}; got {type(out).__name__}"
+                    )
+                return out
+
+            problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail)
+            leaves, _ = flatten(args, static=True)
+            return FixedPoint.apply(problem, init, *leaves, *op.captured)
+
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
+                       ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a fixed point
+    :math:`u = T(u, *args)`: the decorated function's result is differentiable w.r.t. the tensors in
+    ``args`` (and those ``T`` reads from its closure) by the implicit function theorem, at every order
+    and under ``torch.func`` transforms (jaxopt's ``custom_fixed_point``).
+
+    Args:
+        T: the fixed-point map ``T(u, *args)``.
+        solve: the linear solver of the implicit derivative (:mod:`hodl_plugin.linear_solve`; default
+            CG when ``T.symmetric_jacobian`` is true, else GMRES; tolerance following the dtype).
+        on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when a solve
+            misses its tolerance, or ``"warn"``.
+
+    Returns:
+        a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
+        through as constants.
+
+    >>> import torch, hodl_plugin as hp
+    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> T = lambda u, x: u - 0.2 * (A @ u - x)           # gradient step of ½uᵀAu - xᵀu
+    >>> @hp.custom_fixed_point(T)
+    ... def solve(u0, x):                                  # any solver: here a direct one
+    ...     return torch.linalg.solve(A, x)
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> solve(torch.zeros(2, dtype=torch.float64), x).sum().backward()
+    >>> torch.allclose(x.grad, torch.linalg.solve(A, torch.ones(2, dtype=torch.float64)))
+    True
+    """
+    if not callable(T):
+        raise TypeError(f"custom_fixed_point(T): T must be callable T(u, *args), got {type(T).__name__}")
+    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)))
+
+
+def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
+                ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a root
+    :math:`G(u, *args) = 0` of ``optimality_fn``: derivatives w.r.t. the tensors in ``args`` by the
+    implicit function theorem, :math:`\dot u = -(\partial_u G)^{-1}\partial_\theta G\,\dot\theta` (TorchOpt's
+    and jaxopt's ``custom_root``; ``argnums`` is not needed: every tensor argument is differentiable).
+
+    Args:
+        optimality_fn: ``G(u, *args)``, e.g. the gradient of the inner objective.
+        solve: the linear solver of :math:`(\partial_u G)^\top v = \bar u` (default GMRES; pass CG,
+            ``hp.linear_solve.cg()``, for a symmetric positive definite :math:`\partial_u G`, e.g. a Hessian).
+        on_fail: as for :func:`custom_fixed_point`.
+
+    >>> import torch, hodl_plugin as hp
+    >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> y = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    >>> G = lambda w, lam: X.T @ (X @ w - y) + lam * w            # ridge: ∇ of ½‖Xw-y‖² + λ/2‖w‖²
+    >>> @hp.custom_root(G, solve=hp.linear_solve.cg())
+    ... def ridge(w0, lam):
+    ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(2, dtype=X.dtype), X.T @ y)
+    >>> lam = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    >>> w = ridge(torch.zeros(2, dtype=torch.float64), lam)
+    >>> (dw,) = torch.autograd.grad(w.sum(), lam)
+    >>> H = X.T @ X + 0.5 * torch.eye(2, dtype=X.dtype)
+    >>> torch.allclose(dw, -(torch.linalg.solve(H, w.detach())).sum())     # dw/dλ = -H⁻¹w
+    True
+    """
+    if not callable(optimality_fn):
+        raise TypeError(f"custom_root(optimality_fn): must be callable G(u, *args), got {type(optimality_fn).__name__}")
+    return _decorated("root", optimality_fn, solve, on_fail, False)
