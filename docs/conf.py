@@ -293,7 +293,7 @@ def _write_api_pages(app) -> None:
 
 # the API pages in the order of concerns a reader meets them; a public module not named here (a new
 # one) follows, alphabetically, so every public module is in the reference without editing this list
-API_ORDER = ["solver", "gkm", "hypergrad", "implicit", "inexact", "bound", "acceleration", "linear_solve",
+API_ORDER = ["solver", "gkm", "hypergrad", "implicit", "custom", "inexact", "bound", "acceleration", "linear_solve",
              "schedules", "presets", "operators", "prox", "baselines", "errors", "betty", "betty.config", "betty.nodes",
              "betty.hypergradients", "betty.coupling", "betty.engine", "betty.distributed", "betty.checkpoint",
              "betty.errors"]
