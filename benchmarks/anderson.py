@@ -16,14 +16,19 @@ ratio to plain, the median wall time of forward + implicit backward and its rati
 are interleaved: plain, Anderson(5), ..., plain, ...), the same ratio in CPU time of the process
 (less sensitive to other processes on a busy machine), and the relative hypergradient error against
 the closed form (quadratic) / dense implicit differentiation at a Newton solution (tanh). It then
-prints the Markdown table of the README (``--write-readme`` writes it there, atomically).
+prints the Markdown table of the README (``--write-readme`` writes it there, atomically, with the date
+and the machine, and keeps the measured rows in ``benchmarks/results/anderson.json``: the source that
+``tests/test_readme.py`` renders the README block from).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -117,18 +122,28 @@ def bench(name: str, P: dict[str, Any], methods: dict[str, Callable[[], Optional
 
 
 BEGIN, END = "<!-- anderson:begin -->", "<!-- anderson:end -->"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "anderson.json")
 
 
-def markdown(rows: list[dict[str, Any]], repeats: int) -> str:
-    """The README block: one Markdown table of every problem and method.
+def stamp() -> dict[str, str]:
+    """When and where a run was measured: the date, the machine, the torch build and its threads."""
+    return dict(date=datetime.date.today().isoformat(),
+                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+                threads=str(torch.get_num_threads()))
+
+
+def markdown(rows: list[dict[str, Any]], repeats: int, when: Optional[dict[str, str]] = None) -> str:
+    """The README block: one Markdown table of every problem and method, with the date and machine.
 
     >>> print(markdown([dict(problem="q", method="plain", steps=10, steps_ratio=1.0, time_s=0.5,
     ...                      time_ratio=1.0, cpu_ratio=1.0, error=1e-9)], 5).splitlines()[-1])
     | q | plain | 10 | 1 | 0.500 s | 1 | 1 | 1.0e-09 |
     """
+    when = when or stamp()
     lines = [
-        f"`python -m benchmarks.anderson` (forward to a relative residual {TOL:g} + implicit backward, "
-        f"interleaved runs, medians of {repeats}; torch threads: {torch.get_num_threads()}):",
+        f"`python -m benchmarks.anderson` ({when['date']}, {when['machine']}, {when['threads']} thread(s); "
+        f"forward to a relative residual {TOL:g} + implicit backward, interleaved runs, medians of {repeats}):",
         "",
         "| problem | method | forward steps | steps / plain | time | time / plain | CPU time / plain "
         "| hypergradient rel. error |",
@@ -179,11 +194,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     }
     rows = bench(f"quadratic n={n_q}, cond 1e3", quadratic(n_q), methods, repeats)
     rows += bench(f"tanh equilibrium n={n_t}, nonsymmetric", tanh_equilibrium(n_t), methods, repeats)
-    block = markdown(rows, repeats)
+    when = stamp()
+    block = markdown(rows, repeats, when)
     print("\n" + block)
-    if args.write_readme:
+    if args.write_readme:  # the rows go beside the README edited: benchmarks/results/anderson.json
+        results = os.path.join(os.path.dirname(os.path.abspath(args.readme)), os.path.relpath(RESULTS, ROOT))
+        os.makedirs(os.path.dirname(results), exist_ok=True)
+        with open(results, "w", encoding="utf-8") as fh:  # the source of the README block
+            json.dump(dict(rows=rows, repeats=repeats, when=when), fh, indent=1)
         write_readme(args.readme, block)
-        print(f"\nwritten to {args.readme}")
+        print(f"\nwritten to {args.readme} (rows in {results})")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ Problems (float64, CPU):
 - **(d)** memory: bytes autograd saves for the backward (saved-tensor hooks, every library in the
   same process) for unrolled and implicit methods of each library, as K grows 10 → 1000.
 
-Where things are: the problems in :mod:`benchmarks.problems`; each library's wrappers in its own
-module of :mod:`benchmarks.peers` (``hodl``, ``torchopt_peer``, ``higher_peer``, ``betty_peer``,
-``boat_peer``, ``plain_torch``); tables and plot in :mod:`benchmarks.report`; this module only runs
+Where things are: the problems in ``benchmarks.problems``; each library's wrappers in its own
+module of ``benchmarks.peers`` (``hodl``, ``torchopt_peer``, ``higher_peer``, ``betty_peer``,
+``boat_peer``, ``plain_torch``); tables and plot in ``benchmarks.report``; this module only runs
 them and collects the results.
 
 Peers and their settings (documented defaults or the settings their docs recommend): TorchOpt 0.7.3

@@ -42,7 +42,12 @@ __all__ = [
 
 
 class HODLError(Exception):
-    """Base class of the errors raised by hodl_plugin."""
+    """Base class of the errors raised by hodl_plugin: ``except hp.HODLError`` catches them all.
+
+    >>> import hodl_plugin as hp
+    >>> issubclass(hp.LinearSolveError, hp.HODLError), issubclass(hp.DivergenceError, hp.HODLError)
+    (True, True)
+    """
 
 
 class ScheduleError(HODLError, ValueError):
@@ -59,7 +64,15 @@ class ScheduleError(HODLError, ValueError):
 
 class ConfigurationError(HODLError, ValueError):
     """Options that cannot work together (e.g. Anderson acceleration with unrolled
-    differentiation); raised at construction, naming the option to change."""
+    differentiation); raised at construction, naming the option to change.
+
+    >>> import hodl_plugin as hp
+    >>> try:
+    ...     hp.GKMSolver(lambda u: 0.5 * u, hypergrad="unrolled", acceleration=hp.Anderson())
+    ... except hp.ConfigurationError as e:
+    ...     print("cannot be used with hypergrad='unrolled'" in str(e))
+    True
+    """
 
 
 class DivergenceError(HODLError, RuntimeError):
@@ -78,7 +91,18 @@ class LinearSolveError(HODLError, RuntimeError):
     """The adjoint linear system ``(I - ∂_u T)ᵀ v = ∇_u F`` was not solved to the asked tolerance.
 
     Raised from ``backward()`` by the implicit mode (``on_fail="raise"``, the default); e.g. when the
-    fixed-point set is not a singleton and ``I - ∂_u T`` is singular.
+    fixed-point set is not a singleton and ``I - ∂_u T`` is singular, or when a symmetric Jacobian is
+    claimed (``symmetric_jacobian = True``) for an operator whose Jacobian is not symmetric:
+
+    >>> import torch, hodl_plugin as hp
+    >>> T = lambda u, x: torch.tensor([[0.5, 0.3], [0.0, 0.2]], dtype=torch.float64) @ u + x
+    >>> T.symmetric_jacobian = True                        # false: CG would give a wrong number
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> try:
+    ...     hp.GKMSolver(T)(torch.zeros(2, dtype=torch.float64), x).sum().backward()
+    ... except hp.LinearSolveError as e:
+    ...     print(str(e)[:40])
+    solver='cg' needs a symmetric dT/du, but
     """
 
 
@@ -98,7 +122,7 @@ class SummableScheduleWarning(ConvergenceWarning):
     r"""An aggregation schedule :math:`\alpha_k` is summable (e.g. :class:`~hodl_plugin.Geometric`).
 
     Accepted — it is the BDA/BOAT codes' practical default for a few unrolled steps — but outside
-    the selection theory of SPEC §0, which needs :math:`\sum_k \alpha_k = \infty`: the iterates still
+    HODL's selection theory, which needs :math:`\sum_k \alpha_k = \infty`: the iterates still
     approach :math:`\mathrm{Fix}\,T` but not necessarily its :math:`F`-optimal point.
 
     >>> import warnings, hodl_plugin as hp
@@ -115,4 +139,11 @@ class UnusedOptionWarning(UserWarning):
 
     E.g. ``tol=`` with ``hypergrad="inexact"``, whose forward stops at its own accuracy
     :math:`\varepsilon_k` (pass ``eps=`` instead).
+
+    >>> import warnings, hodl_plugin as hp
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     _ = hp.GKMSolver(lambda u: 0.5 * u, hypergrad="inexact", tol=1e-8)
+    >>> w[0].category is hp.UnusedOptionWarning
+    True
     """

@@ -261,7 +261,7 @@ class GKMIteration:
 
     @property
     def aggregates(self) -> bool:
-        """HODL aggregation is on: an upper objective and a schedule ``alpha`` that is not 0."""
+        """Whether HODL aggregation is on (an upper objective and a schedule ``alpha`` that is not 0)."""
         if self.alpha is None or (self.upper is None and self.upper_grad is None):
             return False
         return not is_zero(self.alpha)

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ._autodiff import grad_u
 from .prox import Prox
 
-#: a step size: a positive number, a positive scalar tensor (may require grad), or ``step(*params)``
+#: A step size. A positive number, a positive scalar tensor (may require grad), or ``step(*params)``
 StepLike = Union[float, Tensor, Callable[..., Union[float, Tensor]]]
 
 __all__ = ["StepLike", "GradientStep", "ProximalGradient", "LearnedResidual", "KMAveraged", "functional_operator"]
@@ -110,6 +110,12 @@ class GradientStep(nn.Module):
             step computed from θ (e.g. :math:`1/L(\theta)`) is differentiated with everything else.
             A tensor step is a scalar: a per-coordinate step would break the symmetric Jacobian.
 
+    Raises:
+        ValueError: both or neither of ``grad`` and ``objective``; a step that is not positive and
+            finite, or a tensor step with more than one element; (when called) a callable step whose
+            value is not positive and finite.
+        TypeError: a step that is neither a number, a tensor nor a callable.
+
     >>> import torch
     >>> T = GradientStep(grad=lambda u, b: u - b, step=0.5)
     >>> T(torch.zeros(2), torch.ones(2))
@@ -149,8 +155,19 @@ class GradientStep(nn.Module):
 class ProximalGradient(nn.Module):
     r"""Proximal-gradient step :math:`T(u; x) = \mathrm{prox}_{s g}(u - s\nabla_u f(u; x))`.
 
-    Averaged for convex L-smooth f, convex g and :math:`s\in(0,2/L)` (SPEC T4). ``prox`` is
+    Averaged for convex L-smooth f, convex g and :math:`s\in(0,2/L)`. ``prox`` is
     ``prox(v, step, *params)`` (see :mod:`hodl_plugin.prox`), so g may carry learned weights.
+
+    Args:
+        grad: ``∇_u f(u, *params)``; or
+        prox: :math:`\mathrm{prox}_{sg}`, called as ``prox(v, step, *params)``.
+        objective: ``f(u, *params)`` (scalar) instead of ``grad``, differentiated by autograd.
+        step: s, a positive number.
+
+    Raises:
+        ValueError: both or neither of ``grad`` and ``objective``, or a step that is not a positive
+            number.
+        TypeError: ``prox`` is not callable.
 
     LASSO :math:`\tfrac12\|Au-b\|^2 + \lambda\|u\|_1` with a learned λ:
 
@@ -182,6 +199,13 @@ class LearnedResidual(nn.Module):
     monotone and Lipschitz, or spectrally normalised layers and a small τ); the solver detects
     divergence otherwise.
 
+    Args:
+        net: the network :math:`N_\omega`, called as ``net(u, *params)``; its parameters are learned.
+        step: :math:`\tau`, a positive number.
+
+    Raises:
+        ValueError: ``step`` is not a positive number.
+
     >>> import torch
     >>> net = torch.nn.Linear(3, 3)
     >>> T = LearnedResidual(net, step=0.1)
@@ -203,6 +227,13 @@ class KMAveraged(nn.Module):
 
     Same fixed points as T; averaged when T is nonexpansive.
 
+    Args:
+        T: the operator, ``T(u, *params)`` (a function or an ``nn.Module``).
+        beta: :math:`\beta \in (0, 1]`.
+
+    Raises:
+        ValueError: ``beta`` outside (0, 1].
+
     >>> import torch
     >>> KMAveraged(lambda u: -u, beta=0.5)(torch.ones(2))
     tensor([0., 0.])
@@ -223,10 +254,16 @@ class KMAveraged(nn.Module):
 def functional_operator(module: nn.Module) -> tuple[Callable[..., Tensor], tuple[Tensor, ...]]:
     r"""A module as a pure function of explicit tensors, via ``torch.func.functional_call``.
 
-    Returns ``(fn, weights)`` with ``fn(u, *params, *weights) == module(u, *params)``: pass
-    ``weights`` to the solver as trailing params to treat the module's parameters like any other
+    Pass ``weights`` to the solver as trailing params to treat the module's parameters like any other
     learned variable (the TorchOpt / ``torch.func`` style). ``weights`` are the module's own
     parameter tensors, so their ``.grad`` fills as usual.
+
+    Args:
+        module: the operator as an ``nn.Module`` with ``forward(u, *params)``.
+
+    Returns:
+        tuple: ``(fn, weights)`` with ``fn(u, *params, *weights) == module(u, *params)``; ``weights``
+        in the order of ``module.named_parameters()``. Nothing is raised here.
 
     >>> import torch, hodl_plugin as hp
     >>> net = torch.nn.Linear(2, 2, dtype=torch.float64)

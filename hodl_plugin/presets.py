@@ -4,7 +4,7 @@ r"""Named configurations of :class:`~hodl_plugin.GKMSolver`: keyword dictionarie
 K unrolled GKM steps with a fixed aggregation schedule (no tolerance, no adaptive stop), and the
 same group's public codes (BDA ``vis-opt-group/BDA``, BOAT ``callous-youth/BOAT``) aggregate
 *outside* the operator with a geometric weight :math:`\alpha_k = \alpha_0\gamma^k` — summable, so
-outside the selection theory of SPEC §0 (the solver warns with
+outside HODL's selection theory (the solver warns with
 :class:`~hodl_plugin.errors.SummableScheduleWarning`), but what they run for K = 5–20 steps.
 """
 
@@ -37,7 +37,7 @@ def paper_config(
         u_{k+1} = (1-\alpha_k)\,T(u_k; x) + \alpha_k\,(u_k - s\nabla_u F(u_k; x)),\quad
         \alpha_k = 0.5\cdot 0.9^k,\quad k = 0,\dots,K-1.
 
-    BDA's logged setting is ``alpha=Geometric(0.6, 0.9)`` with ``steps=5``; our own (SPEC §0)
+    BDA's logged setting is ``alpha=Geometric(0.6, 0.9)`` with ``steps=5``; our own (HODL's scheme)
     form is ``aggregation="inside", alpha=Harmonic(1.0)``. Pass the upper objective yourself
     (``upper=F`` or ``upper_grad=``).
 
@@ -46,6 +46,12 @@ def paper_config(
         alpha: the aggregation schedule (default ``Geometric(0.5, 0.9)``).
         aggregation: ``"outside"`` (default, the BDA/BOAT form) or ``"inside"``.
         upper_step: s, the step of the upper descent direction.
+
+    Returns:
+        dict: keyword arguments for ``hp.GKMSolver(T, upper=F, **paper_config(...))``.
+
+    Raises:
+        ValueError: ``steps`` not an integer >= 1, or an unknown ``aggregation``.
 
     Example:
         >>> import warnings, torch, hodl_plugin as hp

@@ -27,12 +27,35 @@ Prox = Callable[..., Tensor]
 
 
 def soft_threshold(v: Tensor, tau: Union[Tensor, float]) -> Tensor:
-    r""":math:`S_\tau(v) = \mathrm{sign}(v)\max(|v| - \tau, 0)`, the prox of :math:`\tau\|\cdot\|_1`."""
+    r""":math:`S_\tau(v) = \mathrm{sign}(v)\max(|v| - \tau, 0)`, the prox of :math:`\tau\|\cdot\|_1`.
+
+    Args:
+        v: the point.
+        tau: the threshold, a number or a tensor broadcastable to ``v`` (>= 0).
+
+    Returns:
+        Tensor: shaped like ``v``; differentiable almost everywhere in ``v`` and ``tau``. Nothing is
+        checked or raised (the factories below check their weights).
+
+    Example:
+        >>> import torch
+        >>> soft_threshold(torch.tensor([-2.0, 0.5, 3.0]), 1.0)
+        tensor([-1.,  0.,  2.])
+    """
     return torch.sign(v) * torch.relu(v.abs() - tau)
 
 
 def l1(weight: float) -> Prox:
     r"""Prox of :math:`\lambda\|u\|_1` with a fixed :math:`\lambda`: :math:`S_{s\lambda}(v)`.
+
+    Args:
+        weight: :math:`\lambda`, a finite number >= 0 (or a one-element tensor, read once).
+
+    Returns:
+        Callable: ``prox(v, step, *params)`` for :class:`~hodl_plugin.operators.ProximalGradient`.
+
+    Raises:
+        ValueError: ``weight`` is negative, not finite, or a tensor with more than one element.
 
     >>> import torch
     >>> l1(0.5)(torch.tensor([1.0, -0.2]), 1.0)
@@ -118,6 +141,15 @@ def l1_param(index: int = 0) -> Prox:
     :math:`\lambda` (a scalar or a per-coordinate tensor) must stay finite and non-negative; a
     violation raises ``ValueError`` at call time (checked once per tensor version, see above).
 
+    Args:
+        index: which of the operator's ``params`` holds :math:`\lambda`.
+
+    Returns:
+        Callable: ``prox(v, step, *params)``, differentiable w.r.t. :math:`\lambda`.
+
+    Raises:
+        ValueError: (when called) :math:`\lambda` negative or not finite.
+
     >>> import torch
     >>> l1_param(0)(torch.tensor([1.0, -0.2]), 1.0, torch.tensor(0.5))
     tensor([0.5000, -0.0000])
@@ -150,6 +182,9 @@ class _L1Param:
 def nonnegative() -> Prox:
     """Projection onto the non-negative orthant, the prox of its indicator.
 
+    Returns:
+        Callable: ``prox(v, step, *params) = max(v, 0)``. Nothing is raised.
+
     >>> import torch
     >>> nonnegative()(torch.tensor([-1.0, 2.0]), 0.1)
     tensor([0., 2.])
@@ -167,6 +202,16 @@ class _NonNegative:
 
 def box(lo: float, hi: float) -> Prox:
     """Projection onto the box ``[lo, hi]``.
+
+    Args:
+        lo: the lower bound.
+        hi: the upper bound, >= ``lo``.
+
+    Returns:
+        Callable: ``prox(v, step, *params) = clamp(v, lo, hi)``.
+
+    Raises:
+        ValueError: ``lo > hi`` or a bound that is NaN.
 
     >>> import torch
     >>> box(0.0, 1.0)(torch.tensor([-1.0, 0.5, 2.0]), 0.1)
@@ -189,7 +234,17 @@ class _Box:
 
 
 def identity() -> Prox:
-    """The prox of the zero function."""
+    """The prox of the zero function: ``prox(v, step, *params) = v``.
+
+    Returns:
+        Callable: the identity prox (a :class:`~hodl_plugin.operators.ProximalGradient` with it is a
+        plain gradient step). Nothing is raised.
+
+    Example:
+        >>> import torch
+        >>> identity()(torch.tensor([1.0, -2.0]), 0.5)
+        tensor([ 1., -2.])
+    """
     return _Identity()
 
 

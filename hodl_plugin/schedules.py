@@ -1,6 +1,6 @@
 r"""Schedules: tiny pure objects ``schedule(k) -> float``.
 
-The GKM iteration (SPEC §0) uses three sequences — the KM relaxation :math:`\beta_k`, the HODL
+The GKM iteration (HODL's scheme, see the math page) uses three sequences — the KM relaxation :math:`\beta_k`, the HODL
 aggregation weight :math:`\alpha_k` and, in the inexact mode, the accuracies
 :math:`\varepsilon_k, \delta_k`. Each is a :class:`Schedule`: callable on the step index, with the
 asymptotic facts (limit, summability, monotonicity) the convergence conditions need, so that a
@@ -42,8 +42,19 @@ __all__ = [
 class Schedule:
     """Base class: a sequence ``k -> value`` for ``k = 0, 1, 2, ...``.
 
-    Subclasses define ``__call__`` and the properties below; they are used to validate the
-    convergence conditions, never to run the iteration.
+    Subclasses define ``__call__`` and the properties below (:attr:`limit`, :attr:`summable`,
+    :attr:`nonincreasing`); the solver reads those properties to check the convergence conditions
+    when it is built, and calls the schedule at each step. Any object of a subclass can be passed
+    where a schedule is expected (``alpha=``, ``beta=``, ``eps=``, ``delta=``).
+
+    Example:
+        >>> from hodl_plugin.schedules import Schedule
+        >>> class Halving(Schedule):                  # value_k = 2^-k
+        ...     limit, summable, nonincreasing = 0.0, True, True
+        ...     def __call__(self, k):
+        ...         return 0.5 ** k
+        >>> Halving().values(3)
+        [1.0, 0.5, 0.25]
     """
 
     #: value of the sequence as ``k -> ∞``
@@ -74,8 +85,15 @@ class Schedule:
 class Constant(Schedule):
     """``value_k = c``.
 
-    >>> Constant(1.0)(7)
-    1.0
+    Args:
+        c: the value, a finite number.
+
+    Raises:
+        ScheduleError: ``c`` is not finite.
+
+    Example:
+        >>> Constant(1.0)(7)
+        1.0
     """
 
     c: float
@@ -102,13 +120,22 @@ class Constant(Schedule):
 
 @dataclass(frozen=True)
 class Polynomial(Schedule):
-    """``value_k = c0 · (k + offset)^(-power)`` — ISGD's "poly" schedule (SPEC §3.4, T7).
+    """``value_k = c0 · (k + offset)^(-power)`` — ISGD's "poly" schedule.
 
     ``power`` in (0, 1] gives a sequence that tends to 0 and is not summable (the HODL aggregation
     condition); ``power > 1`` a summable one.
 
-    >>> Polynomial(1.0, 1.0)(0), Polynomial(1.0, 1.0)(3)
-    (1.0, 0.25)
+    Args:
+        c0: the scale (the value at ``k = 0`` when ``offset = 1``).
+        power: the decay exponent, >= 0 (0 is a constant).
+        offset: added to ``k`` before the power, > 0.
+
+    Raises:
+        ScheduleError: a value that is not finite, ``power < 0`` or ``offset <= 0``.
+
+    Example:
+        >>> Polynomial(1.0, 1.0)(0), Polynomial(1.0, 1.0)(3)
+        (1.0, 0.25)
     """
 
     c0: float
@@ -140,10 +167,20 @@ class Polynomial(Schedule):
 
 
 def Harmonic(c0: float = 1.0) -> Polynomial:
-    """``value_k = c0 / (k + 1)`` — the BDA / HODL aggregation weight of SPEC T5.
+    """``value_k = c0 / (k + 1)`` — the BDA / HODL aggregation weight.
 
-    >>> Harmonic(0.5)(1)
-    0.25
+    Args:
+        c0: the first value.
+
+    Returns:
+        Polynomial: ``Polynomial(c0, 1.0)``, non-summable and vanishing.
+
+    Raises:
+        ScheduleError: ``c0`` is not finite.
+
+    Example:
+        >>> Harmonic(0.5)(1)
+        0.25
     """
     return Polynomial(c0, 1.0)
 
@@ -152,8 +189,16 @@ def Harmonic(c0: float = 1.0) -> Polynomial:
 class Log(Schedule):
     """``value_k = c0 / log(k + e)^power`` — ISGD's "log" schedule, equal to ``c0`` at ``k = 0``.
 
-    >>> Log(1.0, 1.0)(0)
-    1.0
+    Args:
+        c0: the first value.
+        power: the exponent of the logarithm, >= 0.
+
+    Raises:
+        ScheduleError: a value that is not finite, or ``power < 0``.
+
+    Example:
+        >>> Log(1.0, 1.0)(0)
+        1.0
     """
 
     c0: float
@@ -183,7 +228,7 @@ class Log(Schedule):
 class Geometric(Schedule):
     r"""``value_k = alpha0 · gamma^k`` (:math:`k = 0, 1, \dots`) — the BDA/BOAT aggregation weight.
 
-    Summable (for ``gamma < 1``): outside the selection theory of SPEC §0, which needs
+    Summable (for ``gamma < 1``): outside HODL's selection theory, which needs
     :math:`\sum_k\alpha_k = \infty`; :class:`~hodl_plugin.GKMSolver` accepts it with a
     :class:`~hodl_plugin.errors.SummableScheduleWarning`. It is what the same group's codes run for
     a few unrolled steps (combined with ``aggregation="outside"``):
@@ -202,6 +247,9 @@ class Geometric(Schedule):
     Args:
         alpha0: the first value, finite and >= 0 (the solver checks :math:`\alpha_0 \le 1`).
         gamma: the ratio, in (0, 1) (``gamma = 1`` is :class:`Constant`).
+
+    Raises:
+        ScheduleError: ``alpha0`` negative or not finite, ``gamma`` outside (0, 1).
 
     >>> a = Geometric(0.5, 0.9)
     >>> a.values(3), a.summable, a.limit
@@ -252,8 +300,19 @@ def is_zero(schedule: Schedule) -> bool:
 def as_schedule(value: float | Schedule, name: str = "schedule") -> Schedule:
     """Turn a number into a :class:`Constant`; pass schedules through.
 
-    >>> as_schedule(0.5)
-    Constant(c=0.5)
+    Args:
+        value: a number or a :class:`Schedule`.
+        name: the option's name, for the error message.
+
+    Returns:
+        Schedule: ``value`` itself, or ``Constant(value)``.
+
+    Raises:
+        ScheduleError: ``value`` is neither a number nor a schedule (a bool is not a number here).
+
+    Example:
+        >>> as_schedule(0.5)
+        Constant(c=0.5)
     """
     if isinstance(value, Schedule):
         return value
@@ -264,6 +323,14 @@ def as_schedule(value: float | Schedule, name: str = "schedule") -> Schedule:
 
 def check_relaxation(beta: Schedule) -> list[str]:
     r"""Problems of a KM relaxation schedule: :math:`\beta_k \in (0, 1]`, bounded away from 0.
+
+    Args:
+        beta: the relaxation schedule :math:`\beta_k`.
+
+    Returns:
+        list[str]: one sentence per violated condition; empty when the schedule is valid. (Nothing is
+        raised here: :class:`~hodl_plugin.solver.GKMSolver` raises
+        :class:`~hodl_plugin.errors.ScheduleError` with these sentences, or warns with ``strict=False``.)
 
     >>> check_relaxation(Constant(1.0))
     []
@@ -283,8 +350,15 @@ def check_relaxation(beta: Schedule) -> list[str]:
 
 def check_aggregation(alpha: Schedule) -> list[str]:
     r"""Problems of a HODL aggregation schedule: :math:`\alpha_k \in [0,1]`, non-increasing,
-    :math:`\alpha_k \to 0` (SPEC §0). Summability is not a problem here but a warning
+    :math:`\alpha_k \to 0`. Summability is not a problem here but a warning
     (:func:`summable_aggregation`).
+
+    Args:
+        alpha: the aggregation schedule :math:`\alpha_k`.
+
+    Returns:
+        list[str]: one sentence per violated condition; empty when valid (the solver raises
+        :class:`~hodl_plugin.errors.ScheduleError` with them).
 
     >>> check_aggregation(Harmonic(1.0))
     []
@@ -296,7 +370,7 @@ def check_aggregation(alpha: Schedule) -> list[str]:
     alpha_k must decrease to 0 (its limit is 0.5): ...
     """
     if is_zero(alpha):
-        return []  # alpha ≡ 0: no aggregation, plain KM (SPEC §0)
+        return []  # alpha ≡ 0: no aggregation, plain KM
     problems = []
     if not (0.0 <= alpha(0) <= 1.0) or not (0.0 <= alpha.sup <= 1.0):
         problems.append(f"alpha_k must lie in [0, 1], got alpha_0 = {alpha(0)}")
@@ -314,6 +388,13 @@ def summable_aggregation(alpha: Schedule) -> str:
     r"""The warning text for a summable aggregation schedule (:math:`\sum_k \alpha_k < \infty`),
     or ``""`` when :math:`\sum_k \alpha_k = \infty` (or :math:`\alpha \equiv 0`, no aggregation).
 
+    Args:
+        alpha: the aggregation schedule.
+
+    Returns:
+        str: the text of the :class:`~hodl_plugin.errors.SummableScheduleWarning` the solver emits, or
+        ``""``. Nothing is raised.
+
     >>> summable_aggregation(Harmonic(1.0))
     ''
     >>> print(summable_aggregation(Polynomial(1.0, 2.0)))  # doctest: +ELLIPSIS
@@ -325,7 +406,7 @@ def summable_aggregation(alpha: Schedule) -> str:
     if isinstance(alpha, Geometric):
         extra = f" (Geometric: sum = {alpha.alpha0 / (1 - alpha.gamma):.4g})"
     return (
-        f"sum of alpha_k is finite{extra}: accepted, but outside the selection theory of SPEC §0 "
+        f"sum of alpha_k is finite{extra}: accepted, but outside the selection theory of HODL "
         "(which needs sum alpha_k = inf to select the F-optimal fixed point of T); the iterates "
         "approach Fix T, not necessarily its F-optimal point. Use Harmonic/Polynomial(power <= 1) "
         "for the selection, or keep this (the BDA/BOAT codes' default for a few unrolled steps)"
@@ -333,7 +414,15 @@ def summable_aggregation(alpha: Schedule) -> str:
 
 
 def check_accuracy(eps: Schedule, name: str = "eps") -> list[str]:
-    r"""Problems of an accuracy schedule :math:`\varepsilon_k > 0`, non-increasing (ISGD §3.3).
+    r"""Problems of an accuracy schedule :math:`\varepsilon_k > 0`, non-increasing (as ISGD requires).
+
+    Args:
+        eps: the accuracy schedule (:math:`\varepsilon_k` or :math:`\delta_k` of the inexact mode).
+        name: the option's name, for the sentences.
+
+    Returns:
+        list[str]: one sentence per violated condition; empty when valid
+        (:class:`~hodl_plugin.hypergrad.Inexact` raises :class:`~hodl_plugin.errors.ScheduleError` with them).
 
     >>> check_accuracy(Polynomial(1e-2, 0.5))
     []

@@ -140,8 +140,12 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     panels = ax_pairs or [(ylabel, curves)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for i, (ax, (label, cs)) in enumerate(zip(axes[0], panels)):
+    ncols = min(len(panels), 2)  # at most two panels a row: legible at the documentation's page width
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for i, (ax, (label, cs)) in enumerate(zip(axes.flat, panels)):
         for j, (name, (x, y)) in enumerate(cs.items()):
             ax.plot(list(x), list(y), label=name, lw=1.6, ls=linestyles[j % len(linestyles)])
         if logy:

@@ -47,7 +47,7 @@ def random_patches(images: Sequence[np.ndarray], size: int, n: int, rng: np.rand
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (dB) with peak 1 over the whole batch (SPEC T6)."""
+    """PSNR (dB) with peak 1 over the whole batch."""
     mse = float(((x - ref) ** 2).mean())
     return 10 * np.log10(1.0 / mse)
 

@@ -1,6 +1,6 @@
 r"""Shared machinery of the image-restoration recipes (deconvolution, derain): BMO/HODL with a learned module.
 
-The task model (SPEC §2.2) is a smoothed-TV restoration problem with a linear forward operator A,
+The task model (BMO/HODL's) is a smoothed-TV restoration problem with a linear forward operator A,
 
 .. math::
 
@@ -26,10 +26,10 @@ Every GKM run (learned or the plain TV iteration) starts from :math:`u_0` = the 
 solution (a linear Wiener-type deconvolution, one FFT).
 
 Both learn :math:`(\omega, \log\lambda)` by back-propagation through K steps (``hypergrad="unrolled"``,
-SPEC §2.3) on random patches, Adam, mean squared error to the clean patch. Baselines with weights
+as in BMO) on random patches, Adam, mean squared error to the clean patch. Baselines with weights
 tuned on the training patches: Tikhonov :math:`\tfrac12\|Au-b\|^2 + \tfrac{\lambda}{2}\|Du\|^2`
 (closed form by FFT) and TV (the task model solved to convergence). Metrics: PSNR and SSIM of
-scikit-image (SSIM: 11×11 Gaussian window σ = 1.5, SPEC T6) on [0, 1]-clipped test crops.
+scikit-image (SSIM: 11×11 Gaussian window σ = 1.5, as in the papers) on [0, 1]-clipped test crops.
 Convolutions are circular (exact adjoints; the observations are simulated with the same operator).
 """
 
@@ -245,7 +245,7 @@ def batch_psnr(u: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def metrics(u: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
-    """Mean PSNR and SSIM (scikit-image; SSIM with the 11×11 Gaussian window σ = 1.5, SPEC T6)."""
+    """Mean PSNR and SSIM (scikit-image; SSIM with the 11×11 Gaussian window σ = 1.5, as in the papers)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     ps, ss = [], []
@@ -333,32 +333,40 @@ def save_figures(path: str, title: str, results: list[dict[str, Any]], examples:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # two settings (four panels) per row, the restored crops in a last row: legible at page width
     n = len(results)
-    ncols = max(len(examples[0][1]) if examples else 0, 2 * n)
-    fig = plt.figure(figsize=(3.1 * ncols, 6.4 if examples else 3.4))
-    rows = 2 if examples else 1
+    per_row = min(n, 2)
+    ncols = 2 * per_row
+    setting_rows = -(-n // per_row)
+    rows = setting_rows + (1 if examples else 0)
+    fig = plt.figure(figsize=(3.1 * ncols, 3.2 * rows))
+    grid = fig.add_gridspec(rows, ncols)
     for i, res in enumerate(results):
-        ax = fig.add_subplot(rows, 2 * n, 2 * i + 1)
+        r, c = divmod(i, per_row)
+        ax = fig.add_subplot(grid[r, 2 * c])
         for lab, (x, y) in res["step_curves"].items():
             ax.plot(x, y, label=lab, lw=1.5)
         ax.axvline(res["K"], color="gray", ls=":", lw=1)
         ax.set_xlabel("GKM step k (test)")
         ax.set_ylabel("test PSNR (dB)")
-        ax.set_title(res["setting"], fontsize=8)
+        ax.set_title(res["setting"], fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        ax = fig.add_subplot(rows, 2 * n, 2 * i + 2)
+        ax.legend(fontsize=7)
+        ax = fig.add_subplot(grid[r, 2 * c + 1])
         for lab, (x, y) in res["train_curves"].items():
             ax.plot(x, y, label=lab, lw=1.5)
         ax.set_xlabel("training iteration")
         ax.set_ylabel("val. PSNR (dB)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for j, (lab, img) in enumerate(examples[0][1] if examples else []):
-        ax = fig.add_subplot(rows, len(examples[0][1]), len(examples[0][1]) + j + 1)
-        ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(lab, fontsize=7)
-        ax.axis("off")
+        ax.legend(fontsize=7)
+    crops = examples[0][1] if examples else []
+    if crops:
+        sub = grid[rows - 1, :].subgridspec(1, len(crops))
+        for j, (lab, img) in enumerate(crops):
+            ax = fig.add_subplot(sub[0, j])
+            ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(lab, fontsize=8)
+            ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

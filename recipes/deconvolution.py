@@ -1,6 +1,6 @@
 """Non-blind image deconvolution (BMO/HODL): GKM iterations with a learned module vs TV, Tikhonov, unrolled.
 
-BMO's deconvolution experiment (SPEC §2.4) at CPU scale. Clean images: scikit-image's bundled
+BMO's deconvolution experiment (Liu et al., ICML 2022) at CPU scale. Clean images: scikit-image's bundled
 natural images (training patches from camera, astronaut, coffee, chelsea; test crops of rocket and
 cat), or ``--data-dir``. Observations b = k ⊛ x + σn with a 9×9 Gaussian blur (std 1.6) or a
 linear motion blur (length 9, 45°), noise σ ∈ {0.01, 0.02}.

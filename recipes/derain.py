@@ -1,6 +1,6 @@
 """Rain streak removal (BMO/HODL): GKM iterations with a learned module vs TV, Tikhonov, unrolled.
 
-BMO's deraining experiment (SPEC §2.4) at CPU scale, on synthetic rain (:func:`add_rain`) over
+BMO's deraining experiment (Liu et al., ICML 2022) at CPU scale, on synthetic rain (``add_rain``) over
 scikit-image's bundled natural images (training patches from camera, astronaut, coffee, chelsea;
 test crops of rocket and cat) or ``--data-dir``.
 

@@ -1,6 +1,6 @@
 r"""Few-shot classification in a Betty Engine: a HODL-aggregated inner loop vs a plain unrolled inner loop.
 
-HODL's "other learning tasks" (SPEC §1) at CPU scale: 5-way 1-shot / 5-shot episodes built from
+HODL's "other learning tasks" (Liu et al., TPAMI 2023) at CPU scale: 5-way 1-shot / 5-shot episodes built from
 scikit-learn's digits, meta-tested on the unseen classes 5–9 (15 queries per class), or from
 ``--data-dir`` (``X.npy``, ``y.npy``; the first half of the classes as the base classes).
 
@@ -401,10 +401,11 @@ def plot(path: str, panels: list[tuple[str, dict[str, dict[str, list[float]]]]],
     """Accuracy vs meta-training episodes: meta-training queries, held-out validation classes and the
     unseen meta-test classes, one panel per inner loop and setting."""
     ax_pairs = []
+    val = "held-out digit 4" if getattr(args, "val", "digit") == "digit" else "held-out symmetries"
     for setting, curves in panels:
         for label, c in curves.items():
             lines = {name: (c["episode"], c[key]) for name, key in
-                     (("meta-train queries", "train"), ("meta-val (held-out symmetries)", "val"),
+                     (("meta-train queries", "train"), (f"meta-val ({val})", "val"),
                       ("unseen digits 5–9", "unseen")) if c[key]}
             ax_pairs.append((f"{setting}: {label.split(' inner')[0]}", lines))
     return plot_curves(path, {}, "meta-training episodes", "", logy=False, ax_pairs=ax_pairs,

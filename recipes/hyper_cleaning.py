@@ -14,7 +14,7 @@ clean half only (an oracle).
 (Adam, the same ``--lr``) and the classifier together, one method step per outer step — BOME and PGDO
 with T = K inner steps for their value-function estimate, ALTO with K lower steps, MESO single-loop.
 
-The implicit mode runs a second time as a two-node Betty graph (:func:`run_betty`: a ``GKMProblem``
+The implicit mode runs a second time as a two-node Betty graph (``run_betty``: a ``GKMProblem``
 for the weighted fit under an ``ImplicitProblem`` for the weights), the way a Betty user writes it;
 it gives the core run's results.
 

@@ -1,6 +1,6 @@
 """Learning a convex Field-of-Experts regulariser (ISGD): ISGD vs MAID-style vs unrolled, by cost.
 
-The ISGD experiment (Salehi et al., SSVM 2025; SPEC §3) at CPU scale: patches of scikit-image's
+The ISGD experiment (Salehi et al., SSVM 2025) at CPU scale: patches of scikit-image's
 bundled natural images, Gaussian noise σ = 25/255 (denoising, A = I) or a 5×5 Gaussian blur of std 1
 plus noise 0.01 (deblurring). Lower level, per patch:
 
@@ -14,7 +14,7 @@ adjoint (CG) iterations, times the patches processed (ISGD's x-axis):
 - ISGD: mini-batches in a fixed order, ``hypergrad="inexact"`` with decaying accuracies
   ε_k = δ_k = ε₀(k+1)^{-p}, warm starts per batch, Adam with steps α₀(k+1)^{-q};
 - MAID-style: full batch, deterministic inexact gradient descent with backtracking; the accuracy is
-  tightened (×0.5) when backtracking fails and loosened (×1.05) after a success (SPEC §3.7, without
+  tightened (×0.5) when backtracking fails and loosened (×1.05) after a success (as in MAID, without
   MAID's a-posteriori slack terms);
 - unrolled: K fixed lower steps from y, back-propagation through them, same Adam schedule (cost K
   forward + K backward per patch).

@@ -1,6 +1,6 @@
 """Sparse coding (LISTA setting): ISTA, FISTA, unrolled-only LISTA and HODL/BMO learning, NMSE per layer.
 
-Protocol (Chen et al. 2018, the usual one for learned ISTA, SPEC §2.4): A ∈ R^{250×500} with
+Protocol (Chen et al. 2018, the usual one for learned ISTA): A ∈ R^{250×500} with
 N(0, 1/250) entries and unit-norm columns; codes with Bernoulli(0.1) support and N(0, 1) values;
 observations b = A u_gt (noiseless) or with Gaussian noise at 40 dB SNR; K = 16 layers.
 Metric: NMSE(dB) = 10 log10(Σ||û - u_gt||² / Σ||u_gt||²) on a held-out test set, per layer k ≤ K.
@@ -16,7 +16,7 @@ Methods (all written with ``hodl_plugin.GKMSolver``):
   the upper-level direction, w_k = (1 - α_k) u_k + α_k N_ω(u_k), u_{k+1} = T_λ(w_k),
   α_k = α0/(k+1)^γ (GKM with ``upper_grad = u - N_ω(u)``), trained the same way.
 
-Variants (``--methods``, :class:`Method`): the learned layer with per-layer steps and thresholds or
+Variants (``--methods``, ``Method``): the learned layer with per-layer steps and thresholds or
 untied weights, HODL's aggregation inside T or outside it (BDA's form), the schedule α_k, and T with
 per-layer step and λ (ALISTA's layer). Every learned model gets the same budget: ``--iters`` Adam
 iterations of ``--batch`` fresh codes.

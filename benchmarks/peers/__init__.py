@@ -3,21 +3,21 @@
 ==========================  ========================================================================
 module                      wrappers (quadratic problem (a)/(d); hyper-cleaning (b))
 ==========================  ========================================================================
-:mod:`.hodl`                hodl_plugin: implicit, unrolled, ``gkm_implicit`` in a Betty Engine;
+``hodl``                    hodl_plugin: implicit, unrolled, ``gkm_implicit`` in a Betty Engine;
                             implicit / inexact / unrolled hyper-cleaning
-:mod:`.torchopt_peer`       TorchOpt 0.7.3: ``custom_root`` + ``solve_cg``/``solve_normal_cg``,
+``torchopt_peer``           TorchOpt 0.7.3: ``custom_root`` + ``solve_cg``/``solve_normal_cg``,
                             ``MetaSGD`` unrolled
-:mod:`.higher_peer`         higher 0.2.1: ``innerloop_ctx`` + SGD
-:mod:`.betty_peer`          Betty 0.2.1: its ``Engine``, lower node solved by Betty steps, ``darts`` /
+``higher_peer``             higher 0.2.1: ``innerloop_ctx`` + SGD
+``betty_peer``              Betty 0.2.1: its ``Engine``, lower node solved by Betty steps, ``darts`` /
                             ``sama`` / ``neumann`` / ``cg``
-:mod:`.boat_peer`           BOAT 1.1.1: ``NGD`` + ``CG`` / ``RAD``
-:mod:`.torchdeq_peer`       TorchDEQ 0.1.0: ``anderson_solver`` / ``broyden_solver``, a DEQ core with
-                            the IFT backward (:mod:`benchmarks.deq`)
+``boat_peer``               BOAT 1.1.1: ``NGD`` + ``CG`` / ``RAD``
+``torchdeq_peer``           TorchDEQ 0.1.0: ``anderson_solver`` / ``broyden_solver``, a DEQ core with
+                            the IFT backward (``benchmarks.deq``)
 ==========================  ========================================================================
 
 A quadratic wrapper is a factory returning ``run(knob) -> hypergradient`` (a fresh forward + backward
 each call; the knob is the adjoint iterations or K); a hyper-cleaning wrapper returns
-``run() -> (times, validation losses, W)``. The problems are in :mod:`benchmarks.problems`.
+``run() -> (times, validation losses, W)``. The problems are in ``benchmarks.problems``.
 """
 
 from __future__ import annotations

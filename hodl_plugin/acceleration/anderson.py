@@ -143,7 +143,12 @@ class Anderson(Accelerator):
             accepted residual (fall back to the plain KM step); ``inf`` switches it off.
 
     With ``batch_dims`` every sample has its own history, coefficients, restarts and safeguard
-    (:mod:`~hodl_plugin.acceleration._anderson_batch`), as if it were solved alone.
+    (``hodl_plugin.acceleration._anderson_batch``), as if it were solved alone.
+
+    Raises:
+        ValueError: an option out of its range (named in the message).
+        ConfigurationError: (from :class:`~hodl_plugin.solver.GKMSolver`) with ``hypergrad="unrolled"``
+            or ``"truncated"``, or with HODL aggregation (:math:`\alpha_k > 0`).
 
     >>> Anderson(history_size=5)
     Anderson(history_size=5, mixing=None, regularization=1e-10, restart_cond=1e+08, safeguard=10.0)

@@ -97,6 +97,18 @@ def engine_state_dict(engine: Any) -> dict[str, Any]:
 
     Take it between global steps (after ``run()``, after a :class:`HODLEngine` raised
     ``KeyboardInterrupt``, or in a callback); inside a step it raises :class:`CheckpointError`.
+
+    Args:
+        engine: a Betty ``Engine`` (or :class:`HODLEngine`) built with hodl_plugin nodes.
+
+    Returns:
+        dict: modules, optimizers, schedulers, counters, GKM iterates and warm starts, the inexact
+        mode's state and the random generators, all tensors (``torch.save``-able).
+
+    Raises:
+        CheckpointError: called inside a global step.
+
+    Example: :func:`save_checkpoint` (which writes this dictionary) saves and resumes a run.
     """
     _check_between_steps(engine)
     _warn_unseeded_shuffle(engine, "resumed from")
@@ -259,6 +271,21 @@ def load_engine_state_dict(engine: Any, state: dict[str, Any], source: str = "ch
 
     Everything is validated first (:class:`CheckpointError`, naming ``source``); if applying still
     fails, the engine is put back as it was before the call.
+
+    Args:
+        engine: a freshly built engine of the same graph.
+        state: a dictionary from :func:`engine_state_dict`.
+        source: how to name the state in error messages (a file name).
+
+    Returns:
+        None: the engine is in the saved state.
+
+    Raises:
+        CheckpointError: the engine already ran steps, its ``train_iters`` is below the saved global
+            step, or the state belongs to another graph (other problems, method or optimizer groups).
+
+    Example: :func:`save_checkpoint` saves and resumes a run through :func:`load_checkpoint`, which
+    calls this.
     """
     _validate(engine, state, source)
     _warn_unseeded_shuffle(engine, "resumed from")
@@ -277,6 +304,17 @@ def load_engine_state_dict(engine: Any, state: dict[str, Any], source: str = "ch
 def save_checkpoint(engine: Any, path: PathLike) -> None:
     """Write :func:`engine_state_dict` to ``path`` atomically (a temporary file in the same directory,
     then ``os.replace``): if the save fails, the previous checkpoint at ``path`` is intact.
+
+    Args:
+        engine: the engine to save, between global steps.
+        path: the file to write.
+
+    Returns:
+        None.
+
+    Raises:
+        CheckpointError: called inside a global step.
+        OSError: the file cannot be written (the temporary file is removed, the old one kept).
 
     Example — interrupt after 5 of 10 steps, resume in a fresh engine, get the uninterrupted result:
 
@@ -327,6 +365,18 @@ def load_checkpoint(engine: Any, path: PathLike) -> None:
 
     A file that is not one (corrupt, truncated, foreign) raises :class:`CheckpointError` naming it.
     The file is read with ``torch.load(weights_only=True)``: loading runs no pickled code.
+
+    Args:
+        engine: a freshly built engine of the same graph.
+        path: a file written by :func:`save_checkpoint`.
+
+    Returns:
+        None: ``engine.run()`` then continues where the saved run stopped.
+
+    Raises:
+        CheckpointError: as :func:`load_engine_state_dict`, or the file is not a checkpoint.
+
+    Example: the example of :func:`save_checkpoint` loads its file with this function.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

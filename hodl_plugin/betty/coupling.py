@@ -39,7 +39,7 @@ _EMPTY = object()
 
 
 class UpperLookahead:
-    """Replaces an upper node's ``get_batch`` (as an instance attribute): :meth:`peek` draws the batch of
+    """Replaces an upper node's ``get_batch`` (as an instance attribute): ``peek()`` draws the batch of
     its next step once, and its next ``get_batch()`` returns that batch instead of drawing another."""
 
     def __init__(self, draw: Callable[[], Any]) -> None:

@@ -12,6 +12,12 @@ __all__ = ["unwrap"]
 def unwrap(module: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (Betty wraps modules for ``strategy="distributed"``).
 
+    Args:
+        module: a module, possibly wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+    Returns:
+        torch.nn.Module: the wrapped module, or ``module`` itself. Nothing is raised.
+
     >>> import torch
     >>> lin = torch.nn.Linear(2, 2)
     >>> unwrap(lin) is lin

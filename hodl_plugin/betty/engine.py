@@ -26,10 +26,24 @@ class HODLEngine(_BettyEngine):
     Betty's own path runs unchanged. With any other strategy it is Betty's ``Engine`` (example in
     :func:`save_checkpoint`; the 2-process run is ``tests/betty/ddp_case.py``).
 
-    Ctrl-C (SIGINT) during :meth:`run` finishes the current global step and then raises
+    Ctrl-C (SIGINT) during ``run()`` finishes the current global step and then raises
     ``KeyboardInterrupt``, so a checkpoint saved in ``except KeyboardInterrupt`` resumes exactly; a
     second Ctrl-C interrupts at once (and such a checkpoint is refused). Outside the main thread
     the signal is Python's default.
+
+    Args:
+        problems: the graph's nodes (Betty's ``Engine(problems, config, dependencies)``).
+        config: a Betty ``EngineConfig`` (``train_iters``, ``strategy``, ``backend``, ...).
+        dependencies: ``{"u2l": {upper: [lower, ...]}, "l2u": {lower: [upper, ...]}}``, as for Betty.
+
+    Raises:
+        HODLError: when the nodes are initialised, a GKM node without an upper node or in ``l2u`` but
+            in no ``u2l`` (its hypergradient would be lost; the message gives the entry to add), or a
+            coupled node whose upper objective cannot serve as :math:`F`; data parallel on CPU with a
+            backend other than ``"gloo"`` or a single process.
+
+    Example: :doc:`/auto_examples/plot_03_betty_gkm_node` builds and runs one; the
+    :func:`~hodl_plugin.betty.save_checkpoint` example interrupts and resumes one.
     """
 
     _hodl_in_step = False

@@ -40,6 +40,24 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
     w.r.t. the trainable parameters of ``prev``. With ``sync`` the result is accumulated into
     ``.grad`` (Betty's convention) and ``None`` returned. Betty calls it for ``type="gkm_*"``; the
     module example runs it.
+
+    Args:
+        vector: :math:`\partial L_{\text{upper}}/\partial u` (Betty passes a one-element sequence).
+        curr: the GKM node (:class:`~hodl_plugin.betty.GKMProblem`).
+        prev: the upper node whose parameters receive the hypergradient.
+        sync: accumulate into ``.grad`` instead of returning.
+
+    Returns:
+        tuple or None: the hypergradient for each trainable parameter of ``prev``, or ``None`` with
+        ``sync``.
+
+    Raises:
+        HODLError: ``curr`` is not a GKM node or was not solved yet, the upper node read a tensor of
+            another shape than the solution, or the operator does not depend on any trainable
+            parameter of the upper node (the message says what to read).
+
+    Example: Betty calls it along every ``gkm_*`` edge; the example of :mod:`hodl_plugin.betty`
+    (run by the tests) trains through it.
     """
     if not isinstance(curr, GKMProblem):
         raise HODLError(
@@ -143,6 +161,24 @@ def implicit_vjp(
     update uses the old residual), stops on a tolerance instead of a fixed count, and works on any
     path of the graph. Betty calls it for ``type="implicit_cg"`` / ``"implicit_gmres"``
     (``tests/betty/test_betty_hypergradients.py`` checks it against the closed form).
+
+    Args:
+        vector: :math:`v = \partial L_{\text{upper}}/\partial\theta` (one tensor per parameter).
+        curr: the argmin node (a Betty ``ImplicitProblem``) whose solution is :math:`\theta^*`.
+        prev: the upper node.
+        sync: accumulate into ``.grad`` instead of returning.
+        solver: ``"cg"`` (symmetric positive-definite Hessian) or ``"gmres"``.
+
+    Returns:
+        tuple or None: :math:`-\nabla^2_{\lambda\theta} L\, q` per parameter of ``prev``, or ``None``
+        with ``sync``.
+
+    Raises:
+        HODLError: ``curr`` is a GKM node (which needs one of the ``gkm_*`` types).
+        LinearSolveError: the Hessian system was not solved to ``adjoint_rtol`` (``on_fail="raise"``).
+
+    Example: ``HODLConfig(type="implicit_cg")`` on an argmin node of the :doc:`/betty` guide; a
+    complete graph is :doc:`/auto_examples/plot_03_betty_gkm_node`.
     """
     if isinstance(curr, GKMProblem):
         raise HODLError(
@@ -201,6 +237,12 @@ _REGISTRY: dict[str, Callable[..., Any]] = {
 def set_log_level(level: Union[int, str]) -> None:
     """Set the level of Betty's logger (it prints every logged step at INFO on stdout).
 
+    Args:
+        level: a :mod:`logging` level, e.g. ``"WARNING"`` or ``logging.WARNING``.
+
+    Returns:
+        None. An unknown level name raises :class:`ValueError` (from :mod:`logging`).
+
     >>> set_log_level("WARNING")
     """
     get_logger().setLevel(level)
@@ -208,6 +250,10 @@ def set_log_level(level: Union[int, str]) -> None:
 
 def register() -> None:
     """Add our methods to Betty's hypergradient registry (done on import; idempotent).
+
+    Returns:
+        None: afterwards ``Config(type="gkm_implicit")`` (and the other names) select our methods.
+        Nothing is raised.
 
     >>> import betty.hypergradient
     >>> register()

@@ -83,10 +83,37 @@ class GKMProblem(_ImplicitProblem):
     differentiable solution with its own autograd graph; ``gkm_implicit`` and ``gkm_inexact`` are
     exact at any order there, ``gkm_unrolled`` with ``warm_start=False``.) An upper node may also
     call the node like a Betty child, ``self.<node>(batch)`` (see :meth:`forward`). Diagnostics of the last solve and
-    hypergradient are in :attr:`stats` (and are logged through Betty's logger every
+    hypergradient are in ``stats`` (and are logged through Betty's logger every
     ``config.log_step`` steps): residual, steps, converged, hypergradient norm, adjoint iterations,
     and for the inexact mode ε_k, δ_k and the error bound. A solve that stops before its tolerance
     is reported (``config.on_nonconvergence``: ``"warn"``, ``"raise"`` or ``"ignore"``).
+
+    Args:
+        name: the node's name in the graph (upper nodes read ``self.<name>.u``).
+        config: a :class:`~hodl_plugin.betty.HODLConfig`, a Betty ``Config`` or a dict
+            (``{"type": "gkm_implicit", "tol": 1e-10}``); ``type`` names the hypergradient method.
+        module: the module holding ``u`` (default: a :class:`GKMState`); the node has no optimizer —
+            its variable is the fixed point, not a trained parameter.
+        train_data_loader: the node's batches (Betty's loaders); ``None`` when the operator needs none.
+        extra_config: passed to Betty where its version accepts it.
+
+    Raises:
+        TypeError: an unknown config key, or a config of the wrong type (naming the key).
+        HODLError: a ``type`` that is not one of the ``gkm_*`` methods, or options the chosen method
+            cannot use (raised at construction, where the solver is built and validated).
+
+    Example (a complete graph: :doc:`/auto_examples/plot_03_betty_gkm_node`; the package docstring of
+    :mod:`hodl_plugin.betty` runs a smaller one):
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> class Lower(hb.GKMProblem):
+    ...     def operator(self, u, batch):
+    ...         return 0.5 * u + 1.0                    # u* = 2
+    ...     def initial_state(self, batch):
+    ...         return torch.zeros(3, dtype=torch.float64)
+    >>> node = Lower("lower", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    >>> node.symmetric_jacobian, node.solution is None   # solved at the engine's first step
+    (False, True)
     """
 
     #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
@@ -146,7 +173,7 @@ class GKMProblem(_ImplicitProblem):
 
     @property
     def u(self) -> Tensor:
-        """The lower variable (a parameter holding the last solution): read it in the upper node."""
+        """The lower variable, a parameter holding the last solution; the upper node reads it."""
         if self._u_override is not None:  # the aggregation evaluates the upper's objective at a candidate
             self._u_reads += 1
             return self._u_override
@@ -185,7 +212,7 @@ class GKMProblem(_ImplicitProblem):
 
         Its autograd graph is its own (Betty frees the graphs of the losses it differentiates, so
         nodes that differentiate through this node's solution in their own ``training_step`` call
-        this rather than sharing :attr:`solution`). The node's state (``u``, warm starts) is left
+        this rather than sharing ``solution``). The node's state (``u``, warm starts) is left
         unchanged. A solve that stops before its tolerance is reported (``config.on_nonconvergence``).
         """
         if self._aggregating:
