@@ -340,11 +340,9 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
              B: int, n: int) -> str:
     """The README block."""
     lines = [
-        "### DEQ-style batches: per-sample Anderson and Broyden (`python -m benchmarks.deq`)",
-        "",
-        f"Measured {machine()}; medians of {rounds} interleaved rounds. A batch of "
-        f"{B} equilibria z = tanh(Wz + x) in R^{n}, ‖W‖₂ = c, float64, each solved to the relative "
-        f"residual {TOL:g}.",
+        f"`python -m benchmarks.deq`, measured {machine()}; medians of {rounds} interleaved rounds. DEQ-style "
+        f"batches, per-sample Anderson and Broyden: {B} equilibria z = tanh(Wz + x) in R^{n}, ‖W‖₂ = c, float64, "
+        f"each solved to the relative residual {TOL:g}.",
         "",
         "| c | method | steps | time | / plain per sample | / Anderson whole batch | CPU / plain | residual reached |",
         "|---|---|---|---|---|---|---|---|",

@@ -182,7 +182,7 @@ class Anderson(Accelerator):
     # -- the state machine, called by GKMIteration -----------------------------------------------
     def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch]:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples): the one-problem
-        fast path, or the per-sample state (host or masked, :func:`~.base.host_ok`)."""
+        fast path, or the per-sample state (host or masked: ``base.host_ok``)."""
         B = batch_size(u, batch_dims)
         if batch_dims == 0 and not transforms_active():
             m = min(self.history_size, max(u.numel(), 1))  # at most n differences are independent

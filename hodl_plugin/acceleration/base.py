@@ -6,7 +6,7 @@ The solver's loop calls, for one run from :math:`u_0`,
 
     state = acc.init(u0, batch_dims)                # once
     for k in ...:
-        f = T(u) - u;  r = ‖f‖ (per sample)
+        f = T(u) - u;  r = norm(f)                  # per sample
         u = acc.step(state, u, f, r, beta_k)        # the next iterate
     acc.report(state, info)                         # counts into SolverInfo
 
