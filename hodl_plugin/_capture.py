@@ -27,14 +27,22 @@ tensor([1., 1.])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._torch_compat import current_functorch_level, forward_ad_active, functorch_level, is_functorch_wrapped
+from ._torch_compat import (
+    current_functorch_level,
+    forward_ad_active,
+    functorch_level,
+    is_functorch_wrapped,
+    transforms_active,
+    unwrap_once,
+)
+from .errors import HODLError
 
 __all__ = ["TreeSpec", "flatten", "unflatten", "bind", "BoundOperator", "substitute"]
 
@@ -200,7 +208,8 @@ def _carries_derivative(t: Tensor, level: int) -> bool:
 @dataclass(frozen=True)
 class BoundOperator:
     r"""``T`` as a function of explicit tensors: ``op(u, tensors)`` is ``T(u, *params)`` with
-    ``tensors = [*leaves of params, *captured]`` (the captured tensors substituted by identity).
+    ``tensors = [*leaves of params, *captured]``; wherever ``T`` reads one of the original tensors (a
+    parameter it also reads from its closure, or a captured one), it reads the replacement.
 
     Attributes:
         T: the operator ``T(u, *params)``.
@@ -208,28 +217,47 @@ class BoundOperator:
         n_params: how many of ``tensors`` are leaves of ``params``.
         captured: the tensors ``T`` (and ``extra`` functions given to :func:`bind`) read that carry
             a derivative, in the order they are appended to ``tensors``.
+        originals: the leaves of ``params`` as given (substituted too, where ``T`` reads them from its
+            closure as well).
     """
 
     T: Callable[..., Tensor]
     spec: tuple[TreeSpec, ...]
     n_params: int
     captured: tuple[Tensor, ...] = ()
+    originals: tuple[Tensor, ...] = ()
 
     def params(self, tensors: Sequence[Tensor]) -> list[Any]:
         """The solver's ``params`` rebuilt from ``tensors``."""
         return unflatten(self.spec, tensors[: self.n_params])
 
+    @property
+    def inputs(self) -> tuple[Tensor, ...]:
+        """The tensors as bound: ``[*originals, *captured]``."""
+        return (*self.originals, *self.captured)
+
     def context(self, tensors: Sequence[Tensor]) -> Any:
-        """The substitution of the captured tensors by ``tensors[n_params:]`` (a no-op when they are
-        the captured tensors themselves)."""
-        new = tensors[self.n_params:]
-        if all(a is b for a, b in zip(self.captured, new)):
-            return _NULL
-        return substitute(self.captured, new)
+        """The substitution of the bound tensors by ``tensors`` (a no-op when they are the same)."""
+        old = self.inputs
+        if len(old) != len(tensors) or all(a is b for a, b in zip(old, tensors)):
+            if len(old) == len(tensors):
+                return _NULL
+            old = self.captured  # a lifted or rebuilt call: only the captured tensors are known
+            tensors = tensors[self.n_params:]
+            if all(a is b for a, b in zip(old, tensors)):
+                return _NULL
+        return substitute(old, tensors)
 
     def __call__(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
         with self.context(tensors):
             return self.T(u, *self.params(tensors))
+
+    def leaked(self) -> list[tuple[int, Tensor]]:
+        """``(slot, tensor)`` of the bound tensors that require grad in plain autograd: where ``T``
+        reaches one of them through a path a torch-function mode cannot re-route (a custom
+        ``autograd.Function`` computing with it, ``torch.jit``, a ``torch.vmap`` inside T), its output
+        still depends on the original, and the first-order pass adds that dependence."""
+        return [(i, t) for i, t in enumerate(self.inputs) if t.requires_grad and not is_functorch_wrapped(t)]
 
 
 class _Null:
@@ -253,10 +281,60 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
     """
     leaves, spec = flatten(params, static)
     rec = _Record([u, *leaves])
-    with torch.no_grad(), rec:
-        T(u, *params)
+    # in plain autograd the run keeps its graph, to find tensors T reaches unseen (see _hidden)
+    graph = torch.is_grad_enabled() and not transforms_active()
+    with torch.set_grad_enabled(graph), rec:
+        out = T(u, *params)
         for fn in extra:
             fn()
     level = current_functorch_level()
     captured = tuple(t for t in rec.leaves.values() if _carries_derivative(t, level))
-    return BoundOperator(T, spec, len(leaves), captured)
+    inner = [t for t in rec.leaves.values() if functorch_level(t) > level and (t.is_floating_point() or t.is_complex())]
+    bases = [b for b in (_base(t, level) for t in inner)
+             if b is not None and id(b) not in rec.produced and id(b) not in rec.known]
+    if bases and transforms_active():
+        shapes = sorted({tuple(b.shape) for b in bases})
+        raise HODLError(
+            f"T reads tensor(s) of shape {shapes} from its closure through a torch.func transform it runs itself "
+            "(e.g. torch.vmap inside T): under torch.func transforms their derivative cannot be routed through "
+            "the implicit primitive. Pass them as parameters, solver(u0, ..., W) with T(u, ..., W), or use "
+            "hypergrad='unrolled'"
+        )
+    captured += tuple(b for b in dict.fromkeys(bases) if b not in captured and _carries_derivative(b, level))
+    if graph and isinstance(out, Tensor) and out.requires_grad:
+        hidden = _hidden(out, [u, *leaves, *captured, *rec.keep])
+        if hidden:
+            raise HODLError(
+                f"T depends on tensor(s) of shape {sorted({tuple(t.shape) for t in hidden})} that require grad but "
+                "never enter a torch operation hodl_plugin can see (read inside torch.jit code or a compiled "
+                "extension): their implicit derivative would be lost. Pass them as parameters, solver(u0, ..., W) "
+                "with T(u, ..., W), or use hypergrad='unrolled'"
+            )
+    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves))
+
+
+def _hidden(out: Tensor, known: Sequence[Tensor]) -> list[Tensor]:
+    """The leaf tensors requiring grad that ``out``'s graph reaches, not through a ``known`` tensor (the
+    walk stops at a known tensor's node: what lies behind it is the caller's own graph)."""
+    stop = {id(t.grad_fn) for t in known if t.grad_fn is not None}
+    ids = {id(t) for t in known}
+    seen, stack, found = set(), [out.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in ids:
+            found.append(var)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def _base(t: Tensor, level: int) -> Optional[Tensor]:
+    """The tensor a transform inside T wrapped (``t`` unwrapped down to ``level``)."""
+    while functorch_level(t) > level:
+        t = unwrap_once(t)
+        if t is None:
+            return None
+    return t

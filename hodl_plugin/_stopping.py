@@ -99,9 +99,13 @@ class Monitor:
     """
 
     def __init__(self, it: GKMIteration, u: Tensor, info: SolverInfo, tol: float, atol: float,
-                 stop: bool, functional: bool, start: int, certified: bool = True) -> None:
+                 stop: bool, functional: bool, start: int, certified: bool = True,
+                 aggregating: bool = False) -> None:
         self.it, self.info, self.tol, self.atol, self.start = it, info, tol, atol, start
         self.certified = certified
+        # HODL aggregation moves u by α_k s∇F: the residual may rise from a start near Fix T to that scale
+        # and fall back (not a divergence), and need not decrease monotonically (no stall test)
+        self.aggregating = aggregating
         self.stop, self.functional = stop, functional
         # a run whose steps autograd records (unrolled, truncated) returns at least one step: u_0
         # itself would carry no derivative of the map
@@ -140,20 +144,28 @@ class Monitor:
         return torch.where(self.expand(self.t.active, new), new, old)
 
     # -- the check -------------------------------------------------------------------------------
-    def check(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+    def check(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor] = None) -> Tensor:
+        """``agg``: the size of the aggregation's displacement :math:`\alpha_k s\\|\nabla F(u_k)\\|`, the
+        scale a residual may legitimately reach when aggregating (divergence is measured against it)."""
         if self.scalar:
-            return self._check_scalar(k, r, u_k, u_next)
-        return self._check_tensor(k, r, u_k, u_next)
+            return self._check_scalar(k, r, u_k, u_next, agg)
+        return self._check_tensor(k, r, u_k, u_next, agg)
 
-    def _check_scalar(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+    def _check_scalar(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor]) -> Tensor:
         """One problem, eagerly: one host sync, then decisions on floats."""
         s, info = self.f, self.info
         r = r.detach().reshape(())
-        rf, un = torch.stack([r, torch.linalg.vector_norm(u_k.detach()).to(r.dtype)]).tolist()
+        parts = [r, torch.linalg.vector_norm(u_k.detach()).to(r.dtype)]
+        if agg is not None:
+            parts.append(agg.detach().reshape(()).to(r.dtype))
+        vals = torch.stack(parts).tolist()
+        rf, un = vals[0], vals[1]
         if s.r0 is None:
             s.r0 = rf
             if info.steps == 0:
                 info.initial_residual = r
+        if agg is not None and math.isfinite(vals[2]):
+            s.r0 = max(s.r0, vals[2])
         un = un if math.isfinite(un) else 0.0
         thresh = max(self.tol * un, self.atol)
         finite = math.isfinite(rf)
@@ -168,9 +180,10 @@ class Monitor:
         s.rprev, s.kprev = rf, k
         grow = rf > self.it.divergence_factor * max(s.r0, 1e-30) or (
             s.ups >= SLOW_DIVERGENCE_CHECKS and rf > SLOW_DIVERGENCE_GROWTH * s.rmin and not noise
+            and not (self.aggregating and rf <= s.r0)
         )
         floor = s.rmin <= self.floor * un and s.cmin >= FLOOR_CHECKS
-        long = k - s.kmin >= max(STALL_STEPS, s.kmin - self.start)
+        long = k - s.kmin >= max(STALL_STEPS, s.kmin - self.start) and not self.aggregating
         stalled = self.stop and finite and not conv and (floor or long)
         self.hist.append(r)
         self.hist_steps.append(k)
@@ -192,7 +205,7 @@ class Monitor:
             return u_k
         return u_next
 
-    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor) -> Tensor:
+    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor]) -> Tensor:
         """A batch (or any run under transforms): tensors over the samples."""
         s, info = self.t, self.info
         r = r.detach()
@@ -202,6 +215,9 @@ class Monitor:
             s.r0 = r
             if not self.functional and info.steps == 0:
                 info.initial_residual = r
+        if agg is not None:
+            a = agg.detach().to(r.dtype)
+            s.r0 = torch.maximum(s.r0, torch.where(torch.isfinite(a), a, torch.zeros_like(a)))
         thresh = torch.clamp(self.tol * un, min=self.atol)
         finite = torch.isfinite(r)
         conv = r <= thresh
@@ -221,12 +237,14 @@ class Monitor:
         s.rprev, s.kprev = r, k
         grow = (r > self.it.divergence_factor * torch.clamp(s.r0, min=1e-30)) | (
             (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
+            & ~((r <= s.r0) if self.aggregating else torch.zeros_like(noise))
         )
         active = torch.ones_like(conv) if s.active is None else s.active
         floor = (s.rmin <= self.floor * un) & (s.cmin >= FLOOR_CHECKS)
         if self.stop and not self.functional:
             window = torch.clamp(s.kmin - self.start, min=STALL_STEPS)
-            stalled = active & finite & ~conv & (floor | ((k - s.kmin) >= window))
+            long = ((k - s.kmin) >= window) & (not self.aggregating)
+            stalled = active & finite & ~conv & (floor | long)
         else:
             stalled = torch.zeros_like(conv)
         bad = ~finite | grow | (stalled & ~floor & (s.rmin > self.stall_level * un))
@@ -283,6 +301,7 @@ class Monitor:
                   which: Optional[list]) -> None:
         info, it = self.info, self.it
         info.diverged = True
+        info.steps = max(info.steps, k)
         where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
         if nonfinite:
             src = ("T(u, *params) or the upper objective's gradient (HODL aggregation: upper / upper_grad)"
@@ -300,7 +319,8 @@ class Monitor:
         info.message = (
             f"the GKM iteration diverged at step {k}{where}: the fixed-point residual ||T(u_k) - u_k|| {what}. "
             "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step; a learned "
-            "operator kept contractive, e.g. by spectral normalisation)"
+            "operator kept contractive, e.g. by spectral normalisation); a nonexpansive T that is not averaged "
+            "(a rotation, a reflection) needs a KM relaxation beta < 1"
             + (" and that the upper step s is below 1/L_F." if it.aggregates else ".")
         )
         if it.on_divergence == "raise":
@@ -392,7 +412,7 @@ class Monitor:
     def _uncertified(self) -> None:
         """A residual test in a dtype that does not certify it (:func:`certifies`): not converged, said."""
         info = self.info
-        if self.certified or not info.converged or info.exact_steps:
+        if self.certified or not info.converged:
             return
         info.converged = False
         dtype = str(self.dtype).replace("torch.", "")

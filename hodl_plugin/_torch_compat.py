@@ -12,7 +12,7 @@ empty).
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -23,7 +23,9 @@ __all__ = [
     "is_functorch_wrapped",
     "functorch_level",
     "current_functorch_level",
+    "unwrap_once",
     "forward_ad_active",
+    "nested_forward_transforms",
     "version",
     "plain_tensors",
     "engine_backward",
@@ -36,6 +38,9 @@ _FUNCTORCH = getattr(torch._C, "_functorch", None)
 _IS_WRAPPED = getattr(_FUNCTORCH, "is_functorch_wrapped_tensor", None)
 _GET_LEVEL = getattr(_FUNCTORCH, "maybe_get_level", None)
 _CURRENT_LEVEL = getattr(_FUNCTORCH, "maybe_current_level", None)
+_STACK = getattr(_FUNCTORCH, "get_interpreter_stack", None)
+_UNWRAP = getattr(_FUNCTORCH, "get_unwrapped", None)
+_JVP = getattr(getattr(_FUNCTORCH, "TransformType", None), "Jvp", None)
 _DISABLE = getattr(torch._C, "_DisableFuncTorch", None)
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
 
@@ -66,6 +71,11 @@ def functorch_level(t: Tensor) -> int:
     return int(_GET_LEVEL(t)) if _GET_LEVEL is not None else -1
 
 
+def unwrap_once(t: Tensor) -> Optional[Tensor]:
+    """The tensor a ``torch.func`` wrapper wraps (``None`` when unknown)."""
+    return _UNWRAP(t) if _UNWRAP is not None else None
+
+
 def current_functorch_level() -> int:
     """The level of the innermost active ``torch.func`` transform (0 when none, or when unknown)."""
     if _CURRENT_LEVEL is None:
@@ -78,6 +88,16 @@ def version(t: Tensor) -> int:
     """``t``'s version counter (bumped by every in-place write; what autograd checks saved tensors
     with). Inference tensors have none: test ``t.is_inference()`` first."""
     return t._version
+
+
+def nested_forward_transforms() -> bool:
+    """Whether two ``torch.func`` forward-mode transforms are active (``jacfwd(jacfwd(f))``): a custom
+    ``autograd.Function``'s forward rule then runs with tensors that do not carry the outer level's
+    tangents (torch 2.13 returns a zero for that dependence), so the primitives refuse it by name."""
+    if _STACK is None or _JVP is None:
+        return False
+    stack = _STACK() or []
+    return sum(1 for i in stack if i.key() == _JVP) >= 2
 
 
 def forward_ad_active() -> bool:
@@ -112,6 +132,9 @@ def missing() -> list[str]:
         "torch._C._functorch.is_functorch_wrapped_tensor": _IS_WRAPPED,
         "torch._C._functorch.maybe_get_level": _GET_LEVEL,
         "torch._C._functorch.maybe_current_level": _CURRENT_LEVEL,
+        "torch._C._functorch.get_interpreter_stack": _STACK,
+        "torch._C._functorch.get_unwrapped": _UNWRAP,
+        "torch._C._functorch.TransformType.Jvp": _JVP,
         "torch._C._DisableFuncTorch": _DISABLE,
         "torch.autograd.Variable._execution_engine": _ENGINE,
         "torch.autograd.forward_ad._current_level": getattr(fwAD, "_current_level", None),

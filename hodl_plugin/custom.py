@@ -8,42 +8,49 @@ exact implicit derivative, at every order and under ``torch.func`` transforms (:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+import math
+import warnings
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import linear_solve as ls
 from ._capture import bind, flatten
+from ._stopping import default_tol
+from ._torch_compat import transforms_active
+from .errors import ConvergenceWarning, DivergenceError, user_stacklevel
+from .gkm import validate_nonneg, validate_relative
 from .implicit import FixedPoint, FixedPointProblem, grad_wanted
 
 __all__ = ["custom_fixed_point", "custom_root"]
 
 
-def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fail: str,
-               symmetric: bool) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fail: str, symmetric: bool,
+               tol: Optional[float], atol: float) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     solver = ls.as_solver(solve, default="cg" if symmetric else "gmres")
     if on_fail not in ("raise", "warn"):
         raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
+    tol = validate_relative(tol, "tol", allow_none=True)
+    atol = validate_nonneg(atol, "atol")
     sign = 1.0 if kind == "fixed_point" else -1.0
 
     def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        name = getattr(solver_fn, "__name__", "the solver")
+
         @functools.wraps(solver_fn)
         def wrapped(init: Tensor, *args: Any) -> Tensor:
             if not isinstance(init, Tensor):
-                raise TypeError(f"the first argument of {solver_fn.__name__} (the initial point) must be a tensor")
+                raise TypeError(f"the first argument of {name} (the initial point) must be a tensor")
             if not grad_wanted():
                 return solver_fn(init, *args)
             op = bind(fn, init, args, static=True)
 
             def fwd(u0: Tensor, tensors: Sequence[Tensor], info: Any, problem: FixedPointProblem) -> Tensor:
                 with torch.no_grad(), op.context(tensors):
-                    out = solver_fn(u0.detach(), *op.params(tensors))
-                if not isinstance(out, Tensor) or out.shape != init.shape:
-                    raise TypeError(
-                        f"{solver_fn.__name__} must return the solution, a tensor shaped like its first "
-                        f"argument {tuple(init.shape)}; got {type(out).__name__}"
-                    )
+                    params = op.params(tensors)
+                    out = solver_fn(u0.detach(), *params)
+                    _check_solution(kind, name, fn, out, u0, params, tol, atol)
                 return out
 
             problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail)
@@ -55,7 +62,51 @@ def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fa
     return decorator
 
 
-def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
+def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, init: Tensor,
+                    params: Sequence[Any], tol: Optional[float], atol: float) -> None:
+    """The solver's result is a tensor like ``init``, finite, and a fixed point (a root) to the tolerance:
+    the derivative is that of the equation *at the returned point*, so a wrong point is said, not used."""
+    if not isinstance(out, Tensor) or out.shape != init.shape:
+        raise TypeError(
+            f"{name} must return the solution, a tensor shaped like its first argument {tuple(init.shape)}; "
+            f"got {type(out).__name__}{'' if not isinstance(out, Tensor) else ' of shape ' + str(tuple(out.shape))}"
+        )
+    if out.dtype != init.dtype or out.device != init.device:
+        raise TypeError(
+            f"{name} returned a {out.dtype} tensor on {out.device} for a {init.dtype} problem on {init.device}: "
+            "return the solution in the dtype and on the device of the initial point"
+        )
+    if transforms_active():  # no host syncs under torch.func transforms
+        return
+    r = fn(out, *params)
+    if kind == "fixed_point":
+        r = r - out
+    res = float(torch.linalg.vector_norm(r.detach()))
+    if not math.isfinite(res) or not bool(torch.isfinite(out).all()):
+        what_fn = "fixed-point map" if kind == "fixed_point" else "optimality function"
+        raise DivergenceError(
+            f"{name} returned a point with NaN/Inf entries (or at which the {what_fn} is not finite): there is "
+            "no derivative to take. Check the solver"
+        )
+    rel = math.sqrt(default_tol(out.dtype)) if tol is None else tol
+    if kind == "fixed_point":
+        scale, what = float(torch.linalg.vector_norm(out)), "||T(u) - u||"
+    else:
+        scale, what = float(torch.linalg.vector_norm(fn(init, *params))), "||G(u)||"
+    thresh = max(rel * scale, atol)
+    if res > thresh:
+        warnings.warn(
+            f"{name} returned a point with {what} = {res:.3e} above {thresh:.3e} (tol={rel:g} relative to "
+            f"{'||u||' if kind == 'fixed_point' else '||G(init)||'}, atol={atol:g}): it is not a "
+            f"{'fixed point' if kind == 'fixed_point' else 'root'} to that accuracy, and the implicit derivative "
+            "taken there is that of the equation at this point. Solve more accurately, or pass tol=/atol=",
+            ConvergenceWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise",
+                       tol: Optional[float] = None, atol: float = 0.0
                        ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a fixed point
     :math:`u = T(u, *args)`: the decorated function's result is differentiable w.r.t. the tensors in
@@ -68,6 +119,10 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
             CG when ``T.symmetric_jacobian`` is true, else GMRES; tolerance following the dtype).
         on_fail: ``"raise"`` (default) a :class:`~hodl_plugin.errors.LinearSolveError` when a solve
             misses its tolerance, or ``"warn"``.
+        tol, atol: the check of the returned point, ``‖T(u) − u‖ ≤ max(tol·‖u‖, atol)`` (default ``tol``:
+            the square root of the dtype's default, ``1e-5`` in float64); a point that misses it is
+            reported by a :class:`~hodl_plugin.errors.ConvergenceWarning` (its derivative is that of the
+            equation at that point), a non-finite one by a :class:`~hodl_plugin.errors.DivergenceError`.
 
     Returns:
         a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
@@ -86,10 +141,11 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
     """
     if not callable(T):
         raise TypeError(f"custom_fixed_point(T): T must be callable T(u, *args), got {type(T).__name__}")
-    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)))
+    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)), tol, atol)
 
 
-def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise"
+def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise",
+                tol: Optional[float] = None, atol: float = 0.0
                 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a root
     :math:`G(u, *args) = 0` of ``optimality_fn``: derivatives w.r.t. the tensors in ``args`` by the
@@ -101,6 +157,8 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
         solve: the linear solver of :math:`(\partial_u G)^\top v = \bar u` (default GMRES; pass CG,
             ``hp.linear_solve.cg()``, for a symmetric positive definite :math:`\partial_u G`, e.g. a Hessian).
         on_fail: as for :func:`custom_fixed_point`.
+        tol, atol: the check of the returned point, ``‖G(u)‖ ≤ max(tol·‖G(init)‖, atol)`` (as for
+            :func:`custom_fixed_point`).
 
     >>> import torch, hodl_plugin as hp
     >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
@@ -118,4 +176,4 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
     """
     if not callable(optimality_fn):
         raise TypeError(f"custom_root(optimality_fn): must be callable G(u, *args), got {type(optimality_fn).__name__}")
-    return _decorated("root", optimality_fn, solve, on_fail, False)
+    return _decorated("root", optimality_fn, solve, on_fail, False, tol, atol)

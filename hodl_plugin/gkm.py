@@ -175,6 +175,20 @@ def validate_nonneg(value: object, name: str, allow_none: bool = False) -> Optio
     return v
 
 
+def validate_relative(value: object, name: str, allow_none: bool = False) -> Optional[float]:
+    """A relative tolerance: a finite number in [0, 1) (``‖r‖ ≤ tol·‖u‖`` with tol >= 1 asks nothing).
+
+    >>> validate_relative(1.0, "tol")
+    Traceback (most recent call last):
+    ...
+    ValueError: tol is relative and must be in [0, 1) (tol >= 1 accepts any point), got 1.0
+    """
+    v = validate_nonneg(value, name, allow_none)
+    if v is not None and v >= 1:
+        raise ValueError(f"{name} is relative and must be in [0, 1) ({name} >= 1 accepts any point), got {value!r}")
+    return v
+
+
 def validate_choice(value: object, name: str, choices: Sequence[str]) -> str:
     """One of ``choices``."""
     if not isinstance(value, str) or value not in choices:
@@ -221,7 +235,7 @@ class GKMIteration:
             raise TypeError(f"T must be callable (u, *params) -> tensor, got {type(self.T).__name__}")
         put = object.__setattr__
         put(self, "max_steps", validate_count(self.max_steps, "max_steps"))
-        put(self, "tol", validate_nonneg(self.tol, "tol", allow_none=True))
+        put(self, "tol", validate_relative(self.tol, "tol", allow_none=True))
         put(self, "atol", validate_nonneg(self.atol, "atol"))
         put(self, "beta", as_schedule(self.beta, "beta"))
         if self.alpha is not None:
@@ -283,7 +297,7 @@ class GKMIteration:
                    atol: Optional[float] = None) -> tuple[float, float]:
         """``(relative, absolute)`` tolerances of a run: the arguments, else the iteration's own,
         with ``tol=None`` meaning :func:`default_tol` of the dtype."""
-        rel = self.tol if tol is None else validate_nonneg(tol, "tol")
+        rel = self.tol if tol is None else validate_relative(tol, "tol")
         absolute = self.atol if atol is None else validate_nonneg(atol, "atol")
         return (default_tol(dtype) if rel is None else rel), absolute  # type: ignore[return-value]
 
@@ -323,8 +337,12 @@ class GKMIteration:
         functional = transforms_active()
         if self.batch_dims > u.dim():
             raise ValueError(f"batch_dims={self.batch_dims} but u0 has only {u.dim()} dimensions")
-        certified = not (self.tol is None and tol is None and not certifies(u.dtype))
-        mon = Monitor(self, u, info, rel, absolute, stop and not info.exact_steps, functional, start, certified)
+        # float16/bfloat16: only a tolerance the caller gave is a claim they accept (an exact-steps run is
+        # judged by the dtype's default, which certifies nothing there)
+        explicit = (self.tol is not None or tol is not None) and not info.exact_steps
+        certified = certifies(u.dtype) or explicit
+        mon = Monitor(self, u, info, rel, absolute, stop and not info.exact_steps, functional, start, certified,
+                      aggregating=self.aggregates and not plain)
         first_check = info.steps == 0 and not functional
         u = u.clone()  # a private copy: an operator writing into its input cannot touch the caller's u0
         acc_state = None
@@ -349,11 +367,11 @@ class GKMIteration:
             k = start + j
             check = (j == 0 and first_check) or countdown == 1 or (j == n - 1 and not measure)
             countdown = self.check_every if countdown == 1 else countdown - 1
-            u_next, r = step(u, params, k, j == 0, functional, check)
+            u_next, r, agg = step(u, params, k, j == 0, functional, check)
             if not check:
                 u = mon.freeze(u_next, u) if mon.masking else u_next
                 continue
-            u = mon.check(k, r, u, mon.freeze(u_next, u))
+            u = mon.check(k, r, u, mon.freeze(u_next, u), agg)
             if mon.done:
                 executed = j
                 break
@@ -373,29 +391,35 @@ class GKMIteration:
         Tu = self._call_T(u, params, first, functional, u)
         b = self.beta(k)
         u_next = Tu if b == 1.0 else u + b * (Tu - u)
-        return u_next, (self._norm(Tu - u) if check else None)
+        return u_next, (self._norm(Tu - u) if check else None), None
 
     def _inside_step(self, u, params, k, first, functional, check):
         a = self.alpha(k)  # type: ignore[misc]
-        w = u - (a * self.upper_step) * self.grad_upper(u, params) if a != 0.0 else u
+        step = (a * self.upper_step) * self.grad_upper(u, params) if a != 0.0 else None
+        w = u - step if step is not None else u
         Tw = self._call_T(w, params, first, functional, u)
         b = self.beta(k)
         u_next = Tw if b == 1.0 else u + b * (Tw - u)
-        return u_next, (self._norm(Tw - u) if check else None)
+        if not check:
+            return u_next, None, None
+        return u_next, self._norm(Tw - u), (self._norm(step) if step is not None else None)
 
     def _outside_step(self, u, params, k, first, functional, check):
         Tu = self._call_T(u, params, first, functional, u)
         a = float(self.alpha(k))  # type: ignore[misc]
-        v = (1.0 - a) * Tu + a * (u - self.upper_step * self.grad_upper(u, params)) if a != 0.0 else Tu
+        g = self.grad_upper(u, params) if a != 0.0 else None
+        v = (1.0 - a) * Tu + a * (u - self.upper_step * g) if g is not None else Tu
         b = self.beta(k)
         u_next = v if b == 1.0 else u + b * (v - u)
-        return u_next, (self._norm(Tu - u) if check else None)
+        if not check:
+            return u_next, None, None
+        return u_next, self._norm(Tu - u), (self._norm((a * self.upper_step) * g) if g is not None else None)
 
     def _accelerated_step(self, state, u, params, k, first, functional, check):
         Tu = self._call_T(u, params, first, functional, u)
         f = Tu - u
         r = self._norm(f)
-        return self.acceleration.step(state, u, f, r, float(self.beta(k))), r
+        return self.acceleration.step(state, u, f, r, float(self.beta(k))), r, None
 
     def _norm(self, t: Tensor) -> Tensor:
         dims = tuple(range(self.batch_dims, t.dim()))

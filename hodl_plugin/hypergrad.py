@@ -84,7 +84,12 @@ class HypergradMethod:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (a stateless method refuses another method's state)."""
+        if state:
+            raise ValueError(
+                f"the {self.name} method holds no state, but the state of a {state.get('method', '?')!r} method was "
+                "given: load it into a solver with that hypergrad"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

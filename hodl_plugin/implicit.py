@@ -61,9 +61,9 @@ from torch import Tensor
 from . import _adjoint, _vmap
 from . import linear_solve as ls
 from ._autodiff import make_jvp, make_vjp
-from ._capture import bind, flatten, unflatten
-from ._torch_compat import forward_ad_active, transforms_active
-from .errors import ConvergenceWarning, LinearSolveError
+from ._capture import BoundOperator, bind, flatten, unflatten
+from ._torch_compat import current_functorch_level, forward_ad_active, nested_forward_transforms, transforms_active
+from .errors import ConvergenceWarning, HODLError, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod
 
@@ -85,9 +85,10 @@ Op = Callable[[Tensor, Sequence[Tensor]], Tensor]
 # the pure rules
 # ------------------------------------------------------------------------------------------------
 def _jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tensor:
-    """``∂fn(primals)·tangents``: ``torch.func.jvp``, or — inside a forward-mode dual level, where
-    forward AD cannot nest — the transpose of a vjp (two reverse passes)."""
-    if not forward_ad_active():
+    """``∂fn(primals)·tangents``: ``torch.func.jvp`` (which nests under ``torch.func`` transforms), or —
+    inside a ``torch.autograd.forward_ad`` dual level and no transform, where forward AD cannot nest —
+    the transpose of a vjp (two reverse passes)."""
+    if not forward_ad_active() or current_functorch_level() > 0:
         return torch.func.jvp(fn, primals, tangents)[1]
     out, pull = torch.func.vjp(fn, *primals)
     _, pull2 = torch.func.vjp(lambda z_: pull(z_), torch.zeros_like(out))
@@ -127,25 +128,27 @@ def implicit_jvp(op: Op, u: Tensor, tensors: Sequence[Tensor], tangents: Sequenc
 
 def implicit_vjp_lean(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: Tensor,
                       needs: Sequence[bool], solve: Callable[[Callable, Tensor], tuple[Tensor, Any]],
-                      sign: float = 1.0) -> tuple[list[Optional[Tensor]], Tensor, Any]:
+                      sign: float = 1.0, extra: Sequence[Tensor] = ()) -> tuple[list[Optional[Tensor]], Tensor, Any]:
     r""":func:`implicit_vjp` for a first-order reverse pass: one graph of :math:`T(u^*; \theta)` serves
     every product of the solve (``solve(matvec, b) -> (v, info)`` with ``matvec`` = :math:`A^\top`) and
-    the final :math:`(\partial_\theta T)^\top v`. Returns ``(grads, v, info)`` (``grads[i]`` is ``None``
-    where ``needs[i]`` is false). Not differentiable: for ``backward()`` without ``create_graph``."""
+    the final :math:`(\partial_\theta T)^\top v`. Returns ``(grads, v, info)``: ``grads[i]`` for
+    ``tensors[i]`` (``None`` where ``needs[i]`` is false), then the gradients of the graph's own ``extra``
+    tensors (``None`` where it does not reach them). Not differentiable: for ``backward()`` without
+    ``create_graph``."""
     with torch.enable_grad():
         u_req = u.detach().clone().requires_grad_(True)
         ts = [t.detach().requires_grad_(bool(n) and t.is_floating_point()) for t, n in zip(tensors, needs)]
         f = op(u_req, ts)
     if not f.requires_grad:  # T does not depend on u nor on θ
         v, info = solve(lambda z: z if sign == 1.0 else torch.zeros_like(z), cotangent)
-        return [None] * len(ts), v, info
+        return [None] * (len(ts) + len(extra)), v, info
     vjp = make_vjp(f, u_req)
     v, info = solve((lambda z: z - vjp(z)) if sign == 1.0 else vjp, cotangent.detach())
-    wanted = [t for t in ts if t.requires_grad]
+    wanted = [t for t in ts if t.requires_grad] + list(extra)
     if not wanted:
         return [None] * len(ts), v, info
     grads = iter(torch.autograd.grad(f, wanted, v if sign == 1.0 else -v, allow_unused=True))
-    return [next(grads) if t.requires_grad else None for t in ts], v, info
+    return [next(grads) if t.requires_grad else None for t in ts] + [next(grads) for _ in extra], v, info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,6 +288,7 @@ class FixedPoint(torch.autograd.Function):
         if not torch.is_grad_enabled() and not transforms_active():
             grads = _lean_backward(problem, u, ts, g, needs)
         else:
+            _refuse_leaks(problem, u, ts, "double backward (create_graph=True)")
             solve = functools.partial(_apply_solve, problem, True, "adjoint", u, ts, needs)
             grads = implicit_vjp(problem.op, u, ts, g, solve, problem.sign)
         return (None, None, *(gr if n else None for gr, n in zip(grads, needs)))
@@ -292,8 +296,10 @@ class FixedPoint(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _problem_t: Any, _u0_t: Optional[Tensor], *ts_t: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         """:func:`implicit_jvp`."""
+        _refuse_forward_over_forward()
         problem: FixedPointProblem = ctx.problem
         u, *ts = ctx.saved_tensors
+        _refuse_leaks(problem, u, ts, "forward-mode AD")
         solve = functools.partial(_apply_solve, problem, False, "tangent", u, ts, None)
         return implicit_jvp(problem.op, u, ts, ts_t, solve, problem.sign)
 
@@ -301,6 +307,40 @@ class FixedPoint(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
         """One batched solve (:mod:`hodl_plugin._vmap`)."""
         return _vmap.fixed_point(FixedPoint, info, in_dims, problem, u0, ts)
+
+
+def _refuse_forward_over_forward() -> None:
+    if nested_forward_transforms():
+        raise HODLError(
+            "forward-over-forward differentiation (torch.func.jacfwd(jacfwd(f)), or a jvp inside a jvp) "
+            "through hodl_plugin's implicit primitive is not supported: torch's forward rules of custom "
+            "autograd.Functions do not see the outer level's tangents and would return a zero second "
+            "derivative. Use torch.func.hessian (= jacfwd(jacrev)), jacrev(jacfwd(f)) or jacrev(jacrev(f)), "
+            "which are exact, or hypergrad='unrolled'"
+        )
+
+
+def _refuse_leaks(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], what: str) -> None:
+    """Higher orders need every path from a bound tensor to T's output routed through the primitive's
+    inputs; a path the substitution cannot re-route (see :meth:`BoundOperator.leaked`) is refused."""
+    if not isinstance(problem.op, BoundOperator) or transforms_active():
+        return
+    leaks = problem.op.leaked()
+    if not leaks:
+        return
+    with torch.enable_grad():
+        f = problem.op(u.detach(), [t.detach() for t in ts])
+        if not f.requires_grad:
+            return
+        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(7), dtype=f.dtype).to(f.device)
+        reached = torch.autograd.grad(f, [t for _, t in leaks], probe, allow_unused=True)
+    bad = [tuple(t.shape) for (_, t), r in zip(leaks, reached) if r is not None]
+    if bad:
+        raise HODLError(
+            f"{what} through tensor(s) of shape {bad} that T reaches through a custom autograd.Function, "
+            "torch.jit or a torch.vmap inside T is not supported (their first-order gradients are exact): "
+            "pass them as parameters, solver(u0, ..., W) with T(u, ..., W), or use hypergrad='unrolled'"
+        )
 
 
 def _apply_solve(problem: FixedPointProblem, transpose: bool, role: str, u: Tensor, ts: Sequence[Tensor],
@@ -329,7 +369,13 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
     def solve(matvec: Callable[[Tensor], Tensor], b: Tensor) -> tuple[Tensor, ls.LinearSolveInfo]:
         return _adjoint.run_solver(problem, matvec, b, "adjoint", x0=_adjoint.warm_start(problem, b))
 
-    grads, v, linfo = implicit_vjp_lean(problem.op, u, ts, g, needs, solve, problem.sign)
+    leaks = problem.op.leaked() if isinstance(problem.op, BoundOperator) else []
+    leaks = [(i, t) for i, t in leaks if needs[i]]
+    out, v, linfo = implicit_vjp_lean(problem.op, u, ts, g, needs, solve, problem.sign, extra=[t for _, t in leaks])
+    grads = out[: len(ts)]
+    for (i, _), extra in zip(leaks, out[len(ts):]):  # T reaches the original through an unrouted path
+        if extra is not None:
+            grads[i] = extra if grads[i] is None else grads[i] + extra
     problem.record("adjoint", linfo, g)
     if problem.after is not None:
         ud = u.detach()
@@ -383,6 +429,7 @@ class LinearSolve(torch.autograd.Function):
         ctx: Any, _p: Any, _t: Any, _r: Any, b_t: Optional[Tensor], u_t: Optional[Tensor], *ts_t: Optional[Tensor]
     ) -> Tensor:
         """Another solve with the same operator."""
+        _refuse_forward_over_forward()
         problem, transpose = ctx.problem, ctx.transpose
         x, u, *ts = ctx.saved_tensors
         u_t = torch.zeros_like(u) if u_t is None else u_t

@@ -108,14 +108,18 @@ class Inexact(HypergradMethod):
         self.eps = as_schedule(eps, "eps")
         self.delta = self.eps if delta is None else as_schedule(delta, "delta")
         problems = check_accuracy(self.eps, "eps") + check_accuracy(self.delta, "delta")
+        if self.relative:
+            problems += [f"{n} is relative (relative=True) and must stay below 1 ({n} >= 1 accepts any point), "
+                         f"got {n}_0 = {sch.sup}"
+                         for n, sch in (("eps", self.eps), ("delta", self.delta)) if sch.sup >= 1]
         if problems:
             raise ScheduleError("; ".join(problems))
         if not (constants is None or constants == "estimate" or isinstance(constants, BoundConstants)):
             raise ValueError(f"constants must be 'estimate', None or a BoundConstants, got {constants!r}")
         self.solver = None if solver is None else ls.as_solver(solver)
         if isinstance(self.solver, ls.LinearSolver) and not isinstance(self.solver, ls.FunctionSolver):
-            default = type(self.solver)()
-            if (self.solver.rtol, self.solver.atol) != (default.rtol, default.atol):
+            default = {f.name: f.default for f in dataclasses.fields(self.solver)}
+            if (self.solver.rtol, self.solver.atol) != (default["rtol"], default["atol"]):
                 raise ConfigurationError(
                     f"Inexact(solver={self.solver!r}): the adjoint tolerance of the inexact mode is delta_k "
                     "(delta=...); pass the solver without rtol/atol"
@@ -297,7 +301,7 @@ class Inexact(HypergradMethod):
             eps, delta = residuals_at(T, F if it.upper is not None else None, u_star, ts, v, point=u_star)
             delta = adj if delta is None else delta
             return with_v_norm(self.constants, v).bound(eps, math.inf if delta is None else delta), None, ""
-        solver = self._solver(it, 1.0)
+        solver = self.solver if self.solver is not None else ls.for_operator(None, it.T)
         rep = a_posteriori(
             T, F, u_star, ts, learned, v,
             point=u_star,  # the implicit primitive returns the forward iterate itself

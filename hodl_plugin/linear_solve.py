@@ -203,6 +203,10 @@ class LinearSolver:
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{type(self).__name__}: {field} must be a finite number >= 0, got {v!r}")
+        if self.rtol is not None and self.rtol >= 1:
+            raise ValueError(
+                f"{type(self).__name__}: rtol must be below 1 (rtol >= 1 accepts x = 0), got {self.rtol!r}"
+            )
         if self.rtol == 0 and self.atol == 0:
             raise ValueError(f"{type(self).__name__}: rtol and atol cannot both be 0 (the solve would never stop)")
         m = self.maxiter
@@ -880,8 +884,8 @@ def configure(solver: SolverLike, rtol: Optional[float], atol: Optional[float],
     else:
         base = as_solver(solver)
     if isinstance(base, LinearSolver) and isinstance(solver, LinearSolver):
-        defaults = type(solver)()
-        clash = [k for k in changes if getattr(solver, k) != getattr(defaults, k)]
+        defaults = {f.name: f.default for f in dataclasses.fields(solver)}
+        clash = [k for k in changes if getattr(solver, k) != defaults.get(k)]
         if clash:
             raise ConfigurationError(
                 f"the solver {solver!r} already sets {clash}; give each tolerance once, either in the solver "

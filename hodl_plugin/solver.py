@@ -167,6 +167,8 @@ class GKMSolver(nn.Module):
             )
         if not callable(T):
             raise TypeError(f"T must be callable (u, *params) -> tensor, got {type(T).__name__}")
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {strict!r}")
         if upper is not None and not callable(upper):
             raise TypeError("upper must be callable (u, *params) -> scalar tensor")
         self.T = T  # registered as a submodule when it is an nn.Module

@@ -75,3 +75,105 @@ def test_functional_operator_route_matches_module_route():
     solver2 = hp.GKMSolver(net, max_steps=3000, tol=1e-14, hypergrad="unrolled")
     (solver2(torch.zeros(n, dtype=DT)) ** 2).sum().backward()
     assert rel_err(g_func, net.weight.grad) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# paths a torch-function mode cannot re-route: exact at first order, named at higher orders
+# ------------------------------------------------------------------------------------------------
+W0 = torch.tensor([[0.3, -0.2, 0.1], [0.1, 0.4, 0.0], [0.0, 0.2, -0.3]], dtype=DT)
+X0 = torch.tensor([0.5, -1.0, 0.3], dtype=DT)
+
+
+def _unrolled_grad(T_of_W, W):
+    """d/dW Σ u*(W) by plain autograd through 300 steps of the contraction (the reference)."""
+    Wr = W.detach().clone().requires_grad_(True)
+    u = torch.zeros(3, dtype=DT)
+    for _ in range(300):
+        u = T_of_W(u, Wr)
+    (g,) = torch.autograd.grad(u.sum(), Wr)
+    return g
+
+
+class _MatVec(torch.autograd.Function):
+    """A user's custom Function computing with the captured W (its backward is exact)."""
+
+    @staticmethod
+    def forward(ctx, A, v):
+        ctx.save_for_backward(A, v)
+        return A @ v
+
+    @staticmethod
+    def backward(ctx, g):
+        A, v = ctx.saved_tensors
+        return torch.outer(g, v), A.T @ g
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_parameter_also_read_from_the_closure(mode):
+    """solver(u0, a) with T reading a both as its parameter and from its closure: both paths count
+    (the closure's was dropped: du*/da 0.612 for 2.041)."""
+    a = torch.tensor(0.3, dtype=DT, requires_grad=True)
+    solver = hp.GKMSolver(lambda u, p: p * u + a, tol=1e-14, max_steps=500, hypergrad=mode, **MODES[mode])
+    solver(torch.zeros((), dtype=DT), a).backward()
+    assert float(a.grad) == pytest.approx(1 / (1 - 0.3) ** 2, rel=1e-9)
+    g = torch.func.grad(lambda b: hp.GKMSolver(lambda u, p: p * u + b, tol=1e-14, max_steps=500)(
+        torch.zeros((), dtype=DT), b))(torch.tensor(0.3, dtype=DT))
+    assert float(g) == pytest.approx(1 / (1 - 0.3) ** 2, rel=1e-9)
+
+
+def test_module_parameters_passed_and_read_as_attributes():
+    """The TorchOpt habit: solver(u0, *net.parameters()) with T calling net(u) (weight.grad was None)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        net.weight.mul_(0.3)
+    T = lambda u, *ps: torch.tanh(net(u) + X0)  # noqa: E731
+    solver = hp.GKMSolver(T, tol=1e-14, max_steps=1000)
+    solver(torch.zeros(3, dtype=DT), *net.parameters()).sum().backward()
+    ref = _unrolled_grad(lambda u, W: torch.tanh(u @ W.T + net.bias.detach() + X0), net.weight)
+    assert rel_err(net.weight.grad, ref) < 1e-9
+
+
+@pytest.mark.parametrize("inside", ["custom_function", "vmap_in_T"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_unrouted_path_is_exact_at_first_order_and_named_beyond(mode, inside):
+    """W captured and used through a custom autograd.Function, or inside a torch.vmap that T runs: the
+    first-order gradient is exact (was None / half of it); a higher order raises a named error."""
+    if inside == "custom_function":
+        def T_of(u, W):
+            return torch.tanh(_MatVec.apply(W, u) + X0)
+    else:
+        def T_of(u, W):
+            rows = torch.vmap(lambda w, v: w @ v, in_dims=(0, None))(W, u)
+            return torch.tanh(0.5 * rows + 0.5 * W @ u + X0)
+    W = W0.clone().requires_grad_(True)
+    solver = hp.GKMSolver(lambda u: T_of(u, W), tol=1e-14, max_steps=1000, hypergrad=mode, **MODES[mode])
+    solver(torch.zeros(3, dtype=DT)).sum().backward()
+    assert rel_err(W.grad, _unrolled_grad(T_of, W0)) < 1e-9
+    with pytest.raises(hp.HODLError, match="pass them as parameters"):
+        (g,) = torch.autograd.grad(solver(torch.zeros(3, dtype=DT)).sum(), W, create_graph=True)
+
+
+def test_a_vmap_inside_T_under_torch_func_is_named():
+    def f(W):
+        T = lambda u: torch.tanh(torch.vmap(lambda w, v: w @ v, in_dims=(0, None))(W, u) + X0)  # noqa: E731
+        return hp.GKMSolver(T, tol=1e-14)(torch.zeros(3, dtype=DT)).sum()
+
+    with pytest.raises(hp.HODLError, match="Pass them as parameters"):
+        torch.func.grad(f)(W0)
+
+
+def test_a_tensor_read_inside_torch_jit_is_named():
+    W = W0.clone().requires_grad_(True)
+
+    @torch.jit.script
+    def step(u: torch.Tensor, A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(A @ u + x)
+
+    solver = hp.GKMSolver(lambda u: step(u, W, X0), tol=1e-14)
+    with pytest.raises(hp.HODLError, match="torch.jit"):
+        solver(torch.zeros(3, dtype=DT)).sum().backward()
+    # passed as a parameter it is exact
+    solver = hp.GKMSolver(lambda u, A: step(u, A, X0), tol=1e-14, max_steps=1000)
+    solver(torch.zeros(3, dtype=DT), W).sum().backward()
+    assert rel_err(W.grad, _unrolled_grad(lambda u, A: torch.tanh(A @ u + X0), W0)) < 1e-9

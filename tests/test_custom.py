@@ -162,3 +162,19 @@ def test_no_grad_calls_the_solver_as_it_is():
     with torch.no_grad():
         w = solve(W0, torch.tensor(0.7, dtype=D))
     assert len(calls) == 1 and np.allclose(w.numpy(), ridge_exact(torch.tensor(0.7, dtype=D)).numpy())
+
+
+def test_the_returned_point_is_checked():
+    """A decorated solver's answer is checked: NaN is a DivergenceError, another dtype a TypeError, a point
+    that is not a fixed point / root to the tolerance a ConvergenceWarning (the derivative was taken there
+    silently)."""
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    with pytest.raises(hp.DivergenceError, match="NaN"):
+        hp.custom_fixed_point(T)(lambda w0, lam: torch.full((4,), float("nan"), dtype=D))(W0, lam)
+    with pytest.raises(TypeError, match="dtype"):
+        hp.custom_root(G)(lambda w0, lam: direct(w0, lam).float())(W0, lam)
+    with pytest.warns(hp.ConvergenceWarning, match="not a root"):
+        hp.custom_root(G)(lambda w0, lam: 0.9 * direct(w0, lam))(W0, lam)
+    with pytest.warns(hp.ConvergenceWarning, match="not a fixed point"):
+        hp.custom_fixed_point(T)(lambda w0, lam: 0.9 * direct(w0, lam))(W0, lam)
+    hp.custom_root(G, tol=0.2)(lambda w0, lam: 0.9 * direct(w0, lam))(W0, lam)  # accepted when asked

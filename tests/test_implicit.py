@@ -244,3 +244,25 @@ def test_maid_quadratic_problem_hypergradient_and_optimum():
 
     opt.step(closure)
     assert rel_err(theta.detach(), theta_star) < 1e-5
+
+
+def test_forward_over_forward_is_refused_by_name_and_every_other_order_is_exact():
+    """jacfwd(jacfwd(f)) through the primitive gave a silently wrong second derivative (torch's forward
+    rules of custom Functions do not see the outer tangents): now a named error; the other compositions
+    (hessian = jacfwd∘jacrev, jacrev∘jacfwd, jacrev∘jacrev, third orders with one forward level) are
+    exact against the unrolled iteration."""
+    W = torch.tensor([[0.3, -0.2], [0.1, 0.4]], dtype=DT)
+    x = torch.tensor([0.5, -1.0], dtype=DT)
+
+    def f_of(mode):
+        s = hp.GKMSolver(lambda u, c: torch.tanh(c * W @ u + x), max_steps=500, tol=1e-14, hypergrad=mode)
+        return lambda c: (s(torch.zeros(2, dtype=DT), c) ** 3).sum()
+
+    c = torch.tensor(1.2, dtype=DT)
+    J, R, G = torch.func.jacfwd, torch.func.jacrev, torch.func.grad
+    for comb in (lambda f: R(R(f)), lambda f: J(R(f)), lambda f: R(J(f)), lambda f: J(R(G(f))),
+                 lambda f: R(R(G(f)))):
+        assert float((comb(f_of("implicit"))(c) - comb(f_of("unrolled"))(c)).abs().max()) < 1e-10
+    for comb in (lambda f: J(J(f)), lambda f: J(J(R(f)))):
+        with pytest.raises(hp.HODLError, match="forward-over-forward"):
+            comb(f_of("implicit"))(c)

@@ -248,3 +248,43 @@ def test_an_upper_independent_of_u_is_refused_in_every_mode(mode):
         solver = hp.GKMSolver(_T, upper=lambda u, x: (x**2).sum(), hypergrad=mode, **kw)
         x = torch.ones(2, dtype=DT, requires_grad=True)
         solver(zeros(2), x).sum().backward()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: hp.GKMSolver(lambda u: u, tol=1.0),
+    lambda: hp.GKMSolver(lambda u: u, hypergrad=hp.Implicit(adjoint_rtol=1.0)),
+    lambda: hp.Implicit(ls.cg(rtol=2.0)),
+    lambda: hp.Inexact(eps=2.0),
+    lambda: hp.Inexact(eps=1e-3, delta=1.5),
+    lambda: hp.GKMSolver(lambda u: u, strict="yes"),
+])
+def test_meaningless_values_are_refused_at_construction(make):
+    """A relative tolerance >= 1 accepts any point (it gave u0 back as 'converged' and a zero
+    hypergradient); strict must be a bool."""
+    with pytest.raises((ValueError, TypeError)):
+        make()
+
+
+def test_an_absolute_inexact_accuracy_may_exceed_one():
+    hp.Inexact(eps=2.0, relative=False)
+
+
+def test_a_function_solver_object_with_its_tolerance():
+    def direct(matvec, b, x0=None):
+        A = torch.stack([matvec(e) for e in torch.eye(b.numel(), dtype=b.dtype)], dim=1)
+        return torch.linalg.solve(A, b)
+
+    x = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True)
+    solver = hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-13,
+                          hypergrad=hp.Implicit(ls.FunctionSolver(fn=direct, rtol=1e-8)))
+    solver(torch.zeros(2, dtype=DT), x).sum().backward()
+    assert torch.allclose(x.grad, torch.full((2,), 2.0, dtype=DT))
+
+
+def test_a_stateless_method_refuses_another_methods_state():
+    inexact = hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad="inexact")
+    x = torch.ones(2, dtype=DT, requires_grad=True)
+    inexact(torch.zeros(2, dtype=DT), x).sum().backward()
+    for mode in ("implicit", "unrolled"):
+        with pytest.raises(ValueError, match="holds no state"):
+            hp.GKMSolver(lambda u, x: 0.5 * u + x, hypergrad=mode).load_state_dict(inexact.state_dict())

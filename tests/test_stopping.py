@@ -475,3 +475,47 @@ def test_a_loose_tolerance_with_a_slow_alpha_still_bounds_the_distance_to_the_fi
     u = sol(torch.zeros(2, dtype=DT), x)
     assert sol.info.converged
     assert rel_err(u, u_star) < 1e-3  # was 1.3e-2 with converged=True
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["implicit", "unrolled"])
+def test_half_precision_exact_steps_do_not_claim_convergence(dtype, mode):
+    """tol=0 (exactly K steps) in float16/bfloat16 stalled at a spurious fixed point of the rounded map
+    (u = 256 for u* = 1000, residual exactly 0) and reported converged=True."""
+    T = lambda u: u - 0.001 * (u - 1000.0)  # noqa: E731
+    u, info = hp.GKMSolver(T, max_steps=20000, tol=0.0, atol=0.0, hypergrad=mode).solve(torch.zeros(2, dtype=dtype))
+    assert not info.converged and float(u.float().min()) < 999
+
+
+def test_outside_aggregation_from_a_warm_start_is_not_a_divergence():
+    """u0 on Fix T: the aggregated step moves u off Fix T by α_k s∇F (the residual rises from ~0 to that
+    scale, then falls) — it was called a divergence ('grew 1e4 times', 'not decreasing'), blaming T."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(5, 5, dtype=DT, generator=g)
+    Q = M @ M.T / 5 + torch.eye(5, dtype=DT)
+    c = torch.randn(5, dtype=DT, generator=g)
+    s = 0.9 / float(torch.linalg.eigvalsh(Q).max())
+    T = lambda u: u - s * (Q @ u - c)  # noqa: E731
+    u_star = torch.linalg.solve(Q, c)
+    z = torch.randn(5, dtype=DT, generator=g)
+    for form in ("outside", "inside"):
+        solver = hp.GKMSolver(T, upper=lambda u: 0.5 * ((u - z) ** 2).sum(), alpha=hp.Harmonic(1.0),
+                              aggregation=form, max_steps=3000, tol=1e-8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            u, info = solver.solve(u_star.clone())  # a warm start at the (unique) fixed point
+        assert not info.diverged, info.message
+        assert rel_err(u, u_star) < 1e-2  # O(α_K) from Fix T after K aggregated steps
+
+
+def test_a_rotation_is_told_to_relax_and_reports_its_step():
+    """T(u) = Ru, a rotation: nonexpansive, not averaged, never converges with β = 1; the error says to
+    use beta < 1 and info.steps is the step where it stopped."""
+    th = 0.5
+    R = torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=DT)
+    solver = hp.GKMSolver(lambda u: R @ u + 1.0, max_steps=100000, on_divergence="warn")
+    with pytest.warns(hp.ConvergenceWarning, match="beta < 1"):
+        u, info = solver.solve(torch.zeros(2, dtype=DT))
+    assert info.diverged and 100 < info.steps < 1000
+    u, info = hp.GKMSolver(lambda u: R @ u + 1.0, beta=0.5, max_steps=100000).solve(torch.zeros(2, dtype=DT))
+    assert info.converged and rel_err(u, torch.linalg.solve(torch.eye(2, dtype=DT) - R, torch.ones(2, dtype=DT))) < 1e-8
