@@ -20,13 +20,17 @@ hodl_plugin.errors.ConfigurationError: FiniteDifference needs T to be a gradient
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from torch import Tensor
 
+from ._capture import BoundOperator, bind
 from .errors import ConfigurationError
 
-__all__ = ["parts", "describe"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .gkm import GKMIteration
+
+__all__ = ["parts", "describe", "bind_loss"]
 
 
 def describe(T: Any) -> str:
@@ -52,3 +56,22 @@ def parts(T: Any, method: str, instead: str = "hypergrad='truncated' (steps=1: t
         f"hp.GradientStep(objective=f, step=s) (it evaluates f itself); got {describe(T)}. For any other "
         f"operator use {instead}"
     )
+
+
+def bind_loss(it: GKMIteration, f: Callable[..., Tensor], step: Callable[..., Any], u: Tensor,
+              params: Sequence[Any]) -> BoundOperator:
+    """The tensors that f, the step (and, when the iteration aggregates, F) read, bound by
+    :func:`~hodl_plugin._capture.bind` from one evaluation of their values (no gradient of f: cheaper
+    than a pass through T, which differentiates f)."""
+    def probe(v: Tensor, *ps: Any) -> Tensor:
+        step(*ps)
+        return f(v, *ps)
+
+    u = u.detach().clone()
+    extra: list[Callable[[], Any]] = []
+    if it.aggregates:
+        if it.upper_grad is not None:
+            extra.append(lambda: it.upper_grad(u, *params))  # type: ignore[misc]
+        if it.upper is not None:
+            extra.append(lambda: it.upper(u, *params))  # type: ignore[misc]
+    return bind(probe, u, params, extra)

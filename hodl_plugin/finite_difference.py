@@ -51,7 +51,7 @@ from ._capture import BoundOperator, flatten
 from ._rule import attach
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod, _detached
-from .implicit import bind_iteration, grad_wanted
+from .implicit import grad_wanted
 
 __all__ = ["FiniteDifference", "central_difference"]
 
@@ -189,7 +189,7 @@ class FiniteDifference(HypergradMethod):
             value = it.run(u, detached, info, start=k, num_steps=1, stop=False)
         if not grad_wanted():
             return value
-        op = bind_iteration(it, u, params)
+        op = _gradient_step.bind_loss(it, f, s, u, params)
         rule = _Rule(it, op, f, s, self.radius, u, k)
         return attach(rule, value, [*flatten(params)[0], *op.captured])
 

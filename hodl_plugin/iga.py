@@ -38,7 +38,7 @@ from ._torch_compat import transforms_active
 from .errors import HypergradientError
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod, _detached
-from .implicit import bind_iteration, grad_wanted
+from .implicit import grad_wanted
 
 __all__ = ["IGA"]
 
@@ -109,14 +109,14 @@ class IGA(HypergradMethod):
 
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
-        f, _ = _gradient_step.parts(it.T, _NAME, _INSTEAD)
+        f, step = _gradient_step.parts(it.T, _NAME, _INSTEAD)
         detached = _detached(params)
         with torch.no_grad():
             u = it.run(u0.detach(), detached, info).detach()
         if not grad_wanted():
             return u
-        op = bind_iteration(it, u, params)
-        with torch.no_grad(), op.context(op.captured):
+        op = _gradient_step.bind_loss(it, f, step, u, params)
+        with torch.no_grad():
             gf = grad_u(f, u, detached)
             n2 = (gf * gf).sum()
         if not transforms_active() and not bool(n2 > 0):

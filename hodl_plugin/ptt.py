@@ -45,7 +45,7 @@ class PTT(HypergradMethod):
 
     ``upper=F`` turns HODL's aggregation on (``alpha`` defaults to :math:`1/(k+1)`); IAPTT-GM's own
     trajectory is plain gradient descent: pass ``alpha=0`` to keep F for the truncation only. The
-    tolerance is not used (the trajectory has K steps by definition; giving ``tol``/``atol`` warns).
+    tolerance is not used (the trajectory has K steps by definition; a nonzero ``tol``/``atol`` warns).
     Memory: the graph of :math:`k^*` steps (all K while the trajectory runs); time: K steps and K
     evaluations of F.
 
@@ -82,7 +82,7 @@ class PTT(HypergradMethod):
                 "PTT back-propagates through the trajectory, which acceleration cannot run with autograd: "
                 "pass acceleration=None"
             )
-        if it.tol is not None or it.atol:
+        if (it.tol is not None and it.tol > 0) or it.atol > 0:
             warnings.warn(
                 "GKMSolver(tol=/atol=...) is not used with hypergrad='ptt': the trajectory has exactly max_steps "
                 "steps and the returned iterate is chosen by F, not by a residual",
