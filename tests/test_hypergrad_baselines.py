@@ -190,6 +190,20 @@ def test_learned_init_gradient_is_the_closed_form_and_trains():
     assert [n for n, _ in model.named_parameters()] == ["z"] and "z" in model.state_dict()
 
 
+def test_learned_init_with_unrolled_is_maml_and_ties_in_ptt_go_to_the_first_iterate():
+    P = Quad()
+    x0, K, u0 = torch.tensor([0.5, -1.0, 2.0], dtype=DT), 7, torch.ones(P.n, dtype=DT)
+    model = hp.LearnedInit(hp.GKMSolver(P.T(), max_steps=K, tol=0.0, hypergrad="unrolled"), u0)
+    P.loss(model(x0)).backward()
+    uK = P.iterates(x0, u0, K)[-1]
+    assert close(model.z.grad, torch.linalg.matrix_power(P.M, K).T @ (uK - P.t))
+    # T(u) = -u: u_k alternates -z, z, ... and F = ‖u‖² ties at every k; IAPTT-GM's code keeps the first
+    reflect = hp.GKMSolver(lambda u: -u, upper=lambda u: (u * u).sum(), alpha=0, max_steps=4, hypergrad="ptt")
+    model = hp.LearnedInit(reflect, u0)
+    model().sum().backward()
+    assert reflect.info.steps == 1 and torch.equal(model.z.grad, -torch.ones(P.n, dtype=DT))
+
+
 @pytest.mark.parametrize("method", ["implicit", "inexact", "first_order", "truncated", "fd", "iga"])
 def test_learned_init_refuses_methods_that_give_the_start_no_derivative(method):
     P = Quad()
