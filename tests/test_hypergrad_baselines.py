@@ -245,14 +245,16 @@ def test_fd_converges_at_second_order_in_the_radius_to_the_analytic_one_step_der
     assert errs[1] < 1e-4 * float(exact.abs().max()) and 50 < errs[0] / errs[1] < 200  # O(r²)
 
 
+@pytest.mark.parametrize("given", ["upper", "upper_grad"])
 @pytest.mark.parametrize("aggregation", ["inside", "outside"])
-def test_fd_with_aggregation_matches_the_closed_form_of_the_last_step(aggregation):
+def test_fd_with_aggregation_matches_the_closed_form_of_the_last_step(aggregation, given):
     P = Quad(seed=3)
     x0, K, beta, sF, c = torch.tensor([0.3, 1.0, -0.5], dtype=DT), 5, 0.7, 0.5, 0.2
     b = torch.randn(P.n, generator=torch.Generator().manual_seed(4), dtype=DT)
     F = lambda u, x: 0.5 * ((u - b) ** 2).sum() + c * x.sum() * u.sum()  # noqa: E731 - ∇_u F = u − b + c·Σx
+    upper = {"upper": F} if given == "upper" else {"upper_grad": lambda u, x: u - b + c * x.sum()}
     alpha = hp.Geometric(0.4, 0.9)
-    solver = quiet(P.T(), upper=F, alpha=alpha, aggregation=aggregation, upper_step=sF, beta=beta, max_steps=K,
+    solver = quiet(P.T(), **upper, alpha=alpha, aggregation=aggregation, upper_step=sF, beta=beta, max_steps=K,
                    tol=0.0, hypergrad="fd")
     u0 = torch.zeros(P.n, dtype=DT)
     uK = solver(u0, x0)
@@ -435,6 +437,15 @@ def test_betty_gkm_fd_and_gkm_iga_on_a_node_given_as_a_loss():
     assert close(g, iga_formula(P, x0, uK, uK - P.t))
     with pytest.raises(hp.ConfigurationError, match="needs T to be a gradient step"):
         _betty_first_hypergradient("gkm_fd", P, x0, K, lower_form=False)
+
+
+def test_betty_gkm_ptt_truncates_with_the_upper_nodes_training_step():
+    P, x0, u0, _, _ = ptt_toy()
+    values = [float(P.loss(u)) for u in P.iterates(x0, u0, 12)[1:]]  # F = the upper node's loss
+    k = values.index(max(values)) + 1
+    g, lower = _betty_first_hypergradient("gkm_ptt", P, x0, 12, lower_form=False)
+    uk = P.iterates(x0, u0, k)[-1]
+    assert lower.info.steps == k and close(g, P.jac_x(k).T @ (uk - P.t))
 
 
 def test_betty_gkm_ptt_truncates_with_the_upper_objective():
