@@ -7,10 +7,10 @@ gradient :math:`\bar u` that returns :math:`\bar\theta` for every tensor :math:`
 identity on :math:`u` whose backward is that rule.
 
 Reverse mode only, first order only: ``backward()``, ``torch.autograd.grad``, ``torch.func.grad`` /
-``vjp`` / ``jacrev`` and ``vmap`` over them. A second derivative (``create_graph=True``) or forward mode
-raises :class:`~hodl_plugin.errors.HypergradientError` naming the method: a finite difference or a
-Gauss–Newton multiplier gives first derivatives, and differentiating the rule's own arithmetic again
-would be a number nobody asked for.
+``vjp`` / ``jacrev`` and ``vmap`` over them. A second derivative (``create_graph=True``, ``grad`` of
+``grad``, ``hessian``) or forward mode raises :class:`~hodl_plugin.errors.HypergradientError` naming
+the method: a finite difference or a Gauss–Newton multiplier gives first derivatives, and
+differentiating the rule's own arithmetic again would be a number nobody asked for.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ._torch_compat import transforms_active
+from ._torch_compat import differentiating_transforms, transforms_active
 from .errors import HypergradientError
 
 __all__ = ["Rule", "RuleStep", "attach"]
@@ -55,16 +55,19 @@ class RuleStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
-        """``rule.vjp`` (refused under ``create_graph=True``)."""
+        """``rule.vjp``, computed without recording (refused where it would be differentiated again:
+        ``create_graph=True``, nested ``torch.func.grad``)."""
         rule: Rule = ctx.rule
-        if torch.is_grad_enabled() and not transforms_active():
+        functional = transforms_active()
+        if (torch.is_grad_enabled() and not functional) or (functional and differentiating_transforms() > 1):
             raise HypergradientError(
                 f"{rule.method} gives first derivatives only (backward(), autograd.grad, torch.func.grad / vjp); "
-                "create_graph=True asks for the derivative of its rule, which is not a derivative of the map: use "
-                "hypergrad='unrolled', 'truncated' or 'implicit' for second derivatives"
+                "create_graph=True or a nested torch.func.grad asks for the derivative of its rule, which is not a "
+                "derivative of the map: use hypergrad='unrolled', 'truncated' or 'implicit' for second derivatives"
             )
         needs = ctx.needs_input_grad[2:]
-        grads = rule.vjp(g, ctx.saved_tensors, needs)
+        with torch.no_grad():  # a graph of the rule's arithmetic would be a wrong second derivative
+            grads = rule.vjp(g, ctx.saved_tensors, needs)
         return (None, None, *(gr if n else None for gr, n in zip(grads, needs)))
 
     @staticmethod

@@ -71,12 +71,7 @@ class PTT(HypergradMethod):
     differentiates_start = True
 
     def validate(self, it: GKMIteration) -> None:
-        if it.upper is None:
-            raise ConfigurationError(
-                "PTT (hypergrad='ptt') picks the iterate with the largest upper objective F, so it needs F's values: "
-                "pass GKMSolver(..., upper=F, alpha=0) (alpha=0 keeps F for the truncation without HODL's "
-                "aggregation; upper_grad= alone gives ∇F, not F)"
-            )
+        _require_upper(it)
         if it.acceleration is not None:
             raise ConfigurationError(
                 "PTT back-propagates through the trajectory, which acceleration cannot run with autograd: "
@@ -91,7 +86,7 @@ class PTT(HypergradMethod):
 
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
-        self.validate_upper(it)
+        _require_upper(it)
         K = it.max_steps
         u, iterates, values = u0, [], []
         for k in range(K):
@@ -121,7 +116,11 @@ class PTT(HypergradMethod):
                         f"F = {float(F[k_star - 1]):.6g}")
         return iterates[k_star - 1]
 
-    @staticmethod
-    def validate_upper(it: GKMIteration) -> None:
-        if it.upper is None:
-            raise ConfigurationError("PTT (hypergrad='ptt') needs GKMSolver(..., upper=F, alpha=0)")
+
+def _require_upper(it: GKMIteration) -> None:
+    if it.upper is None:
+        raise ConfigurationError(
+            "PTT (hypergrad='ptt') picks the iterate with the largest upper objective F, so it needs F's values: "
+            "pass GKMSolver(..., upper=F, alpha=0) (alpha=0 keeps F for the truncation without HODL's "
+            "aggregation; upper_grad= alone gives ∇F, not F)"
+        )

@@ -340,6 +340,25 @@ def test_iga_refuses_other_operators_and_second_derivatives():
         torch.autograd.grad(P.loss(solver(torch.zeros(P.n, dtype=DT), x)), x, create_graph=True)
 
 
+@pytest.mark.parametrize("method", ["fd", "iga"])
+def test_the_rules_refuse_every_second_derivative_and_give_jacrev(method):
+    """A second derivative of FD or IGA would be the derivative of the rule's arithmetic: create_graph, grad of
+    grad and hessian raise; a gradient taken of tensors that require grad carries no graph of the rule."""
+    P = Quad()
+    solver = hp.GKMSolver(P.T(), max_steps=3, tol=0.0, hypergrad=method)
+    L = lambda x: P.loss(solver(torch.zeros(P.n, dtype=DT), x))  # noqa: E731
+    x0 = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    for second in (lambda: torch.func.grad(lambda y: torch.func.grad(L)(y).sum())(x0),
+                   lambda: torch.func.hessian(L)(x0),
+                   lambda: torch.func.vmap(torch.func.grad(lambda y: torch.func.grad(L)(y).sum()))(x0.expand(2, 3))):
+        with pytest.raises(hp.HypergradientError, match="first derivatives only|reverse-mode"):
+            second()
+    assert not torch.func.grad(L)(x0.clone().requires_grad_()).requires_grad
+    J = torch.func.jacrev(lambda x: solver(torch.zeros(P.n, dtype=DT), x))(x0)
+    u = solver(torch.zeros(P.n, dtype=DT), x0)
+    assert close(J.T @ (u - P.t), torch.func.grad(L)(x0))
+
+
 def test_methods_by_name():
     assert isinstance(hp.get_method("ptt"), hp.PTT)
     assert hp.get_method("fd", radius=0.1).radius == 0.1
