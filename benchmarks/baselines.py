@@ -202,7 +202,7 @@ def write_readme(path: str, block: str) -> None:
         p = text.find("\n## Performance")
         nxt = text.find("\n## ", p + 1) if p >= 0 else -1
         at = nxt if nxt >= 0 else len(text)
-        section = ("\n### First-order bilevel baselines against BOAT (`python -m benchmarks.baselines`)\n\n"
+        section = ("\n### Bilevel baselines against BOAT (`python -m benchmarks.baselines`)\n\n"
                    f"{BEGIN}\n{END}\n")
         text = text[:at] + section + text[at:]
         i, j = text.find(BEGIN), text.find(END)
