@@ -1,6 +1,9 @@
-"""hodl_plugin's first-order bilevel methods against BOAT 1.1.1's and against independent references.
+"""hodl_plugin's bilevel baselines against BOAT 1.1.1's and against independent references.
 
 ``python -m benchmarks.baselines [--quick] [--no-readme] [--readme PATH]``
+
+Two tables: the first-order methods that move both levels (below), and the hypergradient methods of
+``GKMSolver`` — PTT, a learned start, FD, IGA — (:mod:`benchmarks.hg_baselines`).
 
 For each method (BOME, PGDO, MESO, ALTO) and each problem (the MAID quadratic with a closed form, and
 hyper-cleaning on digits; :mod:`benchmarks.fo_problems`), from the same start and with the same
@@ -38,7 +41,7 @@ import torch
 
 import hodl_plugin.baselines as B
 
-from . import boat_explained, fo_reference
+from . import boat_explained, fo_reference, hg_baselines
 from .fo_problems import HyperCleaningBLO, QuadraticBLO
 from .peers import available, boat_fo
 
@@ -165,25 +168,28 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], columns: Optional[list[str]] = None) -> str:
     """Plain-text table (printed)."""
-    cells = [[fmt(r.get(c)) for c in COLUMNS] for r in rows]
-    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(x) for c, x in zip(COLUMNS, w)), "  ".join("-" * x for x in w)]
+    columns = COLUMNS if columns is None else columns
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(x) for c, x in zip(columns, w)), "  ".join("-" * x for x in w)]
     lines += ["  ".join(v.ljust(x) for v, x in zip(row, w)) for row in cells]
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict[str, Any]], note: str) -> str:
-    """The README block.
+def markdown(rows: list[dict[str, Any]], note: str, columns: Optional[list[str]] = None,
+             legend: str = LEGEND) -> str:
+    """The README block (one table and its legend).
 
     >>> print(markdown([{"problem": "q", "method": "ALTO", "K": 3}], "m").splitlines()[4])
     | q | ALTO | — | 3 | — | — | — | — | — | — | — |
     """
-    head = "| " + " | ".join(COLUMNS) + " |"
-    lines = [note, "", head, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines + ["", LEGEND])
+    columns = COLUMNS if columns is None else columns
+    head = "| " + " | ".join(columns) + " |"
+    lines = [note, "", head, "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines + ["", legend])
 
 
 def write_readme(path: str, block: str) -> None:
@@ -196,7 +202,7 @@ def write_readme(path: str, block: str) -> None:
         p = text.find("\n## Performance")
         nxt = text.find("\n## ", p + 1) if p >= 0 else -1
         at = nxt if nxt >= 0 else len(text)
-        section = ("\n### First-order bilevel baselines against BOAT (`python -m benchmarks.baselines`)\n\n"
+        section = ("\n### Bilevel baselines against BOAT (`python -m benchmarks.baselines`)\n\n"
                    f"{BEGIN}\n{END}\n")
         text = text[:at] + section + text[at:]
         i, j = text.find(BEGIN), text.find(END)
@@ -228,15 +234,23 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if not boat:
         print(f"boat_torch: {available('boat_torch')} — the BOAT columns are left empty")
     K, N, T = (30, 300, 10) if args.quick else (40, 2000, 40)
-    rows = measure("quadratic", QuadraticBLO(), True, K, N, T, boat)
-    rows += measure("hyper-cleaning", HyperCleaningBLO(), False, K, N, T, boat)
+    quad, hc = QuadraticBLO(), HyperCleaningBLO()
+    rows = measure("quadratic", quad, True, K, N, T, boat)
+    rows += measure("hyper-cleaning", hc, False, K, N, T, boat)
     print("\n" + table(rows))
+    HK, HN = 10, (100 if args.quick else 300)
+    hg_rows = hg_baselines.measure("quadratic", quad, True, HK, HN, T, boat)
+    hg_rows += hg_baselines.measure("hyper-cleaning", hc, False, HK, HN, T, boat)
+    print("\n" + table(hg_rows, hg_baselines.COLUMNS))
     note = (f"`python -m benchmarks.baselines` ({time.strftime('%Y-%m-%d')}, {machine()}, shared machine; "
             f"K steps from the same start, x dist after N steps, time = median ratio of {T} interleaved steps):")
     if not (args.quick or args.no_readme):
-        write_readme(args.readme, markdown(rows, note))
+        block = markdown(rows, note) + "\n\n" + markdown(
+            hg_rows, "Hypergradient methods of `GKMSolver`, same problems (lower step 1/L, `tol=0`):",
+            hg_baselines.COLUMNS, hg_baselines.LEGEND)
+        write_readme(args.readme, block)
         print(f"\nwritten to {args.readme}")
-    return rows
+    return rows + hg_rows
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ The public API in one place:
 - :class:`GKMSolver` — the lower-level GKM fixed-point solver with HODL aggregation
   (:mod:`hodl_plugin.solver`, iteration in :mod:`hodl_plugin.gkm`);
 - hypergradient methods :class:`Unrolled`, :class:`Truncated`, :class:`FirstOrder`
-  (:mod:`hodl_plugin.hypergrad`), :class:`Implicit` (:mod:`hodl_plugin.implicit`) and
-  :class:`Inexact` (:mod:`hodl_plugin.inexact`);
+  (:mod:`hodl_plugin.hypergrad`), :class:`Implicit` (:mod:`hodl_plugin.implicit`),
+  :class:`Inexact` (:mod:`hodl_plugin.inexact`), and the baselines :class:`PTT` (:mod:`hodl_plugin.ptt`),
+  :class:`FiniteDifference` (:mod:`hodl_plugin.finite_difference`), :class:`IGA` (:mod:`hodl_plugin.iga`),
+  with :class:`LearnedInit` (:mod:`hodl_plugin.learned_init`) for a learned starting point;
 - the implicit derivative of *any* solver: :func:`custom_fixed_point`, :func:`custom_root`
   (:mod:`hodl_plugin.custom`);
 - forward acceleration :class:`Anderson` (:mod:`hodl_plugin.acceleration`);
@@ -27,12 +29,16 @@ from . import (
     bound,
     custom,
     errors,
+    finite_difference,
+    iga,
     implicit,
     inexact,
+    learned_init,
     linear_solve,
     operators,
     presets,
     prox,
+    ptt,
     schedules,
 )
 from .acceleration import Anderson, Broyden
@@ -44,17 +50,22 @@ from .errors import (
     ConvergenceWarning,
     DivergenceError,
     HODLError,
+    HypergradientError,
     LinearSolveError,
     ScheduleError,
     SummableScheduleWarning,
     UnusedOptionWarning,
 )
+from .finite_difference import FiniteDifference
 from .gkm import SolverInfo
 from .hypergrad import FirstOrder, HypergradMethod, Truncated, Unrolled, get_method
+from .iga import IGA
 from .implicit import Implicit
 from .inexact import Inexact
+from .learned_init import LearnedInit
 from .operators import GradientStep, KMAveraged, LearnedResidual, ProximalGradient, functional_operator
 from .presets import paper_config
+from .ptt import PTT
 from .schedules import Constant, Geometric, Harmonic, Log, Polynomial
 from .solver import GKMSolver
 
@@ -71,6 +82,10 @@ __all__ = [
     "Implicit",
     "Inexact",
     "FirstOrder",
+    "PTT",
+    "FiniteDifference",
+    "IGA",
+    "LearnedInit",
     "get_method",
     "custom_fixed_point",
     "custom_root",
@@ -91,6 +106,7 @@ __all__ = [
     "ConfigurationError",
     "DivergenceError",
     "LinearSolveError",
+    "HypergradientError",
     "ConvergenceWarning",
     "SummableScheduleWarning",
     "UnusedOptionWarning",
@@ -103,11 +119,15 @@ __all__ = [
     "bound",
     "custom",
     "errors",
+    "finite_difference",
+    "iga",
     "implicit",
     "inexact",
+    "learned_init",
     "linear_solve",
     "operators",
     "presets",
     "prox",
+    "ptt",
     "schedules",
 ]

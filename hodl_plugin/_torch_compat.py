@@ -26,6 +26,7 @@ __all__ = [
     "unwrap_once",
     "forward_ad_active",
     "nested_forward_transforms",
+    "differentiating_transforms",
     "version",
     "plain_tensors",
     "engine_backward",
@@ -43,6 +44,10 @@ _UNWRAP = getattr(_FUNCTORCH, "get_unwrapped", None)
 _JVP = getattr(getattr(_FUNCTORCH, "TransformType", None), "Jvp", None)
 _DISABLE = getattr(torch._C, "_DisableFuncTorch", None)
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+try:  # the stack of active torch.func transforms (grad, vjp, jvp, vmap), innermost last
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _INTERPRETERS
+except ImportError:  # pragma: no cover - a torch without it
+    _INTERPRETERS = None
 
 
 def transforms_active() -> bool:
@@ -105,6 +110,21 @@ def forward_ad_active() -> bool:
     return getattr(fwAD, "_current_level", -1) >= 0
 
 
+def differentiating_transforms() -> int:
+    """How many of the active ``torch.func`` transforms differentiate (``grad``/``vjp`` and ``jvp``
+    levels; ``vmap`` does not count). Inside the backward of a ``torch.autograd.Function`` it is 1 for
+    one ``torch.func.grad`` and 2 for ``grad(grad(...))``. Without the private stack, every active
+    transform counts (a nested ``vmap`` then looks like a second derivative: an error, never a wrong
+    number).
+
+    >>> differentiating_transforms()
+    0
+    """
+    if _INTERPRETERS is None:
+        return current_functorch_level() if transforms_active() else 0
+    return sum(1 for i in _INTERPRETERS() if str(i.key()).rsplit(".", 1)[-1] in ("Grad", "Jvp"))
+
+
 def plain_tensors() -> Any:
     """A context in which new tensors are plain, not wrapped by the active ``torch.func`` transforms
     (for diagnostics that are no part of the transformed computation)."""
@@ -138,5 +158,6 @@ def missing() -> list[str]:
         "torch._C._DisableFuncTorch": _DISABLE,
         "torch.autograd.Variable._execution_engine": _ENGINE,
         "torch.autograd.forward_ad._current_level": getattr(fwAD, "_current_level", None),
+        "torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters": _INTERPRETERS,
     }
     return [name for name, obj in names.items() if obj is None]

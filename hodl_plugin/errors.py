@@ -36,6 +36,7 @@ __all__ = [
     "UnusedOptionWarning",
     "DivergenceError",
     "LinearSolveError",
+    "HypergradientError",
     "ConvergenceWarning",
     "SummableScheduleWarning",
 ]
@@ -103,6 +104,15 @@ class LinearSolveError(HODLError, RuntimeError):
     ... except hp.LinearSolveError as e:
     ...     print(str(e)[:40])
     solver='cg' needs a symmetric dT/du, but
+    """
+
+
+class HypergradientError(HODLError, ArithmeticError):
+    r"""A hypergradient method's formula is undefined at the point it reached, so it has no number to return.
+
+    E.g. :class:`~hodl_plugin.IGA` at an iterate where :math:`\nabla_u f = 0` exactly (its multiplier
+    :math:`\langle\nabla_u F, \nabla_u f\rangle / \|\nabla_u f\|^2` is 0/0). Raised from ``backward()``
+    or the forward call, naming the quantity and what to change.
     """
 
 

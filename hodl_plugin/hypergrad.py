@@ -17,6 +17,13 @@ graph carries its hypergradient. Pass one to ``GKMSolver(..., hypergrad=method)`
 ``"first_order"`` (:class:`FirstOrder`)
     :math:`\nabla_x F + J_x^\top\nabla_u F` (Jacobian-free: the implicit term is dropped); memory
     flat in K.
+``"ptt"`` (:class:`~hodl_plugin.ptt.PTT`)
+    IAPTT-GM's pessimistic trajectory truncation: back-propagation to the iterate :math:`u_{k^*}` with
+    the largest F; memory grows with :math:`k^*`.
+``"fd"`` (:class:`~hodl_plugin.finite_difference.FiniteDifference`)
+    DARTS: one unrolled step, its mixed second derivative by a central difference of f; memory flat in K.
+``"iga"`` (:class:`~hodl_plugin.iga.IGA`)
+    Gauss–Newton implicit gradient approximation :math:`\nabla_x F - \lambda\nabla_x f`; memory flat in K.
 
 with :math:`J_u = \partial_u T(u^*; x)` and :math:`J_x = \partial_x T(u^*; x)`
 (:ref:`choosing a mode <math-choosing>` compares them).
@@ -68,6 +75,9 @@ class HypergradMethod:
     """
 
     name: str = "?"
+    #: whether the returned tensor carries the derivative w.r.t. ``u0`` (a learned initialisation,
+    #: :class:`~hodl_plugin.LearnedInit`)
+    differentiates_start: bool = False
 
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
@@ -117,6 +127,7 @@ class Unrolled(HypergradMethod):
     """
 
     name = "unrolled"
+    differentiates_start = True
 
     def run(self, it, u0, params, info, key=None):
         return it.run(u0, params, info)
@@ -179,11 +190,14 @@ class FirstOrder(HypergradMethod):
 
 
 def _methods() -> dict[str, Callable[..., HypergradMethod]]:
+    from .finite_difference import FiniteDifference
+    from .iga import IGA
     from .implicit import Implicit
     from .inexact import Inexact
+    from .ptt import PTT
 
     return {"unrolled": Unrolled, "truncated": Truncated, "implicit": Implicit, "inexact": Inexact,
-            "first_order": FirstOrder}
+            "first_order": FirstOrder, "ptt": PTT, "fd": FiniteDifference, "iga": IGA}
 
 
 def get_method(spec: Union[str, HypergradMethod], **kwargs: Any) -> HypergradMethod:

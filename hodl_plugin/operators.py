@@ -134,6 +134,10 @@ class GradientStep(nn.Module):
     def __init__(self, grad=None, *, objective=None, step: StepLike) -> None:
         super().__init__()
         self.grad_fn = _gradient(grad, objective)
+        #: f itself when given as ``objective=`` (``None`` with ``grad=``); the finite-difference and IGA
+        #: hypergradients need its values, not only its gradient
+        # (a plain attribute: a module given as objective stays unregistered, as before)
+        object.__setattr__(self, "objective", objective)
         self.step = _check_step_like(step)
 
     def step_size(self, *params: Tensor) -> Union[float, Tensor]:

@@ -9,6 +9,15 @@ upper level minimises the cross-entropy on a clean validation set over the weigh
 the flags, and wall time; the baselines are the unweighted fit on the noisy data and the fit on the
 clean half only (an oracle).
 
+``--modes ptt,iaptt,fd,iga`` adds the hypergradient baselines of ``GKMSolver`` that the IAPTT-GM, DARTS and
+LwCL papers (and BOAT) run on hyper-cleaning: ``ptt`` truncates the warm-started trajectory of K steps at
+the iterate with the largest validation loss; ``iaptt`` is IAPTT-GM itself, PTT from a learned start
+(:class:`~hodl_plugin.LearnedInit`, Adam with the same ``--lr``) instead of a warm start; ``fd`` is DARTS's
+one-step finite-difference hypergradient (warm-started, as DARTS keeps its weights); ``iga`` LwCL's
+Gauss–Newton multiplier (warm-started). All run K steps exactly (``tol=0``). What they show here: IGA's
+hypergradient of a weight is its sample's loss times one multiplier (a rank-one Jacobian), so it cannot
+single out the corrupted samples; the learned start of ``iaptt`` is fitted to the validation loss itself.
+
 ``--modes bome,pgdo,meso,alto`` adds the first-order bilevel baselines of :mod:`hodl_plugin.baselines`
 (the methods the BOME, PBGD and MEHA papers compare on hyper-cleaning): they move the weight logits
 (Adam, the same ``--lr``) and the classifier together, one method step per outer step — BOME and PGDO
@@ -107,6 +116,15 @@ MODES: dict[str, dict[str, Any]] = {
     "first_order": {"hypergrad": "first_order"},
 }
 
+#: the hypergradient baselines, run by --modes only (GKMSolver options; "upper": F is the validation loss,
+#: "learned_init": IAPTT-GM's learned start instead of the warm start)
+BASELINES: dict[str, dict[str, Any]] = {
+    "ptt (K, warm)": {"hypergrad": "ptt", "upper": True, "tol": 0.0},
+    "iaptt (PTT, learned start)": {"hypergrad": "ptt", "upper": True, "learned_init": True, "tol": 0.0},
+    "fd (DARTS, warm)": {"hypergrad": "fd", "tol": 0.0},
+    "iga (K, warm)": {"hypergrad": "iga", "tol": 0.0},
+}
+
 
 #: the first-order baselines (hodl_plugin.baselines), run by --modes only: (class, options from (K, L))
 FIRST_ORDER: dict[str, tuple[Any, Any]] = {
@@ -125,11 +143,18 @@ def run_mode(name: str, opts: dict[str, Any], D: dict[str, Any], mu: float, K: i
     opts = dict(opts)
     if opts["hypergrad"] in ACCELERATED:
         opts["acceleration"] = acceleration(args)
-    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=1.0 / L), max_steps=K, tol=1e-6,
+    F = lambda W, x: Fnn.cross_entropy(D["Xva"] @ W, D["yva"])  # noqa: E731 - the validation loss
+    if opts.pop("upper", False):  # PTT compares F along the trajectory (no aggregation)
+        opts.update(upper=F, alpha=0)
+    learned = opts.pop("learned_init", False)
+    opts.setdefault("tol", 1e-6)
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=1.0 / L), max_steps=K,
                           hypergrad=opts.pop("hypergrad"), **opts)
     x = torch.zeros(len(D["ytr"]), dtype=DT, requires_grad=True)
-    opt = torch.optim.Adam([x], lr=lr)
-    W = torch.zeros(D["Xtr"].shape[1], D["classes"], dtype=DT)
+    W0 = torch.zeros(D["Xtr"].shape[1], D["classes"], dtype=DT)
+    model = hp.LearnedInit(solver, W0) if learned else None
+    opt = torch.optim.Adam([x, *(model.parameters() if model is not None else [])], lr=lr)
+    W = W0
     val_curve = []
     t0 = time.perf_counter()
     import warnings
@@ -138,8 +163,11 @@ def run_mode(name: str, opts: dict[str, Any], D: dict[str, Any], mu: float, K: i
         warnings.simplefilter("ignore", hp.ConvergenceWarning)  # fixed budget K per outer step
         for _ in progress(range(iters), args, desc=name):
             opt.zero_grad()
-            Wx = solver(W, x, key="train")  # warm start: the previous solution
-            val = Fnn.cross_entropy(D["Xva"] @ Wx, D["yva"])
+            if model is not None:
+                Wx = model(x)  # IAPTT-GM: from the learned start z
+            else:
+                Wx = solver(W, x, key="train")  # warm start: the previous solution
+            val = F(Wx, x)
             val.backward()
             opt.step()
             W = Wx.detach()
@@ -226,16 +254,17 @@ def run_betty(D: dict[str, Any], mu: float, K: int, iters: int, lr: float, args:
 
 
 def select_modes(text: str, ap: Any) -> list[str]:
-    """The MODES (or FIRST_ORDER) labels named by ``--modes``: each by its first word (``implicit``,
-    ``truncated``, ``bome``) or full label.
+    """The MODES, BASELINES or FIRST_ORDER labels named by ``--modes``: each by its first word (``implicit``,
+    ``truncated``, ``ptt``, ``bome``) or full label.
 
-    >>> select_modes("implicit,truncated,bome", None)
-    ['implicit (cg)', 'truncated (10)', 'bome (T=K)']
+    >>> select_modes("implicit,truncated,ptt,bome", None)
+    ['implicit (cg)', 'truncated (10)', 'ptt (K, warm)', 'bome (T=K)']
     """
-    short = {m.split(" ")[0]: m for m in [*MODES, *FIRST_ORDER]}
+    every = [*MODES, *BASELINES, *FIRST_ORDER]
+    short = {m.split(" ")[0]: m for m in every}
     chosen = []
     for word in (w.strip() for w in text.split(",") if w.strip()):
-        label = short.get(word, word if word in MODES or word in FIRST_ORDER else None)
+        label = short.get(word, word if word in every else None)
         if label is None:
             msg = f"--modes: unknown mode {word!r}; choose from {', '.join(short)}"
             if ap is None:
@@ -255,8 +284,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--iters", type=int, default=None, help="outer steps (default 50 quick / 300)")
     ap.add_argument("--lr", type=float, default=0.3, help="Adam step on the weight logits")
     ap.add_argument("--modes", default=",".join(m.split(" ")[0] for m in MODES),
-                    help="comma list of modes to run (default the GKM modes: %(default)s; the first-order "
-                         f"baselines {', '.join(m.split(' ')[0] for m in FIRST_ORDER)} on request)")
+                    help="comma list of modes to run (default the GKM modes: %(default)s; the baselines "
+                         f"{', '.join(m.split(' ')[0] for m in [*BASELINES, *FIRST_ORDER])} on request)")
     ap.add_argument("--no-betty", action="store_true", help="skip the run of the implicit mode in a Betty Engine")
     add_anderson(ap, default=10)
     args = ap.parse_args(argv)
@@ -277,7 +306,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if name in FIRST_ORDER:
             rows.append(run_first_order(name, D, args.mu, K, iters, args.lr, args))
         else:
-            rows.append(run_mode(name, MODES[name], D, args.mu, K, iters, args.lr, args))
+            rows.append(run_mode(name, {**MODES, **BASELINES}[name], D, args.mu, K, iters, args.lr, args))
     if not args.no_betty:
         rows.append(run_betty(D, args.mu, K, iters, args.lr, args))
     its = list(range(1, iters + 1))

@@ -325,8 +325,8 @@ def test_baselines_benchmark_quick():
     pytest.importorskip("boat_torch")
     from benchmarks.baselines import main
 
-    rows = main(["--quick"])
-    assert len(rows) == 8
+    rows = [r for r in main(["--quick"]) if r["method"] in ("BOME", "PGDO", "MESO", "ALTO")]  # (then the hypergradient
+    assert len(rows) == 8  # baselines' rows, checked in test_hypergrad_baselines)
     for r in rows:
         assert r["ours vs reference"] < 1e-12 and r["BOAT vs rebuilt"] < 1e-11, r
         assert (r["ours vs BOAT"] < 1e-12) == (r["method"] in ("PGDO", "ALTO")), r

@@ -12,6 +12,12 @@ registers these hypergradient methods in Betty's registry, so that a user picks 
 ``"gkm_truncated"``         :class:`GKMProblem`: through the last ``truncate`` steps
 ``"gkm_inexact"``           :class:`GKMProblem`: ISGD/MAID inexact mode (ε_k, δ_k, warm starts)
 ``"gkm_first_order"``       :class:`GKMProblem`: Jacobian-free
+``"gkm_ptt"``               :class:`GKMProblem`: IAPTT-GM's pessimistic trajectory truncation (F: the
+                            node's ``upper_objective`` or the upper node's ``training_step``)
+``"gkm_fd"``                :class:`GKMProblem` with ``lower_objective``: DARTS's finite differences
+                            (``fd_radius``)
+``"gkm_iga"``               :class:`GKMProblem` with ``lower_objective``: implicit gradient
+                            approximation (Gauss–Newton multiplier)
 ``"implicit_cg"``           Betty's argmin ``ImplicitProblem``: a *correct* CG on the Hessian
                             system, with a tolerance (Betty's own ``cg`` is wrong in every
                             release: its direction update uses the old residual)

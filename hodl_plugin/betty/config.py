@@ -8,7 +8,10 @@ import warnings
 from typing import Any, Optional, Union
 
 from ..errors import HODLError, UnusedOptionWarning
+from ..finite_difference import FiniteDifference
 from ..hypergrad import FirstOrder, HypergradMethod, Implicit, Inexact, Truncated, Unrolled
+from ..iga import IGA
+from ..ptt import PTT
 from ..schedules import Schedule
 from . import _fields
 from ._betty import Config as _BettyConfig
@@ -17,7 +20,8 @@ from ._betty import hypergradient
 __all__ = ["GKM_METHODS", "IMPLICIT_METHODS", "HODLConfig", "as_config"]
 
 #: Config types of GKM nodes and the core method each selects
-GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order")
+GKM_METHODS = ("gkm_implicit", "gkm_unrolled", "gkm_truncated", "gkm_inexact", "gkm_first_order", "gkm_ptt",
+               "gkm_fd", "gkm_iga")
 #: Config types of our methods for Betty's argmin ``ImplicitProblem`` nodes
 IMPLICIT_METHODS = ("implicit_cg", "implicit_gmres")
 _ON_NONCONVERGENCE = ("warn", "raise", "ignore")
@@ -90,6 +94,8 @@ class HODLConfig(_BettyConfig):
     adjoint_maxiter: int = 1000
     on_fail: Optional[str] = None  # None: the method's own default, as in the core (implicit raises, inexact warns)
     truncate: int = 10
+    # gkm_fd: r, the length ε·||ū|| of the central difference's perturbation (DARTS's 0.01)
+    fd_radius: float = 0.01
     eps: Union[float, Schedule] = 1e-4
     delta: Union[float, Schedule, None] = None
     # a hodl_plugin method object of the kind ``type`` names, used as is (options HODLConfig does not
@@ -190,6 +196,7 @@ def _field_checks() -> dict[str, _fields.Check]:
         "adjoint_maxiter": _fields.count(1),
         "on_fail": _fields.choice("raise", "warn", optional=True),
         "truncate": _fields.count(1),
+        "fd_radius": _fields.real(positive=True),
         "eps": _fields.schedule(),
         "delta": _fields.schedule(optional=True),
         "method": _fields.instance_of(HypergradMethod, "a hodl_plugin method object (e.g. hp.Implicit(...))"),
@@ -240,11 +247,11 @@ def _given(config: Any, *names: str) -> dict[str, Any]:
 
 #: the HODLConfig fields that build a method object: with ``method=`` given they must stay at their defaults
 _METHOD_OPTIONS = ("linear_solver", "adjoint_rtol", "adjoint_atol", "adjoint_maxiter", "on_fail", "truncate", "eps",
-                   "delta")
+                   "delta", "fd_radius")
 
 _METHOD_CLASSES = {
     "gkm_implicit": Implicit, "gkm_unrolled": Unrolled, "gkm_truncated": Truncated, "gkm_inexact": Inexact,
-    "gkm_first_order": FirstOrder,
+    "gkm_first_order": FirstOrder, "gkm_ptt": PTT, "gkm_fd": FiniteDifference, "gkm_iga": IGA,
 }
 
 
@@ -299,6 +306,12 @@ def _method_for(config: Any) -> HypergradMethod:
         return Truncated(_cfg(config, "truncate", 10))
     if kind == "gkm_first_order":
         return FirstOrder()
+    if kind == "gkm_ptt":
+        return PTT()
+    if kind == "gkm_fd":
+        return FiniteDifference(radius=_cfg(config, "fd_radius", 0.01))
+    if kind == "gkm_iga":
+        return IGA()
     if kind == "gkm_inexact":
         return Inexact(
             eps=_cfg(config, "eps", 1e-4),

@@ -257,8 +257,10 @@ def register() -> None:
 
     >>> import betty.hypergradient
     >>> register()
-    >>> sorted(k for k in betty.hypergradient.jvp_fn_mapping if k.startswith(("gkm", "implicit")))
-    ['gkm_first_order', 'gkm_implicit', 'gkm_inexact', 'gkm_truncated', 'gkm_unrolled', 'implicit_cg', 'implicit_gmres']
+    >>> sorted(k for k in betty.hypergradient.jvp_fn_mapping
+    ...        if k.startswith(("gkm", "implicit")))  # doctest: +NORMALIZE_WHITESPACE
+    ['gkm_fd', 'gkm_first_order', 'gkm_iga', 'gkm_implicit', 'gkm_inexact', 'gkm_ptt', 'gkm_truncated',
+     'gkm_unrolled', 'implicit_cg', 'implicit_gmres']
     """
     _betty_hypergradient.jvp_fn_mapping.update(_REGISTRY)
 

@@ -11,6 +11,7 @@ from typing import Any, Hashable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._autodiff import grad_u
 from ..errors import ConvergenceWarning, HODLError
 from ..gkm import SolverInfo
 from ..schedules import Constant, Harmonic
@@ -48,10 +49,25 @@ class _NodeOperator(nn.Module):
         super().__init__()
         object.__setattr__(self, "node", node)  # not a submodule: the node is not an nn.Module
         self.uppers = nn.ModuleList()
-        self.symmetric_jacobian = bool(node.symmetric_jacobian)
+        self.symmetric_jacobian = bool(node.symmetric_jacobian) or node._gradient_form
 
     def forward(self, u: Tensor) -> Tensor:
         return self.node.operator(u, self.node._batch)
+
+    # a node given as a loss (lower_objective, lower_step) is a gradient step: gkm_fd and gkm_iga read these
+    @property
+    def objective(self) -> Any:
+        node = self.node
+        if not node._gradient_form:
+            return None
+        return lambda u, *params: node.lower_objective(u, node._batch)
+
+    @property
+    def step_size(self) -> Any:
+        node = self.node
+        if not node._gradient_form:
+            return None
+        return lambda *params: node.lower_step
 
 
 class GKMProblem(_ImplicitProblem):
@@ -74,6 +90,14 @@ class GKMProblem(_ImplicitProblem):
     - optionally ``sample_keys(self, batch) -> sequence of hashables``: one key per sample (the
       first dimension of ``u``) to warm-start every sample from its own last iterate across Betty
       steps; without it the whole previous iterate is the warm start when shapes match.
+
+    A lower level given as a loss may define ``lower_objective(self, u, batch) -> scalar`` :math:`f(u; x)`
+    and the class attribute ``lower_step`` (s) *instead of* ``operator``: the operator is then the
+    gradient step :math:`T(u) = u - s\nabla_u f(u; x)` (with a symmetric Jacobian: CG for the implicit
+    modes), and the methods that evaluate f itself are available: ``gkm_fd`` (DARTS's finite
+    differences) and ``gkm_iga``. ``gkm_ptt`` (IAPTT-GM's truncation) compares the upper objective F
+    along the trajectory: the node's ``upper_objective`` if it defines one, else the upper node's
+    ``training_step`` (as the aggregation does); its ``alpha`` defaults to 0 (F for the truncation only).
 
     Each Betty step of the node runs one complete GKM solve (``config.max_steps``, ``config.tol``)
     with the hypergradient method named by ``config.type`` and stores the result as ``self.u``,
@@ -119,6 +143,9 @@ class GKMProblem(_ImplicitProblem):
     #: set True when ``operator`` is a gradient step (symmetric ``∂_u T``): the implicit and inexact
     #: modes then solve the adjoint system by CG instead of GMRES (unless ``config.linear_solver``)
     symmetric_jacobian: bool = False
+    #: s of the gradient step ``u - s ∇_u lower_objective(u, batch)``, for a node that defines
+    #: ``lower_objective`` instead of ``operator``
+    lower_step: Optional[float] = None
 
     def __init__(
         self,
@@ -129,6 +156,7 @@ class GKMProblem(_ImplicitProblem):
         extra_config: Any = None,
     ) -> None:
         config = as_config(config, f"GKMProblem {name!r}")
+        self._gradient_form = self._check_gradient_form(name)
         self.method = _method_for(config)
         kwargs: dict[str, Any] = {"extra_config": extra_config} if _ACCEPTS_EXTRA_CONFIG else {}
         super().__init__(
@@ -158,8 +186,38 @@ class GKMProblem(_ImplicitProblem):
 
     # -- the user's side --------------------------------------------------------------------------
     def operator(self, u: Tensor, batch: Any) -> Tensor:
-        """:math:`T(u; x)` for the current batch (define it in the subclass)."""
-        raise NotImplementedError(f"GKM node {self.name!r}: define operator(self, u, batch)")
+        """:math:`T(u; x)` for the current batch (define it in the subclass, or define
+        ``lower_objective`` and ``lower_step``: then it is the gradient step on that loss)."""
+        if self._gradient_form:
+            s: float = self.lower_step  # type: ignore[assignment]
+            return u - s * grad_u(lambda v: self.lower_objective(v, batch), u, [])
+        raise NotImplementedError(
+            f"GKM node {self.name!r}: define operator(self, u, batch), or lower_objective(self, u, batch) with the "
+            "class attribute lower_step"
+        )
+
+    def lower_objective(self, u: Tensor, batch: Any) -> Tensor:  # pragma: no cover - optional hook
+        r""":math:`f(u; x)`, the lower loss (optional; define it with ``lower_step`` instead of ``operator``)."""
+        raise NotImplementedError
+
+    def _check_gradient_form(self, name: str) -> bool:
+        """Whether the node is given as a loss (``lower_objective`` + ``lower_step``), checked."""
+        cls = type(self)
+        has_objective = cls.lower_objective is not GKMProblem.lower_objective
+        if not has_objective:
+            return False
+        if cls.operator is not GKMProblem.operator:
+            raise HODLError(
+                f"GKM node {name!r} defines both operator and lower_objective: define one (with lower_objective the "
+                "operator is the gradient step u - lower_step * grad lower_objective(u, batch))"
+            )
+        s = cls.lower_step
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not (float(s) > 0 and float(s) < float("inf")):
+            raise HODLError(
+                f"GKM node {name!r} defines lower_objective: set the class attribute lower_step to the step s of "
+                f"the gradient step (a positive number, s < 2/L), got {s!r}"
+            )
+        return True
 
     def initial_state(self, batch: Any) -> Tensor:
         """:math:`u_0` for a batch (define it in the subclass)."""
@@ -271,7 +329,8 @@ class GKMProblem(_ImplicitProblem):
             upper = self._parents[0]
         else:
             raise HODLError(
-                f"GKM node {self.name!r} aggregates (HODLConfig(alpha=...)) and has several upper nodes {ups}: "
+                f"GKM node {self.name!r} evaluates its upper objective F (HODLConfig(alpha=...) or type='gkm_ptt') "
+                f"and has several upper nodes {ups}: "
                 f"name the one whose training_step is F with HODLConfig(aggregate_upper=...), or define "
                 "upper_objective(self, u, batch) on the node (e.g. the sum of their objectives)"
             )
@@ -342,7 +401,10 @@ class GKMProblem(_ImplicitProblem):
         cfg = self.config
         has_upper = type(self).upper_objective is not GKMProblem.upper_objective
         alpha = _cfg(cfg, "alpha", None)
-        self._coupled = not has_upper and alpha is not None and not _is_zero(alpha)
+        ptt = self.method.name == "ptt"  # compares F along the trajectory: F without aggregation by default
+        if ptt and alpha is None:
+            alpha = 0.0
+        self._coupled = not has_upper and alpha is not None and (ptt or not _is_zero(alpha))
         upper: Any = None
         if has_upper:
             upper = lambda u: self.upper_objective(u, self._batch)  # noqa: E731
@@ -404,7 +466,7 @@ class GKMProblem(_ImplicitProblem):
         tol = _cfg(cfg, "tol", None)
         asked = tol is None or tol > 0 or _cfg(cfg, "atol", 0.0) > 0
         mode = _cfg(cfg, "on_nonconvergence", "warn")
-        stopped = asked and not info.converged and not info.diverged
+        stopped = asked and not info.exact_steps and not info.converged and not info.diverged
         for w in caught:
             if str(w.message).startswith("Inexact warm start:"):
                 continue  # the node's u0 is its own warm start of the same samples: nothing is lost

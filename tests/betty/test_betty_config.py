@@ -285,6 +285,7 @@ BAD = {
     "adjoint_maxiter": [("1000", TypeError), (0, ValueError), (10.5, ValueError)],
     "on_fail": [(3, TypeError), ("rasie", ValueError), ("ignore", ValueError)],
     "truncate": [("10", TypeError), (0, ValueError)],
+    "fd_radius": [("0.01", TypeError), (0.0, ValueError), (float("nan"), ValueError)],
     "eps": [("1e-4", TypeError), (None, TypeError)],
     "delta": [("1e-4", TypeError)],
     "method": [("implicit", TypeError)],
