@@ -27,6 +27,7 @@ __all__ = [
     "plain_tensors",
     "engine_backward",
     "HAS_ENGINE",
+    "function_apply",
     "missing",
 ]
 
@@ -37,6 +38,7 @@ _GET_LEVEL = getattr(_FUNCTORCH, "maybe_get_level", None)
 _CURRENT_LEVEL = getattr(_FUNCTORCH, "maybe_current_level", None)
 _DISABLE = getattr(torch._C, "_DisableFuncTorch", None)
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+_UNWRAP_DEAD = getattr(getattr(getattr(torch, "_functorch", None), "utils", None), "unwrap_dead_wrappers", None)
 
 
 def transforms_active() -> bool:
@@ -97,6 +99,16 @@ def engine_backward(outputs: tuple, grad_outputs: tuple, inputs: tuple) -> tuple
 HAS_ENGINE = _ENGINE is not None
 
 
+def function_apply(cls: Any, args: tuple) -> Any:
+    """``cls.apply(*args)`` for an ``autograd.Function`` whose ``forward`` takes no default arguments:
+    outside ``torch.func`` transforms, what ``Function.apply`` runs after binding the arguments to
+    the forward's signature (``inspect.signature`` at every call, a tenth of a small solve's fixed
+    cost); under transforms, ``Function.apply`` itself."""
+    if _UNWRAP_DEAD is None or transforms_active():
+        return torch.autograd.Function.apply.__func__(cls, *args)  # type: ignore[attr-defined]
+    return super(torch.autograd.Function, cls).apply(*_UNWRAP_DEAD(args))  # type: ignore[misc]
+
+
 def missing() -> list[str]:
     """The private torch APIs above that this torch lacks (each has a fallback; the fallback is
     slower or less precise, so a non-empty list is a regression to look at)."""
@@ -108,5 +120,6 @@ def missing() -> list[str]:
         "torch._C._DisableFuncTorch": _DISABLE,
         "torch.autograd.Variable._execution_engine": _ENGINE,
         "torch.autograd.forward_ad._current_level": getattr(fwAD, "_current_level", None),
+        "torch._functorch.utils.unwrap_dead_wrappers": _UNWRAP_DEAD,
     }
     return [name for name, obj in names.items() if obj is None]

@@ -35,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "UnusedOptionWarning",
     "DivergenceError",
+    "NotAffineError",
     "LinearSolveError",
     "ConvergenceWarning",
     "SummableScheduleWarning",
@@ -60,6 +61,21 @@ class ScheduleError(HODLError, ValueError):
 class ConfigurationError(HODLError, ValueError):
     """Options that cannot work together (e.g. Anderson acceleration with unrolled
     differentiation); raised at construction, naming the option to change."""
+
+
+class NotAffineError(ConfigurationError):
+    r"""``forward="krylov"`` was asked for an operator that is not affine in u: the Krylov forward
+    solves :math:`(I - M)u = c` for :math:`T(u) = Mu + c` and failed, and ``T`` failed the affinity
+    test :math:`T(a) + T(b) = 2T(	frac{a+b}{2})` at its last points. Use ``forward="gkm"``.
+
+    >>> import torch, hodl_plugin as hp
+    >>> try:
+    ...     hp.GKMSolver(lambda u, x: torch.tanh(u) + x, forward="gmres", tol=1e-12)(
+    ...         torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    ... except hp.NotAffineError as e:
+    ...     print("not affine" in str(e) or "is not:" in str(e))
+    True
+    """
 
 
 class DivergenceError(HODLError, RuntimeError):
