@@ -3,6 +3,7 @@
     python -m benchmarks.small            # full: writes the README block (between small:start / small:end)
     python -m benchmarks.small --quick    # about a minute, prints only
     python -m benchmarks.small --against DIR   # also the fixed costs of the checkout in DIR, interleaved
+    python -m benchmarks.small --against DIR --leads --no-readme   # and benchmarks.hypergrad's ratios of both
 
 Single-threaded (torch and BLAS), medians of interleaved repeats (every method timed once per round,
 in turn), float64 unless said:
@@ -482,6 +483,48 @@ def fixed_costs(quick: bool, against: Optional[str]) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------------- today's leads, against DIR
+LEADS_SNIPPET = r'''
+import json, sys
+from benchmarks import hypergrad as H
+reps = int(sys.argv[1])
+ref = H.reference_comparison(reps, n=200, cond=100.0, K=int(sys.argv[2]))
+so = H.second_order(max(reps, 5), n=200, cond=100.0, K=int(sys.argv[2]))
+out = {}
+for label, r in ref["rows"].items():
+    if r.get("rel_error") is not None:
+        out["first order, bwd/fwd: " + label] = r["bwd_over_fwd"]
+        out["first order, total/fwd: " + label] = r["total_over_fwd"]
+for label, r in so["rows"].items():
+    out["second order, time/fwd: " + label] = r["over_fwd"]
+print(json.dumps(out))
+'''
+
+
+def leads(against: str, quick: bool) -> list[dict[str, Any]]:
+    """``benchmarks.hypergrad``'s reference comparison (first order, ratios to the no-grad forward) and
+    second-order block, from this checkout and from ``against``, in alternating subprocesses."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(hp.__file__)))
+    trees = {"this checkout": here, "against": os.path.abspath(against)}
+    reps, K, rounds = (3, 500, 1) if quick else (5, 2000, 3)
+    runs: dict[str, list] = {k: [] for k in trees}
+    for _ in range(rounds):
+        for k, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=tree)
+            out = subprocess.run([sys.executable, "-c", LEADS_SNIPPET, str(reps), str(K)], env=env, cwd=tree,
+                                 capture_output=True, text=True, check=True)
+            runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    keys = [k for k in runs["this checkout"][0] if k in runs["against"][0]]
+    rows = []
+    print(f"\n## benchmarks.hypergrad (K={K}), this checkout against {against}: medians of {rounds} alternating runs")
+    for key in keys:
+        a = statistics.median(r[key] for r in runs["this checkout"])
+        b = statistics.median(r[key] for r in runs["against"])
+        rows.append({"what": key, "this": a, "against": b, "ratio": a / b})
+        print(f"{key:<78s} {a:8.3f} {b:8.3f} {a / b:6.2f}")
+    return rows
+
+
 # ---------------------------------------------------------------------------- torch.compile
 def compile_trial(repeats: int) -> list[dict[str, Any]]:
     """torch.compile of the step on the 10-dim ridge: one compiled step, and ten steps in one graph."""
@@ -613,6 +656,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repeats (about a minute); prints, does not write")
     ap.add_argument("--against", default=None, help="another checkout whose fixed costs are measured alongside")
+    ap.add_argument("--leads", action="store_true",
+                    help="with --against: also benchmarks.hypergrad's first- and second-order ratios of both")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README block")
     ap.add_argument("--readme", default="README.md", help="the file whose marker block is rewritten")
     ap.add_argument("--out", default=None, help="also write every row as JSON here")
@@ -624,7 +669,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         hoag_rows = hoag(args.quick, 3 if args.quick else 7)
         cost_rows = fixed_costs(args.quick, args.against)
         compile_rows = [] if args.quick else compile_trial(repeats)
-    out = {"machine": machine(), "ridge": ridge_rows, "hoag": hoag_rows, "costs": cost_rows, "compile": compile_rows}
+    lead_rows = leads(args.against, args.quick) if (args.leads and args.against) else []
+    out = {"machine": machine(), "ridge": ridge_rows, "hoag": hoag_rows, "costs": cost_rows, "compile": compile_rows,
+           "leads": lead_rows}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:

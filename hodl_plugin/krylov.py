@@ -122,9 +122,34 @@ class _Problem:
 
 def krylov_run(it: GKMIteration, u: Tensor, params: Sequence[Any], info: SolverInfo, *, start: int, n: int,
                rel: float, absolute: float, certified: bool, t0: Optional[Tensor] = None) -> Tensor:
-    """The fixed point of the affine ``it.T`` from ``u`` by ``it.forward`` (``"cg"`` or ``"gmres"``) in at
-    most ``n`` products, stopping on ``max(rel·‖u‖, absolute)`` per sample; ``info`` is filled as the GKM
-    loop fills it (module docstring). Runs without autograd."""
+    """The fixed point of the affine ``it.T`` by ``it.forward`` (``"cg"`` or ``"gmres"``), without autograd;
+    called by :meth:`~hodl_plugin.gkm.GKMIteration.run` when the iteration's ``forward`` is not ``"gkm"``.
+
+    Args:
+        it: the iteration (its ``T``, ``batch_dims``, ``on_divergence``, ``forward``).
+        u: the start point; params: the operator's parameters; info: filled as the GKM loop fills it.
+        start: the step index of ``u`` (for ``info.residual_steps``); n: the most products.
+        rel, absolute: the threshold ``max(rel·‖u‖, absolute)`` per sample.
+        certified: whether a residual test in this dtype certifies a fixed point (else
+            ``converged=False``, said in ``info.message``).
+        t0: ``T(u)`` when the caller has evaluated it.
+
+    Returns:
+        the last iterate (the last finite one after a divergence with ``on_divergence="warn"``).
+
+    Raises:
+        NotAffineError: the run failed and ``T`` is measurably not affine at its last points.
+        LinearSolveError: CG on an operator whose ``symmetric_jacobian`` claim is false.
+        DivergenceError: non-finite values (``on_divergence="raise"``).
+
+    >>> import torch, hodl_plugin as hp
+    >>> it = hp.GKMSolver(lambda u: 0.5 * u + 1.0, forward="gmres").iteration
+    >>> info = hp.SolverInfo(mode="implicit")
+    >>> u = krylov_run(it, torch.zeros(3, dtype=torch.float64), [], info, start=0, n=100, rel=1e-12, absolute=0.0,
+    ...                certified=True)
+    >>> u.tolist(), info.steps, info.converged
+    ([2.0, 2.0, 2.0], 2, True)
+    """
     with torch.no_grad():
         return _run(it, u.detach(), params, info, start, n, rel, absolute, certified, t0)
 
