@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._torch_compat import transforms_active
+from ._torch_compat import transforms_active, version
 
 
 def module_tensors(*objs: object) -> list[Tensor]:
@@ -125,9 +125,9 @@ def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor],
         out = T(u, *params)
         changed = [] if torch.equal(kept, u) else [0]
     else:
-        before = [t._version for t in tensors]
+        before = [version(t) for t in tensors]
         out = T(u, *params)
-        changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if t._version != v]
+        changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if version(t) != v]
     if changed:
         raise inplace_error(changed[0])
     return out

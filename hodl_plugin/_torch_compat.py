@@ -24,6 +24,7 @@ __all__ = [
     "functorch_level",
     "current_functorch_level",
     "forward_ad_active",
+    "version",
     "plain_tensors",
     "engine_backward",
     "HAS_ENGINE",
@@ -73,6 +74,12 @@ def current_functorch_level() -> int:
         return 0
     level = _CURRENT_LEVEL()
     return 0 if level is None else int(level)
+
+
+def version(t: Tensor) -> int:
+    """``t``'s version counter (bumped by every in-place write; what autograd checks saved tensors
+    with). Inference tensors have none: test ``t.is_inference()`` first."""
+    return t._version
 
 
 def forward_ad_active() -> bool:

@@ -431,7 +431,7 @@ class LinearSolve(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------
-# the faces: the Implicit method of GKMSolver, and the decorators
+# the face for GKMSolver: the Implicit method (the decorators are hodl_plugin.custom's)
 # ------------------------------------------------------------------------------------------------
 def grad_wanted() -> bool:
     """Whether a derivative can be asked of this call: grad mode, a torch.func transform or a

@@ -54,7 +54,17 @@ def _gradient(grad: Optional[Callable[..., Tensor]], objective: Optional[Callabl
         raise ValueError("give exactly one of grad= (∇_u f) or objective= (f, differentiated by autograd)")
     if grad is not None:
         return grad
-    return lambda u, *params: grad_u(objective, u, params)
+    return _AutogradGradient(objective)
+
+
+class _AutogradGradient:
+    """:math:`\nabla_u f(u, *params)` of an objective by autograd (picklable when ``f`` is)."""
+
+    def __init__(self, objective: Callable[..., Tensor]) -> None:
+        self.objective = objective
+
+    def __call__(self, u: Tensor, *params: Tensor) -> Tensor:
+        return grad_u(self.objective, u, params)
 
 
 def _check_step(step: float) -> float:

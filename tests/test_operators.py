@@ -243,3 +243,32 @@ def test_false_symmetric_claim_is_refused():
     u = hp.GKMSolver(T, max_steps=20000, tol=1e-13, hypergrad=hp.Implicit("gmres"))(torch.zeros(n, dtype=DT), x)
     (0.5 * ((u - y) ** 2).sum()).backward()  # the explicit choice is always right
     assert rel_err(x.grad, exact) < 1e-9
+
+
+def _quadratic(u, b, lam):  # a top-level objective: picklable
+    return 0.5 * ((u - b) ** 2).sum()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: hp.GradientStep(objective=_quadratic, step=0.5),
+    lambda: hp.ProximalGradient(objective=_quadratic, prox=hp.prox.l1(0.1), step=0.5),
+    lambda: hp.ProximalGradient(objective=_quadratic, prox=hp.prox.l1_param(1), step=0.5),
+    lambda: hp.ProximalGradient(objective=_quadratic, prox=hp.prox.box(-1.0, 1.0), step=0.5),
+    lambda: hp.ProximalGradient(objective=_quadratic, prox=hp.prox.nonnegative(), step=0.5),
+])
+def test_operators_with_library_parts_can_be_saved(make):
+    """torch.save / pickle / deepcopy of a solver over a library operator (the prox maps and the
+    autograd gradient were local lambdas: 'Can't pickle local object')."""
+    import copy
+    import io
+    import pickle
+
+    solver = hp.GKMSolver(make(), tol=1e-12, max_steps=2000)
+    b = torch.tensor([2.0, -0.05, 0.5], dtype=torch.float64)
+    lam = torch.tensor(0.1, dtype=torch.float64)
+    u = solver(torch.zeros(3, dtype=torch.float64), b, lam)
+    buf = io.BytesIO()
+    torch.save(solver, buf)
+    buf.seek(0)
+    for twin in (pickle.loads(pickle.dumps(solver)), copy.deepcopy(solver), torch.load(buf, weights_only=False)):
+        assert torch.equal(twin(torch.zeros(3, dtype=torch.float64), b, lam), u)
