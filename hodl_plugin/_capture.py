@@ -34,7 +34,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._torch_compat import current_functorch_level, forward_ad_active, functorch_level, is_functorch_wrapped
+from ._torch_compat import current_functorch_level, forward_ad_active, functorch_level, is_functorch_wrapped, version
 
 __all__ = ["TreeSpec", "flatten", "unflatten", "bind", "BoundOperator", "substitute"]
 
@@ -275,14 +275,14 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
     rec = _Record([u, *leaves])
     level = current_functorch_level()
     keep = keep and level == 0 and not forward_ad_active() and not any(t.is_inference() for t in (u, *leaves))
-    versions = [t._version for t in (u, *leaves)] if keep else []
+    versions = [version(t) for t in (u, *leaves)] if keep else []
     with torch.no_grad(), rec:
         out = T(u, *params)
         for fn in extra:
             fn()
     first = None
     if keep:
-        changed = [i for i, (t, v) in enumerate(zip((u, *leaves), versions)) if t._version != v]
+        changed = [i for i, (t, v) in enumerate(zip((u, *leaves), versions)) if version(t) != v]
         if changed:
             raise inplace_error(changed[0])
         check_operator_output(out, u)
