@@ -19,7 +19,7 @@ from .errors import LinearSolveError
 if TYPE_CHECKING:  # pragma: no cover
     from .implicit import FixedPointProblem
 
-__all__ = ["matvec", "run_solver", "warm_start", "unsolved_message"]
+__all__ = ["matvec", "run_solver", "warm_start", "unsolved_message", "check_symmetric", "verify_symmetric"]
 
 
 def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo,
@@ -57,13 +57,20 @@ def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b
                 x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
     solver = problem.solver
     depth = problem.batch.depth if problem.batch is not None else 0
-    if solver.symmetric and role != "higher":
+    probe = solver.symmetric and role != "higher"
+    # a solver that measures the symmetry on its own search directions (CG) is checked after its solve
+    # at no extra product; the others before, on two random vectors
+    inline = probe and not depth and getattr(solver, "reports_symmetry", False)
+    if probe and not inline:
         check_symmetric(matvec, b, solver)
     if role == "adjoint" and problem.check_unique:
-        check_nonsingular(matvec, b, solver, depth)
+        check_nonsingular(matvec, b, solver, depth, inline)
     if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly), per sample
         x0 = better_than_zero(x0, b, matvec(x0), depth)
-    return solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
+    x, info = solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
+    if inline:
+        verify_symmetric(matvec, b, solver, info)
+    return x, info
 
 
 def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:
@@ -92,6 +99,19 @@ def better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Opt
     return torch.where(keep.reshape(keep.shape + (1,) * (b.dim() - batch_dims)), x0, torch.zeros_like(x0))
 
 
+def symmetry_tol(dtype: torch.dtype) -> float:
+    """The relative asymmetry ``|⟨a, Ac⟩ - ⟨Aa, c⟩|`` above which a matrix is not symmetric."""
+    return 1e3 * torch.finfo(dtype).eps ** 0.75
+
+
+def _asymmetric(solver: ls.LinearSolver, defect: float, where: str) -> LinearSolveError:
+    return LinearSolveError(
+        f"solver={solver.name!r} needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = {defect:.3e} "
+        f"(relative) for {where}: the operator is not symmetric. Declare symmetric_jacobian = False on it, or "
+        "pass solver='gmres' to the implicit/inexact mode"
+    )
+
+
 def check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver) -> None:
     """A solver for symmetric matrices (CG) gets one: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random
     vectors (two products)."""
@@ -100,17 +120,24 @@ def check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.Li
     c = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
     lhs, rhs = float((a * matvec(c)).sum()), float((matvec(a) * c).sum())
     scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
-    tol = 1e3 * torch.finfo(b.dtype).eps ** 0.75
-    if abs(lhs - rhs) > tol * max(scale, 1e-300):
-        raise LinearSolveError(
-            f"solver={solver.name!r} needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = "
-            f"{lhs - rhs:.3e} for random a, c: the operator is not symmetric. Declare "
-            "symmetric_jacobian = False on it, or pass solver='gmres' to the implicit/inexact mode"
-        )
+    if abs(lhs - rhs) > symmetry_tol(b.dtype) * max(scale, 1e-300):
+        raise _asymmetric(solver, (lhs - rhs) / max(scale, 1e-300), "random a, c")
+
+
+def verify_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver,
+                     info: ls.LinearSolveInfo) -> None:
+    """After a solve by a solver that reports ``info.symmetry_defect`` (CG, on its first two search
+    directions): raise if the matrix is not symmetric. A solve that stopped before measuring it is
+    right when it converged (its true residual says so); one that did not is tested on random vectors."""
+    if info.symmetry_defect is not None:
+        if info.symmetry_defect > symmetry_tol(b.dtype):
+            raise _asymmetric(solver, info.symmetry_defect, "CG's first two search directions a, c")
+    elif not info.converged:
+        check_symmetric(matvec, b, solver)
 
 
 def check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver,
-                       depth: int) -> None:
+                       depth: int, symmetry: bool = False) -> None:
     r"""Solve :math:`A^\top z = r` for a random :math:`r` with the adjoint's own solver and tolerance.
 
     When Fix T is not a singleton, :math:`A` is singular and a random right-hand side has a
@@ -121,6 +148,8 @@ def check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.
     gen = torch.Generator(device=b.device).manual_seed(4321)
     r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
     _, info = solver(matvec, r, None, batch_dims=depth) if depth else solver(matvec, r, None)
+    if symmetry:  # an asymmetric matrix also fails this solve: say which it is
+        verify_symmetric(matvec, r, solver, info)
     if not info.converged:
         raise LinearSolveError(
             f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "

@@ -85,6 +85,18 @@ def make_vjp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor]:
     return fast
 
 
+def grad_once(out: Tensor, inputs: Sequence[Tensor], v: Tensor) -> tuple:
+    r""":math:`(\partial\,\mathrm{out}/\partial\,\mathrm{inputs})^\top v` for the last time on a graph
+    (``torch.autograd.grad(out, inputs, v, allow_unused=True)``, through the engine's entry point where
+    this torch has it: :func:`make_vjp`). ``None`` for an input ``out`` does not depend on."""
+    if HAS_ENGINE and not transforms_active():
+        try:
+            return tuple(engine_backward((out,), (v,), tuple(inputs)))
+        except (TypeError, RuntimeError, AttributeError):
+            pass
+    return torch.autograd.grad(out, inputs, v, allow_unused=True)
+
+
 def make_jvp(out: Tensor, inp: Tensor) -> Callable[[Tensor], Tensor] | None:
     r"""``z -> (∂out/∂inp) z`` on a graph built once, by the transpose of a vjp: with
     :math:`h(g) = J^\top g` (linear in a dummy ``g``), :math:`Jz = \partial_g\langle h(g), z\rangle`.

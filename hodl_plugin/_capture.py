@@ -41,6 +41,7 @@ from ._torch_compat import (
     is_functorch_wrapped,
     transforms_active,
     unwrap_once,
+    version,
 )
 from .errors import HODLError
 
@@ -155,11 +156,25 @@ class _Record(TorchFunctionMode):
                 self._mark(x)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        kwargs = kwargs or {}
-        self._scan(args)
-        self._scan(kwargs)
-        out = func(*args, **kwargs)
-        self._mark(out)
+        # the common case inline (flat arguments, one tensor out): this runs for every operation of T
+        known, produced, leaves = self.known, self.produced, self.leaves
+        for a in args:
+            if isinstance(a, Tensor):
+                i = id(a)
+                if i not in known and i not in produced and i not in leaves:
+                    leaves[i] = a
+            elif isinstance(a, (list, tuple, dict)):
+                self._scan(a)
+        if kwargs:
+            self._scan(kwargs)
+            out = func(*args, **kwargs)
+        else:
+            out = func(*args)
+        if isinstance(out, Tensor):
+            produced.add(id(out))
+            self.keep.append(out)
+        else:
+            self._mark(out)
         return out
 
 
@@ -226,6 +241,7 @@ class BoundOperator:
     n_params: int
     captured: tuple[Tensor, ...] = ()
     originals: tuple[Tensor, ...] = ()
+    first: Any = None  # (u, T(u)) of the binding run, when it may serve as the solve's first evaluation
 
     def params(self, tensors: Sequence[Tensor]) -> list[Any]:
         """The solver's ``params`` rebuilt from ``tensors``."""
@@ -272,22 +288,36 @@ _NULL = _Null()
 
 
 def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
-         extra: Sequence[Callable[[], Any]] = (), static: bool = False) -> BoundOperator:
+         extra: Sequence[Callable[[], Any]] = (), static: bool = False, keep: bool = False) -> BoundOperator:
     """Bind ``T`` to explicit tensors: the leaves of ``params`` and the tensors it captures.
 
     ``T(u, *params)`` runs once (without autograd) to find the captured tensors; ``extra`` are more
     callables (e.g. the upper objective's gradient) whose captured tensors are collected too;
-    ``static``: non-tensor leaves of ``params`` are constants (:func:`flatten`).
+    ``static``: non-tensor leaves of ``params`` are constants (:func:`flatten`). With ``keep`` (and
+    outside ``torch.func`` transforms and forward-mode AD, where the value would be wrapped) that
+    run is checked like a solve's first step (no write into ``u`` or ``params``, output shaped like
+    ``u``) and kept as ``first = (u, T(u))``, so that the solve need not evaluate ``T(u)`` again.
     """
+    from ._checks import check_operator_output, inplace_error
+
     leaves, spec = flatten(params, static)
     rec = _Record([u, *leaves])
+    level = current_functorch_level()
+    keep = keep and level == 0 and not forward_ad_active() and not any(t.is_inference() for t in (u, *leaves))
+    versions = [version(t) for t in (u, *leaves)] if keep else []
     # in plain autograd the run keeps its graph, to find tensors T reaches unseen (see _hidden)
     graph = torch.is_grad_enabled() and not transforms_active()
     with torch.set_grad_enabled(graph), rec:
         out = T(u, *params)
         for fn in extra:
             fn()
-    level = current_functorch_level()
+    first = None
+    if keep:
+        changed = [i for i, (t, v) in enumerate(zip((u, *leaves), versions)) if version(t) != v]
+        if changed:
+            raise inplace_error(changed[0])
+        check_operator_output(out, u)
+        first = (u, out.detach() if isinstance(out, Tensor) else out)
     captured = tuple(t for t in rec.leaves.values() if _carries_derivative(t, level))
     inner = [t for t in rec.leaves.values() if functorch_level(t) > level and (t.is_floating_point() or t.is_complex())]
     bases = [b for b in (_base(t, level) for t in inner)
@@ -310,7 +340,7 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
                 "extension): their implicit derivative would be lost. Pass them as parameters, solver(u0, ..., W) "
                 "with T(u, ..., W), or use hypergrad='unrolled'"
             )
-    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves))
+    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves), first)
 
 
 def _hidden(out: Tensor, known: Sequence[Tensor]) -> list[Tensor]:

@@ -27,22 +27,41 @@ def check_inputs(u0: object, params: Sequence[object], modules: Iterable[Tensor]
         raise TypeError(f"u0 must be a torch.Tensor, got {type(u0).__name__}")
     if not u0.is_floating_point():
         raise TypeError(f"u0 must have a floating dtype, got {u0.dtype}")
-    from ._capture import flatten
+    if all(isinstance(p, Tensor) for p in params):  # the common case: no structure to walk
+        leaves = list(params)
+    else:
+        from ._capture import flatten
 
-    leaves, _ = flatten(params)  # raises TypeError naming a non-tensor parameter
-    names = _leaf_names(params)
-    for name, p in zip(names, leaves):
-        _check_like(p, u0, name)
-    for j, t in enumerate(modules):
-        _check_like(t, u0, f"a parameter/buffer of the operator (#{j})")
+        leaves, _ = flatten(params)  # raises TypeError naming a non-tensor parameter
+    device, dtype = u0.device, u0.dtype
+    for j, t in enumerate([*leaves, *modules]):
+        if t.device != device or (t.dtype != dtype and t.is_floating_point()):  # named only on failure
+            n = len(leaves)
+            what = _leaf_names(params)[j] if j < n else f"a parameter/buffer of the operator (#{j - n})"
+            _check_like(t, u0, what)
     if transforms_active():  # a finiteness test would need a host sync; NaN then propagates
         return
-    tensors = [u0, *(p for p in leaves if p.is_floating_point())]
-    labels = ["u0", *(n for n, p in zip(names, leaves) if p.is_floating_point())]
-    finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors])
-    if not bool(finite.all()):
-        bad = [label for label, ok in zip(labels, finite.tolist()) if not ok]
+    floats = [p for p in leaves if p.is_floating_point()]
+    if not all_finite([u0, *floats]):
+        names = _leaf_names(params)
+        labels = ["u0", *(n for n, p in zip(names, leaves) if p.is_floating_point())]
+        bad = [label for label, t in zip(labels, [u0, *floats]) if not bool(torch.isfinite(t).all())]
         raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)}")
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every entry of the (floating) ``tensors`` is finite, in one host read: ``t - t`` is 0
+    for a finite entry and NaN for an infinite or NaN one, and a sum of zeros cannot overflow.
+
+    >>> all_finite([torch.ones(2), torch.tensor([1.0, float("inf")])])
+    False
+    """
+    t = tensors[0].detach()
+    total = (t - t).sum()
+    for t in tensors[1:]:
+        t = t.detach()
+        total = total + (t - t).sum()
+    return float(total) == 0.0
 
 
 def _leaf_names(params: Sequence[object]) -> list[str]:
@@ -110,9 +129,14 @@ def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor],
         out = T(u, *params)
         changed = [i for i, (t, v) in enumerate(zip(tensors, before)) if version(t) != v]
     if changed:
-        what = "u" if changed[0] == 0 else f"params[{changed[0] - 1}]"
-        raise ValueError(
-            f"the operator T modified its input {what} in place (e.g. u.mul_(...), u += ...); the GKM "
-            "iteration needs u_k after T(u_k): write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x))"
-        )
+        raise inplace_error(changed[0])
     return out
+
+
+def inplace_error(which: int) -> ValueError:
+    """The error of an operator that wrote into its input ``which`` (0: u, i: the (i-1)-th tensor of params)."""
+    what = "u" if which == 0 else f"params[{which - 1}]"
+    return ValueError(
+        f"the operator T modified its input {what} in place (e.g. u.mul_(...), u += ...); the GKM "
+        "iteration needs u_k after T(u_k): write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x))"
+    )

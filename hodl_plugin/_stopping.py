@@ -92,10 +92,12 @@ def certifies(dtype: torch.dtype) -> bool:
 class Monitor:
     """The per-sample stop state of one run of :meth:`~hodl_plugin.gkm.GKMIteration.run`.
 
-    ``check(k, r, u_k, u_next)`` tests the residual ``r`` of the point ``u_k`` and returns the next
-    iterate: ``u_next``, except that samples that stop keep ``u_k`` and diverged ones their last
-    finite iterate. ``finish(u, residual)`` writes the diagnostics into ``info`` (measuring the
-    residual of samples that ran out of steps with ``residual(u)``).
+    ``check(k, r, u_k, u_next, d)`` tests the residual of the point ``u_k`` — its norm ``r`` (per
+    sample), or the difference ``d`` = :math:`T(u_k) - u_k` whose norm the check takes itself (with
+    that of ``u_k``, in one operation) — and returns the next iterate: ``u_next``, except that samples
+    that stop keep ``u_k`` and diverged ones their last finite iterate. ``finish(u, executed, residual)``
+    writes the diagnostics into ``info`` (measuring samples that ran out of steps with ``residual(u)``
+    = :math:`T(u) - u`).
     """
 
     def __init__(self, it: GKMIteration, u: Tensor, info: SolverInfo, tol: float, atol: float,
@@ -112,6 +114,7 @@ class Monitor:
         self.min_steps = 1 if torch.is_grad_enabled() else 0
         self.bdims = it.batch_dims
         self.reduce_dims = tuple(range(self.bdims, u.dim()))
+        self.stack_dims = tuple(range(1, u.dim() + 1))
         self.noise_tol = default_tol(u.dtype)
         self.floor = FLOOR * torch.finfo(u.dtype).eps
         self.dtype = u.dtype
@@ -122,11 +125,13 @@ class Monitor:
         self.hist_steps: list[int] = []
         self.u_good = u
         self.scalar = self.bdims == 0 and not functional
+        self.hist_f: list[float] = []  # the scalar path keeps host floats (one tensor at the end)
+        self.device = u.device
         r0 = None if functional else info.initial_residual
         if self.scalar:
             self.f = _ScalarState(None if r0 is None else float(r0))
         else:
-            self.t = _TensorState(r0)
+            self.t = _TensorState(r0 if isinstance(r0, Tensor) else None)
 
     # -- helpers -------------------------------------------------------------------------------
     def norm(self, t: Tensor) -> Tensor:
@@ -144,26 +149,42 @@ class Monitor:
         return torch.where(self.expand(self.t.active, new), new, old)
 
     # -- the check -------------------------------------------------------------------------------
-    def check(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor] = None) -> Tensor:
-        """``agg``: the size of the aggregation's displacement :math:`\alpha_k s\\|\nabla F(u_k)\\|`, the
+    def check(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor, d: Optional[Tensor] = None,
+              agg: Optional[Tensor] = None) -> Tensor:
+        """``agg``: the size of the aggregation's displacement :math:`\\alpha_k s\\|\\nabla F(u_k)\\|`, the
         scale a residual may legitimately reach when aggregating (divergence is measured against it)."""
         if self.scalar:
-            return self._check_scalar(k, r, u_k, u_next, agg)
+            return self._check_scalar(k, r, u_k, u_next, d, agg)
+        if r is None:
+            assert d is not None
+            r = self.norm(d.detach())
         return self._check_tensor(k, r, u_k, u_next, agg)
 
-    def _check_scalar(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor]) -> Tensor:
+    def norms(self, r: Optional[Tensor], u: Tensor, d: Optional[Tensor],
+              agg: Optional[Tensor] = None) -> list[float]:
+        """``[‖T(u) - u‖, ‖u‖]`` (and ``agg``) of one problem as host floats, in one sync: from ``d`` =
+        T(u) - u, both norms in one operation."""
+        if r is not None:
+            parts = [r.detach().reshape(()), torch.linalg.vector_norm(u.detach()).to(r.dtype)]
+        else:
+            assert d is not None
+            both = torch.stack([d.detach(), u.detach()])
+            both = both.abs() if u.dim() == 0 else torch.linalg.vector_norm(both, dim=self.stack_dims)
+            parts = [both]
+        if agg is not None:
+            parts.append(agg.detach().reshape(1).to(parts[0].dtype))
+        return torch.cat([t.reshape(-1) for t in parts]).tolist()
+
+    def _check_scalar(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor,
+                      d: Optional[Tensor] = None, agg: Optional[Tensor] = None) -> Tensor:
         """One problem, eagerly: one host sync, then decisions on floats."""
         s, info = self.f, self.info
-        r = r.detach().reshape(())
-        parts = [r, torch.linalg.vector_norm(u_k.detach()).to(r.dtype)]
-        if agg is not None:
-            parts.append(agg.detach().reshape(()).to(r.dtype))
-        vals = torch.stack(parts).tolist()
+        vals = self.norms(r, u_k, d, agg)
         rf, un = vals[0], vals[1]
         if s.r0 is None:
             s.r0 = rf
             if info.steps == 0:
-                info.initial_residual = r
+                info.initial_residual = rf  # type: ignore[assignment]  (a float for one problem)
         if agg is not None and math.isfinite(vals[2]):
             s.r0 = max(s.r0, vals[2])
         un = un if math.isfinite(un) else 0.0
@@ -185,7 +206,7 @@ class Monitor:
         floor = s.rmin <= self.floor * un and s.cmin >= FLOOR_CHECKS
         long = k - s.kmin >= max(STALL_STEPS, s.kmin - self.start) and not self.aggregating
         stalled = self.stop and finite and not conv and (floor or long)
-        self.hist.append(r)
+        self.hist_f.append(rf)
         self.hist_steps.append(k)
         info.tol = thresh
         if not finite or grow or (stalled and not floor and s.rmin > self.stall_level * un):
@@ -358,15 +379,14 @@ class Monitor:
         if self.scalar:
             s = self.f
             if s.stopped_at is None and not s.diverged and residual is None:  # the last check stands
-                s.converged = bool(self.hist) and float(self.hist[-1]) <= max(
+                s.converged = bool(self.hist_f) and self.hist_f[-1] <= max(
                     self.noise_tol * float(torch.linalg.vector_norm(u.detach())), self.atol)
             elif s.stopped_at is None and not s.diverged:  # ran out of steps: measure the returned point
-                r = residual(u).detach().reshape(())
-                rf, un = torch.stack([r, torch.linalg.vector_norm(u.detach()).to(r.dtype)]).tolist()
+                rf, un = self.norms(None, u, residual(u))
                 tol = self.tol if not info.exact_steps else self.noise_tol
                 thresh = max(tol * (un if math.isfinite(un) else 0.0), self.atol)
                 conv = rf <= thresh
-                self.hist.append(r)
+                self.hist_f.append(rf)
                 self.hist_steps.append(self.start + executed)
                 info.tol = thresh
                 s.converged = conv
@@ -386,7 +406,7 @@ class Monitor:
             un = self.norm(u.detach())
             s.converged = s.converged | (running & (s.rprev <= torch.clamp(self.noise_tol * un, min=self.atol)))
         elif bool(running.any()):
-            r = residual(u).detach()
+            r = self.norm(residual(u).detach())
             un = self.norm(u.detach())
             tol = self.tol if not info.exact_steps else self.noise_tol
             thresh = torch.clamp(tol * torch.where(torch.isfinite(un), un, torch.zeros_like(un)), min=self.atol)
@@ -428,9 +448,12 @@ class Monitor:
 
     def _append_history(self) -> None:
         info = self.info
-        if not self.hist:
+        if self.hist_f:
+            new = torch.tensor(self.hist_f, dtype=self.dtype, device=self.device)
+        elif self.hist:
+            new = torch.stack(self.hist)
+        else:
             return
-        new = torch.stack(self.hist)
         old = info.residuals
         if old.numel() and old.shape[1:] == new.shape[1:]:
             new = torch.cat([old.to(new.device, new.dtype), new])

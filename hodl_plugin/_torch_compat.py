@@ -31,6 +31,7 @@ __all__ = [
     "plain_tensors",
     "engine_backward",
     "HAS_ENGINE",
+    "function_apply",
     "missing",
 ]
 
@@ -48,6 +49,7 @@ try:  # the stack of active torch.func transforms (grad, vjp, jvp, vmap), innerm
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters as _INTERPRETERS
 except ImportError:  # pragma: no cover - a torch without it
     _INTERPRETERS = None
+_UNWRAP_DEAD = getattr(getattr(getattr(torch, "_functorch", None), "utils", None), "unwrap_dead_wrappers", None)
 
 
 def transforms_active() -> bool:
@@ -144,6 +146,16 @@ def engine_backward(outputs: tuple, grad_outputs: tuple, inputs: tuple) -> tuple
 HAS_ENGINE = _ENGINE is not None
 
 
+def function_apply(cls: Any, args: tuple) -> Any:
+    """``cls.apply(*args)`` for an ``autograd.Function`` whose ``forward`` takes no default arguments:
+    outside ``torch.func`` transforms, what ``Function.apply`` runs after binding the arguments to
+    the forward's signature (``inspect.signature`` at every call, a tenth of a small solve's fixed
+    cost); under transforms, ``Function.apply`` itself."""
+    if _UNWRAP_DEAD is None or transforms_active():
+        return torch.autograd.Function.apply.__func__(cls, *args)  # type: ignore[attr-defined]
+    return super(torch.autograd.Function, cls).apply(*_UNWRAP_DEAD(args))  # type: ignore[misc]
+
+
 def missing() -> list[str]:
     """The private torch APIs above that this torch lacks (each has a fallback; the fallback is
     slower or less precise, so a non-empty list is a regression to look at)."""
@@ -159,5 +171,6 @@ def missing() -> list[str]:
         "torch.autograd.Variable._execution_engine": _ENGINE,
         "torch.autograd.forward_ad._current_level": getattr(fwAD, "_current_level", None),
         "torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters": _INTERPRETERS,
+        "torch._functorch.utils.unwrap_dead_wrappers": _UNWRAP_DEAD,
     }
     return [name for name, obj in names.items() if obj is None]

@@ -35,6 +35,7 @@ __all__ = [
     "ConfigurationError",
     "UnusedOptionWarning",
     "DivergenceError",
+    "NotAffineError",
     "LinearSolveError",
     "HypergradientError",
     "ConvergenceWarning",
@@ -72,6 +73,21 @@ class ConfigurationError(HODLError, ValueError):
     ...     hp.GKMSolver(lambda u: 0.5 * u, hypergrad="unrolled", acceleration=hp.Anderson())
     ... except hp.ConfigurationError as e:
     ...     print("cannot be used with hypergrad='unrolled'" in str(e))
+    True
+    """
+
+
+class NotAffineError(ConfigurationError):
+    r"""``forward="krylov"`` was asked for an operator that is not affine in u: the Krylov forward
+    solves :math:`(I - M)u = c` for :math:`T(u) = Mu + c` and failed, and ``T`` failed the affinity
+    test :math:`T(a) + T(b) = 2T(	frac{a+b}{2})` at its last points. Use ``forward="gkm"``.
+
+    >>> import torch, hodl_plugin as hp
+    >>> try:
+    ...     hp.GKMSolver(lambda u, x: torch.tanh(u) + x, forward="gmres", tol=1e-12)(
+    ...         torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    ... except hp.NotAffineError as e:
+    ...     print("not affine" in str(e) or "is not:" in str(e))
     True
     """
 

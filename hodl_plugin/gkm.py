@@ -50,6 +50,7 @@ from ._checks import check_operator_output, guard_inplace
 from ._stopping import Monitor, certifies, default_tol
 from ._torch_compat import transforms_active
 from .errors import ConfigurationError
+from .krylov import FORWARDS, krylov_run, resolve
 from .linear_solve import LinearSolveInfo
 from .schedules import Constant, Schedule, as_schedule, is_zero
 
@@ -92,6 +93,8 @@ class SolverInfo:
         error_bound: certified a-posteriori bound on the hypergradient error (inexact mode, after
             ``backward()``), or ``None`` with ``message`` saying why it could not be certified.
         error_estimate: the same formula with estimated constants — not a bound.
+        forward: the forward that ran: ``"gkm"``, or the Krylov method of ``forward="krylov"``
+            (``"cg"`` / ``"gmres"``; :mod:`hodl_plugin.krylov`).
         error_bound_per_sample, error_estimate_per_sample: under ``vmap``, the bound and estimate
             of each sample's hypergradient (``error_bound`` is then their maximum).
         message: why the run stopped early, diverged, or could not be certified.
@@ -126,9 +129,10 @@ class SolverInfo:
     exact_steps: bool = False
     accelerated: int = 0
     restarts: int = 0
-    initial_residual: Optional[Tensor] = None
+    initial_residual: Any = None  # the first check's residual: a float (one problem) or a tensor per sample
     warm_started: Optional[bool] = None
     higher_solves: int = 0
+    forward: str = "gkm"
 
     @property
     def residual(self) -> float:
@@ -229,6 +233,7 @@ class GKMIteration:
     on_divergence: str = "raise"
     batch_dims: int = 0
     acceleration: Any = None
+    forward: str = "gkm"
 
     def __post_init__(self) -> None:
         if not callable(self.T):
@@ -268,6 +273,28 @@ class GKMIteration:
                 "F-optimal fixed point comes from the slowly vanishing alpha_k over the whole run, which "
                 "extrapolation skips. Pass alpha=0 (keeps upper for the inexact bound) or acceleration=None"
             )
+        validate_choice(self.forward, "forward", FORWARDS)
+        put(self, "forward", resolve(self.forward, self.T))
+        if self.forward != "gkm":
+            self._check_krylov()
+
+    def _check_krylov(self) -> None:
+        """The options a Krylov forward cannot honour are refused (:mod:`hodl_plugin.krylov`)."""
+        if self.acceleration is not None:
+            raise ConfigurationError(
+                f"forward={self.forward!r} solves the affine fixed-point equation directly; it takes no acceleration "
+                "(pass acceleration=None, or forward='gkm' to accelerate the GKM iteration)"
+            )
+        if self.aggregates:
+            raise ConfigurationError(
+                f"forward={self.forward!r} cannot run HODL aggregation (alpha_k > 0): the selection of the F-optimal "
+                "fixed point is the GKM iteration's; pass alpha=0 or forward='gkm'"
+            )
+        if self.tol is not None and self.tol == 0 and self.atol == 0:
+            raise ConfigurationError(
+                f"forward={self.forward!r} stops on a tolerance; tol=0, atol=0 (exactly max_steps GKM steps) needs "
+                "forward='gkm'"
+            )
 
     def replace(self, **changes: Any) -> GKMIteration:
         """A copy with other options (validated again)."""
@@ -304,7 +331,7 @@ class GKMIteration:
     # -- the loop ------------------------------------------------------------------------------
     def run(self, u: Tensor, params: Sequence[Any], info: SolverInfo, *, start: int = 0,
             num_steps: Optional[int] = None, tol: Optional[float] = None, atol: Optional[float] = None,
-            stop: bool = True) -> Tensor:
+            stop: bool = True, t0: Optional[Tensor] = None) -> Tensor:
         r"""Up to ``num_steps`` (default ``max_steps``) GKM steps from ``u`` = :math:`u_{\text{start}}`;
         ``info`` is updated in place; the returned point's residual is its last entry.
 
@@ -313,11 +340,17 @@ class GKMIteration:
         caller decides). With ``aggregation="inside"`` a stop on the aggregated residual is followed
         by plain KM steps (:math:`\alpha = 0`) until :math:`\|T(u) - u\|` meets the threshold: with
         :math:`\alpha_k > 0` the aggregated residual can be small while :math:`u_k` is still
-        :math:`O(\alpha_k)` away from :math:`\mathrm{Fix}\,T`.
+        :math:`O(\alpha_k)` away from :math:`\mathrm{Fix}\,T`. ``t0``: :math:`T(u)` when the caller has
+        evaluated it already (at this very ``u`` and ``params``, checked as a first step is), so the
+        run does not evaluate it again.
         """
         n = self.max_steps if num_steps is None else num_steps
+        if self.forward != "gkm" and stop and not transforms_active():
+            rel, absolute = self.tolerances(u.dtype, tol, atol)
+            if rel > 0 or absolute > 0:
+                return self._run_krylov(u, params, info, start, n, rel, absolute, tol, t0)
         steps0 = info.steps
-        out = self._run_once(u, params, info, start, n, tol, atol, stop, plain=False)
+        out = self._run_once(u, params, info, start, n, tol, atol, stop, plain=False, t0=t0)
         if not (self.aggregates and self.aggregation == "inside" and stop) or transforms_active():
             return out
         done = info.steps - steps0
@@ -325,8 +358,21 @@ class GKMIteration:
             return out
         return self._run_once(out, params, info, start + done, n - done, tol, atol, stop, plain=True)
 
+    def _run_krylov(self, u: Tensor, params: Sequence[Any], info: SolverInfo, start: int, n: int, rel: float,
+                    absolute: float, tol: Optional[float], t0: Optional[Tensor]) -> Tensor:
+        """The Krylov forward (:func:`~hodl_plugin.krylov.krylov_run`), which runs without autograd."""
+        if torch.is_grad_enabled() and (u.requires_grad or _any_grad(params)):
+            raise ConfigurationError(
+                f"forward={self.forward!r} runs without autograd (the implicit, inexact and first_order modes); "
+                "use forward='gkm' with unrolled/truncated"
+            )
+        certified = not (self.tol is None and tol is None and not certifies(u.dtype))
+        return krylov_run(self, u, params, info, start=start, n=n, rel=rel, absolute=absolute, certified=certified,
+                          t0=t0)
+
     def _run_once(self, u: Tensor, params: Sequence[Any], info: SolverInfo, start: int, n: int,
-                  tol: Optional[float], atol: Optional[float], stop: bool, plain: bool) -> Tensor:
+                  tol: Optional[float], atol: Optional[float], stop: bool, plain: bool,
+                  t0: Optional[Tensor] = None) -> Tensor:
         """One loop: the residual is tested at the first step of a solve and every ``check_every``
         steps (one host sync each, none under ``torch.func`` transforms); the steps in between are
         bare ``u ← (1-β)u + βT(w)``."""
@@ -367,11 +413,11 @@ class GKMIteration:
             k = start + j
             check = (j == 0 and first_check) or countdown == 1 or (j == n - 1 and not measure)
             countdown = self.check_every if countdown == 1 else countdown - 1
-            u_next, r, agg = step(u, params, k, j == 0, functional, check)
+            u_next, d, r, agg = step(u, params, k, j == 0, functional, check, t0 if j == 0 else None)
             if not check:
                 u = mon.freeze(u_next, u) if mon.masking else u_next
                 continue
-            u = mon.check(k, r, u, mon.freeze(u_next, u), agg)
+            u = mon.check(k, r, u, mon.freeze(u_next, u), d, agg)
             if mon.done:
                 executed = j
                 break
@@ -380,46 +426,52 @@ class GKMIteration:
             self.acceleration.report(acc_state, info)
         return u
 
-    def _call_T(self, w: Tensor, params: Sequence[Any], first: bool, functional: bool, like: Tensor) -> Tensor:
+    def _call_T(self, w: Tensor, params: Sequence[Any], first: bool, functional: bool, like: Tensor,
+                t0: Optional[Tensor] = None) -> Tensor:
+        if t0 is not None and w is like:  # T(u_0), evaluated (and checked) by the caller
+            return t0
         if first:
             out = guard_inplace(self.T, w, params, functional)
             check_operator_output(out, like)
             return out
         return self.T(w, *params)
 
-    def _plain_step(self, u, params, k, first, functional, check):
-        Tu = self._call_T(u, params, first, functional, u)
+    # a step returns (u_next, d, r, agg): at a check, the difference d = T(·) - u_k whose norm is the
+    # residual (the monitor takes it, with ‖u_k‖, in one operation), or that norm r itself; agg is the
+    # size of the aggregation's displacement α_k s‖∇F(u_k)‖ (None without aggregation)
+    def _plain_step(self, u, params, k, first, functional, check, t0=None):
+        Tu = self._call_T(u, params, first, functional, u, t0)
         b = self.beta(k)
         u_next = Tu if b == 1.0 else u + b * (Tu - u)
-        return u_next, (self._norm(Tu - u) if check else None), None
+        return u_next, ((Tu - u) if check else None), None, None
 
-    def _inside_step(self, u, params, k, first, functional, check):
+    def _inside_step(self, u, params, k, first, functional, check, t0=None):
         a = self.alpha(k)  # type: ignore[misc]
         step = (a * self.upper_step) * self.grad_upper(u, params) if a != 0.0 else None
         w = u - step if step is not None else u
-        Tw = self._call_T(w, params, first, functional, u)
+        Tw = self._call_T(w, params, first, functional, u, t0)
         b = self.beta(k)
         u_next = Tw if b == 1.0 else u + b * (Tw - u)
         if not check:
-            return u_next, None, None
-        return u_next, self._norm(Tw - u), (self._norm(step) if step is not None else None)
+            return u_next, None, None, None
+        return u_next, Tw - u, None, (self._norm(step) if step is not None else None)
 
-    def _outside_step(self, u, params, k, first, functional, check):
-        Tu = self._call_T(u, params, first, functional, u)
+    def _outside_step(self, u, params, k, first, functional, check, t0=None):
+        Tu = self._call_T(u, params, first, functional, u, t0)
         a = float(self.alpha(k))  # type: ignore[misc]
         g = self.grad_upper(u, params) if a != 0.0 else None
         v = (1.0 - a) * Tu + a * (u - self.upper_step * g) if g is not None else Tu
         b = self.beta(k)
         u_next = v if b == 1.0 else u + b * (v - u)
         if not check:
-            return u_next, None, None
-        return u_next, self._norm(Tu - u), (self._norm((a * self.upper_step) * g) if g is not None else None)
+            return u_next, None, None, None
+        return u_next, Tu - u, None, (self._norm((a * self.upper_step) * g) if g is not None else None)
 
-    def _accelerated_step(self, state, u, params, k, first, functional, check):
-        Tu = self._call_T(u, params, first, functional, u)
+    def _accelerated_step(self, state, u, params, k, first, functional, check, t0=None):
+        Tu = self._call_T(u, params, first, functional, u, t0)
         f = Tu - u
         r = self._norm(f)
-        return self.acceleration.step(state, u, f, r, float(self.beta(k))), r, None
+        return self.acceleration.step(state, u, f, r, float(self.beta(k))), None, r, None
 
     def _norm(self, t: Tensor) -> Tensor:
         dims = tuple(range(self.batch_dims, t.dim()))
@@ -427,12 +479,12 @@ class GKMIteration:
         return torch.linalg.vector_norm(t, dim=dims) if dims else t.abs()
 
     def _residual_fn(self, params: Sequence[Any]) -> Callable[[Tensor], Tensor]:
-        """``u -> ‖T(u) - u‖`` per sample, without autograd (the returned point's residual)."""
+        """``u -> T(u) - u`` without autograd (the returned point's residual is its norm)."""
 
         def residual(u: Tensor) -> Tensor:
             with torch.no_grad():
                 ud = u.detach()
-                return self._norm(self.T(ud, *_detach_tree(params)) - ud)
+                return self.T(ud, *_detach_tree(params)) - ud
 
         return residual
 

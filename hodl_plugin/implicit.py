@@ -60,9 +60,16 @@ from torch import Tensor
 
 from . import _adjoint, _vmap
 from . import linear_solve as ls
-from ._autodiff import make_jvp, make_vjp
+from ._autodiff import grad_once, make_jvp, make_vjp
 from ._capture import BoundOperator, bind, flatten, unflatten
-from ._torch_compat import current_functorch_level, forward_ad_active, nested_forward_transforms, transforms_active
+from ._checks import all_finite
+from ._torch_compat import (
+    current_functorch_level,
+    forward_ad_active,
+    function_apply,
+    nested_forward_transforms,
+    transforms_active,
+)
 from .errors import ConvergenceWarning, HODLError, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod
@@ -147,7 +154,7 @@ def implicit_vjp_lean(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: T
     wanted = [t for t in ts if t.requires_grad] + list(extra)
     if not wanted:
         return [None] * len(ts), v, info
-    grads = iter(torch.autograd.grad(f, wanted, v if sign == 1.0 else -v, allow_unused=True))
+    grads = iter(grad_once(f, wanted, v if sign == 1.0 else -v))
     return [next(grads) if t.requires_grad else None for t in ts] + [next(grads) for _ in extra], v, info
 
 
@@ -197,7 +204,15 @@ class FixedPointProblem:
     batch: Optional[_vmap.Batch] = None
 
     def replace(self, **changes: Any) -> FixedPointProblem:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (a shallow copy: what ``dataclasses.replace`` gives for these
+        fields, at a fraction of its cost, which every backward pays)."""
+        unknown = changes.keys() - _PROBLEM_FIELDS
+        if unknown:
+            raise TypeError(f"FixedPointProblem has no field(s) {sorted(unknown)}")
+        new = object.__new__(FixedPointProblem)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
 
     def fail(self, msg: str) -> None:
         if self.on_fail == "raise":
@@ -215,6 +230,9 @@ class FixedPointProblem:
             self.fail(_adjoint.unsolved_message(self, role, linfo, b))
 
 
+_PROBLEM_FIELDS = frozenset(f.name for f in dataclasses.fields(FixedPointProblem))
+
+
 # ------------------------------------------------------------------------------------------------
 # one linear solve (no autograd), shared by the primitives
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +242,7 @@ def _solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u:
     diagnostics go to the call's info, and the first-order adjoint to the ``after`` hook."""
     b, u = b.detach(), u.detach()
     ts = [t.detach() for t in tensors]
-    if not bool(torch.isfinite(b).all()):
+    if not all_finite([b]):
         problem.fail(
             "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
             "the hypergradient is NaN (fix the loss above the solver)"
@@ -264,6 +282,11 @@ class FixedPoint(torch.autograd.Function):
     ``FixedPoint.apply(problem, u0, *tensors)``; ``u0`` gets no gradient (a fixed point does not
     depend on where the iteration started).
     """
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
+        """``FixedPoint.apply(problem, u0, *tensors)`` (:func:`~hodl_plugin._torch_compat.function_apply`)."""
+        return function_apply(cls, args)
 
     @staticmethod
     def forward(problem: FixedPointProblem, u0: Tensor, *tensors: Tensor) -> Tensor:  # type: ignore[override]
@@ -359,7 +382,7 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
         v = _solve(problem, True, "adjoint", g, u, ts)
         _, pull = torch.func.vjp(lambda *ts_: problem.op(u, ts_), *ts)
         return [gr if problem.sign == 1.0 else -gr for gr in pull(v)]
-    if not bool(torch.isfinite(g).all()):
+    if not all_finite([g]):
         problem.fail(
             "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
             "the hypergradient is NaN (fix the loss above the solver)"
@@ -391,6 +414,12 @@ class LinearSolve(torch.autograd.Function):
     first-order reverse solve: warm start, hooks, ``info.adjoint``), ``"tangent"`` (forward mode) or
     ``"higher"`` (the solves of higher derivatives, counted in ``info.higher_solves``).
     """
+
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
+        """``LinearSolve.apply(problem, transpose, role, b, u, *tensors)``
+        (:func:`~hodl_plugin._torch_compat.function_apply`)."""
+        return function_apply(cls, args)
 
     @staticmethod
     def forward(problem, transpose, role, b, u, *ts):  # type: ignore[override]
@@ -463,12 +492,13 @@ def grad_wanted() -> bool:
     return torch.is_grad_enabled() or transforms_active() or forward_ad_active()
 
 
-def bind_iteration(it: GKMIteration, u0: Tensor, params: Sequence[Any]) -> Any:
+def bind_iteration(it: GKMIteration, u0: Tensor, params: Sequence[Any], keep: bool = False) -> Any:
     """The iteration's operator bound to explicit tensors (:func:`~hodl_plugin._capture.bind`): the
-    leaves of ``params`` and the tensors ``T`` (and, when aggregating, the upper objective) read."""
+    leaves of ``params`` and the tensors ``T`` (and, when aggregating, the upper objective) read;
+    ``keep``: the binding run's ``T(u0)`` is kept for the solve's first step."""
     u = u0.detach().clone()  # an operator that writes into its input cannot touch the caller's u0
     extra = [lambda: it.grad_upper(u, params)] if it.aggregates else []
-    return bind(it.T, u, params, extra)
+    return bind(it.T, u, params, extra, keep=keep)
 
 
 def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
@@ -480,10 +510,13 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
     ``params`` and every tensor ``T`` reads. ``forward(u0, params, info, iteration, sample)`` runs the
     solve (default: ``iteration.run`` from ``u0``, without autograd); ``op``: the bound operator
     (default :func:`bind_iteration`)."""
-    op = bind_iteration(it, u0, params) if op is None else op
+    # the binding run evaluates T(u0): the default forward starts from it instead of evaluating it again
+    op = bind_iteration(it, u0, params, keep=forward is None) if op is None else op
     run = forward or _default_forward
     if check_unique is None:  # auto: HODL aggregation is used where Fix T may not be a singleton
         check_unique = it.aggregates
+    leaves, _ = flatten(params)
+    inputs = (*leaves, *op.captured)
 
     def fwd(u_start: Tensor, tensors: Sequence[Tensor], info_: Optional[SolverInfo],
             problem: FixedPointProblem) -> Tensor:
@@ -492,12 +525,15 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
                 return run(u_start.detach(), [t.detach() for t in tensors], info_, problem.iteration, None)
         with torch.no_grad(), op.context(tensors):
             ps = [_detach(p) for p in op.params(tensors)]
+            same = (forward is None and op.first is not None and problem.sample is None and u_start is u0
+                    and len(tensors) == len(inputs) and all(a is b for a, b in zip(tensors, inputs)))
+            if same:  # the very point and tensors of the binding run
+                return it.run(u_start.detach(), ps, info_, t0=op.first[1])
             return run(u_start.detach(), ps, info_, it, problem.sample)
 
     problem = FixedPointProblem(op, fwd, solver, on_fail=on_fail, check_unique=check_unique, info=info,
                                 warm=warm, after=after, iteration=it)
-    leaves, _ = flatten(params)
-    return FixedPoint.apply(problem, u0, *leaves, *op.captured)
+    return FixedPoint.apply(problem, u0, *inputs)
 
 
 def _default_forward(u0: Tensor, params: Sequence[Any], info: SolverInfo, iteration: GKMIteration,

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
 from ._torch_compat import transforms_active
-from .errors import ConvergenceWarning, ScheduleError, SummableScheduleWarning, UnusedOptionWarning
+from .errors import ConfigurationError, ConvergenceWarning, ScheduleError, SummableScheduleWarning, UnusedOptionWarning
 from .gkm import AGGREGATIONS, GKMIteration, SolverInfo, validate_choice
 from .hypergrad import HypergradMethod, get_method
 from .schedules import (
@@ -102,6 +102,15 @@ class GKMSolver(nn.Module):
             converged samples stop changing, ``info.steps_per_sample`` reports their steps.
         acceleration: ``None`` (plain KM) or an accelerator (:class:`~hodl_plugin.acceleration.Anderson`)
             — with the implicit, inexact and first_order modes, not with aggregation (``alpha``).
+        forward: how the fixed point is computed: ``"gkm"`` (default) the GKM iteration above, or
+            ``"krylov"`` for an operator **affine** in u, :math:`T(u) = Mu + c`: its fixed point solves
+            :math:`(I - M)u = c`, by CG when ``T.symmetric_jacobian`` is true (e.g. the
+            :class:`~hodl_plugin.operators.GradientStep` of a quadratic) in about :math:`\sqrt{\kappa}`
+            products instead of :math:`\kappa\log(1/\mathrm{tol})` steps, else by GMRES (``"cg"`` /
+            ``"gmres"`` choose). Same stopping rule and ``info`` (``info.forward`` says which ran);
+            a ``T`` that is not affine raises :class:`~hodl_plugin.errors.NotAffineError`. With the
+            implicit, inexact and first_order modes, without acceleration or aggregation
+            (:mod:`hodl_plugin.krylov`). Not chosen automatically: affinity cannot be proven from a callable.
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
         aggregation: where the upper descent step enters: ``"inside"`` (default: T is
@@ -157,6 +166,7 @@ class GKMSolver(nn.Module):
         acceleration: Any = None,
         strict: bool = True,
         aggregation: str = "inside",
+        forward: str = "gkm",
         **method_options: Any,
     ) -> None:
         super().__init__()
@@ -215,6 +225,12 @@ class GKMSolver(nn.Module):
 
         if acceleration is not None and callable(getattr(acceleration, "check_compatible", None)):
             acceleration.check_compatible(self.method.name, alpha_s)
+        if forward != "gkm" and self.method.name in ("unrolled", "truncated"):
+            raise ConfigurationError(
+                f"forward={forward!r} cannot be used with hypergrad={self.method.name!r}: the Krylov forward runs "
+                "without autograd; use hypergrad='implicit', 'inexact' or 'first_order' (exact at the fixed point "
+                "whatever the forward), or forward='gkm'"
+            )
         self.iteration = GKMIteration(
             T,
             max_steps=max_steps,
@@ -231,6 +247,7 @@ class GKMSolver(nn.Module):
             batch_dims=batch_dims,
             acceleration=acceleration,
             aggregation=aggregation,
+            forward=forward,
         )
         self.method.validate(self.iteration)
         self.method.bind(self)  # a stateful method (inexact) serves one solver only
