@@ -80,7 +80,7 @@ class ConfigurationError(HODLError, ValueError):
 class NotAffineError(ConfigurationError):
     r"""``forward="krylov"`` was asked for an operator that is not affine in u: the Krylov forward
     solves :math:`(I - M)u = c` for :math:`T(u) = Mu + c` and failed, and ``T`` failed the affinity
-    test :math:`T(a) + T(b) = 2T(	frac{a+b}{2})` at its last points. Use ``forward="gkm"``.
+    test :math:`T(a) + T(b) = 2T(\tfrac{a+b}{2})` at its last points. Use ``forward="gkm"``.
 
     >>> import torch, hodl_plugin as hp
     >>> try:
@@ -112,11 +112,12 @@ class LinearSolveError(HODLError, RuntimeError):
     claimed (``symmetric_jacobian = True``) for an operator whose Jacobian is not symmetric:
 
     >>> import torch, hodl_plugin as hp
-    >>> T = lambda u, x: torch.tensor([[0.5, 0.3], [0.0, 0.2]], dtype=torch.float64) @ u + x
+    >>> A = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.2, 0.4], [0.1, 0.0, 0.3]], dtype=torch.float64)
+    >>> T = lambda u, x: A @ u + x
     >>> T.symmetric_jacobian = True                        # false: CG would give a wrong number
-    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> x = torch.ones(3, dtype=torch.float64, requires_grad=True)
     >>> try:
-    ...     hp.GKMSolver(T)(torch.zeros(2, dtype=torch.float64), x).sum().backward()
+    ...     hp.GKMSolver(T)(torch.zeros(3, dtype=torch.float64), x).sum().backward()
     ... except hp.LinearSolveError as e:
     ...     print(str(e)[:40])
     solver='cg' needs a symmetric dT/du, but
@@ -129,6 +130,16 @@ class HypergradientError(HODLError, ArithmeticError):
     E.g. :class:`~hodl_plugin.IGA` at an iterate where :math:`\nabla_u f = 0` exactly (its multiplier
     :math:`\langle\nabla_u F, \nabla_u f\rangle / \|\nabla_u f\|^2` is 0/0). Raised from ``backward()``
     or the forward call, naming the quantity and what to change.
+
+    >>> import torch, hodl_plugin as hp
+    >>> f = lambda u, x: 0.5 * ((u - x) ** 2).sum()       # one step of size 1 lands on u = x: ∇_u f = 0
+    >>> solver = hp.GKMSolver(hp.GradientStep(objective=f, step=1.0), max_steps=1, tol=0.0, hypergrad="iga")
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> try:
+    ...     solver(torch.zeros(2, dtype=torch.float64), x).sum().backward()
+    ... except hp.HypergradientError as e:
+    ...     print(str(e)[:38])
+    IGA: the lower gradient ∇_u f is exact
     """
 
 
