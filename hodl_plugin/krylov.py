@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FORWARDS", "resolve", "krylov_run"]
 
-#: the forward methods of the solver: the GKM loop, or a Krylov solve (resolved to CG or GMRES)
+#: The forward methods of the solver, the GKM loop or a Krylov solve (resolved to CG or GMRES).
 FORWARDS = ("gkm", "krylov", "cg", "gmres")
 
 #: a restart must reduce the measured residual by this factor, else the run stops
