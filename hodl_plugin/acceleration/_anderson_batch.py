@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import as_rows, np
+from .base import as_rows, np, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -44,9 +44,13 @@ def _probe(m: int) -> list[float]:
 class HostBatch:
     r"""Per-sample Anderson state on the host (numpy); see the module docstring.
 
-    As in the one-problem fast path, a pair enters the ring buffer scaled to a unit :math:`\Delta f`
-    (the column scaling :math:`D^{-1}`, once), so every Gram matrix keeps the diagonal
-    :math:`1 + \lambda` and is the ridge matrix itself: a step adds one row and column and solves.
+    The ring buffer keeps the raw pairs :math:`[\Delta u, \Delta f]` and ``G`` the raw Gram matrices
+    with the relative ridge on the diagonal, :math:`\Delta F^\top\Delta F + \lambda\,\mathrm{diag}`
+    — the scaled ridge matrix :math:`H = D^{-1}GD^{-1}` of the one-problem path without scaling any
+    vector: :math:`(D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I)\,D\gamma = D^{-1}\Delta F^\top f`
+    is :math:`G\gamma = \Delta F^\top f`, and the condition probe :math:`H^{-1}p = D\,G^{-1}Dp` rides
+    along as a second right-hand side. A step is one product for the new Gram row and column and
+    :math:`\Delta F^\top f`, one batched :math:`m\times m` solve, one product for the update.
     """
 
     def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
@@ -54,17 +58,17 @@ class HostBatch:
         m = min(acc.history_size, max(n, 1))  # more differences than dimensions add nothing
         dt = np.float64 if u.dtype == torch.float64 else np.float32
         self.shape, self.B, self.n, self.m, self.steps = u.shape, B, n, m, 0
-        self.W = np.zeros((B, m, 2 * n), dt)  # ring buffer of [Δu, Δf]/‖Δf‖ rows; zero rows are unused
+        self.W = np.zeros((B, m, 2 * n), dt)  # ring buffer of [Δu, Δf] rows; zero rows are unused
         self.dU, self.dF = self.W[:, :, :n], self.W[:, :, n:]
         self.lam1 = 1.0 + acc.regularization
-        self.I1 = np.eye(m, dtype=dt) * self.lam1  # the ridge Gram matrix of an empty history
-        self.G = np.repeat(self.I1[None], B, 0)  # ridge Gram matrices D⁻¹ΔFᵀΔFD⁻¹ + λI
+        self.I1 = np.eye(m, dtype=dt) * self.lam1  # the Gram matrix of an empty history
+        self.G = np.repeat(self.I1[None], B, 0)  # ΔFᵀΔF + λ diag(ΔFᵀΔF); an empty slot: 1 + λ
         self.Gd = self.G.reshape(B, m * m)[:, :: m + 1]  # their diagonals (a view)
-        self.Z = np.empty((B, 2, n), dt)  # [Δf/‖Δf‖, f] of the step
-        probe = np.asarray(_probe(m), dt)
-        self.R = np.empty((B, m, 2), dt)  # right-hand sides [D⁻¹ΔFᵀf, probe]
-        self.R[:, :, 1] = probe
-        self.lim2 = (acc.restart_cond * float(np.linalg.norm(probe)) / m) ** 2
+        self.Z = np.empty((B, n, 2), dt)  # columns [Δf, f] of the step
+        self.probe = np.asarray(_probe(m), dt)
+        self.R = np.empty((B, m, 2), dt)  # right-hand sides [ΔFᵀf, D p]
+        # ‖D G⁻¹D p‖ with D² = diag G = (1 + λ) diag(ΔFᵀΔF) is (1 + λ)‖H⁻¹p‖: the limit takes the factor
+        self.lim2 = (acc.restart_cond * self.lam1 * float(np.linalg.norm(self.probe)) / m) ** 2
         self.tiny, self.big = float(np.finfo(dt).tiny), float(np.finfo(dt).max)
         self.sg = acc.safeguard if math.isfinite(acc.safeguard) else None
         self.restarts = np.zeros(B, np.int64)
@@ -86,33 +90,31 @@ class HostBatch:
             return torch.from_numpy(un + mix * fn).view(self.shape)
         keep = rn <= self.rlim  # 1. safeguard (NaN and Inf fail it)
         if keep.all():  # finite residuals: no floating-point warning to silence
-            out = self._step(keep, un, fn, rn, mix, beta)
+            out = self._step(keep, True, un, fn, rn, mix, beta)
         else:
             with np.errstate(all="ignore"):  # a diverging sample may overflow; the loop reports it
-                out = self._step(keep, un, fn, rn, mix, beta)
+                out = self._step(keep, False, un, fn, rn, mix, beta)
         t = torch.from_numpy(out)
         return t if t.shape == self.shape else t.view(self.shape)
 
-    def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
+    def _step(self, keep: Any, kept: bool, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
         """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""
         n, m = self.n, self.m
-        # 2. the new pair, scaled to a unit Δf, into slot i; its Gram row/column and D⁻¹ΔFᵀf from one
-        #    batched product
+        # 2. the new pair into slot i; its Gram row/column and ΔFᵀf from one batched product
         i = (self.steps - 2) % m
-        w, df, Z = self.W[:, i], self.dF[:, i], self.Z
+        Z = self.Z
         np.subtract(un, self.up, out=self.dU[:, i])
-        np.subtract(fn, self.fp, out=df)
-        nrm = np.einsum("bn,bn->b", df, df)
-        moved = nrm > 0  # a sample the loop keeps frozen did not move: γ = 0
-        np.maximum(nrm, self.tiny, out=nrm)
-        nrm **= -0.5
-        w *= nrm[:, None]
-        Z[:, 0] = df
-        Z[:, 1] = fn
-        g = np.matmul(self.dF, Z.transpose(0, 2, 1))  # (B, m, 2)
-        self.G[:, i] = g[:, :, 0]
-        self.G[:, :, i] = g[:, :, 0]
-        self.Gd[:, i] = self.lam1
+        np.subtract(fn, self.fp, out=Z[:, :, 0])
+        self.dF[:, i] = Z[:, :, 0]
+        Z[:, :, 1] = fn
+        g = np.matmul(self.dF, Z)  # (B, m, 2): [ΔFᵀΔf, ΔFᵀf]
+        gi = g[:, :, 0]
+        self.G[:, i] = gi
+        self.G[:, :, i] = gi
+        gii = self.Gd[:, i]
+        moved = gii > 0  # a sample the loop keeps frozen did not move: γ = 0
+        np.multiply(gii, self.lam1, out=gii)
+        np.maximum(gii, self.tiny, out=gii)  # (a zero row is decoupled, not singular)
         self.R[:, :, 0] = g[:, :, 1]
         # 3. γ of every sample that moved (one batched solve), with the restart test
         gamma, ok = self._solve(moved)
@@ -124,37 +126,37 @@ class HostBatch:
         out += un
         out -= c[:, :n]
         # 5. restarts and fall-backs; the accepted point becomes the reference
-        if ok.all() and keep.all():
+        if kept and ok.all():
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
         else:
             self._restart(keep, ok, out, un, fn, rn, beta)
         return out
 
     def _solve(self, moved: Any) -> tuple[Any, Any]:
-        r"""``(γ, ok)``: :math:`\gamma = H^{-1}D^{-1}\Delta F^\top f` for the samples that ``moved``
-        (0 for the others, whose solve is skipped when they are the majority); ``ok`` false where the
-        condition estimate :math:`m\|H^{-1}p\|/\|p\|` exceeds ``restart_cond`` (or the solve
-        failed), and then γ = 0."""
+        r"""``(γ, ok)``: :math:`\gamma = G^{-1}\Delta F^\top f` for the samples that ``moved`` (0 for
+        the others, whose solve is skipped when they are the majority); ``ok`` false where the
+        condition estimate :math:`m\|H^{-1}p\|/\|p\|` of the scaled matrix exceeds ``restart_cond``
+        (or the solve failed), and then γ = 0."""
         B, m = self.B, self.m
         k = int(np.count_nonzero(moved))
         if k == 0:
             return np.zeros((B, m), self.G.dtype), np.ones(B, bool)
         # solve for the samples that moved only when that saves more than the gather costs
-        idx = np.flatnonzero(moved) if 2 * k < B else None
-        H, R = (self.G, self.R) if idx is None else (self.G[idx], self.R[idx])
-        try:
-            sol = np.linalg.solve(H, R)
-            ok = np.einsum("bi,bi->b", sol[:, :, 1], sol[:, :, 1]) <= self.lim2  # NaN fails
-        except np.linalg.LinAlgError:  # an exactly singular (NaN-free) sample: torch says which
-            s, info = torch.linalg.solve_ex(torch.from_numpy(H), torch.from_numpy(R))
-            sol, ok = s.numpy(), info.numpy() == 0
-            ok &= np.einsum("bi,bi->b", sol[:, :, 1], sol[:, :, 1]) <= self.lim2
+        idx = np.flatnonzero(moved) if 4 * k < 3 * B else None
+        H, R, d = (self.G, self.R, self.Gd) if idx is None else (self.G[idx], self.R[idx], self.Gd[idx])
+        d = np.sqrt(d)  # D: the column scaling
+        np.multiply(d, self.probe, out=R[:, :, 1])
+        sol = solve(H, R)  # NaN where singular
+        x = sol[:, :, 1]
+        x *= d
+        ok = np.einsum("bi,bi->b", x, x) <= self.lim2  # NaN fails
         gamma = sol[:, :, 0]
         if not ok.all():
             gamma[~ok] = 0.0  # restart: the plain KM step
         if idx is None:
             if k < B:
                 gamma[~moved] = 0.0
+                ok |= ~moved
             return gamma, ok
         full, ok_full = np.zeros((B, m), gamma.dtype), np.ones(B, bool)
         full[idx], ok_full[idx] = gamma, ok

@@ -43,6 +43,10 @@ try:  # the host (CPU, eager) paths compute in numpy: a few µs less per small o
     import numpy as np
 except ImportError:  # pragma: no cover - torch runs without numpy
     np = None  # type: ignore[assignment]
+try:  # numpy.linalg.solve's batched kernel without its checks (4 µs of a 30 µs batch of 64 6x6 solves)
+    from numpy.linalg import _umath_linalg
+except ImportError:  # pragma: no cover - numpy without the private module
+    _umath_linalg = None
 
 __all__ = ["Accelerator"]
 
@@ -162,3 +166,18 @@ def as_rows(t: Tensor, B: int, n: int) -> Any:
     if t.requires_grad:
         t = t.detach()
     return t.numpy().reshape(B, n)  # (numpy's reshape costs a fraction of torch's)
+
+
+def solve(A: Any, B: Any) -> Any:
+    """The batched solve ``A⁻¹B`` of numpy arrays ``(b, m, m)``, ``(b, m, k)``: NaN for a singular
+    matrix (the others are unaffected), no exception, no warning."""
+    with np.errstate(all="ignore"):
+        if _umath_linalg is not None:
+            return _umath_linalg.solve(A, B)
+        try:  # pragma: no cover - numpy without the private module
+            return np.linalg.solve(A, B)
+        except np.linalg.LinAlgError:  # pragma: no cover
+            s, info = torch.linalg.solve_ex(torch.from_numpy(A), torch.from_numpy(B))
+            out = s.numpy().copy()
+            out[info.numpy() != 0] = np.nan
+            return out

@@ -155,14 +155,17 @@ class _HostState:
             if i == 0 and self.steps > 2:  # memory full: restart from M_0
                 self.A.fill(0.0)
                 self.V.fill(0.0)
-            A, V, Y = self.A, self.V, self.Y
+            Y = self.Y
             np.subtract(fn, self.fp, out=Y[:, 0])
             Y[:, 1] = fn
             s = un - self.up
-            MY = np.matmul(np.matmul(Y, V.transpose(0, 2, 1)), A)  # (B, 2, n): [My, Mf] - mix·[y, f]
-            MY += mix * Y
-            b = np.matmul(np.matmul(s[:, None, :], A.transpose(0, 2, 1)), V)[:, 0]  # Mᵀs - mix·s
-            b += mix * s
+            MY = mix * Y  # (B, 2, n): [My, Mf], M = mix·I + Σ_j a_j b_jᵀ over the i rows in use
+            b = mix * s  # Mᵀs
+            if i:  # rows i.. are empty since the last clear: the products skip them
+                A, V = self.A[:, :i], self.V[:, :i]
+                MY += np.matmul(np.matmul(Y, V.transpose(0, 2, 1)), A)
+                b += np.matmul(np.matmul(s[:, None, :], A.transpose(0, 2, 1)), V)[:, 0]
+            A, V = self.A, self.V
             by, bf = np.matmul(b[:, None, :], Y.transpose(0, 2, 1))[:, 0].T  # sᵀMy, sᵀMf
             My = MY[:, 0]
             ss = np.einsum("bn,bn->b", s, s)
