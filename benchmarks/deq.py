@@ -15,7 +15,8 @@ residual column shows what each reached. TorchDEQ runs with ``max_iter = 300`` (
 appends ``max_iter − k`` entries to a trace: a huge ``max_iter`` would time that loop, not the solver).
 
 Tables: (1) forward — steps (the most over the samples), median wall time of interleaved rounds, its
-ratio to our plain per-sample iteration and to the whole-batch Anderson, the CPU-time ratio, the
+ratio to our plain per-sample iteration, to the whole-batch Anderson and to TorchDEQ's solver of the
+same method (full-memory Broyden for every Broyden row), the CPU-time ratio, the
 largest relative residual reached; (2) forward + implicit backward of ``L = Σ_b v_b·z_b`` w.r.t. ``x``
 and ``W`` — times and the gradient's error against a dense reference (Newton's equilibrium,
 :math:`\\nabla_{x_b}L = D_b(I - W^\\top D_b)^{-1}v_b`, :math:`D_b = \\mathrm{sech}^2(Wz_b + x_b)`) and
@@ -149,9 +150,20 @@ def forward_table(P: Problem, methods: dict[str, Forward], rounds: int) -> list[
     rows = []
     for k in methods:
         z, steps = last[k]
+        peer = _peer_of(k)
         rows.append(dict(c=P.c, method=k, steps=steps, time_ms=1e3 * med[k], vs_plain=med[k] / med[base],
-                         vs_batch=med[k] / med[batch], cpu_vs_plain=cmed[k] / cmed[base], residual=residual(P, z)))
+                         vs_batch=med[k] / med[batch], vs_peer=med[k] / med[peer] if peer in med else None,
+                         cpu_vs_plain=cmed[k] / cmed[base], residual=residual(P, z)))
     return rows
+
+
+def _peer_of(method: str) -> Optional[str]:
+    """The TorchDEQ row of the same method (our Anderson / Broyden rows), else ``None``."""
+    if method.startswith("Anderson"):
+        return "TorchDEQ anderson (m = 6)"
+    if method.startswith("Broyden"):
+        return "TorchDEQ broyden"
+    return None
 
 
 # -------------------------------------------------------------------------------------- backward
@@ -344,12 +356,14 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
         f"batches, per-sample Anderson and Broyden: {B} equilibria z = tanh(Wz + x) in R^{n}, ‖W‖₂ = c, float64, "
         f"each solved to the relative residual {TOL:g}.",
         "",
-        "| c | method | steps | time | / plain per sample | / Anderson whole batch | CPU / plain | residual reached |",
-        "|---|---|---|---|---|---|---|---|",
+        "| c | method | steps | time | / plain per sample | / Anderson whole batch | / TorchDEQ (same method) "
+        "| CPU / plain | residual reached |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in fwd:
+        peer = "—" if r.get("vs_peer") is None else f"{r['vs_peer']:.2f}"
         lines.append(f"| {r['c']} | {r['method']} | {r['steps']} | {r['time_ms']:.1f} ms | {r['vs_plain']:.2f} "
-                     f"| {r['vs_batch']:.2f} | {r['cpu_vs_plain']:.2f} | {r['residual']:.1e} |")
+                     f"| {r['vs_batch']:.2f} | {peer} | {r['cpu_vs_plain']:.2f} | {r['residual']:.1e} |")
     lines += [
         "",
         "Forward + implicit backward of L = Σ v·z w.r.t. x and W (gradient error against dense implicit "

@@ -200,6 +200,42 @@ def test_nan_in_one_sample_diverges_that_sample_only(kind, path):
         assert float((u[b] - exact[b]).norm() / exact[b].norm()) < 1e-9
 
 
+@pytest.mark.parametrize("path", ["host", "masked"])
+def test_per_sample_anderson_step_is_the_ridge_least_squares_of_its_own_history(path):
+    """Every sample's step is u + βf - (ΔU + βΔF)γ with γ = argmin ‖f - ΔFγ‖² + λ‖Dγ‖², D the column norms
+    of its last m differences (a dense least-squares solve per sample, past the ring buffer's wrap); a
+    sample fed the same point again (frozen by the loop) takes the plain step and is not restarted."""
+    B, n, m, beta = 3, 7, 3, 0.7
+    g = torch.Generator().manual_seed(11)
+    A = torch.linspace(0.6, 0.95, B, dtype=D)[:, None, None] * torch.linalg.qr(torch.randn(B, n, n, generator=g,
+                                                                                           dtype=D))[0]
+    c = torch.randn(B, n, generator=g, dtype=D)
+    acc = hp.Anderson(m, regularization=1e-4, restart_cond=1e30)
+    acc._host_decisions = path == "host"
+    u = torch.zeros(B, n, dtype=D)
+    st = acc.init(u, 1)
+    hist = []
+    for k in range(9):
+        f = torch.einsum("bij,bj->bi", A, u) + c - u
+        if k == 8:  # sample 2 frozen: the same point as the step before
+            u, f = torch.cat([u[:2], hist[-1][0][2:]]), torch.cat([f[:2], hist[-1][1][2:]])
+        out = acc.step(st, u, f, f.norm(dim=1), beta)
+        hist.append((u, f))
+        if k >= 1:
+            for b in range(B if k < 8 else 2):
+                us = torch.stack([h[0][b] for h in hist[-m - 1:]])
+                fs = torch.stack([h[1][b] for h in hist[-m - 1:]])
+                dU, dF = (us[1:] - us[:-1]).T, (fs[1:] - fs[:-1]).T
+                d = dF.norm(dim=0)
+                lhs = torch.cat([dF, acc.regularization**0.5 * torch.diag(d)])
+                gamma = torch.linalg.lstsq(lhs, torch.cat([f[b], torch.zeros(len(d), dtype=D)])).solution
+                ref = u[b] + beta * f[b] - (dU + beta * dF) @ gamma
+                assert torch.allclose(out[b], ref, rtol=1e-9, atol=1e-12), (k, b, (out[b] - ref).abs().max())
+        u = out
+    assert torch.allclose(out[2], hist[-1][0][2] + beta * hist[-1][1][2], rtol=0, atol=1e-15)
+    assert [int(v) for v in st.restarts] == [0, 0, 0]
+
+
 # ------------------------------------------------------------------------------ cost of a step
 class Count(TorchDispatchMode):
     def __init__(self):
