@@ -181,7 +181,8 @@ class HostBatch:
 
 class MaskedBatch:
     """Per-sample Anderson state in torch operations without host syncs; the same iteration as
-    :class:`HostBatch` (unit-scaled pairs, ridge Gram matrices with the diagonal 1 + λ), every
+    :class:`HostBatch` (here with unit-scaled pairs, so the ridge Gram matrices have the diagonal 1 + λ;
+    the same matrices as ``HostBatch``'s up to the column scaling), every
     decision a mask (see the module docstring)."""
 
     def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
