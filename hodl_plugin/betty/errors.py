@@ -11,7 +11,11 @@ class CheckpointError(HODLError, ValueError):
     """A checkpoint cannot be written, read or applied: the message names the file or the engine state.
 
     Raised before anything is changed: a failed save keeps the previous file, a failed load leaves
-    the engine as it was.
+    the engine as it was. Also a ``ValueError`` and a :class:`~hodl_plugin.errors.HODLError`.
+
+    >>> import hodl_plugin as hp, hodl_plugin.betty as hb
+    >>> issubclass(hb.CheckpointError, hp.HODLError), issubclass(hb.CheckpointError, ValueError)
+    (True, True)
     """
 
 
