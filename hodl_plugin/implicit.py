@@ -242,6 +242,10 @@ class FixedPointProblem:
         needs: which tensors the reverse pass wants gradients for (set per backward).
         batch: set on the problems a vmap builds (:mod:`hodl_plugin._vmap`).
 
+    Raises:
+        TypeError: :meth:`replace` with a field the problem does not have.
+        LinearSolveError: (``on_fail="raise"``) a solve recorded by the primitives missed its tolerance.
+
     Example — :math:`u^* = 2x` of :math:`T(u; x) = \tfrac12 u + x`, solved in closed form:
 
     >>> import torch, hodl_plugin as hp

@@ -61,6 +61,10 @@ class Accelerator:
     A subclass takes no constructor arguments of its own here; its options are its own
     (:class:`~hodl_plugin.acceleration.Anderson`'s ``history_size``, ...).
 
+    Raises:
+        ConfigurationError: (:meth:`check_compatible`, when the solver is built) with
+            ``hypergrad="unrolled"`` / ``"truncated"``, or with HODL aggregation (:math:`\alpha_k > 0`).
+
     Example — a relaxed KM step :math:`u_{k+1} = u_k + \tfrac12\beta_k f_k` as an accelerator, on
     :math:`T(u) = \tfrac12 u + 1` (fixed point 2):
 
