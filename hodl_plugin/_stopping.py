@@ -115,6 +115,9 @@ class Monitor:
         self.bdims = it.batch_dims
         self.reduce_dims = tuple(range(self.bdims, u.dim()))
         self.stack_dims = tuple(range(1, u.dim() + 1))
+        # norms of float32/16 tensors are summed in float64: ‖u‖² of entries above ~1e19 overflows float32 (a
+        # finite residual would read as Inf and the solve be called divergent)
+        self.norm_dtype = torch.float64 if u.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
         self.noise_tol = default_tol(u.dtype)
         self.floor = FLOOR * torch.finfo(u.dtype).eps
         self.dtype = u.dtype
@@ -137,7 +140,7 @@ class Monitor:
     def norm(self, t: Tensor) -> Tensor:
         if not self.reduce_dims:
             return t.abs()
-        return torch.linalg.vector_norm(t, dim=self.reduce_dims)
+        return torch.linalg.vector_norm(t, dim=self.reduce_dims, dtype=self.norm_dtype)
 
     def expand(self, mask: Tensor, like: Tensor) -> Tensor:
         return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
@@ -165,11 +168,14 @@ class Monitor:
         """``[‖T(u) - u‖, ‖u‖]`` (and ``agg``) of one problem as host floats, in one sync: from ``d`` =
         T(u) - u, both norms in one operation."""
         if r is not None:
-            parts = [r.detach().reshape(()), torch.linalg.vector_norm(u.detach()).to(r.dtype)]
+            parts = [r.detach().reshape(()), torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype).to(r.dtype)]
         else:
             assert d is not None
             both = torch.stack([d.detach(), u.detach()])
-            both = both.abs() if u.dim() == 0 else torch.linalg.vector_norm(both, dim=self.stack_dims)
+            if u.dim() == 0:
+                both = both.abs()
+            else:
+                both = torch.linalg.vector_norm(both, dim=self.stack_dims, dtype=self.norm_dtype)
             parts = [both]
         if agg is not None:
             parts.append(agg.detach().reshape(1).to(parts[0].dtype))
@@ -380,7 +386,7 @@ class Monitor:
             s = self.f
             if s.stopped_at is None and not s.diverged and residual is None:  # the last check stands
                 s.converged = bool(self.hist_f) and self.hist_f[-1] <= max(
-                    self.noise_tol * float(torch.linalg.vector_norm(u.detach())), self.atol)
+                    self.noise_tol * float(torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype)), self.atol)
             elif s.stopped_at is None and not s.diverged:  # ran out of steps: measure the returned point
                 rf, un = self.norms(None, u, residual(u))
                 tol = self.tol if not info.exact_steps else self.noise_tol
