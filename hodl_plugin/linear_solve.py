@@ -1171,7 +1171,7 @@ def configure(solver: SolverLike, rtol: Optional[float], atol: Optional[float],
     >>> configure(cg(rtol=1e-6), 1e-8, None, None)
     Traceback (most recent call last):
     ...
-    hodl_plugin.errors.ConfigurationError: the solver CG(rtol=1e-06, atol=0.0, maxiter=1000) already sets ['rtol']; give each tolerance once, either in the solver (hp.linear_solve.cg(rtol=...)) or as adjoint_rtol=/adjoint_atol=/adjoint_maxiter=
+    hodl_plugin.errors.ConfigurationError: the solver CG(rtol=1e-06, atol=0.0, maxiter=1000) already sets ['rtol']; ...
     """
     changes = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("maxiter", maxiter)) if v is not None}
     if solver is None:  # the defaults of the solver chosen per operator are no change

@@ -236,7 +236,7 @@ class FirstOrderMethod:
     >>> hp.ALTO(x, y, F, f, x_lr=0.1)
     Traceback (most recent call last):
     ...
-    hodl_plugin.errors.ConfigurationError: give exactly one of y_lr= (a plain gradient step) or y_optimizer= (a torch optimizer over y); got neither
+    hodl_plugin.errors.ConfigurationError: give exactly one of y_lr= (a plain gradient step) or y_optimizer= ...
     >>> alto = hp.ALTO(x, y, F, f, x_lr=0.1, y_optimizer=torch.optim.SGD([y], lr=0.5))
     >>> [alto.step().step for _ in range(3)], alto.state_dict()["k"]
     ([0, 1, 2], 3)
