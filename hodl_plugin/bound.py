@@ -74,7 +74,7 @@ class BoundConstants:
     The gap :math:`\sigma` is ``sigma_min`` (a lower bound on :math:`\sigma_{\min}(I - \partial_u T)`)
     when given, else :math:`1 - \rho` with :math:`\rho \ge \|\partial_u T\|`. The bound is a bound
     only if the constants are: ``sigma_min``/``1 - rho`` a lower bound, the others upper bounds.
-    :math:`c_1` and :math:`c_2` are those of :ref:`math-bound` (the module docstring), with the terms
+    :math:`c_1` and :math:`c_2` are those of :ref:`the bound <math-bound>` (the module docstring), with the terms
     in :math:`L_J` of a nonlinear T added to :math:`c_1`.
 
     Attributes:
@@ -477,7 +477,7 @@ def residuals_at(
     :math:`\varepsilon = \|z - T(z)\|` with :math:`z` = ``point`` (default :math:`u`, what the
     implicit/inexact modes return) and :math:`\delta = \|(I - \partial_u T(u)^\top)v - \nabla_u F(z)\|`
     (``None`` without ``upper``). Two evaluations of T, one of :math:`\nabla F`, one product. With
-    known constants, ``constants.bound(eps, delta)`` is then the bound of :ref:`math-bound`.
+    known constants, ``constants.bound(eps, delta)`` is then the bound of :ref:`the inexact mode <math-bound>`.
 
     Args:
         T: the operator ``T(u, *params)``.

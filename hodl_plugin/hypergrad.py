@@ -138,7 +138,7 @@ class Truncated(HypergradMethod):
     autograd); memory grows with ``steps``, not with K.
 
     The returned :math:`u_K` carries the derivative of :math:`u_K` w.r.t. :math:`x` with
-    :math:`u_{K-k}` held fixed (:ref:`math-unrolled`); for a contraction this is the implicit
+    :math:`u_{K-k}` held fixed (:ref:`the modes compared <math-choosing>`); for a contraction this is the implicit
     hypergradient's Neumann series cut after :math:`k` terms.
 
     Args:
