@@ -423,6 +423,7 @@ def load_checkpoint(engine: Any, path: PathLike) -> None:
 
     Raises:
         CheckpointError: as :func:`load_engine_state_dict`, or the file is not a checkpoint.
+        FileNotFoundError: there is no file at ``path``.
 
     Example — the example of :func:`save_checkpoint` loads its file with this function; a file that
     is not a checkpoint is refused before the engine is touched:
