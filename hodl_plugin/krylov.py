@@ -70,10 +70,23 @@ INNER = 0.5
 
 
 def resolve(forward: str, T: Any) -> str:
-    """``"krylov"`` becomes ``"cg"`` when ``T.symmetric_jacobian`` is true, else ``"gmres"``.
+    r"""``"krylov"`` becomes ``"cg"`` when ``T.symmetric_jacobian`` is true, else ``"gmres"``.
 
+    CG needs :math:`I - \partial_u T` symmetric (positive definite), GMRES any :math:`\partial_u T`
+    (:ref:`math-krylov`).
+
+    Args:
+        forward: one of :data:`FORWARDS`.
+        T: the operator; only its ``symmetric_jacobian`` attribute is read (absent: not symmetric).
+
+    Returns:
+        ``"cg"`` or ``"gmres"`` for ``"krylov"``; any other ``forward`` unchanged.
+
+    >>> import hodl_plugin as hp
     >>> resolve("krylov", lambda u: u), resolve("gkm", None)
     ('gmres', 'gkm')
+    >>> resolve("krylov", hp.GradientStep(objective=lambda u: 0.5 * (u ** 2).sum(), step=0.5))
+    'cg'
     """
     if forward == "krylov":
         return "cg" if getattr(T, "symmetric_jacobian", False) else "gmres"

@@ -143,6 +143,13 @@ class GKMSolver(nn.Module):
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
             or non-finite inputs.
         DivergenceError: the iteration diverged (``on_divergence="raise"``).
+        ConfigurationError: at construction, options that cannot work together: ``acceleration``
+            with ``hypergrad="unrolled"`` / ``"truncated"`` or with aggregation (:math:`\alpha_k > 0`), a
+            Krylov ``forward`` with those or with ``tol=0, atol=0``.
+        NotAffineError: (a :class:`ConfigurationError`) at call time, ``forward="krylov"`` on an
+            operator that is not affine in u.
+        LinearSolveError: in ``backward()``, the adjoint solve missed its tolerance (implicit mode,
+            ``on_fail="raise"``).
     """
 
     def __init__(
