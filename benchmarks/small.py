@@ -606,7 +606,10 @@ def markdown(ridge_rows: list, hoag_rows: list, cost_rows: list, compile_rows: l
                      f"{fmt(r['rel_error'])} | {r['time_ms']:.1f} ms | {r['ratio']:.2f} |")
     if cost_rows:
         trees = list(dict.fromkeys(r["checkout"] for r in cost_rows))
-        lines += ["", "Fixed costs of a 10-dimensional solve (ridge step, 200 × 10 data; µs, aten operations):", "",
+        intro = "Fixed costs of a 10-dimensional solve (ridge step, 200 × 10 data; µs, aten operations)"
+        if len(trees) > 1:  # --against DIR: an earlier checkout, measured in the same run
+            intro += "; `against` is the checkout given with `--against` (here: main before the per-call cuts)"
+        lines += ["", intro + ":", "",
                   "| | " + " | ".join(trees) + " |", "|---|" + "---|" * len(trees)]
         for name in COST_ROWS:
             cells = [next(r for r in cost_rows if r["checkout"] == k and r["what"] == name) for k in trees]

@@ -234,6 +234,10 @@ class BoundOperator:
             a derivative, in the order they are appended to ``tensors``.
         originals: the leaves of ``params`` as given (substituted too, where ``T`` reads them from its
             closure as well).
+        first: ``(u, T(u))`` of the binding run, when it may serve as the solve's first evaluation.
+        reads_originals: whether the binding run saw ``T`` read a leaf of ``params`` from its closure
+            (it was called with aliases of them): if not, no substitution of ``originals`` is needed (a
+            torch-function mode over a whole solve costs a Python call per operation).
     """
 
     T: Callable[..., Tensor]
@@ -242,6 +246,7 @@ class BoundOperator:
     captured: tuple[Tensor, ...] = ()
     originals: tuple[Tensor, ...] = ()
     first: Any = None  # (u, T(u)) of the binding run, when it may serve as the solve's first evaluation
+    reads_originals: bool = True  # whether T reads a leaf of params from its closure (not only as an argument)
 
     def params(self, tensors: Sequence[Tensor]) -> list[Any]:
         """The solver's ``params`` rebuilt from ``tensors``."""
@@ -254,7 +259,7 @@ class BoundOperator:
 
     def context(self, tensors: Sequence[Tensor]) -> Any:
         """The substitution of the bound tensors by ``tensors`` (a no-op when they are the same)."""
-        old = self.inputs
+        old = self.inputs if self.reads_originals else ()
         if len(old) != len(tensors) or all(a is b for a, b in zip(old, tensors)):
             if len(old) == len(tensors):
                 return _NULL
@@ -301,14 +306,18 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
     from ._checks import check_operator_output, inplace_error
 
     leaves, spec = flatten(params, static)
-    rec = _Record([u, *leaves])
+    # T is called with aliases of the leaves: a leaf it still reads as itself comes from its closure
+    aliases = [t.view_as(t) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex()) else t
+               for t in leaves]
+    called = unflatten(spec, aliases) if any(a is not t for a, t in zip(aliases, leaves)) else list(params)
+    rec = _Record([u, *aliases])
     level = current_functorch_level()
     keep = keep and level == 0 and not forward_ad_active() and not any(t.is_inference() for t in (u, *leaves))
     versions = [version(t) for t in (u, *leaves)] if keep else []
     # in plain autograd the run keeps its graph, to find tensors T reaches unseen (see _hidden)
     graph = torch.is_grad_enabled() and not transforms_active()
     with torch.set_grad_enabled(graph), rec:
-        out = T(u, *params)
+        out = T(u, *called)
         for fn in extra:
             fn()
     first = None
@@ -318,10 +327,14 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
             raise inplace_error(changed[0])
         check_operator_output(out, u)
         first = (u, out.detach() if isinstance(out, Tensor) else out)
-    captured = tuple(t for t in rec.leaves.values() if _carries_derivative(t, level))
+    leaf_ids = {id(t) for t in leaves}
+    reads = any(i in leaf_ids for i in rec.leaves)
+    captured = tuple(t for t in rec.leaves.values() if id(t) not in leaf_ids and _carries_derivative(t, level))
     inner = [t for t in rec.leaves.values() if functorch_level(t) > level and (t.is_floating_point() or t.is_complex())]
     bases = [b for b in (_base(t, level) for t in inner)
              if b is not None and id(b) not in rec.produced and id(b) not in rec.known]
+    reads = reads or any(id(b) in leaf_ids for b in bases)
+    bases = [b for b in bases if id(b) not in leaf_ids]
     if bases and transforms_active():
         shapes = sorted({tuple(b.shape) for b in bases})
         raise HODLError(
@@ -332,7 +345,7 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
         )
     captured += tuple(b for b in dict.fromkeys(bases) if b not in captured and _carries_derivative(b, level))
     if graph and isinstance(out, Tensor) and out.requires_grad:
-        hidden = _hidden(out, [u, *leaves, *captured, *rec.keep])
+        hidden = _hidden(out, [u, *leaves, *aliases, *captured, *rec.keep])
         if hidden:
             raise HODLError(
                 f"T depends on tensor(s) of shape {sorted({tuple(t.shape) for t in hidden})} that require grad but "
@@ -340,7 +353,7 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
                 "extension): their implicit derivative would be lost. Pass them as parameters, solver(u0, ..., W) "
                 "with T(u, ..., W), or use hypergrad='unrolled'"
             )
-    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves), first)
+    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves), first, reads)
 
 
 def _hidden(out: Tensor, known: Sequence[Tensor]) -> list[Tensor]:

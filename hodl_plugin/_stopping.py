@@ -89,6 +89,24 @@ def certifies(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).eps <= 1e-4
 
 
+# the squares of entries below ~1e-154 or above ~1e154 leave float64's range (float32 and half precision
+# tensors are summed in float64): a norm outside these bounds is measured again, scaled
+_TINY, _HUGE = 1e-140, 1e140
+
+
+def scaled_norm(t: Tensor) -> Tensor:
+    """:math:`\\|t\\|` as :math:`m\\,\\|t/m\\|`, :math:`m = \\max_i |t_i|`: no square under- or overflows.
+
+    >>> import torch
+    >>> float(scaled_norm(torch.full((4,), 1e-200, dtype=torch.float64)))   # the plain norm gives 0
+    2e-200
+    """
+    low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    m = t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+    m = torch.where(m > 0, m, torch.ones_like(m)).to(torch.float64 if low else m.dtype)
+    return torch.linalg.vector_norm(t.to(m.dtype) / m) * m
+
+
 class Monitor:
     """The per-sample stop state of one run of :meth:`~hodl_plugin.gkm.GKMIteration.run`.
 
@@ -115,6 +133,9 @@ class Monitor:
         self.bdims = it.batch_dims
         self.reduce_dims = tuple(range(self.bdims, u.dim()))
         self.stack_dims = tuple(range(1, u.dim() + 1))
+        # norms of float32/16 tensors are summed in float64: ‖u‖² of entries above ~1e19 overflows float32 (a
+        # finite residual would read as Inf and the solve be called divergent)
+        self.norm_dtype = torch.float64 if u.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
         self.noise_tol = default_tol(u.dtype)
         self.floor = FLOOR * torch.finfo(u.dtype).eps
         self.dtype = u.dtype
@@ -137,7 +158,7 @@ class Monitor:
     def norm(self, t: Tensor) -> Tensor:
         if not self.reduce_dims:
             return t.abs()
-        return torch.linalg.vector_norm(t, dim=self.reduce_dims)
+        return torch.linalg.vector_norm(t, dim=self.reduce_dims, dtype=self.norm_dtype)
 
     def expand(self, mask: Tensor, like: Tensor) -> Tensor:
         return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
@@ -165,15 +186,23 @@ class Monitor:
         """``[‖T(u) - u‖, ‖u‖]`` (and ``agg``) of one problem as host floats, in one sync: from ``d`` =
         T(u) - u, both norms in one operation."""
         if r is not None:
-            parts = [r.detach().reshape(()), torch.linalg.vector_norm(u.detach()).to(r.dtype)]
+            parts = [r.detach().reshape(()), torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype).to(r.dtype)]
         else:
             assert d is not None
             both = torch.stack([d.detach(), u.detach()])
-            both = both.abs() if u.dim() == 0 else torch.linalg.vector_norm(both, dim=self.stack_dims)
+            if u.dim() == 0:
+                both = both.abs()
+            else:
+                both = torch.linalg.vector_norm(both, dim=self.stack_dims, dtype=self.norm_dtype)
             parts = [both]
         if agg is not None:
             parts.append(agg.detach().reshape(1).to(parts[0].dtype))
-        return torch.cat([t.reshape(-1) for t in parts]).tolist()
+        vals = torch.cat([t.reshape(-1) for t in parts]).tolist()
+        if not all(_TINY < v < _HUGE for v in vals[:2]):  # 0, or squares outside the range: measure again
+            if d is not None:
+                exact = torch.stack([scaled_norm(d.detach()), scaled_norm(u.detach())]).tolist()
+                vals[:2] = [v if math.isfinite(v) else old for v, old in zip(exact, vals[:2])]
+        return vals
 
     def _check_scalar(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor,
                       d: Optional[Tensor] = None, agg: Optional[Tensor] = None) -> Tensor:
@@ -380,7 +409,7 @@ class Monitor:
             s = self.f
             if s.stopped_at is None and not s.diverged and residual is None:  # the last check stands
                 s.converged = bool(self.hist_f) and self.hist_f[-1] <= max(
-                    self.noise_tol * float(torch.linalg.vector_norm(u.detach())), self.atol)
+                    self.noise_tol * float(torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype)), self.atol)
             elif s.stopped_at is None and not s.diverged:  # ran out of steps: measure the returned point
                 rf, un = self.norms(None, u, residual(u))
                 tol = self.tol if not info.exact_steps else self.noise_tol

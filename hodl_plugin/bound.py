@@ -74,6 +74,18 @@ class BoundConstants:
     The gap :math:`\sigma` is ``sigma_min`` (a lower bound on :math:`\sigma_{\min}(I - \partial_u T)`)
     when given, else :math:`1 - \rho` with :math:`\rho \ge \|\partial_u T\|`. The bound is a bound
     only if the constants are: ``sigma_min``/``1 - rho`` a lower bound, the others upper bounds.
+    :math:`c_1` and :math:`c_2` are those of :ref:`the bound <math-bound>` (the module docstring), with the terms
+    in :math:`L_J` of a nonlinear T added to :math:`c_1`.
+
+    Attributes:
+        rho: :math:`\rho \ge \|\partial_u T\|` (contraction rate; ``nan`` when ``sigma_min`` is given).
+        jx_norm: :math:`\|J_x\| = \|\partial_x T\|` (an upper bound).
+        lip_upper: :math:`L_F = \|\nabla^2_{uu} F\|`.
+        lip_cross: :math:`L_{xF} = \|\partial_u \nabla_x F\|`.
+        lip_jac: :math:`L_J`, the Lipschitz constant of :math:`u \mapsto \partial T(u)` (0 for affine T).
+        v_norm: :math:`\|\tilde v\|`, the adjoint's norm (it multiplies :math:`L_J`).
+        c3: the coefficient of :math:`\varepsilon^2`.
+        sigma_min: :math:`\sigma \le \sigma_{\min}(I - \partial_u T)`, or ``None`` (then :math:`1 - \rho`).
 
     >>> c = BoundConstants(rho=0.5, jx_norm=1.0, lip_upper=2.0)
     >>> c.c2, c.c1
@@ -139,7 +151,19 @@ class BoundConstants:
 
 
 def with_v_norm(c: BoundConstants, v: Tensor) -> BoundConstants:
-    """Copy of ``c`` with ``v_norm = ‖v‖``."""
+    r"""Copy of ``c`` with ``v_norm = ‖v‖``.
+
+    Args:
+        c: the constants.
+        v: the adjoint solution :math:`\tilde v`.
+
+    Returns:
+        A new :class:`BoundConstants` (``c`` is frozen).
+
+    >>> import torch
+    >>> with_v_norm(BoundConstants(rho=0.5, jx_norm=1.0, lip_upper=2.0), torch.tensor([3.0, 4.0])).v_norm
+    5.0
+    """
     return replace(c, v_norm=float(torch.linalg.vector_norm(v)))
 
 
@@ -154,7 +178,20 @@ class SpectralInterval:
 
     ``lo <= λ_min`` and ``λ_max <= hi`` hold with probability ``>= 1 - fail_prob`` over the random
     start (deterministically, up to rounding, when ``exact``); ``ritz_min``/``ritz_max`` are the
-    extreme Ritz values (estimates, inside the true range).
+    extreme Ritz values (estimates, inside the true range). Made by :func:`lanczos_interval`.
+
+    Attributes:
+        lo, hi: the certified interval :math:`[\mathrm{lo}, \mathrm{hi}] \supset [\lambda_{\min}, \lambda_{\max}]`.
+        ritz_min, ritz_max: the extreme Ritz values :math:`\theta_{\min}, \theta_{\max}`.
+        steps: the Lanczos steps (matrix products) taken.
+        exact: the Krylov space was exhausted (the interval holds up to rounding, not by chance).
+        fail_prob: the probability that the interval misses the spectrum (0 when ``exact``).
+
+    >>> import torch
+    >>> A = torch.diag(torch.tensor([-3.0, 1.0], dtype=torch.float64))
+    >>> iv = lanczos_interval(lambda w: A @ w, 2)
+    >>> iv.exact, round(iv.abs_max(), 9), iv.distance_to_zero()    # the interval [-3, 1] holds 0
+    (True, 3.0, 0.0)
     """
 
     lo: float
@@ -227,6 +264,20 @@ def lanczos_interval(
     with probability :math:`\ge 1-p` (no definiteness assumed). Stops when the space is exhausted
     (exact), when the interval is within a factor 2 of the Ritz values (``need_min``: of the
     smallest one's distance to 0; else of the largest modulus), or after ``maxiter`` products.
+
+    Args:
+        matvec: ``w -> A w`` for a symmetric :math:`A` on flat vectors of length ``n``.
+        n: the dimension.
+        dtype, device: of the Lanczos vectors.
+        fail_prob: :math:`p`, the failure probability of the certificate.
+        maxiter: the most products (memory: ``maxiter`` vectors of length ``n``).
+        need_min: stop on the accuracy of the smallest modulus (for :math:`\sigma_{\min}`) rather
+            than of the largest.
+        seed: seed of the Gaussian start.
+
+    Returns:
+        The :class:`SpectralInterval` (``lo = -inf, hi = inf`` when a product is not finite or the
+        products ran out before the certificate's :math:`\epsilon_k` was below 1/2).
 
     >>> import torch
     >>> A = torch.diag(torch.tensor([1e-4, 0.5, 2.0], dtype=torch.float64))
@@ -345,6 +396,15 @@ def operator_norm(out: Tensor, inputs: Sequence[Tensor], iters: int = 20, seed: 
     The largest Ritz value of ``iters`` Lanczos steps on :math:`J^\top J`: a *lower* estimate
     (exact when the space is exhausted). :func:`a_posteriori` uses the certified upper end instead.
 
+    Args:
+        out: a tensor on an autograd graph.
+        inputs: the tensors it is differentiated w.r.t. (requiring grad).
+        iters: the most Lanczos steps.
+        seed: seed of the random start.
+
+    Returns:
+        :math:`\sqrt{\theta_{\max}(J^\top J)}` (a float, ``<=`` the true norm up to rounding).
+
     >>> import torch
     >>> A = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
     >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
@@ -377,6 +437,21 @@ class ErrorReport:
         forward_residual: :math:`\varepsilon = \|z - T(z)\|` at the point F was evaluated.
         adjoint_residual: :math:`\delta`, recomputed at that point.
         message: why ``bound`` is ``None`` (empty otherwise).
+
+    Example — the module docstring's problem, whose exact hypergradient is
+    :math:`\nabla f(x) = Q^{-2}x`:
+
+    >>> import torch
+    >>> Q = torch.diag(torch.tensor([1.0, 1e-3], dtype=torch.float64))
+    >>> T = lambda u, x: u - (Q @ u - x)
+    >>> F = lambda u, x: 0.5 * (u ** 2).sum()
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> u = torch.linalg.solve(Q, x.detach()) + 1e-6
+    >>> v = torch.linalg.solve(Q, u)                     # the adjoint at z = u; the hypergradient is v
+    >>> rep = a_posteriori(T, F, u, [x], [x], v)
+    >>> error = float((v - torch.linalg.solve(Q @ Q, x.detach())).norm())
+    >>> rep.message, rep.fail_prob, rep.bound >= error
+    ('', 0.0, True)
     """
 
     bound: Optional[float]
@@ -401,7 +476,19 @@ def residuals_at(
 
     :math:`\varepsilon = \|z - T(z)\|` with :math:`z` = ``point`` (default :math:`u`, what the
     implicit/inexact modes return) and :math:`\delta = \|(I - \partial_u T(u)^\top)v - \nabla_u F(z)\|`
-    (``None`` without ``upper``). Two evaluations of T, one of :math:`\nabla F`, one product.
+    (``None`` without ``upper``). Two evaluations of T, one of :math:`\nabla F`, one product. With
+    known constants, ``constants.bound(eps, delta)`` is then the bound of :ref:`the inexact mode <math-bound>`.
+
+    Args:
+        T: the operator ``T(u, *params)``.
+        upper: the upper objective ``F(u, *params)``, or ``None``.
+        u: :math:`\tilde u`, where :math:`\partial_u T` is taken.
+        params: the parameters of T and F.
+        v: the adjoint solution :math:`\tilde v`.
+        point: :math:`z`, where F was evaluated (default ``u``).
+
+    Returns:
+        ``(eps, delta)`` as floats (``delta`` is ``None`` without ``upper``).
 
     >>> import torch
     >>> T = lambda u, x: 0.5 * u + x
@@ -467,6 +554,25 @@ def a_posteriori(
         seed: seed of the random starts.
 
     Cost: up to about ``4·maxiter`` vector–Jacobian products, plus host syncs (a diagnostic).
+
+    Returns:
+        An :class:`ErrorReport`: ``bound`` :math:`\ge\|\tilde g - \nabla f(x)\|` with probability
+        :math:`\ge 1 - p` (or ``None`` and a ``message``), the ``estimate``, the constants and the
+        residuals :math:`\varepsilon, \delta` recomputed at ``point``.
+
+    Example — a contraction with :math:`\sigma_{\min}(I - J_u) = 10^{-3}` (the module docstring has
+    another one; :class:`ErrorReport` compares the bound with the exact error):
+
+    >>> import torch
+    >>> Q = torch.diag(torch.tensor([2.0, 1e-3], dtype=torch.float64))
+    >>> T = lambda u, x: u - 0.5 * (Q @ u - x)           # I - J_u = Q/2
+    >>> F = lambda u, x: 0.5 * (u ** 2).sum()
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> u = torch.linalg.solve(Q, x.detach())             # the exact fixed point: eps = 0
+    >>> v = torch.linalg.solve(Q / 2, u)                  # the exact adjoint: delta = 0
+    >>> rep = a_posteriori(T, F, u, [x], [x], v)
+    >>> rep.exact, round(rep.constants.sigma_min, 9), rep.bound < 1e-9
+    (True, 0.0005, True)
     """
     notes: list[str] = []
     p_each = fail_prob / 4
@@ -640,6 +746,22 @@ def estimate_constants(
 
     Kept for callers of the old API; :func:`a_posteriori` also recomputes the residuals at the
     point actually used and says when the bound cannot be certified — use it instead.
+
+    Args:
+        T, upper, u, params, learned, v: as for :func:`a_posteriori`.
+        iters: Lanczos products per spectral interval (its ``maxiter``).
+
+    Returns:
+        The certified :class:`BoundConstants`, with ``v_norm = ‖v‖``.
+
+    >>> import torch
+    >>> Q = torch.diag(torch.tensor([1.0, 0.25], dtype=torch.float64))
+    >>> T = lambda u, x: u - (Q @ u - x)                  # I - J_u = Q: sigma_min = 0.25, ||J_x|| = 1
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> c = estimate_constants(T, lambda u, x: 0.5 * (u ** 2).sum(), torch.ones(2, dtype=torch.float64),
+    ...                        [x], [x], torch.ones(2, dtype=torch.float64))
+    >>> round(c.sigma_min, 9), round(c.jx_norm, 9), round(c.lip_upper, 9)
+    (0.25, 1.0, 1.0)
     """
     rep = a_posteriori(T, upper, u, params, learned, v, maxiter=iters)
     return with_v_norm(rep.constants, v)

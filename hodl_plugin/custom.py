@@ -128,6 +128,13 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
         a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
         through as constants.
 
+    Raises:
+        TypeError: ``T`` is not callable; (at call time) the solver returns something other than a
+            tensor shaped like ``init``, of its dtype and device.
+        ValueError: ``on_fail`` or a tolerance out of range.
+        DivergenceError: (at call time) the returned point is not finite.
+        LinearSolveError: (in ``backward``, ``on_fail="raise"``) the adjoint solve misses its tolerance.
+
     >>> import torch, hodl_plugin as hp
     >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     >>> T = lambda u, x: u - 0.2 * (A @ u - x)           # gradient step of ½uᵀAu - xᵀu
@@ -159,6 +166,18 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
         on_fail: as for :func:`custom_fixed_point`.
         tol, atol: the check of the returned point, ``‖G(u)‖ ≤ max(tol·‖G(init)‖, atol)`` (as for
             :func:`custom_fixed_point`).
+
+    Returns:
+        a decorator: the decorated ``solver(init, *args)`` returns the same root, differentiable
+        w.r.t. the tensors in ``args`` (and those ``G`` reads from its closure); ``init`` gets no
+        gradient.
+
+    Raises:
+        TypeError: ``optimality_fn`` is not callable; (at call time) the solver returns something
+            other than a tensor shaped like ``init``, of its dtype and device.
+        ValueError: ``on_fail`` or a tolerance out of range.
+        DivergenceError: (at call time) the returned point is not finite.
+        LinearSolveError: (in ``backward``, ``on_fail="raise"``) the adjoint solve misses its tolerance.
 
     >>> import torch, hodl_plugin as hp
     >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]], dtype=torch.float64)

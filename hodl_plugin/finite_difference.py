@@ -60,7 +60,18 @@ def central_difference(fn: Callable[..., Tensor], p: Tensor, v: Tensor, params: 
                        radius: float) -> Tensor:
     r""":math:`D(p, v) = [\mathrm{fn}(p + \epsilon v) - \mathrm{fn}(p - \epsilon v)]/(2\epsilon)`,
     :math:`\epsilon = r/\|v\|` — :math:`\langle\nabla\mathrm{fn}(p), v\rangle` to :math:`O(r^2)`, exact for a
-    quadratic (0 for :math:`v = 0`).
+    quadratic (0 for :math:`v = 0`). The :math:`D_f` of the module docstring.
+
+    Args:
+        fn: a scalar function ``fn(p, *params)``.
+        p: the point :math:`p`.
+        v: the direction :math:`v` (shaped like ``p``).
+        params: the further arguments of ``fn``.
+        radius: :math:`r`, the length :math:`\epsilon\|v\|` of the perturbation.
+
+    Returns:
+        The 0-d tensor :math:`D(p, v)`, differentiable w.r.t. ``params`` (the step :math:`\epsilon`
+        is a constant).
 
     >>> import torch
     >>> fn = lambda u: (u ** 2).sum()
@@ -158,6 +169,11 @@ class FiniteDifference(HypergradMethod):
 
     Args:
         radius: r, the length :math:`\epsilon\|\bar u\|` of the perturbation (DARTS's 0.01).
+
+    Raises:
+        ValueError: ``radius`` is not a positive finite number.
+        ConfigurationError: (when the solver is built) ``T`` is not a
+            :class:`~hodl_plugin.operators.GradientStep` with an objective.
 
     >>> import torch, hodl_plugin as hp
     >>> f = lambda u, x: 0.5 * ((u - x) ** 2).sum()                 # T(u) = u - 0.5 (u - x)

@@ -146,6 +146,17 @@ class SolverInfo:
 def validate_count(value: object, name: str, minimum: int = 1) -> int:
     """An integer argument >= ``minimum`` (an integral float such as ``3.0`` is accepted).
 
+    Args:
+        value: the argument to check.
+        name: its name, for the message.
+        minimum: the least value accepted.
+
+    Returns:
+        ``value`` as an ``int``.
+
+    Raises:
+        ValueError: ``value`` is not an integer (a bool is not), or is below ``minimum``.
+
     >>> validate_count(3.0, "max_steps")
     3
     >>> validate_count(2.5, "max_steps")
@@ -208,7 +219,34 @@ class GKMIteration:
     r"""The GKM iteration's options (validated once, here) and its loop, :meth:`run`.
 
     Created by :class:`hodl_plugin.GKMSolver` (whose arguments document these fields); a copy with
-    other options is ``iteration.replace(tol=1e-6)``.
+    other options is ``iteration.replace(tol=1e-6)``. :meth:`run` takes, for :math:`k = 0, 1, \dots`,
+    the GKM step of the module docstring (:ref:`math-gkm`) and stops on the residual test of
+    :ref:`math-stopping`.
+
+    Attributes:
+        T: the operator ``T(u, *params) -> tensor shaped like u``, nonexpansive in :math:`u`.
+        max_steps: :math:`K`, the most steps of a run (an integer >= 1).
+        tol: relative tolerance (``None``: :func:`default_tol` of the dtype).
+        atol: absolute tolerance; the threshold is :math:`\max(\mathrm{tol}\cdot\|u\|, \mathrm{atol})`.
+        beta: the KM relaxation :math:`\beta_k` (a number or a schedule; stored as a schedule).
+        upper: the upper objective :math:`F(u, *params)` (a scalar), or ``None``.
+        upper_grad: :math:`\nabla_u F(u, *params)` directly, instead of autograd on ``upper``.
+        upper_step: :math:`s`, the step of the upper descent direction (> 0).
+        alpha: the aggregation weights :math:`\alpha_k` (``None``: no aggregation).
+        aggregation: ``"inside"`` or ``"outside"`` (:data:`AGGREGATIONS`, module docstring).
+        check_every: steps between residual checks.
+        divergence_factor: a residual above this multiple of the first one is a divergence (> 1).
+        on_divergence: ``"raise"`` or ``"warn"``.
+        batch_dims: leading dims of ``u`` that index independent problems.
+        acceleration: ``None`` or an accelerator (:class:`~hodl_plugin.acceleration.Anderson`,
+            :class:`~hodl_plugin.acceleration.Broyden`).
+        forward: ``"gkm"``, or a Krylov forward of an affine ``T`` (:ref:`math-krylov`); ``"krylov"``
+            is resolved to ``"cg"`` or ``"gmres"`` here.
+
+    Raises:
+        ValueError, TypeError: an option out of range or of the wrong type (named in the message).
+        ConfigurationError: ``acceleration`` with aggregation (:math:`\alpha_k > 0`), or a Krylov
+            ``forward`` with acceleration, aggregation or ``tol=0, atol=0``.
 
     >>> import torch
     >>> it = GKMIteration(lambda u, x: 0.5 * u + x, max_steps=100, tol=1e-12)
@@ -471,12 +509,16 @@ class GKMIteration:
         Tu = self._call_T(u, params, first, functional, u, t0)
         f = Tu - u
         r = self._norm(f)
-        return self.acceleration.step(state, u, f, r, float(self.beta(k))), None, r, None
+        return self.acceleration.step(state, u, f, r, float(self.beta(k))), f, r, None
 
     def _norm(self, t: Tensor) -> Tensor:
         dims = tuple(range(self.batch_dims, t.dim()))
         t = t.detach()
-        return torch.linalg.vector_norm(t, dim=dims) if dims else t.abs()
+        if not dims:
+            return t.abs()
+        # float32 / half: summed in float64 (the squares of entries below ~1e-19 or above ~1e19 leave float32)
+        low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float64 if low else None)
 
     def _residual_fn(self, params: Sequence[Any]) -> Callable[[Tensor], Tensor]:
         """``u -> T(u) - u`` without autograd (the returned point's residual is its norm)."""

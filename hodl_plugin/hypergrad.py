@@ -134,12 +134,30 @@ class Unrolled(HypergradMethod):
 
 
 class Truncated(HypergradMethod):
-    """Back-propagation through the last ``steps`` GKM steps only (the earlier ones run without
+    r"""Back-propagation through the last ``steps`` GKM steps only (the earlier ones run without
     autograd); memory grows with ``steps``, not with K.
 
-    Raises:
-        ValueError: ``steps`` is not an integer >= 1.
+    The returned :math:`u_K` carries the derivative of :math:`u_K` w.r.t. :math:`x` with
+    :math:`u_{K-k}` held fixed (:ref:`the modes compared <math-choosing>`); for a contraction this is the implicit
+    hypergradient's Neumann series cut after :math:`k` terms.
 
+    Args:
+        steps: :math:`k`, the number of differentiated last steps (an integer >= 1, at most
+            ``max_steps``).
+
+    Raises:
+        ValueError: ``steps`` is not an integer >= 1; or (when the solver is built) it exceeds
+            ``max_steps``.
+
+    Example — :math:`T(u; x) = \tfrac12 u + x`, 50 steps, the last two differentiated:
+    :math:`\partial u_{50}/\partial x = 1 + \tfrac12` (the exact :math:`\mathrm{d}u^*/\mathrm{d}x` is 2):
+
+    >>> import torch, hodl_plugin as hp
+    >>> x = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    >>> solver = hp.GKMSolver(lambda u, x: 0.5 * u + x, max_steps=50, tol=0.0, hypergrad=Truncated(2))
+    >>> solver(torch.zeros(1, dtype=torch.float64), x).backward()
+    >>> x.grad
+    tensor([1.5000], dtype=torch.float64)
     >>> Truncated(5)
     Truncated(steps=5)
     """
@@ -203,8 +221,25 @@ def _methods() -> dict[str, Callable[..., HypergradMethod]]:
 def get_method(spec: Union[str, HypergradMethod], **kwargs: Any) -> HypergradMethod:
     """A method object from its name (``kwargs`` go to its constructor) or pass one through.
 
+    Args:
+        spec: a method's name (``"implicit"``, ``"unrolled"``, ``"truncated"``, ``"inexact"``,
+            ``"first_order"``, ``"ptt"``, ``"fd"``, ``"iga"``: the module docstring) or a
+            :class:`HypergradMethod` object.
+        **kwargs: options of the named method's constructor (none with an object).
+
+    Returns:
+        The :class:`HypergradMethod`: a new one for a name, ``spec`` itself for an object.
+
+    Raises:
+        ValueError: an unknown name, or options given with a method object.
+        TypeError: an option the named method does not take.
+
     >>> get_method("truncated", steps=3)
     Truncated(steps=3)
+    >>> get_method("truncated", step=3)
+    Traceback (most recent call last):
+    ...
+    TypeError: hypergrad='truncated' takes the options ['steps']; got unknown ['step']
     """
     if isinstance(spec, HypergradMethod):
         if kwargs:

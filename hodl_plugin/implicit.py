@@ -107,6 +107,22 @@ def implicit_vjp(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: Tensor
     r""":math:`\bar\theta = \sigma(\partial_\theta T)^\top v` with :math:`v` = ``solve(cotangent)`` =
     :math:`A^{-\top}\bar u`, for the fixed point :math:`u = T(u;\theta)` (``sign`` :math:`\sigma = 1`) or
     the root :math:`G(u;\theta) = 0` (``op`` = G, :math:`\sigma = -1`). Differentiable when ``solve`` is.
+    The reverse rule of :ref:`math-implicit`, with :math:`A = I - \partial_u T` (a fixed point) or
+    :math:`A = \partial_u G` (a root).
+
+    Args:
+        op: ``op(u, tensors) -> T(u; θ)`` (or :math:`G(u; \theta)` for a root), every tensor explicit.
+        u: the solution :math:`u^*`.
+        tensors: :math:`\theta`, the tensors ``op`` depends on.
+        cotangent: :math:`\bar u`, the gradient reaching :math:`u^*`.
+        solve: ``b -> A^{-T} b`` (the caller's linear solve).
+        sign: :math:`\sigma`, ``1.0`` for a fixed point, ``-1.0`` for a root.
+
+    Returns:
+        The tuple :math:`\bar\theta`, one gradient per entry of ``tensors``.
+
+    Example — :math:`T(u; x) = \tfrac12 u + x`, :math:`A = \tfrac12 I`, so :math:`v = 2\bar u` and
+    :math:`\bar x = v`:
 
     >>> import torch
     >>> T = lambda u, ts: 0.5 * u + ts[0]
@@ -121,7 +137,21 @@ def implicit_vjp(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: Tensor
 
 def implicit_jvp(op: Op, u: Tensor, tensors: Sequence[Tensor], tangents: Sequence[Optional[Tensor]],
                  solve: Callable[[Tensor], Tensor], sign: float = 1.0) -> Tensor:
-    r""":math:`\dot u = A^{-1}\sigma\,\partial_\theta T\,\dot\theta`, the solve being ``solve``.
+    r""":math:`\dot u = A^{-1}\sigma\,\partial_\theta T\,\dot\theta`, the solve being ``solve``: the
+    forward rule of :ref:`math-implicit`.
+
+    Args:
+        op: ``op(u, tensors) -> T(u; θ)`` (or :math:`G(u; \theta)` for a root), every tensor explicit.
+        u: the solution :math:`u^*`.
+        tensors: :math:`\theta`, the tensors ``op`` depends on.
+        tangents: :math:`\dot\theta`, one per entry of ``tensors`` (``None``: zero).
+        solve: ``b -> A^{-1} b`` (the caller's linear solve).
+        sign: :math:`\sigma`, ``1.0`` for a fixed point, ``-1.0`` for a root.
+
+    Returns:
+        The tangent :math:`\dot u`, shaped like ``u``.
+
+    Example — :math:`T(u; x) = \tfrac12 u + x`: :math:`\dot u = 2\dot x`:
 
     >>> import torch
     >>> T = lambda u, ts: 0.5 * u + ts[0]
@@ -141,7 +171,31 @@ def implicit_vjp_lean(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: T
     the final :math:`(\partial_\theta T)^\top v`. Returns ``(grads, v, info)``: ``grads[i]`` for
     ``tensors[i]`` (``None`` where ``needs[i]`` is false), then the gradients of the graph's own ``extra``
     tensors (``None`` where it does not reach them). Not differentiable: for ``backward()`` without
-    ``create_graph``."""
+    ``create_graph``.
+
+    Args:
+        op: ``op(u, tensors) -> T(u; θ)`` (or :math:`G(u; \theta)` for a root), every tensor explicit.
+        u: the solution :math:`u^*`.
+        tensors: :math:`\theta`, the tensors ``op`` depends on.
+        cotangent: :math:`\bar u`.
+        needs: which entries of ``tensors`` want a gradient.
+        solve: ``solve(matvec, b) -> (v, info)``, e.g. a :mod:`~hodl_plugin.linear_solve` solver.
+        sign: :math:`\sigma`, ``1.0`` for a fixed point, ``-1.0`` for a root.
+        extra: further tensors the graph of ``op`` reaches (their gradients are appended).
+
+    Returns:
+        ``(grads, v, info)``: the gradients, the adjoint :math:`v = A^{-\top}\bar u`, and what
+        ``solve`` returned as its diagnostics.
+
+    >>> import torch, hodl_plugin as hp
+    >>> T = lambda u, ts: 0.5 * u + ts[0]                      # A = I/2: v = 2ū, x̄ = v
+    >>> solve = lambda matvec, b: hp.linear_solve.cg(rtol=1e-12)(matvec, b)
+    >>> grads, v, info = implicit_vjp_lean(T, torch.full((2,), 2.0, dtype=torch.float64),
+    ...                                    [torch.ones(2, dtype=torch.float64)],
+    ...                                    torch.ones(2, dtype=torch.float64), [True], solve)
+    >>> grads, v, info.converged
+    ([tensor([2., 2.], dtype=torch.float64)], tensor([2., 2.], dtype=torch.float64), True)
+    """
     with torch.enable_grad():
         u_req = u.detach().clone().requires_grad_(True)
         ts = [t.detach().requires_grad_(bool(n) and t.is_floating_point()) for t, n in zip(tensors, needs)]
@@ -184,8 +238,22 @@ class FixedPointProblem:
         iteration: the GKM iteration that ``forward`` runs (a vmap lifts it to one batched solve).
         sample: ``(i, B)`` while a vmap solves its samples one by one (``forward_info`` then takes
             that sample's forward diagnostics).
+        forward_info: set per sample by a vmap (above).
         needs: which tensors the reverse pass wants gradients for (set per backward).
         batch: set on the problems a vmap builds (:mod:`hodl_plugin._vmap`).
+
+    Raises:
+        TypeError: :meth:`replace` with a field the problem does not have.
+        LinearSolveError: (``on_fail="raise"``) a solve recorded by the primitives missed its tolerance.
+
+    Example — :math:`u^* = 2x` of :math:`T(u; x) = \tfrac12 u + x`, solved in closed form:
+
+    >>> import torch, hodl_plugin as hp
+    >>> problem = FixedPointProblem(op=lambda u, ts: 0.5 * u + ts[0],
+    ...                             forward=lambda u0, ts, info, problem: 2 * ts[0],
+    ...                             solver=hp.linear_solve.cg(rtol=1e-12))
+    >>> problem.replace(on_fail="warn").on_fail, problem.on_fail
+    ('warn', 'raise')
     """
 
     op: Op
@@ -281,6 +349,27 @@ class FixedPoint(torch.autograd.Function):
 
     ``FixedPoint.apply(problem, u0, *tensors)``; ``u0`` gets no gradient (a fixed point does not
     depend on where the iteration started).
+
+    Args:
+        problem: the :class:`FixedPointProblem` (the operator, the forward solve, the linear solver).
+        u0: the start of the forward solve.
+        *tensors: :math:`\theta`, the tensors ``problem.op`` reads.
+
+    Raises:
+        LinearSolveError: (``on_fail="raise"``) a linear solve of a derivative misses its tolerance.
+        HODLError: forward-over-forward differentiation, or a higher-order derivative through a tensor
+            ``T`` reaches by a route the binding cannot redirect (the message says what to pass instead).
+
+    Example — :math:`u^*(x) = 2x`, so :math:`\nabla_x \|u^*\|^2 = 8x`:
+
+    >>> import torch, hodl_plugin as hp
+    >>> problem = FixedPointProblem(lambda u, ts: 0.5 * u + ts[0], lambda u0, ts, info, problem: 2 * ts[0],
+    ...                             hp.linear_solve.cg(rtol=1e-12))
+    >>> x = torch.tensor([1.0, -3.0], dtype=torch.float64, requires_grad=True)
+    >>> u = FixedPoint.apply(problem, torch.zeros(2, dtype=torch.float64), x)
+    >>> (u ** 2).sum().backward()
+    >>> x.grad
+    tensor([  8., -24.], dtype=torch.float64)
     """
 
     @classmethod
@@ -412,7 +501,31 @@ class LinearSolve(torch.autograd.Function):
     ``LinearSolve.apply(problem, transpose, role, b, u, *tensors)``; differentiable in ``b``, ``u`` and
     ``θ`` to any order, forward and reverse, and under ``vmap``. ``role``: ``"adjoint"`` (the
     first-order reverse solve: warm start, hooks, ``info.adjoint``), ``"tangent"`` (forward mode) or
-    ``"higher"`` (the solves of higher derivatives, counted in ``info.higher_solves``).
+    ``"higher"`` (the solves of higher derivatives, counted in ``info.higher_solves``). Its derivative
+    is a solve with the transposed operator (the module docstring; :ref:`math-implicit`).
+
+    Args:
+        problem: the :class:`FixedPointProblem` (its ``op`` defines :math:`A = I - \partial_u T`).
+        transpose: solve with :math:`A^\top` (``True``) or :math:`A`.
+        role: ``"adjoint"``, ``"tangent"`` or ``"higher"``.
+        b: the right-hand side.
+        u: the point :math:`u` at which :math:`A` is taken.
+        *tensors: :math:`\theta`.
+
+    Raises:
+        LinearSolveError: (``on_fail="raise"``) the solve misses its tolerance.
+
+    Example — :math:`T(u; \theta) = \theta u`: :math:`x = b/(1-\theta)`, and
+    :math:`\mathrm{d}x/\mathrm{d}\theta = b/(1-\theta)^2` (8 for each of the two entries at
+    :math:`\theta = \tfrac12`, :math:`b = 1`):
+
+    >>> import torch, hodl_plugin as hp
+    >>> problem = FixedPointProblem(lambda u, ts: ts[0] * u, lambda *a: None, hp.linear_solve.cg(rtol=1e-12))
+    >>> theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    >>> x = LinearSolve.apply(problem, True, "higher", torch.ones(2, dtype=torch.float64),
+    ...                       torch.zeros(2, dtype=torch.float64), theta)
+    >>> x.detach(), torch.autograd.grad(x.sum(), theta)[0]
+    (tensor([2., 2.], dtype=torch.float64), tensor(8., dtype=torch.float64))
     """
 
     @classmethod
@@ -509,7 +622,39 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
     r""":math:`u^*` of the iteration ``it`` through :class:`FixedPoint`, differentiable at every order in
     ``params`` and every tensor ``T`` reads. ``forward(u0, params, info, iteration, sample)`` runs the
     solve (default: ``iteration.run`` from ``u0``, without autograd); ``op``: the bound operator
-    (default :func:`bind_iteration`)."""
+    (default :func:`bind_iteration`). The primitive of the :class:`Implicit` and
+    :class:`~hodl_plugin.inexact.Inexact` methods.
+
+    Args:
+        it: the :class:`~hodl_plugin.gkm.GKMIteration` (its ``T``, tolerances and loop).
+        u0: the start :math:`u_0` (gets no gradient).
+        params: the parameters of ``T`` (tensors, or lists / tuples / dicts of them).
+        info: the call's :class:`~hodl_plugin.gkm.SolverInfo` (forward and adjoint diagnostics).
+        solver: the linear solver of the derivatives (:mod:`hodl_plugin.linear_solve`).
+        forward: the forward solve, ``forward(u0, params, info, iteration, sample) -> u*``.
+        op: the bound operator (default: :func:`bind_iteration`).
+        on_fail: ``"raise"`` or ``"warn"`` when a linear solve misses its tolerance.
+        check_unique: probe :math:`I - \partial_u T` for invertibility before the adjoint solve
+            (``None``: when the iteration aggregates).
+        warm: the adjoint solve's warm start, ``() -> tensor or None``.
+        after: the hook called after each first-order adjoint solve (:class:`FixedPointProblem`).
+
+    Returns:
+        :math:`u^*`, differentiable w.r.t. ``params`` and the tensors ``T`` reads.
+
+    Raises:
+        DivergenceError: the forward iteration diverged (``on_divergence="raise"``).
+        LinearSolveError: (``on_fail="raise"``, in a backward) a linear solve misses its tolerance.
+
+    >>> import torch, hodl_plugin as hp
+    >>> from hodl_plugin.gkm import GKMIteration, SolverInfo
+    >>> it = GKMIteration(lambda u, x: 0.5 * u + x, tol=1e-12)           # u* = 2x
+    >>> info = SolverInfo(mode="implicit")
+    >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    >>> u = fixed_point_solve(it, torch.zeros(2, dtype=torch.float64), [x], info, hp.linear_solve.cg(rtol=1e-12))
+    >>> torch.autograd.grad((u ** 2).sum(), x)[0], info.converged, info.adjoint.converged   # 8x
+    (tensor([8.0000, 8.0000], dtype=torch.float64), True, True)
+    """
     # the binding run evaluates T(u0): the default forward starts from it instead of evaluating it again
     op = bind_iteration(it, u0, params, keep=forward is None) if op is None else op
     run = forward or _default_forward

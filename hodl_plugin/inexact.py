@@ -83,6 +83,8 @@ class Inexact(HypergradMethod):
     Raises:
         ScheduleError: ``eps`` or ``delta`` is not positive and non-increasing.
         ValueError, TypeError: another option out of range.
+        ConfigurationError: a ``solver`` object with its own ``rtol`` / ``atol`` (the adjoint tolerance
+            of this mode is :math:`\delta_k`).
 
     >>> from hodl_plugin.schedules import Polynomial
     >>> Inexact(eps=Polynomial(1e-2, 0.5)).eps(3)

@@ -65,7 +65,7 @@ class LearnedInit(nn.Module):
     ...     opt.zero_grad()
     ...     F(model(x), x).backward()
     ...     opt.step()
-    >>> float(F(model(x), x)) < 1e-12
+    >>> F(model(x), x).item() < 1e-12
     True
     """
 

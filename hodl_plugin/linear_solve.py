@@ -77,6 +77,12 @@ def default_rtol(dtype: torch.dtype) -> float:
     """The default relative tolerance of a linear solve in ``dtype``: ``1e-10`` in float64, about
     ``100·eps`` above that in lower precision (``1.2e-5`` in float32), so that it is reachable.
 
+    Args:
+        dtype: the floating dtype of the right-hand side.
+
+    Returns:
+        ``min(max(1e-10, 100·eps), 1e-2)``, ``eps`` the dtype's machine epsilon.
+
     >>> default_rtol(torch.float64), default_rtol(torch.float32)
     (1e-10, 1.1920928955078125e-05)
     """
@@ -249,10 +255,21 @@ class LinearSolver:
 
 @dataclass(frozen=True)
 class CG(LinearSolver):
-    """Conjugate gradients for symmetric positive definite systems (Hestenes–Stiefel).
+    r"""Conjugate gradients for symmetric positive definite systems (Hestenes–Stiefel).
 
     A lean loop: step sizes stay tensors, one host sync per iteration (the stopping test), and the
-    reported residual is the true ``‖b - A x‖`` at exit.
+    reported residual is the true ``‖b - A x‖`` at exit. Converges for a symmetric positive definite
+    :math:`A` (the adjoint :math:`I - \partial_u T` of a gradient step, :ref:`math-implicit`); on any
+    other matrix the result is checked by its true residual and reported, not trusted.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 1000).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
 
     >>> import torch
     >>> M = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
@@ -296,6 +313,16 @@ class TorchOptCG(LinearSolver):
 
     ``iterations`` counts the matrix products torchopt made plus one for the final true residual.
 
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 1000).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
+        ImportError: (at the first solve) ``torchopt`` is not installed.
+
     >>> import torch
     >>> M = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     >>> x, info = TorchOptCG(rtol=1e-12)(lambda v: M @ v, torch.ones(2, dtype=torch.float64))
@@ -328,6 +355,16 @@ class GMRES(LinearSolver):
     Arnoldi with classical Gram–Schmidt applied twice (numerically as stable as modified
     Gram–Schmidt, two matrix products per step instead of ``j``); the small least-squares problem
     is solved with Givens rotations on the host. Memory: ``restart + 1`` vectors.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 1000).
+        restart: the Krylov subspace dimension of a cycle (an integer >= 1).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
 
     >>> import torch
     >>> M = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
@@ -425,6 +462,17 @@ class GMRES(LinearSolver):
 class BiCGSTAB(LinearSolver):
     """BiCGSTAB (van der Vorst, 1992) for nonsymmetric systems in constant memory.
 
+    Two matrix products per iteration; the reported residual is the true one at exit.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 1000).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
+
     >>> import torch
     >>> M = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
     >>> x, info = BiCGSTAB(rtol=1e-12)(lambda v: M @ v, torch.tensor([4.0, 1.0], dtype=torch.float64))
@@ -490,6 +538,15 @@ class Neumann(LinearSolver):
     :math:`v \leftarrow b + J^\top v`, which converges linearly with rate :math:`\rho(J)` when T
     is a contraction. One matrix product per iteration, constant memory.
 
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 10000).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
+
     >>> import torch
     >>> J = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=torch.float64)
     >>> x, info = Neumann(rtol=1e-12)(lambda v: v - J.T @ v, torch.ones(2, dtype=torch.float64))
@@ -535,6 +592,17 @@ class AndersonSolve(LinearSolver):
     per iteration. The residual :math:`b - Ax` is the map's own residual, so convergence is
     tested on the true residual at no extra product. Also by name: ``Implicit("anderson")``.
 
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 10000).
+        history_size: m, the number of past differences Anderson uses.
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
+        ValueError: (at the first solve) ``history_size`` is not an integer >= 1.
+
     >>> import torch
     >>> J = torch.tensor([[0.99, 0.1], [0.0, 0.95]], dtype=torch.float64)
     >>> x, info = AndersonSolve(rtol=1e-12)(lambda v: v - J.T @ v, torch.ones(2, dtype=torch.float64))
@@ -569,6 +637,19 @@ class FunctionSolver(LinearSolver):
 
     The true residual ``‖b - A x‖`` is computed (one more product) and compared with
     ``max(rtol·‖b‖, atol)``, so a solver that returns a poor ``x`` is reported, not trusted.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix (default 1000).
+        fn: the solver ``fn(matvec, b, x0=None)``; ``matvec`` counts the products it makes
+            (``x0`` is a warm start or ``None``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range (at construction).
+        TypeError: ``fn`` is not callable (at construction), or it returns something other than ``x``
+            shaped like ``b`` (at a solve).
 
     >>> import torch
     >>> M = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
@@ -823,6 +904,23 @@ def _fixed_point_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _B
 def cg(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000) -> CG:
     """:class:`CG` with these options.
 
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+
+    Returns:
+        The configured :class:`CG` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range.
+
+    >>> import torch
+    >>> x, info = cg(rtol=1e-12)(lambda v: torch.tensor([2.0, 4.0], dtype=v.dtype) * v,
+    ...                          torch.ones(2, dtype=torch.float64))
+    >>> x.tolist(), info.converged
+    ([0.5, 0.25], True)
     >>> cg(rtol=1e-8)
     CG(rtol=1e-08, atol=0.0, maxiter=1000)
     """
@@ -830,13 +928,50 @@ def cg(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000) -> 
 
 
 def torchopt_cg(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000) -> TorchOptCG:
-    """:class:`TorchOptCG` with these options (needs ``torchopt``)."""
+    """:class:`TorchOptCG` with these options (needs ``torchopt``).
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+
+    Returns:
+        The configured :class:`TorchOptCG` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range.
+
+    >>> import torch
+    >>> M = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    >>> x, info = torchopt_cg(rtol=1e-12)(lambda v: M @ v, torch.tensor([2.5, 1.5], dtype=torch.float64))
+    >>> [round(t, 10) for t in x.tolist()], info.converged
+    ([1.0, 1.0], True)
+    """
     return TorchOptCG(rtol=rtol, atol=atol, maxiter=maxiter)
 
 
 def gmres(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000, restart: int = 50) -> GMRES:
     """:class:`GMRES` with these options.
 
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+        restart: the Krylov subspace dimension of a cycle.
+
+    Returns:
+        The configured :class:`GMRES` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` or ``restart`` out of range.
+
+    >>> import torch
+    >>> M = torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=torch.float64)       # nonsymmetric
+    >>> x, info = gmres(rtol=1e-12, restart=2)(lambda v: M @ v, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    >>> [round(t, 10) for t in x.tolist()], info.converged
+    ([1.0, 1.0], True)
     >>> gmres(restart=20).restart
     20
     """
@@ -844,12 +979,52 @@ def gmres(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000, 
 
 
 def bicgstab(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 1000) -> BiCGSTAB:
-    """:class:`BiCGSTAB` with these options."""
+    """:class:`BiCGSTAB` with these options.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+
+    Returns:
+        The configured :class:`BiCGSTAB` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range.
+
+    >>> import torch
+    >>> M = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+    >>> x, info = bicgstab(rtol=1e-12)(lambda v: M @ v, torch.tensor([4.0, 1.0], dtype=torch.float64))
+    >>> [round(t, 10) for t in x.tolist()], info.converged
+    ([1.0, 1.0], True)
+    """
     return BiCGSTAB(rtol=rtol, atol=atol, maxiter=maxiter)
 
 
 def fixed_point(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 10000) -> Neumann:
-    """:class:`Neumann` (the Neumann series) with these options."""
+    r""":class:`Neumann` (the Neumann series) with these options; also named ``neumann``.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+
+    Returns:
+        The configured :class:`Neumann` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range.
+
+    Example — :math:`(I - J^\top)v = b` with :math:`J = \tfrac12 I`: :math:`v = 2b`, the series
+    :math:`\sum_k J^k b` to ``rtol``:
+
+    >>> import torch
+    >>> v, info = fixed_point(rtol=1e-12)(lambda v: 0.5 * v, torch.ones(2, dtype=torch.float64))
+    >>> [round(t, 10) for t in v.tolist()], info.converged
+    ([2.0, 2.0], True)
+    """
     return Neumann(rtol=rtol, atol=atol, maxiter=maxiter)
 
 
@@ -859,7 +1034,28 @@ neumann = fixed_point
 
 def anderson_fixed_point(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 10000,
                          history_size: int = 5) -> AndersonSolve:
-    """:class:`AndersonSolve` with these options."""
+    """:class:`AndersonSolve` with these options.
+
+    Args:
+        rtol: relative tolerance, ``‖b - Ax‖ ≤ max(rtol·‖b‖, atol)``; ``None`` follows the dtype
+            (:func:`default_rtol`).
+        atol: absolute tolerance.
+        maxiter: the most products with the matrix.
+        history_size: m, the number of past differences Anderson uses.
+
+    Returns:
+        The configured :class:`AndersonSolve` (immutable; ``solver(matvec, b, x0=None) -> (x, info)``).
+
+    Raises:
+        ValueError: a tolerance or ``maxiter`` out of range.
+
+    >>> import torch
+    >>> J = torch.tensor([[0.99, 0.1], [0.0, 0.95]], dtype=torch.float64)
+    >>> b = torch.ones(2, dtype=torch.float64)
+    >>> v, info = anderson_fixed_point(rtol=1e-12)(lambda v: v - J.T @ v, b)
+    >>> bool(torch.allclose(v - J.T @ v, b, atol=1e-10)), info.converged
+    (True, True)
+    """
     return AndersonSolve(rtol=rtol, atol=atol, maxiter=maxiter, history_size=history_size)
 
 
@@ -878,6 +1074,17 @@ def get(name: str, **options: Any) -> LinearSolver:
     """A solver by name: ``"cg"``, ``"torchopt_cg"``, ``"gmres"``, ``"bicgstab"``,
     ``"fixed_point"``/``"neumann"``, ``"anderson"``.
 
+    Args:
+        name: the solver's name.
+        **options: its options (``rtol``, ``atol``, ``maxiter``, and ``restart`` / ``history_size``).
+
+    Returns:
+        The configured :class:`LinearSolver`.
+
+    Raises:
+        ValueError: an unknown name, or an option out of range.
+        TypeError: an option the solver does not take.
+
     >>> get("gmres", rtol=1e-8)
     GMRES(rtol=1e-08, atol=0.0, maxiter=1000, restart=50)
     """
@@ -895,8 +1102,23 @@ def as_solver(spec: SolverLike, default: str = "gmres") -> LinearSolver:
     """A :class:`LinearSolver` from a name, a solver object, or a function ``fn(matvec, b, x0=None)``
     (wrapped in :class:`FunctionSolver`); ``None`` gives ``default``.
 
+    Args:
+        spec: a name (:func:`get`), a :class:`LinearSolver` object or class, a function
+            ``fn(matvec, b, x0=None)``, or ``None``.
+        default: the name used for ``None``.
+
+    Returns:
+        The :class:`LinearSolver` (``spec`` itself when it is one).
+
+    Raises:
+        ValueError: an unknown name.
+        TypeError: ``spec`` is none of these, or a solver factory such as :func:`cg` itself (pass
+            ``cg(rtol=...)``, its result).
+
     >>> as_solver("cg"), as_solver(None).name
     (CG(rtol=None, atol=0.0, maxiter=1000), 'gmres')
+    >>> as_solver(lambda matvec, b, x0=None: b).name
+    'function'
     """
     if spec is None:
         return get(default)
@@ -931,8 +1153,25 @@ def configure(solver: SolverLike, rtol: Optional[float], atol: Optional[float],
     """The adjoint solver of a method: ``solver`` (``None``: chosen per operator by :func:`for_operator`)
     with the ``adjoint_*`` options applied; a tolerance given twice is refused.
 
+    Args:
+        solver: as for :func:`as_solver`, or ``None`` (CG or GMRES, chosen per operator).
+        rtol, atol, maxiter: the ``adjoint_rtol`` / ``adjoint_atol`` / ``adjoint_maxiter`` options of
+            the method; ``None`` keeps the solver's own.
+
+    Returns:
+        The configured :class:`LinearSolver`; with ``solver=None``, ``None`` (no options) or the
+        options deferred until :func:`for_operator` knows the operator.
+
+    Raises:
+        ConfigurationError: a solver object that already sets an option given here too.
+        ValueError: an option out of range (named as the ``adjoint_*`` argument).
+
     >>> configure("cg", 1e-8, None, None)
     CG(rtol=1e-08, atol=0.0, maxiter=1000)
+    >>> configure(cg(rtol=1e-6), 1e-8, None, None)
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.ConfigurationError: the solver CG(rtol=1e-06, atol=0.0, maxiter=1000) already sets ['rtol']; ...
     """
     changes = {k: v for k, v in (("rtol", rtol), ("atol", atol), ("maxiter", maxiter)) if v is not None}
     if solver is None:  # the defaults of the solver chosen per operator are no change
@@ -971,7 +1210,20 @@ class _Deferred:
 
 
 def for_operator(solver: Any, T: Any) -> LinearSolver:
-    """The solver of a call: the configured one, else CG for a symmetric Jacobian, else GMRES."""
+    """The solver of a call: the configured one, else CG for a symmetric Jacobian, else GMRES.
+
+    Args:
+        solver: what :func:`configure` returned.
+        T: the operator; its ``symmetric_jacobian`` attribute (absent: false) chooses CG.
+
+    Returns:
+        The :class:`LinearSolver` of the adjoint solves.
+
+    >>> import hodl_plugin as hp
+    >>> step = hp.GradientStep(objective=lambda u: 0.5 * (u ** 2).sum(), step=0.5)
+    >>> for_operator(None, step), for_operator(configure(None, 1e-8, None, None), lambda u: u)
+    (CG(rtol=None, atol=0.0, maxiter=1000), GMRES(rtol=1e-08, atol=0.0, maxiter=1000, restart=50))
+    """
     if isinstance(solver, LinearSolver):
         return solver
     base = CG() if getattr(T, "symmetric_jacobian", False) else GMRES()

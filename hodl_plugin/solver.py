@@ -143,6 +143,13 @@ class GKMSolver(nn.Module):
         TypeError, ValueError: at call time, for tensors of the wrong type, dtype, device or shape,
             or non-finite inputs.
         DivergenceError: the iteration diverged (``on_divergence="raise"``).
+        ConfigurationError: at construction, options that cannot work together: ``acceleration``
+            with ``hypergrad="unrolled"`` / ``"truncated"`` or with aggregation (:math:`\alpha_k > 0`), a
+            Krylov ``forward`` with those or with ``tol=0, atol=0``.
+        NotAffineError: (a :class:`ConfigurationError`) at call time, ``forward="krylov"`` on an
+            operator that is not affine in u.
+        LinearSolveError: in ``backward()``, the adjoint solve missed its tolerance (implicit mode,
+            ``on_fail="raise"``).
     """
 
     def __init__(
@@ -275,7 +282,7 @@ class GKMSolver(nn.Module):
         info = SolverInfo(mode=self.method.name)
         self.info = info
         u = self.method.run(self.iteration, u0, params, info, key)
-        warn_unconverged(info, u)
+        warn_unconverged(info, u, self.iteration)
         return u, info
 
     # checkpointing of counters and warm starts (inexact mode)
@@ -290,7 +297,7 @@ class GKMSolver(nn.Module):
         return f"method={self.method!r}, max_steps={self.max_steps}, tol={'dtype default' if tol is None else tol}"
 
 
-def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None) -> None:
+def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None, iteration: Optional[GKMIteration] = None) -> None:
     """The one place that warns when a forward solve asked for a tolerance and missed it."""
     if info.converged or info.diverged or info.exact_steps or not info.residuals.numel():
         return
@@ -303,7 +310,13 @@ def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None) -> None:
     else:
         hint = ("Raise max_steps, loosen tol (relative) / atol, pass acceleration=hp.Anderson(), or use tol=0 "
                 "for exactly max_steps steps")
-        if u is not None and not transforms_active() and info.tol == 0.0:
+        aggregating = iteration is not None and iteration.aggregates
+        limit = getattr(iteration.alpha, "limit", 0.0) if aggregating else 0.0
+        if limit:
+            hint = (f"The aggregation weight alpha_k does not vanish (its limit is {limit}, accepted with "
+                    "strict=False): the iteration approaches a point that is not a fixed point of T, so no "
+                    "max_steps meets the tolerance. Use a vanishing schedule, e.g. alpha=hp.Harmonic(1.0)")
+        elif u is not None and not transforms_active() and info.tol == 0.0:
             hint = ("The fixed point is 0 (or near it), where a relative tolerance tol·‖u‖ cannot be met: pass "
                     "atol=... (an absolute tolerance)")
         why = (f"it stopped after {info.steps} steps with residual ||T(u) - u|| = {info.residual:.3e} above the "

@@ -519,3 +519,45 @@ def test_a_rotation_is_told_to_relax_and_reports_its_step():
     assert info.diverged and 100 < info.steps < 1000
     u, info = hp.GKMSolver(lambda u: R @ u + 1.0, beta=0.5, max_steps=100000).solve(torch.zeros(2, dtype=DT))
     assert info.converged and rel_err(u, torch.linalg.solve(torch.eye(2, dtype=DT) - R, torch.ones(2, dtype=DT))) < 1e-8
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1])
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_float32_at_a_scale_whose_squares_overflow(batch_dims, scale):
+    """‖u‖² of float32 entries above ~1e19 overflows: the residual is a norm of finite numbers and must
+    not read as Inf (the solve was called divergent, blaming T for NaN/Inf it never returned)."""
+    x = torch.full((2, 3) if batch_dims else (3,), scale)
+    solver = hp.GKMSolver(lambda u, x: 0.5 * u + x, batch_dims=batch_dims)
+    u = solver(torch.zeros_like(x), x)
+    assert solver.info.converged and not solver.info.diverged
+    assert rel_err(u.double(), 2 * x.double()) < 1e-5  # u* = 2x
+    assert math.isfinite(solver.info.residual)
+
+
+def test_a_weight_that_does_not_vanish_is_named_when_the_solve_misses_its_tolerance():
+    """With strict=False a constant alpha is accepted; the solve can then never meet its tolerance, and the
+    warning says why instead of advising more steps."""
+    F = lambda u, x: 0.5 * (u**2).sum()  # noqa: E731
+    f = lambda u, x: 0.5 * ((u - x) ** 2).sum()  # noqa: E731
+    with pytest.warns(hp.ConvergenceWarning, match="must decrease to 0"):
+        solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), aggregation="outside", upper=F,
+                              alpha=hp.Constant(0.5), strict=False, max_steps=200)
+    with pytest.warns(hp.ConvergenceWarning, match="does not vanish .*limit is 0.5"):
+        solver(torch.zeros(3, dtype=DT), torch.ones(3, dtype=DT))
+    assert not solver.info.converged
+
+
+@pytest.mark.parametrize("accel", [None, "anderson", "broyden"])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-25), (torch.float32, 1e25), (DT, 1e-200), (DT, 1e200)])
+def test_every_forward_at_scales_whose_squares_leave_the_dtype(accel, batch_dims, dtype, scale):
+    """u* = 2c: Anderson / Broyden returned u = 0 after 0 steps with converged=True at c = 1e-25 in float32 (the
+    squared norms underflowed to 0 <= 0)."""
+    if dtype == DT and batch_dims:
+        pytest.skip("float64 beyond 1e±154 is measured exactly for one problem (the scalar path) only")
+    make = {"anderson": lambda: hp.Anderson(5), "broyden": lambda: hp.Broyden(5), None: lambda: None}[accel]
+    c = torch.full((2, 3) if batch_dims else (3,), scale, dtype=dtype)
+    solver = hp.GKMSolver(lambda u, c: 0.5 * u + c, acceleration=make(), batch_dims=batch_dims)
+    u = solver(torch.zeros_like(c), c)
+    assert solver.info.converged and solver.info.steps > 0
+    assert float((u.double() / scale - 2.0).abs().max()) < (1e-4 if dtype == torch.float32 else 1e-8)

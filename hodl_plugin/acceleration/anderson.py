@@ -130,7 +130,7 @@ class _Single:
 
 
 class Anderson(Accelerator):
-    """Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
+    r"""Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
 
     Args:
         history_size: m, the number of past differences used (memory ``2·m·numel(u)``; at most

@@ -55,12 +55,33 @@ HOST_DTYPES = (torch.float32, torch.float64)
 
 
 class Accelerator:
-    """Base class of forward accelerators: :class:`~hodl_plugin.acceleration.Anderson`,
+    r"""Base class of forward accelerators: :class:`~hodl_plugin.acceleration.Anderson`,
     :class:`~hodl_plugin.acceleration.Broyden`, or your own (see the module docstring).
 
     Subclasses implement :meth:`init` and :meth:`step`; :meth:`report` adds ``state.steps`` and
     ``state.restarts`` (when the state has them) to the solver's info; :meth:`check_compatible`
     refuses the hypergradient modes and aggregation the extrapolation would make wrong.
+
+    A subclass takes no constructor arguments of its own here; its options are its own
+    (:class:`~hodl_plugin.acceleration.Anderson`'s ``history_size``, ...).
+
+    Raises:
+        ConfigurationError: (:meth:`check_compatible`, when the solver is built) with
+            ``hypergrad="unrolled"`` / ``"truncated"``, or with HODL aggregation (:math:`\alpha_k > 0`).
+
+    Example — a relaxed KM step :math:`u_{k+1} = u_k + \tfrac12\beta_k f_k` as an accelerator, on
+    :math:`T(u) = \tfrac12 u + 1` (fixed point 2):
+
+        >>> import torch, hodl_plugin as hp
+        >>> class HalfStep(hp.acceleration.Accelerator):
+        ...     def init(self, u, batch_dims):
+        ...         return None
+        ...     def step(self, state, u, f, r, beta):
+        ...         return u + 0.5 * beta * f
+        >>> u, info = hp.GKMSolver(lambda u: 0.5 * u + 1.0, tol=1e-12,
+        ...                        acceleration=HalfStep()).solve(torch.zeros(2, dtype=torch.float64))
+        >>> [round(v, 10) for v in u.tolist()], info.converged
+        ([2.0, 2.0], True)
     """
 
     def init(self, u: Tensor, batch_dims: int) -> Any:

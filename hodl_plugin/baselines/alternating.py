@@ -30,6 +30,18 @@ class ALTO(FirstOrderMethod):
 
     Cost per step: ``lower_steps`` + 1 gradient evaluations; no extra memory.
 
+    Args:
+        x, y, upper, lower, x_lr, y_lr, x_optimizer, y_optimizer: see
+            :class:`~hodl_plugin.baselines.base.FirstOrderMethod`.
+        lower_steps: gradient steps of y on :math:`f(x_k, \cdot)` per step (an integer >= 1).
+
+    Raises:
+        ConfigurationError: both or neither of ``x_lr`` / ``x_optimizer`` (likewise for y), an
+            optimizer over other tensors than the variable's, or x and y sharing a tensor.
+        TypeError: an objective that is not callable, or an optimizer that is not a ``torch.optim.Optimizer``.
+        ValueError: an option out of range (named in the message).
+        DivergenceError: (at a :meth:`step`) a non-finite direction or iterate.
+
     >>> import torch, hodl_plugin as hp
     >>> x = torch.zeros(1, requires_grad=True); y = torch.zeros(1, requires_grad=True)
     >>> alto = hp.ALTO(x, y, upper=lambda x, y: ((x - 1) ** 2).sum() + (y ** 2).sum(),

@@ -43,6 +43,17 @@ class StepInfo:
             :math:`q = f(x_k, y_k) - f(x_k, \hat y)`), ``nan`` for a method without one.
         multiplier: the weight the method put on the lower level this step (BOME's
             :math:`\lambda_k`, the penalty :math:`\gamma_k`, ...), ``nan`` for a method without one.
+
+    Example — BOME's first step on :math:`F = \|y - 1\|^2`, :math:`f = \tfrac12\|y - x\|^2` from
+    :math:`x = y = 0`: :math:`F = 1`, :math:`f = 0`, and :math:`\hat y = y` already minimises
+    :math:`f(0, \cdot)`, so the gap and :math:`\lambda_0` are 0:
+
+    >>> import torch, hodl_plugin as hp
+    >>> x = torch.zeros(1, requires_grad=True); y = torch.zeros(1, requires_grad=True)
+    >>> bome = hp.BOME(x, y, upper=lambda x, y: ((y - 1) ** 2).sum(), lower=lambda x, y: 0.5 * ((y - x) ** 2).sum(),
+    ...                x_lr=0.1, y_lr=0.1, inner_lr=0.5)
+    >>> bome.step()
+    StepInfo(step=0, upper=1.0, lower=0.0, gap=0.0, multiplier=0.0)
     """
 
     step: int
@@ -53,21 +64,76 @@ class StepInfo:
 
 
 def positive(value: Any, name: str) -> float:
-    """``value`` as a positive finite float, else ``ValueError`` naming it."""
+    """``value`` as a positive finite float, else ``ValueError`` naming it.
+
+    Args:
+        value: the option's value (a bool is refused).
+        name: its name, for the message.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a finite number > 0.
+
+    >>> positive(2, "eta")
+    2.0
+    >>> positive(0.0, "eta")
+    Traceback (most recent call last):
+    ...
+    ValueError: eta must be a positive finite number, got 0.0
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
 def nonnegative(value: Any, name: str) -> float:
-    """``value`` as a finite float >= 0, else ``ValueError`` naming it."""
+    """``value`` as a finite float >= 0, else ``ValueError`` naming it.
+
+    Args:
+        value: the option's value (a bool is refused).
+        name: its name, for the message.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``value`` is not a finite number >= 0.
+
+    >>> nonnegative(0, "inner_momentum")
+    0.0
+    >>> nonnegative(float("nan"), "inner_momentum")
+    Traceback (most recent call last):
+    ...
+    ValueError: inner_momentum must be a finite number >= 0, got nan
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def count(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``, else ``ValueError`` naming it."""
+    """``value`` as an int >= ``minimum``, else ``ValueError`` naming it.
+
+    Args:
+        value: the option's value (an ``int``; a bool or a float is refused).
+        name: its name, for the message.
+        minimum: the least value accepted.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value`` is not an integer >= ``minimum``.
+
+    >>> count(0, "inner_steps", minimum=0)
+    0
+    >>> count(2.0, "inner_steps")
+    Traceback (most recent call last):
+    ...
+    ValueError: inner_steps must be an integer >= 1, got 2.0
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
@@ -109,7 +175,30 @@ def inner_descent(lower: Callable[..., Tensor], x: Var, aux: Var, steps: int, lr
                   args: tuple, kwargs: dict) -> None:
     r"""``steps`` gradient steps on :math:`f(x, \cdot)` from ``aux`` (in place), heavy ball ``momentum``
     in torch's SGD convention (:math:`b_0 = g_0`, :math:`b_t = \mu b_{t-1} + g_t`,
-    :math:`\hat y \leftarrow \hat y - \alpha b_t`)."""
+    :math:`\hat y \leftarrow \hat y - \alpha b_t`).
+
+    Args:
+        lower: :math:`f`, called ``lower(x, y, *args, **kwargs)``.
+        x: the upper variable (held fixed).
+        aux: :math:`\hat y`, the auxiliary copy of y that moves.
+        steps: the number of steps.
+        lr: :math:`\alpha`, their step size.
+        momentum: :math:`\mu` (0: plain gradient descent).
+        args, kwargs: passed on to ``lower``.
+
+    Returns:
+        ``None``; ``aux`` is updated in place.
+
+    Example — one step of size 1 on :math:`\tfrac12\|\hat y - x\|^2` lands on :math:`\hat y = x`:
+
+    >>> import torch
+    >>> from hodl_plugin.baselines._vars import Var
+    >>> x, y_hat = Var(torch.tensor([2.0], requires_grad=True), "x"), Var(torch.zeros(1, requires_grad=True), "y")
+    >>> inner_descent(lambda x, y: 0.5 * ((y - x) ** 2).sum(), x, y_hat, steps=1, lr=1.0, momentum=0.0,
+    ...               args=(), kwargs={})
+    >>> y_hat.params[0].tolist()
+    [2.0]
+    """
     buf: Optional[list[Tensor]] = None
     for _ in range(steps):
         g = grads(call_scalar(lower, "lower", x.obj, aux.obj, *args, **kwargs), aux.params)
@@ -130,6 +219,27 @@ class FirstOrderMethod:
         lower: :math:`f`, called ``lower(x, y, *args)`` and returning a scalar tensor.
         x_lr, y_lr: plain gradient step sizes of x and y; or
         x_optimizer, y_optimizer: torch optimizers built over exactly x's (y's) tensors.
+
+    Raises:
+        ConfigurationError: both or neither of ``x_lr`` / ``x_optimizer`` (likewise for y), an
+            optimizer over other tensors than the variable's, or x and y sharing a tensor.
+        TypeError: an objective that is not callable, or an optimizer that is not a ``torch.optim.Optimizer``.
+        ValueError: an option out of range (named in the message).
+        DivergenceError: (at a :meth:`step`) a non-finite direction or iterate.
+
+    Example — the step rule of every method (here :class:`~hodl_plugin.baselines.ALTO`'s): each
+    variable moves by exactly one of a step size or an optimizer:
+
+    >>> import torch, hodl_plugin as hp
+    >>> x = torch.zeros(1, requires_grad=True); y = torch.zeros(1, requires_grad=True)
+    >>> F, f = lambda x, y: ((y - 1) ** 2).sum(), lambda x, y: 0.5 * ((y - x) ** 2).sum()
+    >>> hp.ALTO(x, y, F, f, x_lr=0.1)
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.errors.ConfigurationError: give exactly one of y_lr= (a plain gradient step) or y_optimizer= ...
+    >>> alto = hp.ALTO(x, y, F, f, x_lr=0.1, y_optimizer=torch.optim.SGD([y], lr=0.5))
+    >>> [alto.step().step for _ in range(3)], alto.state_dict()["k"]
+    ([0, 1, 2], 3)
     """
 
     name = "first-order method"

@@ -46,6 +46,21 @@ def bome_direction(grad_F: Sequence[Tensor], grad_q: Sequence[Tensor], q: Tensor
     ``eps`` is added to :math:`\|\nabla\hat q\|^2` in the denominator (0: the paper's formula; the
     authors' code adds 1e-4, BOAT 1e-8).
 
+    Args:
+        grad_F: :math:`\nabla F` over (x, y), a list of tensors.
+        grad_q: :math:`\nabla\hat q` over (x, y), in the same order.
+        q: :math:`\hat q`, the value gap (used by ``barrier="value"``).
+        eta: :math:`\eta` of the barrier :math:`\phi`.
+        barrier: ``"gradient"`` (:math:`\phi = \eta\|\nabla\hat q\|^2`) or ``"value"`` (:math:`\phi = \eta\hat q`).
+        eps: added to :math:`\|\nabla\hat q\|^2` in the denominator.
+
+    Returns:
+        ``(d, lam)``: the direction (a list shaped like ``grad_F``) and :math:`\lambda` (a 0-d tensor).
+
+    Raises:
+        ValueError: an unknown ``barrier``.
+
+    >>> import torch
     >>> d, lam = bome_direction([torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 2.0])], torch.tensor(1.0), 0.5)
     >>> d, lam                        # ⟨∇F, ∇q⟩ = 0, so λ = η
     ([tensor([1., 1.])], tensor(0.5000))

@@ -39,7 +39,34 @@ __all__ = ["MESO", "moreau_theta_step"]
 
 def moreau_theta_step(lower: Callable[..., Tensor], x: Var, y: Var, theta: Var, eta: float, gamma: float,
                       args: tuple = (), kwargs: Optional[dict] = None) -> None:
-    r"""One gradient step on :math:`\theta \mapsto f(x, \theta) + \|\theta - y\|^2/(2\gamma)`, in place."""
+    r"""One gradient step on :math:`\theta \mapsto f(x, \theta) + \|\theta - y\|^2/(2\gamma)`, in place.
+
+    The :math:`\theta_{k+1}` update of the module docstring: :math:`\theta` tracks the proximal point
+    :math:`\theta^*_\gamma(x, y)` of the Moreau envelope :math:`v_\gamma`.
+
+    Args:
+        lower: :math:`f`, called ``lower(x, theta, *args, **kwargs)``.
+        x: the upper variable.
+        y: the lower variable (the prox centre).
+        theta: :math:`\theta`, moved in place.
+        eta: :math:`\eta`, the step size.
+        gamma: :math:`\gamma` of the envelope.
+        args, kwargs: passed on to ``lower``.
+
+    Returns:
+        ``None``; ``theta`` is updated in place.
+
+    Example — :math:`f = \tfrac12(\theta - x)^2`, :math:`x = 2`, :math:`y = 0`, :math:`\gamma = 1`: the
+    proximal point is :math:`\theta^* = (x + y)/2 = 1`, reached in one step of size :math:`\eta = 1/2`:
+
+    >>> import torch
+    >>> from hodl_plugin.baselines._vars import Var
+    >>> x = Var(torch.tensor([2.0], requires_grad=True), "x")
+    >>> y, theta = Var(torch.zeros(1, requires_grad=True), "y"), Var(torch.zeros(1, requires_grad=True), "theta")
+    >>> moreau_theta_step(lambda x, t: 0.5 * ((t - x) ** 2).sum(), x, y, theta, eta=0.5, gamma=1.0)
+    >>> theta.params[0].tolist()
+    [1.0]
+    """
     from ._vars import call_scalar
 
     g = grads(call_scalar(lower, "lower", x.obj, theta.obj, *args, **(kwargs or {})), theta.params)

@@ -108,7 +108,28 @@ def engine_state_dict(engine: Any) -> dict[str, Any]:
     Raises:
         CheckpointError: called inside a global step.
 
-    Example: :func:`save_checkpoint` (which writes this dictionary) saves and resumes a run.
+    Example — the state after 3 steps (:func:`save_checkpoint` writes it to a file):
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Low(hb.GKMProblem):                        # u*(x) = 2x
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):                       # F = ||u* - 1||^2, minimised at x = 1/2
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build(steps):
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    ...     low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     return hb.HODLEngine([up, low], EngineConfig(train_iters=steps, strategy="cpu"),
+    ...                          dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}), m, up, low
+    >>> engine, m, up, low = build(3); engine.run()
+    >>> state = hb.engine_state_dict(engine)
+    >>> state["global_step"], sorted(state["problems"]), state["problems"]["low"]["count"]
+    (3, ['low', 'up'], 3)
     """
     _check_between_steps(engine)
     _warn_unseeded_shuffle(engine, "resumed from")
@@ -264,7 +285,7 @@ def _apply(engine: Any, state: dict[str, Any]) -> None:
 
 
 def load_engine_state_dict(engine: Any, state: dict[str, Any], source: str = "checkpoint") -> None:
-    """Restore :func:`engine_state_dict` into a freshly built engine (same problems, loaders and
+    r"""Restore :func:`engine_state_dict` into a freshly built engine (same problems, loaders and
     ``train_iters`` = the total): ``engine.run()`` then runs the remaining iterations and equals an
     uninterrupted run bit for bit on CPU (for data loaders that do not shuffle, or shuffle with a
     seeded ``generator``, which the replay reproduces).
@@ -284,8 +305,35 @@ def load_engine_state_dict(engine: Any, state: dict[str, Any], source: str = "ch
         CheckpointError: the engine already ran steps, its ``train_iters`` is below the saved global
             step, or the state belongs to another graph (other problems, method or optimizer groups).
 
-    Example: :func:`save_checkpoint` saves and resumes a run through :func:`load_checkpoint`, which
-    calls this.
+    Example — 3 of 6 steps, resumed in a fresh engine: the result of 6 uninterrupted steps
+    (:func:`save_checkpoint` does the same through a file). Each SGD step on
+    :math:`F(x) = \|2x - 1\|^2` maps :math:`x \mapsto x - 0.1(8x - 4)`, so :math:`x_6 = \tfrac12(1 - 0.2^6)`:
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Low(hb.GKMProblem):                        # u*(x) = 2x
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):                       # F = ||u* - 1||^2, minimised at x = 1/2
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build(steps):
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    ...     low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     return hb.HODLEngine([up, low], EngineConfig(train_iters=steps, strategy="cpu"),
+    ...                          dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}), m, up, low
+    >>> first, _, _, _ = build(6); first.train_iters = 3; first.run()
+    >>> resumed, m, _, _ = build(6)
+    >>> hb.load_engine_state_dict(resumed, hb.engine_state_dict(first)); resumed.run()
+    >>> [round(v, 12) for v in m.x.tolist()]
+    [0.499968, 0.499968]
+    >>> hb.load_engine_state_dict(resumed, hb.engine_state_dict(first))   # it ran already
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.betty.errors.CheckpointError: ...
     """
     _validate(engine, state, source)
     _warn_unseeded_shuffle(engine, "resumed from")
@@ -375,8 +423,38 @@ def load_checkpoint(engine: Any, path: PathLike) -> None:
 
     Raises:
         CheckpointError: as :func:`load_engine_state_dict`, or the file is not a checkpoint.
+        FileNotFoundError: there is no file at ``path``.
 
-    Example: the example of :func:`save_checkpoint` loads its file with this function.
+    Example — the example of :func:`save_checkpoint` loads its file with this function; a file that
+    is not a checkpoint is refused before the engine is touched:
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Low(hb.GKMProblem):                        # u*(x) = 2x
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):                       # F = ||u* - 1||^2, minimised at x = 1/2
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build(steps):
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    ...     low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     return hb.HODLEngine([up, low], EngineConfig(train_iters=steps, strategy="cpu"),
+    ...                          dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}), m, up, low
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.pt")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write("not a checkpoint")
+    >>> engine, m, up, low = build(3)
+    >>> hb.load_checkpoint(engine, path)
+    Traceback (most recent call last):
+    ...
+    hodl_plugin.betty.errors.CheckpointError: ...notes.pt: not a valid hodl_plugin checkpoint: torch.load failed ...
+    >>> engine.global_step
+    0
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

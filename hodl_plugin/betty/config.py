@@ -59,6 +59,44 @@ class HODLConfig(_BettyConfig):
     ``on_fail="rasie"``) a ``ValueError``; both name the field. ``rtol`` was removed: ``tol`` is
     relative, ``atol`` absolute.
 
+    Attributes:
+        type: the hypergradient of the edge to the upper node (above); default ``"gkm_implicit"``.
+        max_steps: :math:`K`, the most GKM steps of a lower solve.
+        tol, atol: the stopping test of the lower solve (above; :ref:`math-stopping`).
+        beta: the KM relaxation :math:`\beta_k` (a number or a schedule).
+        alpha: HODL's aggregation weights :math:`\alpha_k` (:ref:`math-gkm`); ``None``: no aggregation.
+            :math:`F` is the upper node's ``training_step`` (or the node's ``upper_objective``).
+        upper_step: :math:`s`, the step of the upper descent direction.
+        aggregation: ``"inside"`` :math:`T(u - \alpha s\nabla F(u))` or ``"outside"``
+            :math:`(1-\alpha)T(u) + \alpha(u - s\nabla F(u))` (:ref:`math-aggregation`).
+        aggregate_upper: the name of the upper node whose ``training_step`` is :math:`F`, when there
+            are several.
+        check_every: steps between residual checks.
+        on_divergence: ``"raise"`` or ``"warn"`` (as in :class:`~hodl_plugin.GKMSolver`).
+        warm_start: start each solve from the node's previous solution (above).
+        linear_solver: the adjoint solver's name; ``None``: CG for a symmetric Jacobian, else GMRES.
+        adjoint_rtol, adjoint_atol, adjoint_maxiter: the adjoint solve's stopping rule.
+        on_fail: ``"raise"``, ``"warn"``, or ``None`` (the method's own default).
+        truncate: the differentiated steps of ``gkm_truncated``.
+        fd_radius: :math:`r` of ``gkm_fd``'s central difference.
+        eps, delta: the accuracies :math:`\varepsilon_k`, :math:`\delta_k` of ``gkm_inexact``
+            (:ref:`math-inexact`).
+        method: a hodl_plugin method object of the kind ``type`` names, used as is (then the
+            method's own options above must stay at their defaults).
+        acceleration: the lower solve's forward accelerator (:class:`~hodl_plugin.acceleration.Anderson`,
+            :class:`~hodl_plugin.acceleration.Broyden`).
+        on_nonconvergence: a lower solve that stops before its tolerance: ``"warn"`` (a
+            ``ConvergenceWarning`` naming the node), ``"raise"`` (a
+            :class:`~hodl_plugin.errors.HODLError`) or ``"ignore"``.
+
+    The fields of Betty's ``Config`` (``unroll_steps``, ``log_step``, ``precision``, ...) keep their
+    meaning and are checked too.
+
+    Raises:
+        TypeError: a field of the wrong type, or a removed field (``rtol``).
+        ValueError: a field out of range.
+        UnusedOptionWarning: (a warning) ``tol`` / ``atol`` with ``type="gkm_inexact"``.
+
     >>> cfg = HODLConfig(type="gkm_inexact", eps=1e-3, max_steps=500, log_step=10)
     >>> _method_for(cfg)
     Inexact(eps=Constant(c=0.001), delta=Constant(c=0.001), k=0)
@@ -210,6 +248,16 @@ def as_config(config: Any, node: str = "GKMProblem") -> Any:
     """A node's config from ``None`` (defaults), a Betty ``Config`` (e.g. :class:`HODLConfig`) or a dict.
 
     A dict becomes ``HODLConfig(**config)``; an unknown key is a ``TypeError`` that names it.
+
+    Args:
+        config: ``None``, a Betty ``Config`` (returned as is) or a dict of :class:`HODLConfig` fields.
+        node: the node's name, for the messages.
+
+    Returns:
+        The config object.
+
+    Raises:
+        TypeError: an unknown or removed key, or a ``config`` of another type.
 
     >>> as_config({"type": "gkm_unrolled", "max_steps": 50}).max_steps
     50

@@ -40,7 +40,16 @@ _EMPTY = object()
 
 class UpperLookahead:
     """Replaces an upper node's ``get_batch`` (as an instance attribute): ``peek()`` draws the batch of
-    its next step once, and its next ``get_batch()`` returns that batch instead of drawing another."""
+    its next step once, and its next ``get_batch()`` returns that batch instead of drawing another.
+
+    Args:
+        draw: the upper node's own ``get_batch`` (called with no arguments).
+
+    >>> batches = iter(["b0", "b1"])
+    >>> look = UpperLookahead(lambda: next(batches))
+    >>> look.peek(), look.has_pending, look(), look.has_pending, look()
+    ('b0', True, 'b0', False, 'b1')
+    """
 
     def __init__(self, draw: Callable[[], Any]) -> None:
         self.draw = draw
@@ -64,7 +73,21 @@ class UpperLookahead:
 
 
 def install_lookahead(problem: Any) -> UpperLookahead:
-    """The lookahead of ``problem`` (installed on first use; one per problem, shared by its GKM children)."""
+    """The lookahead of ``problem`` (installed on first use; one per problem, shared by its GKM children).
+
+    Args:
+        problem: the upper node (a Betty problem, or any object with a ``get_batch()`` method).
+
+    Returns:
+        The :class:`UpperLookahead` now installed as ``problem.get_batch`` (the same one on every call).
+
+    >>> class Upper:
+    ...     def get_batch(self):
+    ...         return "batch"
+    >>> up = Upper()
+    >>> install_lookahead(up) is install_lookahead(up) is up.get_batch
+    True
+    """
     current = problem.__dict__.get("get_batch")
     if isinstance(current, UpperLookahead):
         return current
@@ -88,7 +111,32 @@ def evaluate_upper(problem: Any, batch: Any) -> Tensor:
     random generators (CPU, current CUDA device) restored.
 
     The caller substitutes the lower variable; gradients are the caller's business (take them with
-    ``torch.autograd.grad`` on chosen inputs, so nothing accumulates into ``.grad``).
+    ``torch.autograd.grad`` on chosen inputs, so nothing accumulates into ``.grad``). The value is
+    :math:`F(u; x)` of the module docstring's aggregation.
+
+    Args:
+        problem: the upper node (a Betty problem: its ``training_step_exec``, ``module`` and ``name``).
+        batch: the batch of its coming step (:meth:`UpperLookahead.peek`).
+
+    Returns:
+        The loss as a 0-d tensor (on the autograd graph of ``training_step``).
+
+    Raises:
+        TypeError: ``training_step`` returns neither a one-element tensor nor a dict with one under ``"loss"``.
+
+    Example — a batch-norm layer's running mean (a buffer) is put back after the evaluation:
+
+    >>> import torch
+    >>> class Upper:                      # stands for a Betty problem
+    ...     name = "upper"
+    ...     def __init__(self):
+    ...         self.module = torch.nn.BatchNorm1d(1)
+    ...     def training_step_exec(self, batch):
+    ...         return {"loss": self.module(batch).pow(2).mean()}
+    >>> up = Upper()
+    >>> loss = evaluate_upper(up, torch.tensor([[1.0], [3.0]]))
+    >>> round(loss.item(), 4), up.module.running_mean.tolist()     # normalised batch: mean square 1
+    (1.0, [0.0])
     """
     saved = [b.detach().clone() for b in _buffers(problem)]
     try:

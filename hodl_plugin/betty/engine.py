@@ -15,7 +15,7 @@ __all__ = ["HODLEngine"]
 
 
 class HODLEngine(_BettyEngine):
-    """Betty's ``Engine``, plus data parallelism on CPU processes with the gloo backend.
+    r"""Betty's ``Engine``, plus data parallelism on CPU processes with the gloo backend.
 
     Betty 0.2.1's ``distributed`` strategy assumes CUDA (``rank % torch.cuda.device_count()``,
     ``torch.cuda.set_device``). With ``EngineConfig(strategy="distributed", backend="gloo")`` on a
@@ -42,8 +42,32 @@ class HODLEngine(_BettyEngine):
             coupled node whose upper objective cannot serve as :math:`F`; data parallel on CPU with a
             backend other than ``"gloo"`` or a single process.
 
-    Example: :doc:`/auto_examples/plot_03_betty_gkm_node` builds and runs one; the
-    :func:`~hodl_plugin.betty.save_checkpoint` example interrupts and resumes one.
+    Example — a GKM node :math:`u^*(x) = 2x` under an upper node that minimises
+    :math:`\|u^* - 1\|^2` by SGD: each step maps :math:`x \mapsto x - 0.1(8x - 4)`, so 3 steps from 0
+    give :math:`x_3 = \tfrac12(1 - 0.2^3) = 0.496`. A larger graph is
+    :doc:`/auto_examples/plot_03_betty_gkm_node`; the :func:`~hodl_plugin.betty.save_checkpoint`
+    example interrupts and resumes one.
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from hodl_plugin.betty import HODLEngine
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Low(hb.GKMProblem):                        # u*(x) = 2x
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):                       # F = ||u* - 1||^2, minimised at x = 1/2
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build(steps):
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    ...     low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     return HODLEngine([up, low], EngineConfig(train_iters=steps, strategy="cpu"),
+    ...                          dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}), m, up, low
+    >>> engine, m, up, low = build(3); engine.run()
+    >>> [round(v, 12) for v in m.x.tolist()], low.stats["converged"]
+    ([0.496, 0.496], 1.0)
     """
 
     _hodl_in_step = False

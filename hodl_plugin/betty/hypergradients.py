@@ -56,8 +56,29 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
             another shape than the solution, or the operator does not depend on any trainable
             parameter of the upper node (the message says what to read).
 
-    Example: Betty calls it along every ``gkm_*`` edge; the example of :mod:`hodl_plugin.betty`
-    (run by the tests) trains through it.
+    Example — Betty calls it along every ``gkm_*`` edge; called by hand after the node's step, on
+    :math:`u^*(x) = 2x`: :math:`(\partial u^*/\partial x)^\top v = 2v`:
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Low(hb.GKMProblem):                        # u*(x) = 2x
+    ...     def operator(self, u, batch): return 0.5 * u + self.up.module.x
+    ...     def initial_state(self, batch): return torch.zeros(2, dtype=torch.float64)
+    >>> class Up(ImplicitProblem):                       # F = ||u* - 1||^2, minimised at x = 1/2
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.low.u - 1.0) ** 2).sum()
+    >>> def build(steps):
+    ...     m = torch.nn.Module(); m.x = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    ...     up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    ...     low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    ...     return hb.HODLEngine([up, low], EngineConfig(train_iters=steps, strategy="cpu"),
+    ...                          dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}), m, up, low
+    >>> engine, m, up, low = build(1); engine.run()
+    >>> _ = low.one_step_descent()                       # the node's step: a fresh solve at the new x
+    >>> hb.gkm_vjp([torch.ones(2, dtype=torch.float64)], low, up)
+    [tensor([2.0000, 2.0000], dtype=torch.float64)]
     """
     if not isinstance(curr, GKMProblem):
         raise HODLError(
@@ -177,8 +198,32 @@ def implicit_vjp(
         HODLError: ``curr`` is a GKM node (which needs one of the ``gkm_*`` types).
         LinearSolveError: the Hessian system was not solved to ``adjoint_rtol`` (``on_fail="raise"``).
 
-    Example: ``HODLConfig(type="implicit_cg")`` on an argmin node of the :doc:`/betty` guide; a
-    complete graph is :doc:`/auto_examples/plot_03_betty_gkm_node`.
+    Example — ``HODLConfig(type="implicit_cg")`` on an argmin node (the :doc:`/betty` guide has a
+    larger one). With :math:`L(\theta, \lambda) = \tfrac12\|\theta - \lambda\|^2`,
+    :math:`\nabla^2_{\theta\theta} L = I` and :math:`\nabla^2_{\lambda\theta} L = -I`, so the
+    hypergradient is :math:`v` itself:
+
+    >>> import torch, hodl_plugin.betty as hb
+    >>> from betty.configs import EngineConfig
+    >>> from betty.problems import ImplicitProblem
+    >>> hb.set_log_level("WARNING")
+    >>> class Inner(ImplicitProblem):
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return 0.5 * ((self.module.theta - self.outer.module.lam) ** 2).sum()
+    >>> class Outer(ImplicitProblem):
+    ...     def get_batch(self): return None
+    ...     def training_step(self, batch): return ((self.inner.module.theta - 1.0) ** 2).sum()
+    >>> mi, mo = torch.nn.Module(), torch.nn.Module()
+    >>> mi.theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    >>> mo.lam = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    >>> inner = Inner("inner", hb.HODLConfig(type="implicit_cg"), module=mi,
+    ...               optimizer=torch.optim.SGD(mi.parameters(), lr=1.0))
+    >>> outer = Outer("outer", hb.HODLConfig(), module=mo, optimizer=torch.optim.SGD(mo.parameters(), lr=0.1))
+    >>> engine = hb.HODLEngine([outer, inner], EngineConfig(train_iters=1, strategy="cpu"),
+    ...                        dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}})
+    >>> engine.run()
+    >>> hb.implicit_vjp([torch.tensor([1.0, 2.0], dtype=torch.float64)], inner, outer)
+    [tensor([1., 2.], dtype=torch.float64)]
     """
     if isinstance(curr, GKMProblem):
         raise HODLError(

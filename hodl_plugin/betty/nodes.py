@@ -27,7 +27,14 @@ _ACCEPTS_EXTRA_CONFIG = "extra_config" in inspect.signature(_ImplicitProblem.__i
 
 
 class GKMState(nn.Module):
-    """Holds the lower variable ``u`` of a GKM node as a parameter (its shape follows the batch)."""
+    """Holds the lower variable ``u`` of a GKM node as a parameter (its shape follows the batch).
+
+    The default ``module`` of a :class:`GKMProblem`; takes no arguments. Calling it returns ``u``.
+
+    >>> state = GKMState()
+    >>> tuple(state.u.shape), state() is state.u         # empty until the node's first solve
+    ((0,), True)
+    """
 
     def __init__(self) -> None:
         super().__init__()
