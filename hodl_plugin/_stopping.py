@@ -141,6 +141,7 @@ class Monitor:
         self.dtype = u.dtype
         self.stall_level = max(STALL_DIVERGED, 1e3 * self.noise_tol)
         self.masking = functional  # freeze stopped samples with torch.where at every step
+        self._frozen: tuple = (None, None)  # (active mask, its view broadcastable to u)
         self.done = False
         self.hist: list[Tensor] = []
         self.hist_steps: list[int] = []
@@ -167,7 +168,10 @@ class Monitor:
         """Samples that stopped keep ``old``."""
         if not self.masking or self.scalar or self.t.active is None:
             return new
-        return torch.where(self.expand(self.t.active, new), new, old)
+        active = self.t.active
+        if self._frozen[0] is not active:  # the mask changes at checks only: reshaped once per check
+            self._frozen = (active, self.expand(active, new))
+        return torch.where(self._frozen[1], new, old)
 
     # -- the check -------------------------------------------------------------------------------
     def check(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor, d: Optional[Tensor] = None,

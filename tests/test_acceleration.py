@@ -327,6 +327,17 @@ def test_per_sample_anderson_restart_on_a_degenerate_sample_only(path):
     assert torch.allclose(u[0], torch.tensor([4.0, 0, 0, 0], dtype=D), rtol=1e-10)  # 1-D: exact after restarts
 
 
+@pytest.mark.parametrize("path", ["host", "masked"])
+@pytest.mark.parametrize("kind", ["anderson", "broyden"])
+def test_two_batch_dims_reach_the_closed_forms(kind, path):
+    A, c, exact = affine_batch(B=6, n=9, seed=6)
+    T = lambda u, c: (torch.einsum("bij,bj->bi", A, u.reshape(6, 9)) + c.reshape(6, 9)).reshape(2, 3, 9)  # noqa: E731
+    u, info = bsolve(kind, T, torch.zeros(2, 3, 9, dtype=D), c.reshape(2, 3, 9), path=path, batch_dims=2)
+    assert info.converged and info.steps_per_sample.shape == (2, 3)
+    err = (u.reshape(6, 9) - exact).norm(dim=1) / exact.norm(dim=1)
+    assert float(err.max()) < 1e-9, err
+
+
 @pytest.mark.parametrize("kind", ["anderson", "broyden"])
 def test_float32_batch(kind):
     A, c, exact = affine_batch(B=3, n=10, seed=5)

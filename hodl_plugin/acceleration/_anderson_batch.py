@@ -82,7 +82,7 @@ class HostBatch:
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = as_rows(r, B, 1)[:, 0]
+        rn = as_rows(r, B, 1).reshape(B)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # no history yet: the plain KM step
