@@ -264,7 +264,7 @@ class Monitor:
         s, info = self.t, self.info
         r = r.detach()
         un = self.norm(u_k.detach())
-        un = torch.where(torch.isfinite(un), un, torch.zeros_like(un))
+        un = torch.nan_to_num(un, nan=0.0, posinf=0.0, neginf=0.0)  # a norm: >= 0 or not finite
         if s.r0 is None:
             s.r0 = r
             if not self.functional and info.steps == 0:
@@ -282,17 +282,17 @@ class Monitor:
             s.rmin, s.rref, s.ups, s.cmin = r, r, torch.zeros_like(r), torch.zeros_like(r)
             s.kmin = torch.full_like(r, k)
         else:
-            s.ups = torch.where(r > s.rprev, s.ups + 1, torch.zeros_like(s.ups))
+            s.ups = torch.where(r > s.rprev, s.ups + 1, 0.0)
             new_min = r < STALL_IMPROVEMENT * s.rref  # a new minimum, by 1 %
-            s.kmin = torch.where(new_min, torch.full_like(s.kmin, k), s.kmin)
-            s.cmin = torch.where(new_min, torch.zeros_like(s.cmin), s.cmin + 1)
+            s.kmin = torch.where(new_min, float(k), s.kmin)
+            s.cmin = torch.where(new_min, 0.0, s.cmin + 1)
             s.rref = torch.where(new_min, r, s.rref)
             s.rmin = torch.minimum(s.rmin, r)
         s.rprev, s.kprev = r, k
-        grow = (r > self.it.divergence_factor * torch.clamp(s.r0, min=1e-30)) | (
-            (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
-            & ~((r <= s.r0) if self.aggregating else torch.zeros_like(noise))
-        )
+        slow = (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
+        if self.aggregating:
+            slow = slow & ~(r <= s.r0)
+        grow = (r > self.it.divergence_factor * torch.clamp(s.r0, min=1e-30)) | slow
         active = torch.ones_like(conv) if s.active is None else s.active
         floor = (s.rmin <= self.floor * un) & (s.cmin >= FLOOR_CHECKS)
         if self.stop and not self.functional:
