@@ -61,13 +61,15 @@ def quiet(*args, **kw) -> hp.GKMSolver:
 
 
 def grad_ways(loss_of_x, x0):
-    """The gradient of x ↦ loss_of_x(x) by backward(), autograd.grad and torch.func.grad."""
+    """The gradient of x ↦ loss_of_x(x) by backward(), autograd.grad, torch.func.grad and torch.func.vjp (its
+    pullback runs after the transform ended, with create_graph on by default)."""
     x = x0.clone().requires_grad_()
     loss_of_x(x).backward()
     x2 = x0.clone().requires_grad_()
     (g2,) = torch.autograd.grad(loss_of_x(x2), x2)
     g3 = torch.func.grad(loss_of_x)(x0.clone())
-    return {"backward": x.grad, "autograd.grad": g2, "torch.func.grad": g3}
+    (g4,) = torch.func.vjp(loss_of_x, x0.clone())[1](torch.ones((), dtype=x0.dtype))
+    return {"backward": x.grad, "autograd.grad": g2, "torch.func.grad": g3, "torch.func.vjp": g4}
 
 
 def close(a, b, tol=1e-10):
@@ -351,10 +353,16 @@ def test_the_rules_refuse_every_second_derivative_and_give_jacrev(method):
     x0 = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
     for second in (lambda: torch.func.grad(lambda y: torch.func.grad(L)(y).sum())(x0),
                    lambda: torch.func.hessian(L)(x0),
+                   lambda: torch.func.grad(lambda y: torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))[0].sum())(x0),
                    lambda: torch.func.vmap(torch.func.grad(lambda y: torch.func.grad(L)(y).sum()))(x0.expand(2, 3))):
         with pytest.raises(hp.HypergradientError, match="first derivatives only|reverse-mode"):
             second()
     assert not torch.func.grad(L)(x0.clone().requires_grad_()).requires_grad
+    for y in (x0, x0.clone().requires_grad_()):  # a first-order pullback, however it is called
+        (v,) = torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))
+        assert close(v, torch.func.grad(L)(x0)) and not v.requires_grad
+    vs = torch.func.vmap(lambda y: torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))[0])(x0.expand(2, 3))
+    assert close(vs, torch.func.grad(L)(x0).expand(2, 3))
     J = torch.func.jacrev(lambda x: solver(torch.zeros(P.n, dtype=DT), x))(x0)
     u = solver(torch.zeros(P.n, dtype=DT), x0)
     assert close(J.T @ (u - P.t), torch.func.grad(L)(x0))
