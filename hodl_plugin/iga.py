@@ -103,6 +103,7 @@ class IGA(HypergradMethod):
     """
 
     name = "iga"
+    needs_gkm_iterates = True  # its multiplier at a solved lower level is 0/0
 
     def validate(self, it: GKMIteration) -> None:
         _gradient_step.parts(it.T, _NAME, _INSTEAD)

@@ -69,6 +69,7 @@ class PTT(HypergradMethod):
 
     name = "ptt"
     differentiates_start = True
+    needs_gkm_iterates = True
 
     def validate(self, it: GKMIteration) -> None:
         _require_upper(it)
