@@ -497,3 +497,71 @@ def test_recipes_run_the_hypergradient_baselines(tmp_path):
                              "--no-progress", "--out", str(tmp_path)])
     labels = [r["method"] for r in res["rows"]]
     assert labels[1].startswith("IAPTT-GM") and labels[-1].startswith("Tikhonov")
+
+
+def batched_quad(seed=3, B=3):
+    """B lower problems f_b = ½ w u_bᵀAu_b − (Bx_b)ᵀu_b (x batched, w and A shared; A read from the closure),
+    written as their sum over the batch, and the same f for one sample."""
+    P = Quad(seed=seed)
+    A = P.A.clone().requires_grad_()
+    f = lambda u, x, w: 0.5 * w * ((u @ A) * u).sum() - ((x @ P.B.T) * u).sum()  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, P.m, generator=g, dtype=DT)
+    U0 = torch.randn(B, P.n, generator=g, dtype=DT)
+    return P, A, f, X, U0
+
+
+def test_iga_with_batch_dims_is_each_sample_solved_alone():
+    """One multiplier per sample: x's rows get their own sample's IGA gradient, the shared w and A (a closure
+    tensor) the sum over the samples — against solving each sample alone and against the hand formula."""
+    P, A, f, X, U0 = batched_quad()
+    w0, K = torch.tensor(1.3, dtype=DT), 3
+    T = hp.GradientStep(objective=f, step=P.s)
+    x, w = X.clone().requires_grad_(), w0.clone().requires_grad_()
+    P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga", batch_dims=1)(U0, x, w)).backward()
+    got = (x.grad, w.grad, A.grad.clone())
+    A.grad = None
+    rows, wg = [], torch.zeros((), dtype=DT)
+    for b in range(X.shape[0]):
+        xb, wb = X[b].clone().requires_grad_(), w0.clone().requires_grad_()
+        P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga")(U0[b], xb, wb)).backward()
+        rows.append(xb.grad)
+        wg = wg + wb.grad
+        uK = U0[b]
+        for _ in range(K):
+            uK = uK - P.s * (w0 * P.A @ uK - P.B @ X[b])
+        gu = w0 * P.A @ uK - P.B @ X[b]  # by hand: x̄_b = −⟨d_b, ū_b⟩ ∇_x f_b = −⟨d_b, ū_b⟩(−Bᵀu_K,b)
+        assert close(rows[-1], -(gu @ (uK - P.t)) / (gu @ gu) * (-P.B.T @ uK))
+    assert close(got[0], torch.stack(rows)) and close(got[1], wg) and close(got[2], A.grad)
+    vm = torch.func.vmap(torch.func.grad(
+        lambda xb, ub: P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga")(ub, xb, w0))))(X, U0)
+    assert close(got[0], vm)
+
+
+def test_iga_with_batch_dims_a_loss_of_one_sample_moves_only_its_row():
+    f = lambda u, x: 0.5 * ((u - x) ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=1, tol=0.0, hypergrad="iga", batch_dims=1)
+    x = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    solver(torch.tensor([[0.0, 0.0], [-5.0, 3.0]], dtype=DT), x)[0].sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=DT))  # sample 0 alone: the docstring's
+
+
+@pytest.mark.parametrize("coupling", ["shared_term", "mean_over_samples"])
+def test_iga_with_batch_dims_refuses_an_objective_that_does_not_split(coupling):
+    """A term shared by the samples, or samples reading each other's rows: no per-sample ∇_x f_b to weigh."""
+    if coupling == "shared_term":  # w is shared: its term is not a sum over the samples
+        f = lambda u, x, w: 0.5 * ((u - x) ** 2).sum() + w ** 2  # noqa: E731
+    else:
+        f = lambda u, x, w: 0.5 * ((u - w * x.mean(0)) ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=2, tol=0.0, hypergrad="iga", batch_dims=1)
+    x, w = torch.randn(3, 2, dtype=DT, requires_grad=True), torch.tensor(1.5, dtype=DT, requires_grad=True)
+    with pytest.raises(hp.HypergradientError, match="not the sum of its samples' objectives.*torch.func.vmap"):
+        solver(torch.zeros(3, 2, dtype=DT), x, w)
+    # a term of x's own rows does split: f_b = ½‖u_b − x_b‖² + ‖x_b‖², so ∇_x f_b = x_b − u_b + 2x_b
+    f = lambda u, x: 0.5 * ((u - x) ** 2).sum() + (x ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=1, tol=0.0, hypergrad="iga", batch_dims=1)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=DT, requires_grad=True)
+    u = solver(torch.zeros(2, 2, dtype=DT), x)  # u_1 = x/2, ∇_u f = u − x = −x/2, d = −2x/‖x‖² per row
+    u.sum().backward()
+    d = -2 * x.detach() / (x.detach() ** 2).sum(1, keepdim=True)
+    assert close(x.grad, -d.sum(1, keepdim=True) * (2.5 * x.detach()))
