@@ -128,6 +128,47 @@ def test_ptt_under_vmap_chooses_per_sample():
     assert len(set(ks)) == 3
 
 
+def batched_ptt_toy():
+    """ptt_toy's problem as a batch of three samples whose worst iterates differ (k* = 2, 7, 12), f and F the
+    sums of the samples' terms over the batch."""
+    P, x0, u0, crit, _ = ptt_toy()
+    us = P.iterates(x0, u0, 12)
+    cs = torch.stack([us[2], 0.2 * us[6] + 0.8 * us[7], us[12] + 1.0])
+    f = lambda u, x, c: 0.5 * ((u @ P.A) * u).sum() - ((x @ P.B.T) * u).sum()  # noqa: E731
+    F = lambda u, x, c: -0.5 * ((u - c) ** 2).sum()  # noqa: E731
+    return P, x0.expand(3, P.m).clone(), u0.expand(3, P.n).clone(), cs, us, f, F
+
+
+def test_ptt_with_batch_dims_truncates_each_sample_at_its_own_worst_iterate():
+    """Against the closed form (u_k affine in x: du_k/dx = J_k) and against solving each sample alone."""
+    P, X, U0, cs, us, f, F = batched_ptt_toy()
+    T = hp.GradientStep(objective=f, step=P.s)
+    solver = hp.GKMSolver(T, upper=F, alpha=0, max_steps=12, hypergrad="ptt", batch_dims=1)
+    ks = [2, 7, 12]
+    for way, g in grad_ways(lambda x: P.loss(solver(U0, x, cs)), X).items():
+        for b, k in enumerate(ks):
+            assert close(g[b], P.jac_x(k).T @ (us[k] - P.t)), (way, b)
+    u, info = solver.solve(U0, X, cs)
+    assert info.steps_per_sample.tolist() == ks and info.steps == 12
+    assert close(u.detach(), torch.stack([us[k] for k in ks]))
+    for b, k in enumerate(ks):  # each sample alone: same point, same k*, same gradient
+        alone = hp.GKMSolver(T, upper=F, alpha=0, max_steps=12, hypergrad="ptt")
+        xb = X[b:b + 1].clone().requires_grad_()
+        ub = alone(U0[b:b + 1], xb, cs[b:b + 1])
+        P.loss(ub[0]).backward()
+        assert alone.info.steps == k and close(ub[0].detach(), u[b].detach())
+        assert close(xb.grad[0], P.jac_x(k).T @ (us[k] - P.t))
+
+
+def test_ptt_with_batch_dims_refuses_an_F_that_couples_the_samples():
+    P, X, U0, cs, us, f, _ = batched_ptt_toy()
+    F = lambda u, x, c: -0.5 * ((u.sum(0) - cs.sum(0)) ** 2).sum()  # noqa: E731 - a batch-level F
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=P.s), upper=F, alpha=0, max_steps=12, hypergrad="ptt",
+                          batch_dims=1)
+    with pytest.raises(hp.ConfigurationError, match="not a sum over the samples.*batch_dims=0"):
+        solver(U0, X, cs)
+
+
 @pytest.mark.parametrize("aggregation", ["inside", "outside"])
 def test_ptt_with_aggregation_matches_a_hand_written_loop(aggregation):
     P = Quad(seed=1)
