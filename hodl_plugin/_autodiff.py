@@ -21,9 +21,13 @@ def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Te
     create = torch.is_grad_enabled()
     if transforms_active():  # inside torch.func.grad/vmap/...: requires_grad_ is refused, so a func.grad
         return _grad_u_func(fn, u, params, create)
-    with torch.enable_grad():
+    # under torch.inference_mode the inputs are inference tensors, which autograd cannot record: the gradient
+    # is taken on normal copies (a T that reads inference tensors from its closure still cannot be differentiated)
+    with torch.inference_mode(False), torch.enable_grad():
+        if u.is_inference():
+            u, params = u.clone(), [p.clone() if isinstance(p, Tensor) and p.is_inference() else p for p in params]
         u_ = u if (create and u.requires_grad) else u.detach().requires_grad_(True)
-        args = params if create else [p.detach() for p in params]
+        args = params if create else [p.detach() if isinstance(p, Tensor) else p for p in params]
         val = fn(u_, *args)
         if not isinstance(val, Tensor) or val.numel() != 1:
             raise ValueError("the objective must return a scalar tensor")

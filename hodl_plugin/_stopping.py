@@ -89,6 +89,24 @@ def certifies(dtype: torch.dtype) -> bool:
     return torch.finfo(dtype).eps <= 1e-4
 
 
+# the squares of entries below ~1e-154 or above ~1e154 leave float64's range (float32 and half precision
+# tensors are summed in float64): a norm outside these bounds is measured again, scaled
+_TINY, _HUGE = 1e-140, 1e140
+
+
+def scaled_norm(t: Tensor) -> Tensor:
+    """:math:`\\|t\\|` as :math:`m\\,\\|t/m\\|`, :math:`m = \\max_i |t_i|`: no square under- or overflows.
+
+    >>> import torch
+    >>> float(scaled_norm(torch.full((4,), 1e-200, dtype=torch.float64)))   # the plain norm gives 0
+    2e-200
+    """
+    low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    m = t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+    m = torch.where(m > 0, m, torch.ones_like(m)).to(torch.float64 if low else m.dtype)
+    return torch.linalg.vector_norm(t.to(m.dtype) / m) * m
+
+
 class Monitor:
     """The per-sample stop state of one run of :meth:`~hodl_plugin.gkm.GKMIteration.run`.
 
@@ -179,7 +197,12 @@ class Monitor:
             parts = [both]
         if agg is not None:
             parts.append(agg.detach().reshape(1).to(parts[0].dtype))
-        return torch.cat([t.reshape(-1) for t in parts]).tolist()
+        vals = torch.cat([t.reshape(-1) for t in parts]).tolist()
+        if not all(_TINY < v < _HUGE for v in vals[:2]):  # 0, or squares outside the range: measure again
+            if d is not None:
+                exact = torch.stack([scaled_norm(d.detach()), scaled_norm(u.detach())]).tolist()
+                vals[:2] = [v if math.isfinite(v) else old for v, old in zip(exact, vals[:2])]
+        return vals
 
     def _check_scalar(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor,
                       d: Optional[Tensor] = None, agg: Optional[Tensor] = None) -> Tensor:

@@ -471,12 +471,16 @@ class GKMIteration:
         Tu = self._call_T(u, params, first, functional, u, t0)
         f = Tu - u
         r = self._norm(f)
-        return self.acceleration.step(state, u, f, r, float(self.beta(k))), None, r, None
+        return self.acceleration.step(state, u, f, r, float(self.beta(k))), f, r, None
 
     def _norm(self, t: Tensor) -> Tensor:
         dims = tuple(range(self.batch_dims, t.dim()))
         t = t.detach()
-        return torch.linalg.vector_norm(t, dim=dims) if dims else t.abs()
+        if not dims:
+            return t.abs()
+        # float32 / half: summed in float64 (the squares of entries below ~1e-19 or above ~1e19 leave float32)
+        low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return torch.linalg.vector_norm(t, dim=dims, dtype=torch.float64 if low else None)
 
     def _residual_fn(self, params: Sequence[Any]) -> Callable[[Tensor], Tensor]:
         """``u -> T(u) - u`` without autograd (the returned point's residual is its norm)."""

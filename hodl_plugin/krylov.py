@@ -83,18 +83,21 @@ def resolve(forward: str, T: Any) -> str:
 class _Problem:
     """``T`` with its parameters at one base point: residuals and scaled products, per sample."""
 
-    def __init__(self, it: GKMIteration, params: Sequence[Any], u: Tensor, Tu: Tensor) -> None:
+    def __init__(self, it: GKMIteration, params: Sequence[Any], u: Tensor, Tu: Tensor, scale: Tensor) -> None:
         self.it, self.params, self.bd = it, params, it.batch_dims
         self.dims = tuple(range(self.bd, u.dim()))
         self.evals = 0
+        self.scale = scale  # the run works on u / scale (a power of 2 per sample): T_s(z) = T(scale·z) / scale
         self.rebase(u, Tu)
 
     def T(self, w: Tensor) -> Tensor:
         self.evals += 1
-        return self.it.T(w, *self.params)
+        return self.it.T(w * self.scale, *self.params) / self.scale
 
     def norm(self, t: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(t, dim=self.dims) if self.dims else t.abs()
+        if not self.dims:
+            return t.abs()
+        return torch.linalg.vector_norm(t, dim=self.dims, dtype=_wide(t.dtype))
 
     def ex(self, t: Tensor, like: Tensor) -> Tensor:
         return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
@@ -110,6 +113,7 @@ class _Problem:
         zn = self.norm(z)
         sig = torch.where(zn > 0, self.S / torch.where(zn > 0, zn, torch.ones_like(zn)), torch.ones_like(zn))
         sig = self.ex(sig, z)
+        sig = sig.to(z.dtype)
         return z - (self.T(self.b + sig * z) - self.Tb) / sig
 
     def affinity_defect(self, a: Tensor, Ta: Tensor) -> tuple[Tensor, Tensor]:
@@ -166,21 +170,32 @@ def _run(it: GKMIteration, u: Tensor, params: Sequence[Any], info: SolverInfo, s
         check_operator_output(Tu, u)
     else:
         Tu = t0
-    pr = _Problem(it, params, u, Tu)
+    # the run works on u / s, s a power of 2 per sample near the scale of (u0, T(u0)): the Krylov methods'
+    # sums of squares neither under- nor overflow whatever the problem's scale (and the scaling is exact)
+    s = _scale(u, Tu, it.batch_dims)
+    s_flat = s.reshape(s.shape[: it.batch_dims])
+    u, Tu = u / s, Tu / s
+    absolute = absolute / s_flat if it.batch_dims else absolute / float(s)
+    pr = _Problem(it, params, u, Tu, s)
     hist: list[Tensor] = []
     steps: list[int] = []
     d = Tu - u
     rn, un = pr.norm(d), pr.norm(u)
     thresh = torch.clamp(rel * un, min=absolute)
+    r_start, u_start = rn, un
     if info.steps == 0 and info.initial_residual is None:
-        info.initial_residual = rn if it.batch_dims else float(rn)
+        info.initial_residual = rn * s_flat if it.batch_dims else float(rn * s_flat)
     used = 0
     prev = None  # the measured residual of the last cycle's end
     x = x_good = u
     message = ""
     while True:
         if not _finite(rn):
-            return _nonfinite(it, info, x_good, hist, steps, start, used, rn)
+            return _nonfinite(it, info, x_good * s, [h * s_flat for h in hist], steps, start, used, rn * s_flat)
+        blowup = _blowup(it, rn * s_flat, un, r_start * s_flat, u_start, used)
+        if blowup:  # a T that is not affine is named as such; an affine one has no fixed point
+            _refuse_nonaffine(pr, x, Tu, None, it.forward)
+            return _diverged(it, info, x_good * s, [h * s_flat for h in hist], steps, start, used, rn * s_flat, blowup)
         x_good = x
         done = rn <= thresh
         if bool(done.all()):
@@ -210,8 +225,46 @@ def _run(it: GKMIteration, u: Tensor, params: Sequence[Any], info: SolverInfo, s
         pr.rebase(x, Tu)
     hist.append(rn)
     steps.append(start + used)
-    _finish(it, info, hist, steps, rn, thresh, used, certified, message)
-    return x
+    _finish(it, info, [h * s_flat for h in hist], steps, rn * s_flat, thresh * s_flat, used, certified, message)
+    return x * s
+
+
+def _scale(u: Tensor, Tu: Tensor, bd: int) -> Tensor:
+    """A power of 2 per sample (shape ``batch + (1,)*k``) at the scale of ``max(|u0|, |T(u0)|)``; 1 where that
+    is 0 or not finite."""
+    dims = tuple(range(bd, u.dim()))
+    m = torch.maximum(u.abs().amax(dim=dims, keepdim=True) if dims else u.abs(),
+                      Tu.abs().amax(dim=dims, keepdim=True) if dims else Tu.abs())
+    ok = (m > 0) & torch.isfinite(m)
+    return torch.where(ok, torch.exp2(torch.round(torch.log2(torch.where(ok, m, torch.ones_like(m))))),
+                       torch.ones_like(m))
+
+
+#: the iterate may grow at most this much (relative to the start's scale and residual) in units of the
+#: dtype's resolution: beyond, I - dT/du is (numerically) singular and the "solution" meaningless
+BLOWUP = 1e3
+
+
+def _blowup(it: GKMIteration, rn: Tensor, un: Tensor, r0: Tensor, u0: Tensor, used: int) -> str:
+    r"""An affine :math:`T` without a fixed point (:math:`c \notin \mathrm{range}(I - M)`, singular
+    :math:`I - M`) sends the Krylov iterate to infinity while the residual stays put: a relative test
+    :math:`\|T(u) - u\| \le \mathrm{tol}\,\|u\|` would then pass at a meaningless point. The GKM loop
+    detects this from the residual's history; here a GMRES residual above the start's, or an iterate grown far
+    beyond what the start's scale allows, is a divergence."""
+    if not used:
+        return ""
+    # un, u0: norms of the scaled iterate (the start's is about 1); rn, r0: residuals in the caller's units
+    limit = BLOWUP / torch.finfo(un.dtype).eps ** 0.5 * torch.clamp(u0, min=1.0)
+    bad = un > limit
+    if it.forward == "gmres":  # GMRES's residual does not increase (CG's may: it minimises the error's A-norm)
+        bad = bad | (rn > 2 * r0)
+    if not bool(bad.any()):
+        return ""
+    return (f"the Krylov forward ({it.forward}) found no fixed point: after {used} products the iterate grew "
+            f"{float(un.max() / torch.clamp(u0, min=1.0).max()):.3g}x from its start while the residual ||T(u) - u|| "
+            f"went from {float(r0.max()):.3e} to {float(rn.max()):.3e}: I - dT/du is singular and T(u) = Mu + c has "
+            "no fixed point (c is not in the range of I - M), or T is not affine. forward='gkm' reports such an "
+            "operator step by step")
 
 
 def _finite(r: Tensor) -> bool:
@@ -277,14 +330,12 @@ def _cg_one(pr: _Problem, x: Tensor, r: Tensor, rel: float, absolute: float,
     k = 0
     while k < budget and rs > (INNER * max(rel * math.sqrt(xx), absolute)) ** 2:
         sig = S / math.sqrt(pp) if pp > 0 else 1.0
-        pr.evals += 1
-        Ap = p.sub(pr.it.T(b.add(p, alpha=sig), *pr.params) - Tb, alpha=1.0 / sig)
+        Ap = p.sub(pr.T(b.add(p, alpha=sig)) - Tb, alpha=1.0 / sig)
         k += 1
         if k == 1:
             first = (p, Ap)
         elif k == 2 and first is not None:
-            defect = ls._symmetry_defect(first[0], first[1], p, Ap)
-            _raise_asymmetric(defect, p.dtype)
+            _raise_asymmetric(pr, ls._symmetry_defect(first[0], first[1], p, Ap), p)
         pAp = float(_dot(p, Ap))
         if pAp == 0 or not math.isfinite(pAp):
             return x, k, hist, True
@@ -304,12 +355,47 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.vdot(a.reshape(-1), b.reshape(-1)) if a.dim() != 1 else torch.vdot(a, b)
 
 
-def _raise_asymmetric(defect: float, dtype: torch.dtype) -> None:
-    if defect > 1e3 * torch.finfo(dtype).eps ** 0.75:
-        raise LinearSolveError(
-            f"forward='krylov' runs CG because the operator declares symmetric_jacobian = True, but dT/du is not "
-            f"symmetric: <a, (I-J)c> - <(I-J)a, c> = {defect:.3e} (relative) on CG's first two search directions. "
-            "Declare symmetric_jacobian = False on it (GMRES is then used), or pass forward='gmres'"
+def _wide(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """float64 for the sums of squares of float32 / half tensors (``None``: the dtype itself)."""
+    return torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+
+
+def _raise_asymmetric(pr: _Problem, defect: float, p: Tensor) -> None:
+    """A symmetry defect above rounding: :class:`NotAffineError` when ``T`` is not affine (products at two
+    scales then differ, whatever the symmetry), else :class:`LinearSolveError` (a false symmetry claim)."""
+    if defect <= 1e3 * torch.finfo(p.dtype).eps ** 0.75:
+        return
+    pn = pr.norm(p)
+    a = pr.b + pr.ex(pr.S / torch.where(pn > 0, pn, torch.ones_like(pn)), p).to(p.dtype) * p
+    _refuse_nonaffine(pr, a, pr.T(a), None, "cg")
+    claimed = getattr(pr.it.T, "symmetric_jacobian", False)
+    why = ("forward='krylov' runs CG because the operator declares symmetric_jacobian = True" if claimed
+           else "forward='cg' needs a symmetric dT/du (CG's directions are conjugate only then)")
+    raise LinearSolveError(
+        f"{why}, but dT/du is not symmetric: <a, (I-J)c> - <(I-J)a, c> = {defect:.3e} (relative) on CG's first two "
+        "search directions. " + ("Declare symmetric_jacobian = False on it (GMRES is then used), or pass "
+                                 "forward='gmres'" if claimed else "Pass forward='gmres' (or 'krylov')")
+    )
+
+
+def _refuse_nonaffine(pr: _Problem, a: Tensor, Ta: Tensor, where: Optional[Tensor], method: str,
+                      thresh: Optional[Tensor] = None) -> None:
+    """:class:`NotAffineError` when :math:`\\|T(a) + T(b) - 2T(\\tfrac{a+b}{2})\\|` is above rounding (and
+    ``thresh``) for a sample in ``where`` (all when ``None``)."""
+    if torch.equal(a, pr.b):  # no second point to test affinity with: one from the residual direction
+        a = a + (Ta - a)
+        Ta = pr.T(a)
+    defect, scale = pr.affinity_defect(a, Ta)
+    floor = 1e4 * torch.finfo(a.dtype).eps * scale
+    nonaffine = defect > (floor if thresh is None else torch.maximum(thresh, floor))
+    if where is not None:
+        nonaffine = nonaffine & where
+    if bool(nonaffine.any()):
+        worst = float(defect[nonaffine].max()) if defect.dim() else float(defect)
+        raise NotAffineError(
+            f"forward='krylov' ({method}) needs an operator affine in u, T(u) = Mu + c, but T is not: "
+            f"||T(a) + T(b) - 2T((a+b)/2)|| = {worst:.3e} (relative to the solve's scale) at points of the solve, "
+            "above rounding. Use forward='gkm' (the default) for this operator"
         )
 
 
@@ -321,7 +407,7 @@ def _check_symmetric(pr: _Problem, first: tuple[Tensor, Tensor], second: tuple[T
     scale = pr.norm(p1) * pr.norm(Ap0) + pr.norm(Ap1) * pr.norm(p0)
     defect = (dot(p1, Ap0) - dot(Ap1, p0)).abs() / torch.where(scale > 0, scale, torch.ones_like(scale))
     defect = torch.where(active, defect, torch.zeros_like(defect))
-    _raise_asymmetric(float(defect.max()), p0.dtype)
+    _raise_asymmetric(pr, float(defect.max()), p1)
 
 
 def _gmres(pr: _Problem, x: Tensor, r: Tensor, thresh: Tensor, active: Tensor, rel: float, absolute: float,
@@ -340,7 +426,7 @@ def _gmres(pr: _Problem, x: Tensor, r: Tensor, thresh: Tensor, active: Tensor, r
         delta, li = ls._gmres_batched(pr.matvec, r, None, ls._Batch(r, pr.bd), 0.0, thr.reshape(-1), budget, restart)
         hist = [li.residual_per_sample] if li.residual_per_sample is not None else []
     else:
-        delta, li = ls.GMRES(restart=restart)._solve(pr.matvec, r, None, 0.0, float(thr))
+        delta, li = ls.GMRES(restart=restart, maxiter=budget)._solve(pr.matvec, r, None, 0.0, float(thr))
         hist = [li.residual]
     k = pr.evals - before
     x = x + torch.where(pr.ex(active, delta), delta, torch.zeros_like(delta))
@@ -354,22 +440,7 @@ def _stalled(pr: _Problem, x: Tensor, Tx: Tensor, rn: Tensor, thresh: Tensor, me
              breakdown: bool = False) -> str:
     """A run that stopped above its threshold: raise :class:`NotAffineError` when ``T`` is measurably
     not affine there, else say why (the message of ``info``)."""
-    bad = rn > thresh
-    if torch.equal(x, pr.b):  # no second point to test affinity with: one from the residual direction
-        a = x + (Tx - x)
-        Ta = pr.T(a)
-    else:
-        a, Ta = x, Tx
-    defect, scale = pr.affinity_defect(a, Ta)
-    floor = 1e4 * torch.finfo(x.dtype).eps * scale
-    nonaffine = bad & (defect > torch.maximum(thresh, floor))
-    if bool(nonaffine.any()):
-        worst = float(defect[nonaffine].max()) if defect.dim() else float(defect)
-        raise NotAffineError(
-            f"forward='krylov' ({method}) needs an operator affine in u, T(u) = Mu + c, but T is not: "
-            f"||T(a) + T(b) - 2T((a+b)/2)|| = {worst:.3e} at the last points of the solve (above rounding and the "
-            f"threshold {float(thresh.max()):.3e}). Use forward='gkm' (the default) for this operator"
-        )
+    _refuse_nonaffine(pr, x, Tx, rn > thresh, method, thresh)
     what = ("CG broke down (a direction with <p, (I - dT/du)p> = 0: I - dT/du is not definite)" if breakdown
             else "the measured residual stopped decreasing between restarts")
     return (f"the Krylov forward ({method}) stopped with residual ||T(u) - u|| = {float(rn.max()):.3e} above the "
@@ -379,13 +450,18 @@ def _stalled(pr: _Problem, x: Tensor, Tx: Tensor, rn: Tensor, thresh: Tensor, me
 
 def _nonfinite(it: GKMIteration, info: SolverInfo, u_good: Tensor, hist: list, steps: list,
                start: int, used: int, rn: Tensor) -> Tensor:
+    return _diverged(it, info, u_good, hist, steps, start, used, rn, (
+        f"the Krylov forward ({it.forward}) became non-finite after {used} products: T(u, *params) returned NaN or "
+        "Inf (check it, e.g. a log or a division, and its parameters)"
+    ))
+
+
+def _diverged(it: GKMIteration, info: SolverInfo, u_good: Tensor, hist: list, steps: list,
+              start: int, used: int, rn: Tensor, message: str) -> Tensor:
     info.diverged = True
     info.converged = False
     info.steps += used
-    info.message = (
-        f"the Krylov forward ({it.forward}) became non-finite after {used} products: T(u, *params) returned NaN or "
-        "Inf (check it, e.g. a log or a division, and its parameters)"
-    )
+    info.message = message
     hist = [*hist, rn]
     info.residuals = _stack(hist)
     info.residual_steps = [*steps, start + used]

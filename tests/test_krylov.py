@@ -262,3 +262,66 @@ def test_krylov_resolution_follows_the_declared_symmetry():
     assert hp.GKMSolver(hp.GradientStep(grad=lambda u: u, step=0.5), forward="krylov").iteration.forward == "cg"
     assert hp.GKMSolver(lambda u: 0.5 * u, forward="krylov").iteration.forward == "gmres"
     assert hp.GKMSolver(lambda u: 0.5 * u).iteration.forward == "gkm"
+
+
+# -- no fixed point, extreme scales, a non-affine T under CG, the product budget ------------------------
+@pytest.mark.parametrize("forward", ["krylov", "gmres"])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_an_affine_operator_without_a_fixed_point_is_a_divergence(forward, batch_dims):
+    """T(u) = u - (Qu - x) with Q singular and x outside its range has no fixed point: the Krylov iterate runs to
+    infinity while the relative test tol·‖u‖ would pass (it returned 1e16-sized points, converged=True)."""
+    Q = torch.diag(torch.tensor([1.0, 0.5, 0.0], dtype=D))
+    T = hp.GradientStep(grad=lambda u, x: u @ Q.T - x, step=1.0)
+    x = torch.ones((2, 3) if batch_dims else (3,), dtype=D)
+    with pytest.raises(hp.DivergenceError, match="no fixed point"):
+        hp.GKMSolver(T, forward=forward, tol=1e-10, batch_dims=batch_dims)(torch.zeros_like(x), x)
+
+
+def test_a_nonsymmetric_operator_without_a_fixed_point_is_a_divergence():
+    P = torch.eye(3, dtype=D)
+    P[0, 0] = 0.0  # I - P = e0 e0ᵀ: singular, and c = (0, 1, 1) is not in its range
+    c = torch.tensor([0.0, 1.0, 1.0], dtype=D)
+    with pytest.raises(hp.DivergenceError, match="no fixed point"):
+        hp.GKMSolver(lambda u: P @ u + c, forward="gmres")(torch.zeros(3, dtype=D))
+
+
+@pytest.mark.parametrize("forward", ["cg", "gmres"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e-25), (torch.float32, 1e20), (torch.float32, 1e30),
+                                         (D, 1e-200), (D, 1e200)])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_any_scale_any_dtype(forward, dtype, scale, batch_dims):
+    """u* = (I - M)^{-1} c at scales whose squares leave the dtype (they returned 0 or raised)."""
+    M = torch.tensor([[0.5, 0.1, 0.0], [0.1, 0.3, 0.1], [0.0, 0.1, 0.2]], dtype=D)
+    exact_unit = torch.linalg.solve(torch.eye(3, dtype=D) - M, torch.ones(3, dtype=D))
+    c = torch.full((2, 3) if batch_dims else (3,), scale, dtype=dtype)
+    Mt = M.to(dtype)
+    solver = hp.GKMSolver(lambda u, c: u @ Mt.T + c, forward=forward, batch_dims=batch_dims)
+    u = solver(torch.zeros_like(c), c)
+    assert solver.info.converged
+    err = float(((u.double() / scale) - exact_unit).abs().max() / exact_unit.abs().max())
+    assert err < (1e-4 if dtype == torch.float32 else 1e-9), err
+
+
+def test_cg_on_an_operator_that_is_not_affine_names_it():
+    """The gradient step of a non-quadratic objective has a symmetric Jacobian: CG's symmetry test fails only
+    because the products at two scales differ; the error says T is not affine (it blamed the symmetry)."""
+    f = lambda u, x: 0.5 * (u**2).sum() - x @ u + 0.1 * torch.log(torch.cosh(u)).sum()  # noqa: E731
+    T = hp.GradientStep(objective=f, step=0.5)
+    with pytest.raises(hp.NotAffineError, match="affine in u.*but T is not"):
+        hp.GKMSolver(T, forward="krylov")(torch.zeros(2, dtype=D), torch.tensor([1.0, 3.0], dtype=D))
+
+
+def test_forward_cg_without_a_claim_says_cg_needs_symmetry():
+    A = torch.tensor([[0.5, 0.3, 0.0], [0.0, 0.2, 0.4], [0.1, 0.0, 0.3]], dtype=D)
+    with pytest.raises(hp.LinearSolveError, match="forward='cg' needs a symmetric"):
+        hp.GKMSolver(lambda u: A @ u + 1.0, forward="cg")(torch.zeros(3, dtype=D))
+
+
+def test_max_steps_caps_the_products():
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=D)
+    T = lambda u, x: u - 0.2 * (A @ u - x)  # noqa: E731
+    with pytest.warns(hp.ConvergenceWarning, match="did not converge"):  # it ran 26 products, converged=True
+        u, info = hp.GKMSolver(T, forward="gmres", max_steps=1).solve(torch.zeros(2, dtype=D), torch.ones(2, dtype=D))
+    assert info.steps <= 2 and not info.converged
+    u, info = hp.GKMSolver(T, forward="gmres", max_steps=3).solve(torch.zeros(2, dtype=D), torch.ones(2, dtype=D))
+    assert info.steps <= 3 and info.converged

@@ -297,3 +297,16 @@ def test_operators_with_library_parts_can_be_saved(make):
     buf.seek(0)
     for twin in (pickle.loads(pickle.dumps(solver)), copy.deepcopy(solver), torch.load(buf, weights_only=False)):
         assert torch.equal(twin(torch.zeros(3, dtype=torch.float64), b, lam), u)
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact", "first_order"])
+def test_an_autograd_gradient_step_under_inference_mode(mode):
+    """GradientStep(objective=f) takes ∇_u f with autograd: under torch.inference_mode its inputs are inference
+    tensors, which autograd cannot record (it raised a message about an upper objective nobody passed)."""
+    D = torch.float64
+    T = hp.GradientStep(objective=lambda u, x: 0.5 * ((u - x) ** 2).sum(), step=0.5)
+    x = torch.tensor([1.0, -2.0], dtype=D)
+    with torch.inference_mode():
+        assert torch.equal(T(torch.zeros(2, dtype=D), x), 0.5 * x)  # u - s(u - x) at u = 0
+        u = hp.GKMSolver(T, hypergrad=mode)(torch.zeros(2, dtype=D), x)
+    assert torch.allclose(u, x, atol=1e-8) and u.is_inference()
