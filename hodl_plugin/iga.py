@@ -19,7 +19,7 @@ rule is :math:`\bar x = -\langle d, \bar u\rangle\,\nabla_x f(u_K; x)`, :math:`d
 With ``batch_dims`` every sample b has its own multiplier, as if solved alone:
 :math:`\bar x = -\sum_b \langle d_b, \bar u_b\rangle\,\nabla_x f_b(u_{K,b}; x)`,
 :math:`d_b = \nabla_{u_b} f/\|\nabla_{u_b} f\|^2`, where :math:`f_b` is f evaluated on sample b alone
-(:func:`per_sample_objective`): f must be the sum of these, which is checked.
+(``per_sample_objective`` below): f must be the sum of these, which is checked.
 
 The multiplier is a ratio of gradients that both vanish at the lower optimum: IGA is a method for a
 *few* lower steps (BOAT's use), where :math:`\nabla_u f(u_K)` is far from 0. At an iterate with
@@ -105,7 +105,7 @@ class IGA(HypergradMethod):
 
     Raises:
         HypergradientError: :math:`\nabla_u f(u_K) = 0` exactly (the multiplier is 0/0); with ``batch_dims``,
-            an f that is not the sum of its per-sample objectives (:func:`per_sample_objective`).
+            an f that is not the sum of its per-sample objectives.
 
     >>> import torch, hodl_plugin as hp
     >>> f = lambda u, x: 0.5 * ((u - x) ** 2).sum()           # ∇_u f = u - x, ∇_x f = x - u
@@ -172,7 +172,7 @@ def per_sample_objective(f: Callable[..., Tensor], u: Tensor, batch_dims: int, s
 
 
 def _check_separable(f: Callable[..., Tensor], u: Tensor, batch_dims: int, params: Sequence[Any]) -> None:
-    """f is the sum of its per-sample objectives (:func:`per_sample_objective`), to rounding, or a
+    """f is the sum of its per-sample objectives (``per_sample_objective``), to rounding, or a
     :class:`~hodl_plugin.errors.HypergradientError` says what to do instead."""
     leaves, spec = flatten(params)
     with torch.no_grad():
