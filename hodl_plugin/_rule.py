@@ -20,7 +20,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from ._torch_compat import differentiating_transforms, transforms_active
+from ._torch_compat import derivative_carried, differentiating_transforms, is_dead_wrapper, transforms_active
 from .errors import HypergradientError
 
 __all__ = ["Rule", "RuleStep", "attach"]
@@ -58,8 +58,7 @@ class RuleStep(torch.autograd.Function):
         """``rule.vjp``, computed without recording (refused where it would be differentiated again:
         ``create_graph=True``, nested ``torch.func.grad``)."""
         rule: Rule = ctx.rule
-        functional = transforms_active()
-        if (torch.is_grad_enabled() and not functional) or (functional and differentiating_transforms() > 1):
+        if _second_order(g, ctx.saved_tensors):
             raise HypergradientError(
                 f"{rule.method} gives first derivatives only (backward(), autograd.grad, torch.func.grad / vjp); "
                 "create_graph=True or a nested torch.func.grad asks for the derivative of its rule, which is not a "
@@ -77,6 +76,16 @@ class RuleStep(torch.autograd.Function):
             f"{ctx.rule.method} gives reverse-mode derivatives only (backward(), autograd.grad, torch.func.grad / "
             "vjp / jacrev); forward mode (jvp, jacfwd, dual numbers) is not defined for it: use hypergrad='implicit'"
         )
+
+
+def _second_order(g: Tensor, saved: Sequence[Tensor]) -> bool:
+    """Whether this backward would itself be differentiated: ``create_graph=True`` on tensors of plain
+    autograd, a ``torch.func.grad`` inside another, or one around the pullback of ``torch.func.vjp``
+    (which runs after its transform ended, on the tensors saved inside it). The pullback of a
+    ``torch.func.vjp`` called on its own asks for a first derivative, whatever its ``create_graph``."""
+    if transforms_active():
+        return differentiating_transforms() > 1 or any(derivative_carried(t) for t in (g, *saved))
+    return torch.is_grad_enabled() and not any(is_dead_wrapper(t) for t in (g, *saved))
 
 
 def attach(rule: Rule, value: Tensor, tensors: Sequence[Tensor]) -> Tensor:

@@ -27,6 +27,8 @@ __all__ = [
     "forward_ad_active",
     "nested_forward_transforms",
     "differentiating_transforms",
+    "derivative_carried",
+    "is_dead_wrapper",
     "version",
     "plain_tensors",
     "engine_backward",
@@ -125,6 +127,43 @@ def differentiating_transforms() -> int:
     if _INTERPRETERS is None:
         return current_functorch_level() if transforms_active() else 0
     return sum(1 for i in _INTERPRETERS() if str(i.key()).rsplit(".", 1)[-1] in ("Grad", "Jvp"))
+
+
+def _differentiating_levels() -> Optional[set[int]]:
+    """The levels of the active ``grad``/``vjp``/``jvp`` transforms (``None`` when unknown)."""
+    if _INTERPRETERS is None:
+        return None
+    return {int(i.level()) for i in _INTERPRETERS() if str(i.key()).rsplit(".", 1)[-1] in ("Grad", "Jvp")}
+
+
+def derivative_carried(t: Tensor) -> bool:
+    """Whether ``t`` is the wrapper of a ``torch.func`` transform that has ended around a tensor that
+    carries the derivative of an *active* ``grad``/``vjp``/``jvp`` transform: the pullback of
+    ``torch.func.vjp`` runs after its transform exited, on tensors saved inside it, and a
+    ``torch.func.grad`` around that call differentiates what they wrap. Without the private stack,
+    any wrapped tensor inside counts (an error, never a wrong number).
+
+    >>> derivative_carried(torch.ones(2))
+    False
+    """
+    if not is_dead_wrapper(t):
+        return False
+    levels = _differentiating_levels()
+    while is_functorch_wrapped(t):
+        level = functorch_level(t)
+        if level >= 0 and (levels is None or level in levels):
+            return True
+        inner = unwrap_once(t)
+        if inner is None:
+            return levels is None
+        t = inner
+    return False
+
+
+def is_dead_wrapper(t: Tensor) -> bool:
+    """Whether ``t`` is the wrapper of a ``torch.func`` transform that has ended (what the pullback of
+    ``torch.func.vjp`` finds in its saved tensors)."""
+    return is_functorch_wrapped(t) and functorch_level(t) == -2
 
 
 def plain_tensors() -> Any:

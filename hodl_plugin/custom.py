@@ -8,6 +8,7 @@ exact implicit derivative, at every order and under ``torch.func`` transforms (:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from . import linear_solve as ls
 from ._capture import bind, flatten
+from ._checks import all_finite
 from ._stopping import default_tol
 from ._torch_compat import transforms_active
 from .errors import ConvergenceWarning, DivergenceError, user_stacklevel
@@ -37,20 +39,33 @@ def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fa
 
     def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         name = getattr(solver_fn, "__name__", "the solver")
+        try:
+            sig: Optional[inspect.Signature] = inspect.signature(solver_fn)
+        except (TypeError, ValueError):  # a builtin without a signature: positional arguments only
+            sig = None
 
         @functools.wraps(solver_fn)
-        def wrapped(init: Tensor, *args: Any) -> Tensor:
-            if not isinstance(init, Tensor):
+        def wrapped(*args: Any, **kwargs: Any) -> Tensor:
+            if kwargs:  # bound to the solver's signature: the ones it can take by position become positional
+                args, kwargs = _bind(sig, name, args, kwargs)
+            if not args or not isinstance(args[0], Tensor):
                 raise TypeError(f"the first argument of {name} (the initial point) must be a tensor")
+            init, args = args[0], tuple(args[1:])
+            _check_finite(name, sig, init, args, kwargs)
+            g, solver_g = fn, solver_fn
+            if kwargs:  # keyword-only arguments travel as one trailing dict, its tensors differentiable too
+                args = (*args, kwargs)
+                g = functools.partial(_call_with_keywords, fn)
+                solver_g = functools.partial(_call_with_keywords, solver_fn)
             if not grad_wanted():
-                return solver_fn(init, *args)
-            op = bind(fn, init, args, static=True)
+                return solver_g(init, *args)
+            op = bind(g, init, args, static=True)
 
             def fwd(u0: Tensor, tensors: Sequence[Tensor], info: Any, problem: FixedPointProblem) -> Tensor:
                 with torch.no_grad(), op.context(tensors):
                     params = op.params(tensors)
-                    out = solver_fn(u0.detach(), *params)
-                    _check_solution(kind, name, fn, out, u0, params, tol, atol)
+                    out = solver_g(u0.detach(), *params)
+                    _check_solution(kind, name, g, out, u0, params, tol, atol)
                 return out
 
             problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail)
@@ -60,6 +75,46 @@ def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fa
         return wrapped
 
     return decorator
+
+
+def _bind(sig: Optional[inspect.Signature], name: str, args: tuple, kwargs: dict[str, Any]
+          ) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` as the solver's signature takes them: a keyword argument that it can take by
+    position becomes positional (``solve(u0, x=x)`` is ``solve(u0, x)``, and ``T(u, x)`` is called so);
+    keyword-only ones stay keywords (passed by name to the solver and to the map)."""
+    if sig is None:
+        raise TypeError(f"{name} has no inspectable signature: pass its arguments by position")
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{name}{sig}: {e}") from None
+    return tuple(bound.args), dict(bound.kwargs)
+
+
+def _call_with_keywords(f: Callable[..., Tensor], u: Tensor, *params: Any) -> Tensor:
+    """``f(u, *args, **kwargs)`` for ``params = (*args, kwargs)``."""
+    return f(u, *params[:-1], **params[-1])
+
+
+def _check_finite(name: str, sig: Optional[inspect.Signature], init: Tensor, args: tuple,
+                  kwargs: dict[str, Any]) -> None:
+    """NaN or Inf in the initial point or a tensor argument: a ``ValueError`` naming the argument (as
+    :class:`~hodl_plugin.GKMSolver` does), rather than the solver's NaN result. No check under
+    ``torch.func`` transforms (it would need a host sync)."""
+    if transforms_active():
+        return
+    names = list(sig.parameters) if sig is not None else []
+    labelled = [(names[i] if i < len(names) and sig.parameters[names[i]].kind in _POSITIONAL
+                 else f"argument {i}", a) for i, a in enumerate((init, *args))]
+    labelled += list(kwargs.items())
+    floats = [(label, t) for label, a in labelled for t in flatten([a], static=True)[0] if t.is_floating_point()]
+    if not floats or all_finite([t for _, t in floats]):
+        return
+    bad = list(dict.fromkeys(label for label, t in floats if not bool(torch.isfinite(t).all())))
+    raise ValueError(f"non-finite values (NaN or Inf) in {', '.join(bad)} (an argument of {name})")
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, init: Tensor,
@@ -126,12 +181,15 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
 
     Returns:
         a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
-        through as constants.
+        through as constants. Keyword arguments are bound to the solver's signature
+        (``solve(u0, x=x)`` is ``solve(u0, x)``, and ``T(u, x)`` is called so; keyword-only ones are
+        passed by name to both), their tensors differentiable like positional ones.
 
     Raises:
         TypeError: ``T`` is not callable; (at call time) the solver returns something other than a
             tensor shaped like ``init``, of its dtype and device.
-        ValueError: ``on_fail`` or a tolerance out of range.
+        ValueError: ``on_fail`` or a tolerance out of range; (at call time) NaN or Inf in ``init`` or a
+            tensor argument (named).
         DivergenceError: (at call time) the returned point is not finite.
         LinearSolveError: (in ``backward``, ``on_fail="raise"``) the adjoint solve misses its tolerance.
 
@@ -170,12 +228,13 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
     Returns:
         a decorator: the decorated ``solver(init, *args)`` returns the same root, differentiable
         w.r.t. the tensors in ``args`` (and those ``G`` reads from its closure); ``init`` gets no
-        gradient.
+        gradient. Keyword arguments: as for :func:`custom_fixed_point`.
 
     Raises:
         TypeError: ``optimality_fn`` is not callable; (at call time) the solver returns something
             other than a tensor shaped like ``init``, of its dtype and device.
-        ValueError: ``on_fail`` or a tolerance out of range.
+        ValueError: ``on_fail`` or a tolerance out of range; (at call time) NaN or Inf in ``init`` or a
+            tensor argument (named).
         DivergenceError: (at call time) the returned point is not finite.
         LinearSolveError: (in ``backward``, ``on_fail="raise"``) the adjoint solve misses its tolerance.
 

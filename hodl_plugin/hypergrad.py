@@ -78,6 +78,10 @@ class HypergradMethod:
     #: whether the returned tensor carries the derivative w.r.t. ``u0`` (a learned initialisation,
     #: :class:`~hodl_plugin.LearnedInit`)
     differentiates_start: bool = False
+    #: whether the method needs the GKM iterates themselves (it differentiates the trajectory, or
+    #: evaluates its rule at the K-th iterate), not only the fixed point: ``forward="krylov"``, which
+    #: computes the fixed point without them, is then refused
+    needs_gkm_iterates: bool = False
 
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
@@ -128,6 +132,7 @@ class Unrolled(HypergradMethod):
 
     name = "unrolled"
     differentiates_start = True
+    needs_gkm_iterates = True
 
     def run(self, it, u0, params, info, key=None):
         return it.run(u0, params, info)
@@ -163,6 +168,7 @@ class Truncated(HypergradMethod):
     """
 
     name = "truncated"
+    needs_gkm_iterates = True
 
     def __init__(self, steps: int = 10) -> None:
         from .gkm import validate_count

@@ -109,7 +109,7 @@ class GKMSolver(nn.Module):
             products instead of :math:`\kappa\log(1/\mathrm{tol})` steps, else by GMRES (``"cg"`` /
             ``"gmres"`` choose). Same stopping rule and ``info`` (``info.forward`` says which ran);
             a ``T`` that is not affine raises :class:`~hodl_plugin.errors.NotAffineError`. With the
-            implicit, inexact and first_order modes, without acceleration or aggregation
+            implicit, inexact, first_order and fd modes, without acceleration or aggregation
             (:mod:`hodl_plugin.krylov`). Not chosen automatically: affinity cannot be proven from a callable.
         strict: schedules outside the convergence conditions raise
             :class:`~hodl_plugin.errors.ScheduleError`; ``strict=False`` warns instead.
@@ -232,11 +232,12 @@ class GKMSolver(nn.Module):
 
         if acceleration is not None and callable(getattr(acceleration, "check_compatible", None)):
             acceleration.check_compatible(self.method.name, alpha_s)
-        if forward != "gkm" and self.method.name in ("unrolled", "truncated"):
+        if forward != "gkm" and self.method.needs_gkm_iterates:
             raise ConfigurationError(
-                f"forward={forward!r} cannot be used with hypergrad={self.method.name!r}: the Krylov forward runs "
-                "without autograd; use hypergrad='implicit', 'inexact' or 'first_order' (exact at the fixed point "
-                "whatever the forward), or forward='gkm'"
+                f"forward={forward!r} cannot be used with hypergrad={self.method.name!r}: the method needs the GKM "
+                "iterates themselves (it differentiates the trajectory or evaluates its rule at the K-th iterate), "
+                "and the Krylov forward computes the fixed point without them; use hypergrad='implicit', 'inexact' "
+                "or 'first_order' (exact at the fixed point whatever the forward), or forward='gkm'"
             )
         self.iteration = GKMIteration(
             T,

@@ -46,8 +46,17 @@ def lbfgs(w0, lam):  # scipy, outside torch entirely
     return torch.from_numpy(res.x)
 
 
+def direct_keyword_only(w0, *, lam):
+    return direct(w0, lam)
+
+
+_by_keyword = hp.custom_fixed_point(T)(direct)
+_keyword_only = hp.custom_root(lambda w, *, lam: G(w, lam))(direct_keyword_only)
+
 SOLVERS = {
     "fixed_point-direct": hp.custom_fixed_point(T)(direct),
+    "fixed_point-keyword": lambda w0, lam: _by_keyword(w0, lam=lam),  # solve(w0, lam=...) on def direct(w0, lam)
+    "root-keyword-only": lambda w0, lam: _keyword_only(w0, lam=lam),  # def direct_keyword_only(w0, *, lam)
     "fixed_point-cg": hp.custom_fixed_point(T, solve=hp.linear_solve.cg(rtol=1e-13))(direct),
     "root-direct": hp.custom_root(G)(direct),
     "root-cg": hp.custom_root(G, solve=hp.linear_solve.cg(rtol=1e-13))(direct),
@@ -178,3 +187,25 @@ def test_the_returned_point_is_checked():
     with pytest.warns(hp.ConvergenceWarning, match="not a fixed point"):
         hp.custom_fixed_point(T)(lambda w0, lam: 0.9 * direct(w0, lam))(W0, lam)
     hp.custom_root(G, tol=0.2)(lambda w0, lam: 0.9 * direct(w0, lam))(W0, lam)  # accepted when asked
+
+
+def test_keyword_arguments_bind_to_the_solver_signature():
+    """TorchOpt/jaxopt style calls: keywords (and the initial point by name) are bound to the decorated
+    function's signature; a wrong one is a TypeError naming the solver and its signature."""
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    loss(_by_keyword(w0=W0, lam=lam)).backward()
+    assert torch.allclose(lam.grad, torch.func.grad(lambda la: loss(ridge_exact(la)))(lam.detach()), rtol=1e-9)
+    with pytest.raises(TypeError, match=r"direct\(w0, lam\): missing a required argument: 'lam'"):
+        _by_keyword(W0, mu=lam)
+
+
+@pytest.mark.parametrize("call", ["positional", "keyword"])
+def test_non_finite_inputs_are_named(call):
+    """As GKMSolver: NaN/Inf in an input is a ValueError naming the argument, not the solver's NaN result."""
+    solve = hp.custom_root(G)(direct)
+    bad = torch.tensor(float("nan"), dtype=D, requires_grad=True)
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode), pytest.raises(ValueError, match=r"non-finite .* in lam \(an arg"):
+            solve(W0, bad) if call == "positional" else solve(W0, lam=bad)
+    with pytest.raises(ValueError, match="in w0"):
+        solve(torch.full((4,), float("inf"), dtype=D), torch.tensor(0.7, dtype=D))

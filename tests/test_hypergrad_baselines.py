@@ -61,13 +61,15 @@ def quiet(*args, **kw) -> hp.GKMSolver:
 
 
 def grad_ways(loss_of_x, x0):
-    """The gradient of x ↦ loss_of_x(x) by backward(), autograd.grad and torch.func.grad."""
+    """The gradient of x ↦ loss_of_x(x) by backward(), autograd.grad, torch.func.grad and torch.func.vjp (its
+    pullback runs after the transform ended, with create_graph on by default)."""
     x = x0.clone().requires_grad_()
     loss_of_x(x).backward()
     x2 = x0.clone().requires_grad_()
     (g2,) = torch.autograd.grad(loss_of_x(x2), x2)
     g3 = torch.func.grad(loss_of_x)(x0.clone())
-    return {"backward": x.grad, "autograd.grad": g2, "torch.func.grad": g3}
+    (g4,) = torch.func.vjp(loss_of_x, x0.clone())[1](torch.ones((), dtype=x0.dtype))
+    return {"backward": x.grad, "autograd.grad": g2, "torch.func.grad": g3, "torch.func.vjp": g4}
 
 
 def close(a, b, tol=1e-10):
@@ -124,6 +126,47 @@ def test_ptt_under_vmap_chooses_per_sample():
         ks.append(values.index(max(values)) + 1)
         assert close(g[i], P.jac_x(ks[-1]).T @ (us[ks[-1]] - P.t))
     assert len(set(ks)) == 3
+
+
+def batched_ptt_toy():
+    """ptt_toy's problem as a batch of three samples whose worst iterates differ (k* = 2, 7, 12), f and F the
+    sums of the samples' terms over the batch."""
+    P, x0, u0, crit, _ = ptt_toy()
+    us = P.iterates(x0, u0, 12)
+    cs = torch.stack([us[2], 0.2 * us[6] + 0.8 * us[7], us[12] + 1.0])
+    f = lambda u, x, c: 0.5 * ((u @ P.A) * u).sum() - ((x @ P.B.T) * u).sum()  # noqa: E731
+    F = lambda u, x, c: -0.5 * ((u - c) ** 2).sum()  # noqa: E731
+    return P, x0.expand(3, P.m).clone(), u0.expand(3, P.n).clone(), cs, us, f, F
+
+
+def test_ptt_with_batch_dims_truncates_each_sample_at_its_own_worst_iterate():
+    """Against the closed form (u_k affine in x: du_k/dx = J_k) and against solving each sample alone."""
+    P, X, U0, cs, us, f, F = batched_ptt_toy()
+    T = hp.GradientStep(objective=f, step=P.s)
+    solver = hp.GKMSolver(T, upper=F, alpha=0, max_steps=12, hypergrad="ptt", batch_dims=1)
+    ks = [2, 7, 12]
+    for way, g in grad_ways(lambda x: P.loss(solver(U0, x, cs)), X).items():
+        for b, k in enumerate(ks):
+            assert close(g[b], P.jac_x(k).T @ (us[k] - P.t)), (way, b)
+    u, info = solver.solve(U0, X, cs)
+    assert info.steps_per_sample.tolist() == ks and info.steps == 12
+    assert close(u.detach(), torch.stack([us[k] for k in ks]))
+    for b, k in enumerate(ks):  # each sample alone: same point, same k*, same gradient
+        alone = hp.GKMSolver(T, upper=F, alpha=0, max_steps=12, hypergrad="ptt")
+        xb = X[b:b + 1].clone().requires_grad_()
+        ub = alone(U0[b:b + 1], xb, cs[b:b + 1])
+        P.loss(ub[0]).backward()
+        assert alone.info.steps == k and close(ub[0].detach(), u[b].detach())
+        assert close(xb.grad[0], P.jac_x(k).T @ (us[k] - P.t))
+
+
+def test_ptt_with_batch_dims_refuses_an_F_that_couples_the_samples():
+    P, X, U0, cs, us, f, _ = batched_ptt_toy()
+    F = lambda u, x, c: -0.5 * ((u.sum(0) - cs.sum(0)) ** 2).sum()  # noqa: E731 - a batch-level F
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=P.s), upper=F, alpha=0, max_steps=12, hypergrad="ptt",
+                          batch_dims=1)
+    with pytest.raises(hp.ConfigurationError, match="not a sum over the samples.*batch_dims=0"):
+        solver(U0, X, cs)
 
 
 @pytest.mark.parametrize("aggregation", ["inside", "outside"])
@@ -351,10 +394,16 @@ def test_the_rules_refuse_every_second_derivative_and_give_jacrev(method):
     x0 = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
     for second in (lambda: torch.func.grad(lambda y: torch.func.grad(L)(y).sum())(x0),
                    lambda: torch.func.hessian(L)(x0),
+                   lambda: torch.func.grad(lambda y: torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))[0].sum())(x0),
                    lambda: torch.func.vmap(torch.func.grad(lambda y: torch.func.grad(L)(y).sum()))(x0.expand(2, 3))):
         with pytest.raises(hp.HypergradientError, match="first derivatives only|reverse-mode"):
             second()
     assert not torch.func.grad(L)(x0.clone().requires_grad_()).requires_grad
+    for y in (x0, x0.clone().requires_grad_()):  # a first-order pullback, however it is called
+        (v,) = torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))
+        assert close(v, torch.func.grad(L)(x0)) and not v.requires_grad
+    vs = torch.func.vmap(lambda y: torch.func.vjp(L, y)[1](torch.ones((), dtype=DT))[0])(x0.expand(2, 3))
+    assert close(vs, torch.func.grad(L)(x0).expand(2, 3))
     J = torch.func.jacrev(lambda x: solver(torch.zeros(P.n, dtype=DT), x))(x0)
     u = solver(torch.zeros(P.n, dtype=DT), x0)
     assert close(J.T @ (u - P.t), torch.func.grad(L)(x0))
@@ -489,3 +538,71 @@ def test_recipes_run_the_hypergradient_baselines(tmp_path):
                              "--no-progress", "--out", str(tmp_path)])
     labels = [r["method"] for r in res["rows"]]
     assert labels[1].startswith("IAPTT-GM") and labels[-1].startswith("Tikhonov")
+
+
+def batched_quad(seed=3, B=3):
+    """B lower problems f_b = ½ w u_bᵀAu_b − (Bx_b)ᵀu_b (x batched, w and A shared; A read from the closure),
+    written as their sum over the batch, and the same f for one sample."""
+    P = Quad(seed=seed)
+    A = P.A.clone().requires_grad_()
+    f = lambda u, x, w: 0.5 * w * ((u @ A) * u).sum() - ((x @ P.B.T) * u).sum()  # noqa: E731
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, P.m, generator=g, dtype=DT)
+    U0 = torch.randn(B, P.n, generator=g, dtype=DT)
+    return P, A, f, X, U0
+
+
+def test_iga_with_batch_dims_is_each_sample_solved_alone():
+    """One multiplier per sample: x's rows get their own sample's IGA gradient, the shared w and A (a closure
+    tensor) the sum over the samples — against solving each sample alone and against the hand formula."""
+    P, A, f, X, U0 = batched_quad()
+    w0, K = torch.tensor(1.3, dtype=DT), 3
+    T = hp.GradientStep(objective=f, step=P.s)
+    x, w = X.clone().requires_grad_(), w0.clone().requires_grad_()
+    P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga", batch_dims=1)(U0, x, w)).backward()
+    got = (x.grad, w.grad, A.grad.clone())
+    A.grad = None
+    rows, wg = [], torch.zeros((), dtype=DT)
+    for b in range(X.shape[0]):
+        xb, wb = X[b].clone().requires_grad_(), w0.clone().requires_grad_()
+        P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga")(U0[b], xb, wb)).backward()
+        rows.append(xb.grad)
+        wg = wg + wb.grad
+        uK = U0[b]
+        for _ in range(K):
+            uK = uK - P.s * (w0 * P.A @ uK - P.B @ X[b])
+        gu = w0 * P.A @ uK - P.B @ X[b]  # by hand: x̄_b = −⟨d_b, ū_b⟩ ∇_x f_b = −⟨d_b, ū_b⟩(−Bᵀu_K,b)
+        assert close(rows[-1], -(gu @ (uK - P.t)) / (gu @ gu) * (-P.B.T @ uK))
+    assert close(got[0], torch.stack(rows)) and close(got[1], wg) and close(got[2], A.grad)
+    vm = torch.func.vmap(torch.func.grad(
+        lambda xb, ub: P.loss(hp.GKMSolver(T, max_steps=K, tol=0.0, hypergrad="iga")(ub, xb, w0))))(X, U0)
+    assert close(got[0], vm)
+
+
+def test_iga_with_batch_dims_a_loss_of_one_sample_moves_only_its_row():
+    f = lambda u, x: 0.5 * ((u - x) ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=1, tol=0.0, hypergrad="iga", batch_dims=1)
+    x = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    solver(torch.tensor([[0.0, 0.0], [-5.0, 3.0]], dtype=DT), x)[0].sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=DT))  # sample 0 alone: the docstring's
+
+
+@pytest.mark.parametrize("coupling", ["shared_term", "mean_over_samples"])
+def test_iga_with_batch_dims_refuses_an_objective_that_does_not_split(coupling):
+    """A term shared by the samples, or samples reading each other's rows: no per-sample ∇_x f_b to weigh."""
+    if coupling == "shared_term":  # w is shared: its term is not a sum over the samples
+        f = lambda u, x, w: 0.5 * ((u - x) ** 2).sum() + w ** 2  # noqa: E731
+    else:
+        f = lambda u, x, w: 0.5 * ((u - w * x.mean(0)) ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=2, tol=0.0, hypergrad="iga", batch_dims=1)
+    x, w = torch.randn(3, 2, dtype=DT, requires_grad=True), torch.tensor(1.5, dtype=DT, requires_grad=True)
+    with pytest.raises(hp.HypergradientError, match="not the sum of its samples' objectives.*torch.func.vmap"):
+        solver(torch.zeros(3, 2, dtype=DT), x, w)
+    # a term of x's own rows does split: f_b = ½‖u_b − x_b‖² + ‖x_b‖², so ∇_x f_b = x_b − u_b + 2x_b
+    f = lambda u, x: 0.5 * ((u - x) ** 2).sum() + (x ** 2).sum()  # noqa: E731
+    solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.5), max_steps=1, tol=0.0, hypergrad="iga", batch_dims=1)
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]], dtype=DT, requires_grad=True)
+    u = solver(torch.zeros(2, 2, dtype=DT), x)  # u_1 = x/2, ∇_u f = u − x = −x/2, d = −2x/‖x‖² per row
+    u.sum().backward()
+    d = -2 * x.detach() / (x.detach() ** 2).sum(1, keepdim=True)
+    assert close(x.grad, -d.sum(1, keepdim=True) * (2.5 * x.detach()))

@@ -177,10 +177,27 @@ def test_implicit_second_order_and_torch_func():
     torch.testing.assert_close(got, (Qi @ (X @ Qi - y).T).T, rtol=1e-6, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["unrolled", "truncated"])
-def test_modes_that_differentiate_the_steps_are_refused(mode):
+@pytest.mark.parametrize("mode", ["unrolled", "truncated", "ptt", "iga"])
+def test_modes_that_need_the_gkm_iterates_are_refused(mode):
+    """The trajectory (unrolled, truncated, PTT) or the K-th iterate (IGA's multiplier, 0/0 at the fixed point
+    that the Krylov forward returns) is not computed by it: refused by name, not run as forward='gkm'."""
+    T = hp.GradientStep(objective=lambda u, x: 0.5 * ((u - x) ** 2).sum(), step=0.5)
+    kw = dict(upper=lambda u, x: -(u ** 2).sum(), alpha=0) if mode == "ptt" else {}
     with pytest.raises(hp.ConfigurationError, match="forward='krylov' cannot be used with hypergrad"):
-        hp.GKMSolver(lambda u, x: 0.5 * u + x, forward="krylov", hypergrad=mode)
+        hp.GKMSolver(T, forward="krylov", hypergrad=mode, **kw)
+    assert hp.get_method(mode).needs_gkm_iterates
+
+
+def test_fd_runs_its_last_step_from_the_krylov_fixed_point():
+    """DARTS's one-step derivative at the lower solution: u* = x for f = ½‖u − x‖², and one step of size s from
+    u* gives du/dx = s·I through that step (an independent closed form)."""
+    T = hp.GradientStep(objective=lambda u, x: 0.5 * ((u - x) ** 2).sum(), step=0.5)
+    x = torch.tensor([1.0, -2.0], dtype=D, requires_grad=True)
+    u, info = hp.GKMSolver(T, forward="krylov", hypergrad="fd", tol=1e-12).solve(torch.zeros(2, dtype=D), x)
+    u.sum().backward()
+    assert info.forward == "cg"
+    torch.testing.assert_close(u.detach(), x.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.full((2,), 0.5, dtype=D), rtol=1e-6, atol=1e-8)
 
 
 def test_grad_recording_run_of_a_custom_method_is_refused():
