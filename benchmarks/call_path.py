@@ -1,7 +1,7 @@
 """The functions of hodl_plugin that one ``GKMSolver(T)(u0, x).sum().backward()`` runs, by file.
 
-    python -m benchmarks.call_path        # counts per file
-    python -m benchmarks.call_path -v     # every function, in call order, with its number of calls
+    python -m benchmarks.call_path           # counts per file (a second; --quick is the same run)
+    python -m benchmarks.call_path -v        # every function, in call order, with its number of calls
 
 Comprehensions, lambdas and generator expressions are not counted as functions (they are lines of the
 function they are in). The "reading path" is the chain a newcomer follows for the mathematics: the
@@ -12,6 +12,7 @@ torch internals).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import sys
@@ -56,7 +57,10 @@ def trace() -> collections.OrderedDict[tuple[str, str], int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the same run (it takes about a second)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="every function, in call order")
+    args = ap.parse_args(argv)
     seen = trace()
     files = collections.Counter(f for f, _ in seen)
     print(f"GKMSolver(T)(u0, x).sum().backward(): {len(seen)} functions of hodl_plugin in {len(files)} files")
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     path_files = sorted({f for f, _ in READING_PATH})
     print(f"reading path: {len(READING_PATH)} functions in {len(path_files)} files ({', '.join(path_files)})"
           + (f"; not run: {missing}" if missing else ""))
-    if "-v" in argv:
+    if args.verbose:
         for (f, name), n in seen.items():
             print(f"  {f}: {name} ({n})")
 
