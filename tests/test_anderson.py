@@ -1,4 +1,4 @@
-"""Anderson acceleration (issue 14): fixed points and hypergradients against closed forms / Newton,
+"""Anderson acceleration: fixed points and hypergradients against closed forms / Newton,
 step counts against plain KM to the same relative tolerance, refusals, batching, safeguards."""
 
 from __future__ import annotations

@@ -307,12 +307,12 @@ def test_recipes_run_the_first_order_baselines(tmp_path):
     from recipes import hyper_cleaning, nonsingleton
 
     res = hyper_cleaning.main(["--quick", "--modes", "implicit,bome,pgdo,meso,alto", "--no-betty", "--n-train", "100",
-                               "--n-val", "100", "--iters", "3", "--K", "5", "--no-progress", "--out", str(tmp_path)])
+                               "--n-val", "100", "--iters", "3", "--K", "5", "--out", str(tmp_path)])
     rows = {r["method"].split(" ")[0]: r for r in res["rows"]}
     assert {"bome", "pgdo", "meso", "alto"} <= set(rows) and len(rows["bome"]["curve"]) == 3
     assert rows["alto"]["F1_flags"] == 0.0  # ALTO never moves the weights: ∂_x F = 0 in hyper-cleaning
     res = nonsingleton.main(["--methods", "hodl1,bome,alto", "--K", "5", "--iters", "3", "--p", "3", "--n", "6",
-                             "--no-progress", "--out", str(tmp_path)])
+                             "--out", str(tmp_path)])
     labels = [r["method"] for r in res["rows"]]
     assert labels[0] == "HODL α=1/(k+1)" and labels[1].startswith("BOME") and labels[-1].startswith("Tikhonov")
     P = nonsingleton.problem(3, 6, 0.1, 0, torch.device("cpu"))

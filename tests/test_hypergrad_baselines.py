@@ -531,11 +531,11 @@ def test_recipes_run_the_hypergradient_baselines(tmp_path):
     from recipes import hyper_cleaning, nonsingleton
 
     res = hyper_cleaning.main(["--quick", "--modes", "ptt,iaptt,fd,iga", "--no-betty", "--n-train", "100",
-                               "--n-val", "100", "--iters", "3", "--K", "5", "--no-progress", "--out", str(tmp_path)])
+                               "--n-val", "100", "--iters", "3", "--K", "5", "--out", str(tmp_path)])
     rows = {r["method"].split(" ")[0]: r for r in res["rows"]}
     assert {"ptt", "iaptt", "fd", "iga"} <= set(rows) and all(len(rows[m]["curve"]) == 3 for m in ("ptt", "fd"))
     res = nonsingleton.main(["--methods", "hodl1,iaptt", "--K", "5", "--iters", "3", "--p", "3", "--n", "6",
-                             "--no-progress", "--out", str(tmp_path)])
+                             "--out", str(tmp_path)])
     labels = [r["method"] for r in res["rows"]]
     assert labels[1].startswith("IAPTT-GM") and labels[-1].startswith("Tikhonov")
 
