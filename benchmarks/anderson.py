@@ -30,13 +30,14 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Any, Callable, Optional
 
 import torch
 
 import hodl_plugin as hp
+
+from . import report
 
 DT = torch.float64
 TOL = 1e-9
@@ -156,23 +157,8 @@ def markdown(rows: list[dict[str, Any]], repeats: int, when: Optional[dict[str, 
 
 
 def write_readme(path: str, block: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the text between the markers ``begin`` and ``end`` of ``path`` by ``block``, atomically
-    (a temporary file in the same folder, then ``os.replace``); ``ValueError`` if the markers are
-    missing or unordered, and then the file is untouched."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    i, j = text.find(begin), text.find(end)
-    if i < 0 or j < i or text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"{path} must hold exactly one {begin} followed by one {end}")
-    new = text[: i + len(begin)] + "\n" + block + "\n" + text[j:]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(new)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """This benchmark's README block (:func:`benchmarks.report.write_readme`)."""
+    report.write_readme(path, block, begin, end)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -32,7 +32,6 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -41,7 +40,7 @@ import torch
 
 import hodl_plugin.baselines as B
 
-from . import boat_explained, fo_reference, hg_baselines
+from . import boat_explained, fo_reference, hg_baselines, report
 from .fo_problems import HyperCleaningBLO, QuadraticBLO
 from .peers import available, boat_fo
 
@@ -193,30 +192,9 @@ def markdown(rows: list[dict[str, Any]], note: str, columns: Optional[list[str]]
 
 
 def write_readme(path: str, block: str) -> None:
-    """Put ``block`` between the markers of ``path`` (atomically); without markers, add them (and a
-    heading) at the end of the Performance section."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    i, j = text.find(BEGIN), text.find(END)
-    if i < 0 and j < 0:
-        p = text.find("\n## Performance")
-        nxt = text.find("\n## ", p + 1) if p >= 0 else -1
-        at = nxt if nxt >= 0 else len(text)
-        section = ("\n### Bilevel baselines against BOAT (`python -m benchmarks.baselines`)\n\n"
-                   f"{BEGIN}\n{END}\n")
-        text = text[:at] + section + text[at:]
-        i, j = text.find(BEGIN), text.find(END)
-    if i < 0 or j < i or text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
-    new = text[: i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(new)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """This benchmark's README block (:func:`benchmarks.report.write_readme`; added to the Performance
+    section when the README has no markers yet)."""
+    report.write_readme(path, block, BEGIN, END, "Bilevel baselines against BOAT (`python -m benchmarks.baselines`)")
 
 
 def machine() -> str:

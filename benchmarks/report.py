@@ -1,8 +1,38 @@
-"""Output of ``benchmarks.compare``: the printed tables and the error-vs-time plot."""
+"""Output of the benchmarks: ``benchmarks.compare``'s printed tables and error-vs-time plot, and the
+README blocks every benchmark writes between its markers (:func:`write_readme`)."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from typing import Any, Optional
+
+
+def write_readme(path: str, block: str, begin: str, end: str, heading: Optional[str] = None) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` by ``block``, atomically
+    (a temporary file in the same folder, then ``os.replace``). Without the markers and with a ``heading``,
+    add both (under that heading) at the end of the README's Performance section. ``ValueError`` if the
+    markers are missing or unordered, and then the file is untouched."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 and j < 0 and heading is not None:
+        p = text.find("\n## Performance")
+        nxt = text.find("\n## ", p + 1) if p >= 0 else -1
+        at = nxt if nxt >= 0 else len(text)
+        text = text[:at] + f"\n### {heading}\n\n{begin}\n{end}\n" + text[at:]
+        i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i or text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path} must hold exactly one {begin} followed by one {end}")
+    new = text[: i + len(begin)] + "\n" + block + "\n" + text[j:]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(new)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def plot(path: str, results: dict[str, Any]) -> str:

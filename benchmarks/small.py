@@ -35,7 +35,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -44,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import hodl_plugin as hp
+
+from . import report
 
 BEGIN, END = "<!-- small:start -->", "<!-- small:end -->"
 
@@ -626,29 +627,9 @@ def markdown(ridge_rows: list, hoag_rows: list, cost_rows: list, compile_rows: l
 
 
 def write_readme(path: str, block: str) -> None:
-    """Put ``block`` between the markers of ``path`` (atomically); without markers, add them (and a
-    heading) at the end of the Performance section."""
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    i, j = text.find(BEGIN), text.find(END)
-    if i < 0 and j < 0:
-        p = text.find("\n## Performance")
-        nxt = text.find("\n## ", p + 1) if p >= 0 else -1
-        at = nxt if nxt >= 0 else len(text)
-        section = f"\n### Small smooth problems (`python -m benchmarks.small`)\n\n{BEGIN}\n{END}\n"
-        text = text[:at] + section + text[at:]
-        i, j = text.find(BEGIN), text.find(END)
-    if i < 0 or j < i or text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
-    new = text[: i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".readme-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(new)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """This benchmark's README block (:func:`benchmarks.report.write_readme`; added to the Performance
+    section when the README has no markers yet)."""
+    report.write_readme(path, block, BEGIN, END, "Small smooth problems (`python -m benchmarks.small`)")
 
 
 def machine() -> str:

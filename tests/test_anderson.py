@@ -397,3 +397,16 @@ def test_benchmark_writes_the_readme_block_atomically(tmp_path):
             write_readme(str(readme), "x")
         assert readme.read_text() == bad  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]  # no temporary file left
+
+
+def test_a_readme_without_markers_gets_them_under_its_heading_in_the_performance_section(tmp_path):
+    """benchmarks.baselines and benchmarks.small add their block (and markers) to a README that has none."""
+    from benchmarks.report import write_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n## Performance\nintro\n## Next\nend\n")
+    write_readme(str(readme), "rows", "<!-- b -->", "<!-- e -->", "New table")
+    expected = "# t\n## Performance\nintro\n### New table\n\n<!-- b -->\nrows\n<!-- e -->\n\n## Next\nend\n"
+    assert readme.read_text() == expected
+    write_readme(str(readme), "rows 2", "<!-- b -->", "<!-- e -->", "New table")  # now it has markers
+    assert readme.read_text().count("### New table") == 1 and "rows 2" in readme.read_text()
