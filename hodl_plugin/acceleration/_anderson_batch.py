@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import as_rows, np, solve
+from .base import MaskedCounters, as_rows, np, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -179,7 +179,7 @@ class HostBatch:
         self.rlim = np.where(keep, self._limit(rn), self.big)  # the fall-back point is accepted
 
 
-class MaskedBatch:
+class MaskedBatch(MaskedCounters):
     """Per-sample Anderson state in torch operations without host syncs; the same iteration as
     :class:`HostBatch` (here with unit-scaled pairs, so the ridge Gram matrices have the diagonal 1 + λ;
     the same matrices as ``HostBatch``'s up to the column scaling), every
@@ -197,14 +197,6 @@ class MaskedBatch:
         self.sg = acc.safeguard if math.isfinite(acc.safeguard) else None
         # allocated at the first step, from the iterates (batched like them under vmap)
         self.W = self.G = self.up = self.fp = self.rlim = self.fresh = u.new_zeros(0)
-
-    @property
-    def restarts(self) -> Tensor:
-        """Restarts + fall-backs of every sample."""
-        return (self.steps - 1) - self.fresh
-
-    def _limit(self, r: Tensor) -> Tensor:
-        return r * self.sg if self.sg is not None else torch.full_like(r, self.big)
 
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n

@@ -54,6 +54,24 @@ __all__ = ["Accelerator"]
 HOST_DTYPES = (torch.float32, torch.float64)
 
 
+class MaskedCounters:
+    """What the masked per-sample states (Anderson's and Broyden's) share: restarts counted from the
+    steps that used their history, and the safeguard's residual limit (no limit: the dtype's max)."""
+
+    steps: int
+    fresh: Tensor
+    sg: Optional[float]
+    big: float
+
+    @property
+    def restarts(self) -> Tensor:
+        """Restarts + fall-backs of every sample."""
+        return (self.steps - 1) - self.fresh
+
+    def _limit(self, r: Tensor) -> Tensor:
+        return r * self.sg if self.sg is not None else torch.full_like(r, self.big)
+
+
 class Accelerator:
     r"""Base class of forward accelerators: :class:`~hodl_plugin.acceleration.Anderson`,
     :class:`~hodl_plugin.acceleration.Broyden`, or your own (see the module docstring).

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from .base import (
     Accelerator,
+    MaskedCounters,
     as_rows,
     batch_size,
     check_history,
@@ -205,7 +206,7 @@ class _HostState:
         self.rlim = np.where(keep, self._limit(rn), self.big)  # the fall-back point is accepted
 
 
-class _MaskedState:
+class _MaskedState(MaskedCounters):
     """Per-sample Broyden in torch operations without host syncs (GPU, ``torch.func`` transforms)."""
 
     def __init__(self, acc: Broyden, u: Tensor, B: int) -> None:
@@ -216,14 +217,6 @@ class _MaskedState:
         self.sg = acc.safeguard if math.isfinite(acc.safeguard) else None
         # allocated at the first step from the iterates (batched like them under vmap)
         self.A = self.V = self.up = self.fp = self.rlim = self.fresh = u.new_zeros(0)
-
-    @property
-    def restarts(self) -> Tensor:
-        """Restarts + fall-backs of every sample."""
-        return (self.steps - 1) - self.fresh
-
-    def _limit(self, r: Tensor) -> Tensor:
-        return r * self.sg if self.sg is not None else torch.full_like(r, self.big)
 
     def step(self, acc: Broyden, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n, L = self.B, self.n, self.L
