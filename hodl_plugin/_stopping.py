@@ -202,7 +202,9 @@ class Monitor:
         if agg is not None:
             parts.append(agg.detach().reshape(1).to(parts[0].dtype))
         vals = torch.cat([t.reshape(-1) for t in parts]).tolist()
-        if not all(_TINY < v < _HUGE for v in vals[:2]):  # 0, or squares outside the range: measure again
+        # a residual of 0 or outside the squares' range, or an overflowing ‖u‖: measure again, scaled (an
+        # underflowing ‖u‖ beside a residual in range changes no decision; a start at u = 0 costs nothing)
+        if not (_TINY < vals[0] < _HUGE and vals[1] < _HUGE):
             if d is not None:
                 exact = torch.stack([scaled_norm(d.detach()), scaled_norm(u.detach())]).tolist()
                 vals[:2] = [v if math.isfinite(v) else old for v, old in zip(exact, vals[:2])]
