@@ -17,6 +17,7 @@ import torch
 from _oracles import DT, gkm_loop, gradient_step_tanh, nonsingleton, rel_err
 
 import hodl_plugin as hp
+from hodl_plugin import _stopping
 
 
 def _quiet(**kw) -> hp.GKMSolver:
@@ -384,8 +385,17 @@ def _batch_problem(conds, n=8, seed=0):
     return Q, L, b
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def array_path(request, monkeypatch):
+    """The per-sample check on numpy views (eager CPU batches) and on torch tensors (what an accelerator
+    device runs): the same rule, two namespaces."""
+    if request.param == "torch":
+        monkeypatch.setattr(_stopping, "np", None)
+    return request.param
+
+
 @pytest.mark.parametrize("accel", [None, "anderson"])
-def test_batch_dims_each_sample_equals_its_own_solve(accel):
+def test_batch_dims_each_sample_equals_its_own_solve(accel, array_path):
     Q, L, b = _batch_problem([2.0, 10.0, 300.0, 5.0])
 
     def T(u, x):
@@ -414,7 +424,7 @@ def test_batch_dims_each_sample_equals_its_own_solve(accel):
     assert int(info.steps_per_sample[2]) > 5 * int(info.steps_per_sample[0])
 
 
-def test_batch_slow_sample_does_not_change_the_others():
+def test_batch_slow_sample_does_not_change_the_others(array_path):
     Q, L, b = _batch_problem([2.0, 10.0, 1000.0])
 
     def solve(idx):
@@ -431,7 +441,7 @@ def test_batch_slow_sample_does_not_change_the_others():
     assert torch.equal(info_all.steps_per_sample[:2], info_fast.steps_per_sample)
 
 
-def test_batch_unconverged_sample_is_named():
+def test_batch_unconverged_sample_is_named(array_path):
     Q, L, b = _batch_problem([2.0, 1000.0])
 
     def T(u, x):
@@ -440,3 +450,29 @@ def test_batch_unconverged_sample_is_named():
     with pytest.warns(hp.ConvergenceWarning, match=r"1 of 2 samples, e.g. \[1\]"):
         _, info = hp.GKMSolver(T, max_steps=200, batch_dims=1).solve(torch.zeros_like(b), b)
     assert info.converged_per_sample.tolist() == [True, False]
+
+
+def test_batch_history_ends_with_the_residual_of_each_returned_point(array_path):
+    Q, L, b = _batch_problem([2.0, 1000.0])
+
+    def T(u, x):
+        return u - torch.einsum("bij,bj->bi", Q, u) / L[:, None] + x / L[:, None]
+
+    with pytest.warns(hp.ConvergenceWarning, match=r"1 of 2 samples"):  # sample 1 runs out of steps
+        u, info = hp.GKMSolver(T, max_steps=300, tol=1e-9, batch_dims=1).solve(torch.zeros_like(b), b)
+    assert info.converged_per_sample.tolist() == [True, False]
+    assert int(info.steps_per_sample[0]) < 300 == int(info.steps_per_sample[1])
+    measured = (T(u, b) - u).norm(dim=1)  # of the points returned: sample 0 stopped early, 1 ran out
+    assert torch.allclose(info.residuals[-1], measured, rtol=1e-8, atol=0)
+    assert float(measured[0]) <= 1e-9 * float(u[0].norm()) < float(measured[1])
+
+
+def test_batch_divergence_names_the_sample_and_keeps_the_others(array_path):
+    grow = torch.tensor([0.5, 2.0, 0.5], dtype=DT)[:, None]  # sample 1 doubles at every step
+    x = torch.ones(3, 4, dtype=DT)
+    with pytest.warns(hp.ConvergenceWarning, match=r"diverged at step \d+ \(batch samples \[1\]\)"):
+        u, info = hp.GKMSolver(lambda u, x: grow * u + x, tol=1e-10, batch_dims=1,
+                               on_divergence="warn").solve(torch.zeros_like(x), x)
+    assert info.converged_per_sample.tolist() == [True, False, True]
+    assert torch.allclose(u[[0, 2]], torch.full((2, 4), 2.0, dtype=DT), rtol=1e-9)  # x / (1 - 0.5)
+    assert torch.isfinite(u[1]).all()
