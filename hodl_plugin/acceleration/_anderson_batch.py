@@ -50,7 +50,8 @@ class HostBatch:
     vector: :math:`(D^{-1}\Delta F^\top\Delta F D^{-1} + \lambda I)\,D\gamma = D^{-1}\Delta F^\top f`
     is :math:`G\gamma = \Delta F^\top f`, and the condition probe :math:`H^{-1}p = D\,G^{-1}Dp` rides
     along as a second right-hand side. A step is one product for the new Gram row and column and
-    :math:`\Delta F^\top f`, one batched :math:`m\times m` solve, one product for the update.
+    :math:`\Delta F^\top f` (whose result then holds both right-hand sides), one batched
+    :math:`m\times m` solve, one product for the update: about 25 numpy operations.
     """
 
     def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
@@ -64,9 +65,9 @@ class HostBatch:
         self.I1 = np.eye(m, dtype=dt) * self.lam1  # the Gram matrix of an empty history
         self.G = np.repeat(self.I1[None], B, 0)  # ΔFᵀΔF + λ diag(ΔFᵀΔF); an empty slot: 1 + λ
         self.Gd = self.G.reshape(B, m * m)[:, :: m + 1]  # their diagonals (a view)
-        self.Z = np.empty((B, n, 2), dt)  # columns [Δf, f] of the step
+        self.X = np.empty((B, 2, n), dt)  # rows [Δf, f] of the step
+        self.XT = self.X.transpose(0, 2, 1)  # ... as the columns of the product with ΔF
         self.probe = np.asarray(_probe(m), dt)
-        self.R = np.empty((B, m, 2), dt)  # right-hand sides [ΔFᵀf, D p]
         # ‖D G⁻¹D p‖ with D² = diag G = (1 + λ) diag(ΔFᵀΔF) is (1 + λ)‖H⁻¹p‖: the limit takes the factor
         self.lim2 = (acc.restart_cond * self.lam1 * float(np.linalg.norm(self.probe)) / m) ** 2
         self.tiny, self.big = float(np.finfo(dt).tiny), float(np.finfo(dt).max)
@@ -89,25 +90,22 @@ class HostBatch:
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
             return torch.from_numpy(un + mix * fn).view(self.shape)
         keep = rn <= self.rlim  # 1. safeguard (NaN and Inf fail it)
-        if keep.all():  # finite residuals: no floating-point warning to silence
-            out = self._step(keep, True, un, fn, rn, mix, beta)
-        else:
-            with np.errstate(all="ignore"):  # a diverging sample may overflow; the loop reports it
-                out = self._step(keep, False, un, fn, rn, mix, beta)
+        with np.errstate(all="ignore"):  # a diverging sample may overflow, a NaN one fail its solve: the
+            out = self._step(keep, un, fn, rn, mix, beta)  # loop reports them
         t = torch.from_numpy(out)
         return t if t.shape == self.shape else t.view(self.shape)
 
-    def _step(self, keep: Any, kept: bool, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
+    def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
         """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""
         n, m = self.n, self.m
         # 2. the new pair into slot i; its Gram row/column and ΔFᵀf from one batched product
         i = (self.steps - 2) % m
-        Z = self.Z
+        X = self.X
         np.subtract(un, self.up, out=self.dU[:, i])
-        np.subtract(fn, self.fp, out=Z[:, :, 0])
-        self.dF[:, i] = Z[:, :, 0]
-        Z[:, :, 1] = fn
-        g = np.matmul(self.dF, Z)  # (B, m, 2): [ΔFᵀΔf, ΔFᵀf]
+        np.subtract(fn, self.fp, out=X[:, 0])
+        X[:, 1] = fn
+        self.dF[:, i] = X[:, 0]
+        g = np.matmul(self.dF, self.XT)  # (B, m, 2): [ΔFᵀΔf, ΔFᵀf]
         gi = g[:, :, 0]
         self.G[:, i] = gi
         self.G[:, :, i] = gi
@@ -115,9 +113,9 @@ class HostBatch:
         moved = gii > 0  # a sample the loop keeps frozen did not move: γ = 0
         np.multiply(gii, self.lam1, out=gii)
         np.maximum(gii, self.tiny, out=gii)  # (a zero row is decoupled, not singular)
-        self.R[:, :, 0] = g[:, :, 1]
-        # 3. γ of every sample that moved (one batched solve), with the restart test
-        gamma, ok = self._solve(moved)
+        # 3. γ of every sample that moved (one batched solve), with the restart test; g's first column
+        #    becomes the probe's right-hand side
+        gamma, ok = self._solve(g, moved)
         # 4. u + βf - (ΔU + βΔF)γ for all samples from one batched product
         c = np.matmul(gamma[:, None, :], self.W)[:, 0]
         out = fn - c[:, n:]
@@ -126,35 +124,38 @@ class HostBatch:
         out += un
         out -= c[:, :n]
         # 5. restarts and fall-backs; the accepted point becomes the reference
-        if kept and ok.all():
+        if (keep & ok).all():
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
         else:
             self._restart(keep, ok, out, un, fn, rn, beta)
         return out
 
-    def _solve(self, moved: Any) -> tuple[Any, Any]:
-        r"""``(γ, ok)``: :math:`\gamma = G^{-1}\Delta F^\top f` for the samples that ``moved`` (0 for
-        the others, whose solve is skipped when they are the majority); ``ok`` false where the
-        condition estimate :math:`m\|H^{-1}p\|/\|p\|` of the scaled matrix exceeds ``restart_cond``
-        (or the solve failed), and then γ = 0."""
+    def _solve(self, g: Any, moved: Any) -> tuple[Any, Any]:
+        r"""``(γ, ok)``: :math:`\gamma = G^{-1}\Delta F^\top f` (``g[:, :, 1]``) for the samples that
+        ``moved`` (0 for the others, whose solve is skipped when they are the majority); ``ok`` false
+        where the condition estimate :math:`m\|H^{-1}p\|/\|p\|` of the scaled matrix exceeds
+        ``restart_cond`` (or the solve failed), and then γ = 0."""
         B, m = self.B, self.m
-        k = int(np.count_nonzero(moved))
-        if k == 0:
-            return np.zeros((B, m), self.G.dtype), np.ones(B, bool)
-        # solve for the samples that moved only when that saves more than the gather costs
-        idx = np.flatnonzero(moved) if 4 * k < 3 * B else None
-        H, R, d = (self.G, self.R, self.Gd) if idx is None else (self.G[idx], self.R[idx], self.Gd[idx])
+        if moved.all():
+            idx = None
+        else:
+            k = int(np.count_nonzero(moved))
+            if k == 0:
+                return np.zeros((B, m), self.G.dtype), np.ones(B, bool)
+            # solve for the samples that moved only when that saves more than the gather costs
+            idx = np.flatnonzero(moved) if 4 * k < 3 * B else None
+        H, R, d = (self.G, g, self.Gd) if idx is None else (self.G[idx], g[idx], self.Gd[idx])
         d = np.sqrt(d)  # D: the column scaling
-        np.multiply(d, self.probe, out=R[:, :, 1])
+        np.multiply(d, self.probe, out=R[:, :, 0])
         sol = solve(H, R)  # NaN where singular
-        x = sol[:, :, 1]
+        x = sol[:, :, 0]
         x *= d
         ok = np.einsum("bi,bi->b", x, x) <= self.lim2  # NaN fails
-        gamma = sol[:, :, 0]
+        gamma = sol[:, :, 1]
         if not ok.all():
             gamma[~ok] = 0.0  # restart: the plain KM step
         if idx is None:
-            if k < B:
+            if not moved.all():
                 gamma[~moved] = 0.0
                 ok |= ~moved
             return gamma, ok
