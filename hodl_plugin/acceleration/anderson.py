@@ -72,7 +72,8 @@ from torch import Tensor
 
 from .._torch_compat import transforms_active
 from ._anderson_batch import HostBatch, MaskedBatch
-from .base import Accelerator, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard, host_ok, np
+from .base import (Accelerator, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard, host_ok,
+                   np, solve)
 
 __all__ = ["Anderson"]
 
@@ -284,15 +285,13 @@ class Anderson(Accelerator):
     def _solve_host(self, st: _Single, f: Tensor) -> Optional[Tensor]:
         """Step 3 with host decisions: γ, or ``None`` for a restart (ill-conditioned or failed).
 
-        With numpy, the m×m solve is one ``numpy.linalg.solve`` on views of ``G`` and the
-        right-hand sides (LU with partial pivoting: backward stable; a few µs of call overhead,
+        With numpy, the m×m solve is one LAPACK call on views of ``G`` and the right-hand sides
+        (:func:`~hodl_plugin.acceleration.base.solve`: LU with partial pivoting, backward stable;
+        NaN for an exactly singular matrix, which fails the condition test; ~2 µs of call overhead
         against ~4 µs per torch operation of the Cholesky route)."""
         if st.Gn is not None:
             torch.mv(st.dF, f, out=st.RP0)
-            try:
-                sol = np.linalg.solve(st.Gn, st.RPTn)
-            except np.linalg.LinAlgError:  # exactly singular
-                return None
+            sol = solve(st.Gn, st.RPTn)
             p = sol[:, 1]
             if not float(p @ p) <= st.probe_limit**2:  # NaN too
                 return None
