@@ -34,14 +34,17 @@ def test_nonsymmetric_closed_form():
     K = Q.forward_steps()
     g = hodl.implicit(Q, K, "gmres")(200)
     assert Q.rel_err(g) < 1e-8
+    assert Q.rel_err(hodl.implicit(Q, K, "gmres", krylov=True)(200)) < 1e-8  # the GMRES forward
 
 
-@pytest.mark.parametrize("name", ["ours_implicit", "ours_unrolled", "torchopt_root", "torchopt_unrolled",
+@pytest.mark.parametrize("name", ["ours_implicit", "ours_anderson", "ours_krylov", "ours_unrolled", "torchopt_root", "torchopt_unrolled",
                                   "higher_unrolled", "boat_cg", "boat_rad", "ours_betty", "betty_neumann"])
 def test_wrappers_reach_the_closed_form(P, name):
     K = P.forward_steps()
     make = {
         "ours_implicit": (lambda: hodl.implicit(P, K, "cg"), 100, None),
+        "ours_anderson": (lambda: hodl.implicit(P, K, "cg", anderson=20), 100, None),
+        "ours_krylov": (lambda: hodl.implicit(P, K, "cg", krylov=True), 100, None),
         "ours_unrolled": (lambda: hodl.unrolled(P), K, None),
         "torchopt_root": (lambda: torchopt_peer.root(P, K), 100, "torchopt"),
         "torchopt_unrolled": (lambda: torchopt_peer.unrolled(P), K, "torchopt"),

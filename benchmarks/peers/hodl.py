@@ -13,11 +13,18 @@ import hodl_plugin as hp
 from ..problems import DT, FWD, HyperCleaning, Quadratic, U
 
 
-def implicit(P: Quadratic, K_fwd: int, solver: str, anderson: int = 0) -> Callable[[int], torch.Tensor]:
+def implicit(P: Quadratic, K_fwd: int, solver: str, anderson: int = 0, krylov: bool = False
+             ) -> Callable[[int], torch.Tensor]:
     """K_fwd GKM steps (no grad) — or, with ``anderson=m``, the forward accelerated by
-    ``hp.Anderson(m)`` to a relative 1e-12 — then the adjoint solve with ``maxiter`` = the knob products."""
-    forward = (dict(max_steps=100_000, tol=1e-12, acceleration=hp.Anderson(history_size=anderson)) if anderson
-               else dict(max_steps=K_fwd, tol=0.0, check_every=K_fwd))
+    ``hp.Anderson(m)`` to a relative 1e-12, or with ``krylov=True`` the Krylov forward of an affine T
+    (``forward=solver``: CG or GMRES on (I − ∂T)u = T(0)) to a relative 1e-12 — then the adjoint solve
+    with ``maxiter`` = the knob products."""
+    if krylov:
+        forward: dict = dict(max_steps=100_000, tol=1e-12, forward=solver)
+    elif anderson:
+        forward = dict(max_steps=100_000, tol=1e-12, acceleration=hp.Anderson(history_size=anderson))
+    else:
+        forward = dict(max_steps=K_fwd, tol=0.0, check_every=K_fwd)
 
     def run(maxiter: int) -> torch.Tensor:
         s = hp.GKMSolver(P.step, hypergrad="implicit", solver=solver, adjoint_rtol=0.0, adjoint_atol=1e-300,
