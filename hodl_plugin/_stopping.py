@@ -101,17 +101,25 @@ def certifies(dtype: torch.dtype) -> bool:
 _TINY, _HUGE = 1e-140, 1e140
 
 
-def scaled_norm(t: Tensor) -> Tensor:
-    """:math:`\\|t\\|` as :math:`m\\,\\|t/m\\|`, :math:`m = \\max_i |t_i|`: no square under- or overflows.
+def scaled_norm(t: Tensor, dims: Optional[tuple[int, ...]] = None) -> Tensor:
+    """:math:`\\|t\\|` as :math:`m\\,\\|t/m\\|`, :math:`m = \\max_i |t_i|`: no square under- or overflows
+    (over ``dims``, one norm per remaining index; all dims by default).
 
     >>> import torch
     >>> float(scaled_norm(torch.full((4,), 1e-200, dtype=torch.float64)))   # the plain norm gives 0
     2e-200
+    >>> scaled_norm(torch.tensor([[3e-200, 4e-200], [3e200, 4e200]], dtype=torch.float64), (1,)).tolist()
+    [5e-200, 5e+200]
     """
     low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    m = t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+    if dims is None:
+        m = t.abs().amax() if t.numel() else torch.zeros((), dtype=t.dtype, device=t.device)
+    else:
+        m = t.abs().amax(dim=dims, keepdim=True)
     m = torch.where(m > 0, m, torch.ones_like(m)).to(torch.float64 if low else m.dtype)
-    return torch.linalg.vector_norm(t.to(m.dtype) / m) * m
+    if dims is None:
+        return torch.linalg.vector_norm(t.to(m.dtype) / m) * m
+    return torch.linalg.vector_norm(t.to(m.dtype) / m, dim=dims) * m.squeeze(dims)
 
 
 class Monitor:
@@ -175,6 +183,13 @@ class Monitor:
         mask = _as_tensor(mask)
         return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
 
+    def _out_of_range(self, r: Any, un: Any) -> bool:
+        """Whether a residual is 0 or outside the squares' range, or a ``‖u‖`` overflows (a numpy test on
+        the host path; on torch tensors always true: scaling costs a few operations, a test a sync)."""
+        if self.xp is torch:
+            return True
+        return bool(r.min() <= _TINY or r.max() >= _HUGE or un.max() >= _HUGE)
+
     def _arr(self, t: Tensor) -> Any:
         """A detached per-sample tensor in the state's namespace (a numpy view on the host path)."""
         t = t.detach()
@@ -199,7 +214,7 @@ class Monitor:
         if r is None:
             assert d is not None
             r = self.norm(d.detach())
-        return self._check_tensor(k, r, u_k, u_next, agg)
+        return self._check_tensor(k, r, u_k, u_next, agg, d)
 
     def norms(self, r: Optional[Tensor], u: Tensor, d: Optional[Tensor],
               agg: Optional[Tensor] = None) -> list[float]:
@@ -277,11 +292,16 @@ class Monitor:
             return u_k
         return u_next
 
-    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor]) -> Tensor:
+    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor],
+                      d: Optional[Tensor] = None) -> Tensor:
         """A batch (or any run under transforms): arrays over the samples (``self.xp``: numpy or torch)."""
         s, info, xp = self.t, self.info, self.xp
         r_in, r = r, self._arr(r)
         un = self._arr(self.norm(u_k.detach()))
+        if d is not None and self.norm_dtype is None and self.reduce_dims and self._out_of_range(r, un):
+            # float64 squares outside the dtype's range: both norms measured again, scaled per sample
+            r_in = scaled_norm(d.detach(), self.reduce_dims)
+            r, un = self._arr(r_in), self._arr(scaled_norm(u_k.detach(), self.reduce_dims))
         un = xp.where(xp.isfinite(un), un, 0.0)  # a norm: >= 0 or not finite
         if s.r0 is None:
             s.r0 = r
