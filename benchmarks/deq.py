@@ -27,6 +27,7 @@ against central finite differences of Newton's equilibrium; (3) where a per-samp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -35,7 +36,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -277,10 +278,26 @@ def _timed(acc: hp.acceleration.Accelerator) -> tuple[hp.acceleration.Accelerato
     return acc, spent
 
 
+@contextlib.contextmanager
+def _torch_checks(on: bool) -> Iterator[None]:
+    """With ``on``, the per-sample stop checks run on torch tensors (what a GPU batch runs) instead of
+    the numpy views of an eager CPU batch."""
+    from hodl_plugin import _stopping
+
+    saved = _stopping.np
+    if on:
+        _stopping.np = None
+    try:
+        yield
+    finally:
+        _stopping.np = saved
+
+
 def step_costs(P: Problem, rounds: int) -> list[dict[str, Any]]:
     """Per-sample runs on ``P``: CPU µs per step, the accelerator's share; aten operations and host
     syncs per step (counted over steps 40–140 of runs with ``tol=0``, on the host path and, forced,
-    on the masked path that GPUs and ``torch.func`` take)."""
+    on the masked path that GPUs and ``torch.func`` take — with the stop checks on torch tensors, as on
+    a GPU)."""
     makers: dict[str, Callable[[], Optional[hp.acceleration.Accelerator]]] = {
         "plain": lambda: None, "Anderson(6)": lambda: hp.Anderson(6), "Broyden(6)": lambda: hp.Broyden(6)}
     rows = []
@@ -295,7 +312,7 @@ def step_costs(P: Problem, rounds: int) -> list[dict[str, Any]]:
                     acc, spent = _timed(acc)
                 solver = hp.GKMSolver(T, max_steps=20000, tol=TOL, batch_dims=1, acceleration=acc)
                 c = time.process_time()
-                with torch.no_grad():
+                with torch.no_grad(), _torch_checks(path == "masked"):
                     _, info = solver.solve(torch.zeros_like(P.x), P.x, P.W)
                 total = time.process_time() - c
                 per_step.append(total / info.steps)
@@ -306,7 +323,7 @@ def step_costs(P: Problem, rounds: int) -> list[dict[str, Any]]:
                 if acc is not None:
                     acc._host_decisions = path == "host"  # type: ignore[attr-defined]
                 solver = hp.GKMSolver(T, max_steps=steps, tol=0, batch_dims=1, acceleration=acc)
-                with torch.no_grad(), _Count() as cnt:
+                with torch.no_grad(), _torch_checks(path == "masked"), _Count() as cnt:
                     solver.solve(torch.zeros_like(P.x), P.x, P.W)
                 ops.append(cnt.ops)
             diff = ops[1].copy()
@@ -379,7 +396,9 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
         lines.append(f"| {r['c']} | {r['method']} | {r['forward_ms']:.1f} ms | {r['backward_ms']:.1f} ms "
                      f"| {r['vs_first']:.2f} | {r['grad_error']:.1e} | {r['fd_error']:.1e} |")
     lines += ["", "Where a per-sample step's time goes (c = 0.99; aten operations counted with a "
-              "`TorchDispatchMode`, the host path's numpy work not included):", "",
+              "`TorchDispatchMode`, the host path's numpy work not included; host: the eager CPU path, numpy "
+              "accelerator state and stop checks; masked: what a GPU or `torch.func` runs, torch tensors only, "
+              "forced here on the CPU):", "",
               "| method | path | CPU µs / step | accelerator's share | aten ops / step | host syncs / step |",
               "|---|---|---|---|---|---|"]
     for r in costs:
