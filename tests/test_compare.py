@@ -37,8 +37,9 @@ def test_nonsymmetric_closed_form():
     assert Q.rel_err(hodl.implicit(Q, K, "gmres", krylov=True)(200)) < 1e-8  # the GMRES forward
 
 
-@pytest.mark.parametrize("name", ["ours_implicit", "ours_anderson", "ours_krylov", "ours_unrolled", "torchopt_root", "torchopt_unrolled",
-                                  "higher_unrolled", "boat_cg", "boat_rad", "ours_betty", "betty_neumann"])
+@pytest.mark.parametrize("name", ["ours_implicit", "ours_anderson", "ours_krylov", "ours_unrolled", "torchopt_root",
+                                  "torchopt_unrolled", "higher_unrolled", "boat_cg", "boat_rad", "ours_betty",
+                                  "betty_neumann"])
 def test_wrappers_reach_the_closed_form(P, name):
     K = P.forward_steps()
     make = {

@@ -72,8 +72,17 @@ from torch import Tensor
 
 from .._torch_compat import transforms_active
 from ._anderson_batch import HostBatch, MaskedBatch
-from .base import (Accelerator, batch_size, check_history, check_mixing, check_restart_cond, check_safeguard, host_ok,
-                   np, solve)
+from .base import (
+    Accelerator,
+    batch_size,
+    check_history,
+    check_mixing,
+    check_restart_cond,
+    check_safeguard,
+    host_ok,
+    np,
+    solve,
+)
 
 __all__ = ["Anderson"]
 
