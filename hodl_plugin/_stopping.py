@@ -183,12 +183,19 @@ class Monitor:
         mask = _as_tensor(mask)
         return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
 
+    def _final_norm(self, t: Tensor) -> Tensor:
+        """Per-sample norms at the end of a run (once): scaled in float64, whose squares leave the dtype's
+        range beyond 1e±154 (float32 and half precision are summed in float64 anyway)."""
+        if self.norm_dtype is None and self.reduce_dims:
+            return scaled_norm(t.detach(), self.reduce_dims)
+        return self.norm(t.detach())
+
     def _out_of_range(self, r: Any, un: Any) -> bool:
         """Whether a residual is 0 or outside the squares' range, or a ``‖u‖`` overflows (a numpy test on
         the host path; on torch tensors always true: scaling costs a few operations, a test a sync)."""
         if self.xp is torch:
             return True
-        return bool(r.min() <= _TINY or r.max() >= _HUGE or un.max() >= _HUGE)
+        return r.size > 0 and bool(r.min() <= _TINY or r.max() >= _HUGE or un.max() >= _HUGE)
 
     def _arr(self, t: Tensor) -> Any:
         """A detached per-sample tensor in the state's namespace (a numpy view on the host path)."""
@@ -214,7 +221,10 @@ class Monitor:
         if r is None:
             assert d is not None
             r = self.norm(d.detach())
-        return self._check_tensor(k, r, u_k, u_next, agg, d)
+        if self.xp is torch:
+            return self._check_tensor(k, r, u_k, u_next, agg, d)
+        with np.errstate(over="ignore", invalid="ignore"):  # a sample near the dtype's max (torch is silent)
+            return self._check_tensor(k, r, u_k, u_next, agg, d)
 
     def norms(self, r: Optional[Tensor], u: Tensor, d: Optional[Tensor],
               agg: Optional[Tensor] = None) -> list[float]:
@@ -445,8 +455,10 @@ class Monitor:
         if self.scalar:
             s = self.f
             if s.stopped_at is None and not s.diverged and residual is None:  # the last check stands
-                s.converged = bool(self.hist_f) and self.hist_f[-1] <= max(
-                    self.noise_tol * float(torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype)), self.atol)
+                un = float(torch.linalg.vector_norm(u.detach(), dtype=self.norm_dtype))
+                if not _TINY < un < _HUGE:  # squares outside the dtype's range: measured again, scaled
+                    un = float(scaled_norm(u.detach()))
+                s.converged = bool(self.hist_f) and self.hist_f[-1] <= max(self.noise_tol * un, self.atol)
             elif s.stopped_at is None and not s.diverged:  # ran out of steps: measure the returned point
                 rf, un = self.norms(None, u, residual(u))
                 tol = self.tol if not info.exact_steps else self.noise_tol
@@ -470,11 +482,11 @@ class Monitor:
             s.diverged = torch.zeros_like(s.converged)
         running = s.stopped_at < 0
         if residual is None and s.rprev is not None:  # the last check stands for the returned point
-            un = self.norm(u.detach())
+            un = self._final_norm(u)
             s.converged = s.converged | (running & (s.rprev <= torch.clamp(self.noise_tol * un, min=self.atol)))
         elif bool(running.any()):
-            r = self.norm(residual(u).detach())
-            un = self.norm(u.detach())
+            r = self._final_norm(residual(u))
+            un = self._final_norm(u)
             tol = self.tol if not info.exact_steps else self.noise_tol
             thresh = torch.clamp(tol * torch.where(torch.isfinite(un), un, torch.zeros_like(un)), min=self.atol)
             conv = r <= thresh

@@ -421,6 +421,12 @@ class GKMIteration:
         functional = transforms_active()
         if self.batch_dims > u.dim():
             raise ValueError(f"batch_dims={self.batch_dims} but u0 has only {u.dim()} dimensions")
+        if self.batch_dims and u.numel() == 0 and not functional:  # no sample, or samples of size 0: solved
+            batch = u.shape[: self.batch_dims]
+            info.converged, info.tol = True, 0.0
+            info.steps_per_sample = torch.zeros(batch, dtype=torch.long, device=u.device)
+            info.converged_per_sample = torch.ones(batch, dtype=torch.bool, device=u.device)
+            return u.clone()
         # float16/bfloat16: only a tolerance the caller gave is a claim they accept (an exact-steps run is
         # judged by the dtype's default, which certifies nothing there)
         explicit = (self.tol is not None or tol is not None) and not info.exact_steps

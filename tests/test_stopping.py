@@ -576,3 +576,40 @@ def test_float64_batches_beyond_the_squares_range_on_torch_tensors(accel, scale,
     u = solver(torch.zeros_like(c), c)
     assert solver.info.converged and solver.info.steps > 0
     assert float((u / scale - 2.0).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1])
+@pytest.mark.parametrize("scale", [1e-170, 1e-200, 1e160, 1e200])
+@pytest.mark.parametrize("steps,conv", [(400, True), (30, False)])
+def test_a_run_that_ends_by_its_step_count_is_judged_with_scaled_norms(batch_dims, scale, steps, conv):
+    """u = 0.9u + x for K steps: after 400 the relative residual is 1e-18, after 30 it is 4e-2. The end-of-run
+    measurement (samples out of steps; an exact-steps run's last residual against ‖u‖) used the plain norm, whose
+    squares under- or overflow beyond 1e±154: a batch at 1e-170 that ran out of steps said converged=True."""
+    x = torch.randn(2, 4, dtype=DT, generator=torch.Generator().manual_seed(0)) * scale
+    x = x if batch_dims else x[0]
+    for tol in (1e-6, 0.0):  # a tolerance (out of steps), and exactly K steps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", hp.ConvergenceWarning)
+            u, info = hp.GKMSolver(lambda u, x: 0.9 * u + x, tol=tol, atol=0.0, max_steps=steps,
+                                   batch_dims=batch_dims).solve(torch.zeros_like(x), x)
+        ud, xd = u / scale, x / scale
+        rel = (0.9 * ud + xd - ud).norm(dim=-1) / ud.norm(dim=-1)  # the truth, on rescaled values
+        assert bool((rel <= (tol or 1e-10)).all()) is conv and info.converged is conv, (tol, rel)
+        if not conv:  # the residual reported is that of the returned point (exactly 0 once converged here)
+            assert 0.5 < info.residual / (float((rel * ud.norm(dim=-1)).max()) * scale) < 2
+
+
+@pytest.mark.parametrize("shape,batch_dims", [((0, 3), 1), ((3, 0, 2), 2), ((4, 0), 1)])
+def test_an_empty_batch_is_solved_at_once(shape, batch_dims):
+    x = torch.zeros(shape, dtype=DT)
+    u, info = hp.GKMSolver(lambda u, x: 0.5 * u + x, batch_dims=batch_dims).solve(torch.zeros_like(x), x)
+    assert u.shape == shape and info.converged and info.steps == 0
+    assert info.steps_per_sample.shape == shape[:batch_dims] and info.converged_per_sample.all()
+
+
+def test_a_sample_near_the_dtypes_max_raises_no_numpy_warning():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.75], [6e307, -3e307, 1.5e307, 4.5e307]], dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u, info = hp.GKMSolver(lambda u, x: 0.5 * u + x, batch_dims=1).solve(torch.zeros_like(x), x)
+    assert info.converged and torch.allclose(u, 2 * x, rtol=1e-9)
