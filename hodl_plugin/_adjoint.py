@@ -53,10 +53,22 @@ def matvec(prod: Optional[Callable[[Tensor], Tensor]], sign: float) -> Callable[
     return prod
 
 
+def sample_dims(problem: FixedPointProblem, b: Tensor) -> int:
+    """The leading dims of ``b`` that index independent systems: a vmap's, or the iteration's
+    ``batch_dims`` when the linear solver has a per-sample mode (each sample then meets its own
+    tolerance: one threshold for the batch would leave a sample with a small cotangent inaccurate)."""
+    if problem.batch is not None:
+        return problem.batch.depth
+    it = problem.iteration
+    if it is not None and 0 < it.batch_dims < b.dim() and getattr(problem.solver, "batched", False):
+        return it.batch_dims
+    return 0
+
+
 def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b: Tensor, role: str,
                 x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
     solver = problem.solver
-    depth = problem.batch.depth if problem.batch is not None else 0
+    depth = sample_dims(problem, b)
     probe = solver.symmetric and role != "higher"
     # a solver that measures the symmetry on its own search directions (CG) is checked after its solve
     # at no extra product; the others before, on two random vectors
@@ -81,7 +93,7 @@ def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:
         return None
     if x0.shape == b.shape:
         return x0
-    depth = problem.batch.depth if problem.batch is not None else 0
+    depth = sample_dims(problem, b)
     if depth and x0.shape == b.shape[depth:]:
         return x0.expand(b.shape)
     return None

@@ -44,6 +44,7 @@ from typing import Any, Callable, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
+from ._torch_compat import transforms_active
 from .errors import ConfigurationError
 
 __all__ = [
@@ -175,6 +176,47 @@ class _Batch:
                                residual_per_sample=res, threshold_per_sample=thresh)
 
 
+def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
+    r"""Norms of right-hand sides whose solves measure every residual without squares leaving the dtype:
+    above :math:`\sqrt{\mathrm{tiny}}/\epsilon` (the residual reaches ~ε‖b‖), below :math:`\sqrt{\max}/2^{24}`."""
+    fi = torch.finfo(dtype)
+    return 16 * math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) / 2.0**24
+
+
+def _rhs_scale(b: Tensor, bt: Optional[_Batch], atol: float) -> Optional[Tensor]:
+    """``None`` for a right-hand side whose norm (per sample with ``bt``) is inside :func:`_safe_range` or
+    exactly 0; else the power of 2 nearest its largest entry (per sample when ``atol`` is 0; one for the
+    batch otherwise, which keeps a single absolute threshold), shaped to broadcast against ``b``. One host
+    read per solve (the solvers read ‖b‖ anyway); none under ``torch.func`` transforms."""
+    if transforms_active() or not b.is_floating_point() or b.numel() == 0:
+        return None
+    lo, hi = _safe_range(b.dtype)
+    dims = bt.dims if bt is not None else None
+    n = torch.linalg.vector_norm(b, dim=dims, dtype=torch.float64)  # float64: a float32 norm may overflow
+    nmin, nmax = torch.stack([n.min(), n.max()]).tolist() if n.dim() else [float(n)] * 2
+    if lo < nmin and nmax < hi:
+        return None
+    if not bool(torch.isfinite(b).all()):
+        return None  # NaN / Inf in b: the solver reports it
+    m = b.abs().amax(dim=dims, keepdim=bt is not None)
+    if nmin == 0 and not bool((m.reshape(n.shape) > 0).logical_and(n == 0).any()) and lo < nmax < hi:
+        return None  # zero samples, not underflowed ones, beside norms in range
+    if bt is None or atol:
+        m = m.max()
+    e = torch.round(torch.log2(torch.where(m > 0, m, torch.ones_like(m)).to(torch.float64)))
+    return torch.exp2(e).to(b.dtype)
+
+
+def _unscaled(info: LinearSolveInfo, s: Tensor, bt: Optional[_Batch]) -> LinearSolveInfo:
+    """The diagnostics of the solve of ``b/s`` in the units of ``b``."""
+    if info.residual_per_sample is None or bt is None:
+        sf = float(s.max())
+        return dataclasses.replace(info, residual=info.residual * sf, threshold=info.threshold * sf)
+    sb = s.reshape(s.shape[: bt.bd]).to(info.residual_per_sample.dtype)
+    res, thr = info.residual_per_sample * sb, info.threshold_per_sample * sb
+    return bt.info(info.method, info.iterations_per_sample, res, thr, info.converged_per_sample)
+
+
 @dataclass(frozen=True)
 class LinearSolver:
     """A linear solver: ``solver(matvec, b, x0=None, batch_dims=0) -> (x, LinearSolveInfo)``.
@@ -238,10 +280,20 @@ class LinearSolver:
     def __call__(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
                  batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
         rtol, atol = self.tolerances(b)
-        if batch_dims:
-            if not self.batched:
-                raise ValueError(f"{type(self).__name__} has no per-sample mode (batch_dims)")
-            return self._solve_batched(matvec, b, x0, _Batch(b, batch_dims), rtol, atol)
+        if batch_dims and not self.batched:
+            raise ValueError(f"{type(self).__name__} has no per-sample mode (batch_dims)")
+        bt = _Batch(b, batch_dims) if batch_dims else None
+        s = _rhs_scale(b, bt, atol)
+        if s is not None:  # x = s·A⁻¹(b/s): the solve is linear, and s a power of 2 (exact)
+            x, info = self._dispatch(matvec, b / s, None if x0 is None else x0 / s, bt, rtol,
+                                     atol / float(s.max()) if atol else 0.0)
+            return x * s, _unscaled(info, s, bt)
+        return self._dispatch(matvec, b, x0, bt, rtol, atol)
+
+    def _dispatch(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: Optional[_Batch], rtol: float,
+                  atol: float) -> tuple[Tensor, LinearSolveInfo]:
+        if bt is not None:
+            return self._solve_batched(matvec, b, x0, bt, rtol, atol)
         return self._solve(matvec, b, x0, rtol, atol)
 
     def _solve(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], rtol: float,

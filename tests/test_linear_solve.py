@@ -124,3 +124,33 @@ def test_batched_linear_solver_reports_worst_sample():
     assert info.residual > info.threshold and info.iterations == 50
     with pytest.raises(ValueError, match="batch_dims"):
         ls.cg()(lambda v: v, b, batch_dims=2)
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "fixed_point", "anderson"])
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-200), (torch.float64, 1e200), (torch.float32, 1e-25),
+                                         (torch.float32, 1e25)])
+def test_a_right_hand_side_whose_squares_leave_the_dtype_is_solved(name, dtype, scale):
+    """x = A⁻¹b for b at scales whose squared norm under- or overflows: the solve of b/s (s a power of 2)
+    times s. Unscaled, ‖b‖ read 0 (x = 0 'converged' after 0 products) or Inf."""
+    A = torch.tensor([[1.0, 0.25, 0.0], [0.25, 1.2, 0.1], [0.0, 0.1, 0.8]], dtype=DT)  # I - J, ‖J‖ < 1
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    exact = torch.linalg.solve(A, b)  # of b at scale 1
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    x, info = ls.get(name, rtol=rtol, maxiter=500)(lambda v: A.to(dtype) @ v, (b * scale).to(dtype))
+    assert info.converged and info.iterations > 0
+    assert float((x.double() / scale - exact).norm() / exact.norm()) < (1e-4 if dtype == torch.float32 else 1e-9)
+    assert info.threshold / scale == pytest.approx(rtol * float(b.norm()), rel=1e-3)  # in the units of b
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "fixed_point"])
+def test_per_sample_right_hand_sides_at_scales_apart_are_each_solved(name):
+    """A batch whose samples' norms lie 1e300 apart: each sample is scaled by its own power of 2 (atol = 0), so
+    each meets its own relative tolerance."""
+    A = torch.tensor([[1.0, 0.25], [0.25, 1.3]], dtype=DT)  # I - J, ‖J‖ < 1
+    unit = torch.tensor([[1.0, -2.0], [3.0, 1.0], [0.5, 0.5]], dtype=DT)
+    scales = torch.tensor([1e-150, 1.0, 1e150], dtype=DT)
+    x, info = ls.get(name, rtol=1e-12, maxiter=500)(lambda v: v @ A.T, unit * scales[:, None], batch_dims=1)
+    exact = torch.linalg.solve(A, unit.T).T  # per sample, at scale 1
+    assert info.converged and bool(info.converged_per_sample.all())
+    assert float(((x / scales[:, None] - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-10
+    assert torch.allclose(info.threshold_per_sample / scales, 1e-12 * unit.norm(dim=1), rtol=1e-6)
