@@ -213,21 +213,23 @@ class Monitor:
 
     # -- the check -------------------------------------------------------------------------------
     def check(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor, d: Optional[Tensor] = None,
-              agg: Optional[Tensor] = None) -> Tensor:
+              agg: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
         """``agg``: the size of the aggregation's displacement :math:`\\alpha_k s\\|\\nabla F(u_k)\\|`, the
-        scale a residual may legitimately reach when aggregating (divergence is measured against it)."""
+        scale a residual may legitimately reach when aggregating (divergence is measured against it);
+        ``gate``: a second norm that must meet the tolerance too (the outside form's selection test); the
+        larger of the two is the progress measure of the stall tests, the residual is what is recorded."""
         if self.scalar:
-            return self._check_scalar(k, r, u_k, u_next, d, agg)
+            return self._check_scalar(k, r, u_k, u_next, d, agg, gate)
         if r is None:
             assert d is not None
             r = self.norm(d.detach())
         if self.xp is torch:
-            return self._check_tensor(k, r, u_k, u_next, agg, d)
+            return self._check_tensor(k, r, u_k, u_next, agg, d, gate)
         with np.errstate(over="ignore", invalid="ignore"):  # a sample near the dtype's max (torch is silent)
-            return self._check_tensor(k, r, u_k, u_next, agg, d)
+            return self._check_tensor(k, r, u_k, u_next, agg, d, gate)
 
     def norms(self, r: Optional[Tensor], u: Tensor, d: Optional[Tensor],
-              agg: Optional[Tensor] = None) -> list[float]:
+              agg: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> list[float]:
         """``[‖T(u) - u‖, ‖u‖]`` (and ``agg``) of one problem as host floats, in one sync: from ``d`` =
         T(u) - u, both norms in one operation."""
         if r is not None:
@@ -242,6 +244,8 @@ class Monitor:
             parts = [both]
         if agg is not None:
             parts.append(agg.detach().reshape(1).to(parts[0].dtype))
+        if gate is not None:
+            parts.append(gate.detach().reshape(1).to(parts[0].dtype))
         vals = torch.cat([t.reshape(-1) for t in parts]).tolist()
         # a residual of 0 or outside the squares' range, or an overflowing ‖u‖: measure again, scaled (an
         # underflowing ‖u‖ beside a residual in range changes no decision; a start at u = 0 costs nothing)
@@ -252,11 +256,13 @@ class Monitor:
         return vals
 
     def _check_scalar(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor,
-                      d: Optional[Tensor] = None, agg: Optional[Tensor] = None) -> Tensor:
+                      d: Optional[Tensor] = None, agg: Optional[Tensor] = None,
+                      gate: Optional[Tensor] = None) -> Tensor:
         """One problem, eagerly: one host sync, then decisions on floats."""
         s, info = self.f, self.info
-        vals = self.norms(r, u_k, d, agg)
+        vals = self.norms(r, u_k, d, agg, gate)
         rf, un = vals[0], vals[1]
+        rg = rf if gate is None else max(rf, vals[-1])  # the progress measure (NaN in rf stays NaN)
         if s.r0 is None:
             s.r0 = rf
             if info.steps == 0:
@@ -266,13 +272,13 @@ class Monitor:
         un = un if math.isfinite(un) else 0.0
         thresh = max(self.tol * un, self.atol)
         finite = math.isfinite(rf)
-        conv = rf <= thresh and k - self.start >= self.min_steps
+        conv = rg <= thresh and k - self.start >= self.min_steps
         noise = rf <= self.noise_tol * un
-        if s.rref is None or rf < STALL_IMPROVEMENT * s.rref:  # a new minimum, by 1 %
-            s.kmin, s.rref, s.cmin = k, rf, 0
+        if s.rref is None or rg < STALL_IMPROVEMENT * s.rref:  # a new minimum, by 1 %
+            s.kmin, s.rref, s.cmin = k, rg, 0
         else:
             s.cmin += 1
-        s.rmin = rf if s.rmin is None else min(s.rmin, rf)
+        s.rmin = rg if s.rmin is None else min(s.rmin, rg)
         s.ups = s.ups + 1 if (s.rprev is not None and rf > s.rprev) else 0
         s.rprev, s.kprev = rf, k
         grow = rf > self.it.divergence_factor * max(s.r0, 1e-30) or (
@@ -303,7 +309,7 @@ class Monitor:
         return u_next
 
     def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor],
-                      d: Optional[Tensor] = None) -> Tensor:
+                      d: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
         """A batch (or any run under transforms): arrays over the samples (``self.xp``: numpy or torch)."""
         s, info, xp = self.t, self.info, self.xp
         r_in, r = r, self._arr(r)
@@ -322,20 +328,21 @@ class Monitor:
             s.r0 = xp.maximum(s.r0, xp.where(xp.isfinite(a), a, 0.0))
         thresh = (self.tol * un).clip(min=self.atol)
         finite = xp.isfinite(r)
-        conv = r <= thresh
+        rg = r if gate is None else xp.maximum(r, self._arr(gate.to(r_in.dtype)))  # the progress measure
+        conv = rg <= thresh
         if k - self.start < self.min_steps:
             conv = xp.zeros_like(conv)
         noise = r <= self.noise_tol * un
         if s.rmin is None:
-            s.rmin, s.rref, s.ups, s.cmin = r, r, xp.zeros_like(r), xp.zeros_like(r)
+            s.rmin, s.rref, s.ups, s.cmin = rg, rg, xp.zeros_like(r), xp.zeros_like(r)
             s.kmin = xp.full_like(r, k)
         else:
             s.ups = xp.where(r > s.rprev, s.ups + 1, 0.0)
-            new_min = r < STALL_IMPROVEMENT * s.rref  # a new minimum, by 1 %
+            new_min = rg < STALL_IMPROVEMENT * s.rref  # a new minimum, by 1 %
             s.kmin = xp.where(new_min, float(k), s.kmin)
             s.cmin = xp.where(new_min, 0.0, s.cmin + 1)
-            s.rref = xp.where(new_min, r, s.rref)
-            s.rmin = xp.minimum(s.rmin, r)
+            s.rref = xp.where(new_min, rg, s.rref)
+            s.rmin = xp.minimum(s.rmin, rg)
         s.rprev, s.kprev = r, k
         slow = (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
         if self.aggregating:

@@ -457,11 +457,11 @@ class GKMIteration:
             k = start + j
             check = (j == 0 and first_check) or countdown == 1 or (j == n - 1 and not measure)
             countdown = self.check_every if countdown == 1 else countdown - 1
-            u_next, d, r, agg = step(u, params, k, j == 0, functional, check, t0 if j == 0 else None)
+            u_next, d, r, agg, gate = step(u, params, k, j == 0, functional, check, t0 if j == 0 else None)
             if not check:
                 u = mon.freeze(u_next, u) if mon.masking else u_next
                 continue
-            u = mon.check(k, r, u, mon.freeze(u_next, u), d, agg)
+            u = mon.check(k, r, u, mon.freeze(u_next, u), d, agg, gate)
             if mon.done:
                 executed = j
                 break
@@ -480,14 +480,15 @@ class GKMIteration:
             return out
         return self.T(w, *params)
 
-    # a step returns (u_next, d, r, agg): at a check, the difference d = T(·) - u_k whose norm is the
+    # a step returns (u_next, d, r, agg, gate): at a check, the difference d = T(·) - u_k whose norm is the
     # residual (the monitor takes it, with ‖u_k‖, in one operation), or that norm r itself; agg is the
-    # size of the aggregation's displacement α_k s‖∇F(u_k)‖ (None without aggregation)
+    # size of the aggregation's displacement α_k s‖∇F(u_k)‖ (None without aggregation); gate, the outside
+    # form's selection test ‖T(u_k - α_k s∇F(u_k)) - u_k‖, which must meet the tolerance too (None elsewhere)
     def _plain_step(self, u, params, k, first, functional, check, t0=None):
         Tu = self._call_T(u, params, first, functional, u, t0)
         b = self.beta(k)
         u_next = Tu if b == 1.0 else u + b * (Tu - u)
-        return u_next, ((Tu - u) if check else None), None, None
+        return u_next, ((Tu - u) if check else None), None, None, None
 
     def _inside_step(self, u, params, k, first, functional, check, t0=None):
         a = self.alpha(k)  # type: ignore[misc]
@@ -497,8 +498,8 @@ class GKMIteration:
         b = self.beta(k)
         u_next = Tw if b == 1.0 else u + b * (Tw - u)
         if not check:
-            return u_next, None, None, None
-        return u_next, Tw - u, None, (self._norm(step) if step is not None else None)
+            return u_next, None, None, None, None
+        return u_next, Tw - u, None, (self._norm(step) if step is not None else None), None
 
     def _outside_step(self, u, params, k, first, functional, check, t0=None):
         Tu = self._call_T(u, params, first, functional, u, t0)
@@ -508,14 +509,20 @@ class GKMIteration:
         b = self.beta(k)
         u_next = v if b == 1.0 else u + b * (v - u)
         if not check:
-            return u_next, None, None, None
-        return u_next, Tu - u, None, (self._norm((a * self.upper_step) * g) if g is not None else None)
+            return u_next, None, None, None, None
+        if g is None:
+            return u_next, Tu - u, None, None, None
+        # a start in Fix T has Tu - u = 0 but is not the selected point unless the aggregated step leaves
+        # it there: T(u - α s∇F(u)) - u vanishes at the F-optimal point of Fix T (∇F normal to Fix T)
+        step = (a * self.upper_step) * g
+        gate = self._norm(self.T(u - step, *params) - u)
+        return u_next, Tu - u, None, self._norm(step), gate
 
     def _accelerated_step(self, state, u, params, k, first, functional, check, t0=None):
         Tu = self._call_T(u, params, first, functional, u, t0)
         f = Tu - u
         r = self._norm(f)
-        return self.acceleration.step(state, u, f, r, float(self.beta(k))), f, r, None
+        return self.acceleration.step(state, u, f, r, float(self.beta(k))), f, r, None, None
 
     def _norm(self, t: Tensor) -> Tensor:
         dims = tuple(range(self.batch_dims, t.dim()))

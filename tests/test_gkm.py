@@ -476,3 +476,26 @@ def test_batch_divergence_names_the_sample_and_keeps_the_others(array_path):
     assert info.converged_per_sample.tolist() == [True, False, True]
     assert torch.allclose(u[[0, 2]], torch.full((2, 4), 2.0, dtype=DT), rtol=1e-9)  # x / (1 - 0.5)
     assert torch.isfinite(u[1]).all()
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_outside_does_not_stop_at_a_start_in_fix_t_that_is_not_the_selected_point(batch_dims):
+    """T projects onto span(e1), F = ½‖u - y‖²: the selected point is (y1, 0). From u0 = 0 ∈ Fix T the outside
+    form stopped at step 0 with converged=True (‖T(u0) - u0‖ = 0); its selection test ‖T(u - αs∇F) - u‖ keeps it
+    going. From the selected point itself it stops at once."""
+    def T(u, y):
+        return torch.stack([u[..., 0], torch.zeros_like(u[..., 1])], -1)
+
+    def F(u, y):
+        return 0.5 * ((u - y) ** 2).sum()
+
+    y = torch.tensor([[1.0, 2.0], [-3.0, 0.5]], dtype=DT)
+    y = y if batch_dims else y[0]
+    selected = torch.stack([y[..., 0], torch.zeros_like(y[..., 0])], -1)
+    solver = hp.GKMSolver(T, upper=F, aggregation="outside", tol=1e-6, max_steps=2000, batch_dims=batch_dims)
+    with pytest.warns(hp.ConvergenceWarning, match="did not converge"):  # the outside form approaches it slowly
+        u, info = solver.solve(torch.zeros_like(y), y)
+    assert not info.converged and info.steps == 2000
+    assert float((u - selected).abs().max()) < 1e-2  # on its way to the selected point, not at u0 = 0
+    u, info = solver.solve(selected.clone(), y)
+    assert info.converged and info.steps == 0 and torch.equal(u, selected)
