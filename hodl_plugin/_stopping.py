@@ -382,6 +382,7 @@ class Monitor:
             s.stopped_at = xp.where(newly_bad & (s.stopped_at < 0), k, s.stopped_at)
             last_good = torch.where(self.expand(finite, u_k), u_k, self.u_good)
             out = torch.where(self.expand(newly_bad, u_next), last_good, u_next)
+            self.masking = True  # the diverged samples keep their last finite iterate from here on
             self._diverged(k, float(r[newly_bad].max()), float(s.r0[newly_bad].max()),
                            float(s.rmin[newly_bad].max()), not bool(finite[newly_bad].all()), stall_only,
                            _indices(newly_bad))
@@ -405,7 +406,6 @@ class Monitor:
                   which: Optional[list]) -> None:
         info, it = self.info, self.it
         info.diverged = True
-        info.steps = max(info.steps, k)
         where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
         if nonfinite:
             src = ("T(u, *params) or the upper objective's gradient (HODL aggregation: upper / upper_grad)"
@@ -428,6 +428,7 @@ class Monitor:
             + (" and that the upper step s is below 1/L_F." if it.aggregates else ".")
         )
         if it.on_divergence == "raise":
+            info.steps = max(info.steps, k)  # (the run ends here, before finish() counts its steps)
             raise DivergenceError(info.message)
         warnings.warn(info.message, ConvergenceWarning, stacklevel=5)
 

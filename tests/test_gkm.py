@@ -475,7 +475,15 @@ def test_batch_divergence_names_the_sample_and_keeps_the_others(array_path):
                                on_divergence="warn").solve(torch.zeros_like(x), x)
     assert info.converged_per_sample.tolist() == [True, False, True]
     assert torch.allclose(u[[0, 2]], torch.full((2, 4), 2.0, dtype=DT), rtol=1e-9)  # x / (1 - 0.5)
-    assert torch.isfinite(u[1]).all()
+    # the diverged sample keeps its last finite iterate and its step count, as when solved alone (it went on
+    # iterating, and every count was shifted by the divergence step)
+    with pytest.warns(hp.ConvergenceWarning, match="diverged"):
+        u1, info1 = hp.GKMSolver(lambda u, x: 2.0 * u + x, tol=1e-10, on_divergence="warn").solve(
+            torch.zeros(4, dtype=DT), x[1])
+    assert torch.equal(u[1], u1) and int(info.steps_per_sample[1]) == info1.steps
+    alone = hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-10).solve(torch.zeros(4, dtype=DT), x[0])[1]
+    assert int(info.steps_per_sample[0]) == alone.steps == info.steps
+    assert u1.abs().max() == 2.0 ** info1.steps - 1  # u_k = (2^k - 1)·x: the iterate of the reported step
 
 
 @pytest.mark.parametrize("batch_dims", [0, 1])
