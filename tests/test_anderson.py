@@ -410,3 +410,19 @@ def test_a_readme_without_markers_gets_them_under_its_heading_in_the_performance
     assert readme.read_text() == expected
     write_readme(str(readme), "rows 2", "<!-- b -->", "<!-- e -->", "New table")  # now it has markers
     assert readme.read_text().count("### New table") == 1 and "rows 2" in readme.read_text()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_half_precision_iterates(dtype, batch_dims):
+    """float16 / bfloat16 iterates: the least squares in float32 (torch has no half-precision factorisation on
+    the CPU: the solve raised NotImplementedError 'cholesky_cpu' / 'lu_cpu')."""
+    A = torch.tensor([[0.5, 0.2, 0.0], [0.1, 0.6, 0.1], [0.0, 0.2, 0.4]])
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]])
+    x = x if batch_dims else x[0]
+    exact = torch.linalg.solve(torch.eye(3) - A, x.T).T if batch_dims else torch.linalg.solve(torch.eye(3) - A, x)
+    solver = hp.GKMSolver(lambda u, x: u @ A.to(dtype).T + x, tol=1e-2, acceleration=hp.Anderson(3),
+                          batch_dims=batch_dims)
+    u, info = solver.solve(torch.zeros_like(x, dtype=dtype), x.to(dtype))
+    assert u.dtype == dtype and info.converged and info.accelerated > 0
+    assert float((u.float() - exact).abs().max() / exact.abs().max()) < 0.05

@@ -139,6 +139,16 @@ class _Single:
         self.G.copy_(self.I1)
 
 
+class _Upcast:
+    """A float32 state for float16 / bfloat16 iterates (its counters read through)."""
+
+    def __init__(self, inner: Union[_Single, HostBatch, MaskedBatch], dtype: torch.dtype) -> None:
+        self.inner, self.dtype = inner, dtype
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
 class Anderson(Accelerator):
     r"""Type-II Anderson acceleration for :class:`~hodl_plugin.GKMSolver` (``acceleration=``).
 
@@ -190,9 +200,13 @@ class Anderson(Accelerator):
         )
 
     # -- the state machine, called by GKMIteration -----------------------------------------------
-    def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch]:
+    def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch, _Upcast]:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples): the one-problem
-        fast path, or the per-sample state (host or masked: ``base.host_ok``)."""
+        fast path, or the per-sample state (host or masked: ``base.host_ok``); in float16 / bfloat16 the
+        state is kept in float32 (torch has no half-precision factorisations on the CPU, and the least
+        squares would lose what half precision resolves)."""
+        if u.dtype in (torch.float16, torch.bfloat16):
+            return _Upcast(self.init(u.float(), batch_dims), u.dtype)
         B = batch_size(u, batch_dims)
         if batch_dims == 0 and not transforms_active():
             m = min(self.history_size, max(u.numel(), 1))  # at most n differences are independent
@@ -202,11 +216,14 @@ class Anderson(Accelerator):
             return HostBatch(self, u, B)
         return MaskedBatch(self, u, B)
 
-    def step(self, st: Union[_Single, HostBatch, MaskedBatch], u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
+    def step(self, st: Union[_Single, HostBatch, MaskedBatch, _Upcast], u: Tensor, f: Tensor, r: Tensor,
+             beta: float) -> Tensor:
         """The next iterate from ``u`` with residual ``f = T(u) - u`` and its norm(s) ``r``; no host
         synchronisation on a GPU or under transforms."""
         if isinstance(st, _Single):
             return self._step_single(st, u, f, r, beta)
+        if isinstance(st, _Upcast):
+            return self.step(st.inner, u.float(), f.float(), r, beta).to(st.dtype)
         return st.step(self, u, f, r, beta)
 
     def _step_single(self, st: _Single, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
