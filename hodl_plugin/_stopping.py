@@ -108,8 +108,8 @@ def scaled_norm(t: Tensor, dims: Optional[tuple[int, ...]] = None) -> Tensor:
     >>> import torch
     >>> float(scaled_norm(torch.full((4,), 1e-200, dtype=torch.float64)))   # the plain norm gives 0
     2e-200
-    >>> scaled_norm(torch.tensor([[3e-200, 4e-200], [3e200, 4e200]], dtype=torch.float64), (1,)).tolist()
-    [5e-200, 5e+200]
+    >>> [f"{v:.3g}" for v in scaled_norm(torch.tensor([[3e-200, 4e-200], [3e200, 4e200]], dtype=torch.float64), (1,))]
+    ['5e-200', '5e+200']
     """
     low = t.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if dims is None:
