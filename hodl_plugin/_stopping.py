@@ -262,7 +262,7 @@ class Monitor:
         s, info = self.f, self.info
         vals = self.norms(r, u_k, d, agg, gate)
         rf, un = vals[0], vals[1]
-        rg = rf if gate is None else max(rf, vals[-1])  # the progress measure (NaN in rf stays NaN)
+        rg = rf if gate is None or vals[-1] <= rf else vals[-1]  # the progress measure (a NaN in either stays)
         if s.r0 is None:
             s.r0 = rf
             if info.steps == 0:
