@@ -155,6 +155,9 @@ class Monitor:
         self.floor = FLOOR * torch.finfo(u.dtype).eps
         self.dtype = u.dtype
         self.stall_level = max(STALL_DIVERGED, 1e3 * self.noise_tol)
+        # iterates below the dtype's smallest normal number: the fixed point is 0 to working precision, where a
+        # relative tolerance is out of reach (a stall there is not a divergence: it needs atol)
+        self.subnormal = float(torch.finfo(u.dtype).tiny)
         self.masking = functional  # freeze stopped samples with torch.where at every step
         self._frozen: tuple = (None, None)  # (active mask, its view broadcastable to u)
         self.done = False
@@ -291,7 +294,8 @@ class Monitor:
         self.hist_f.append(rf)
         self.hist_steps.append(k)
         info.tol = thresh
-        if not finite or grow or (stalled and not floor and s.rmin > self.stall_level * un):
+        if not finite or grow or (stalled and not floor and s.rmin > self.stall_level * un
+                                  and un >= self.subnormal):
             s.diverged = True
             s.stopped_at = k
             self.done = True
@@ -303,7 +307,7 @@ class Monitor:
         if (conv and self.stop) or stalled:
             s.stopped_at, s.stop_res, s.stop_thr, s.converged = k, rf, thresh, conv
             if stalled:
-                self._stall_message(k, rf, s.rmin, s.kmin, thresh, floor, None)
+                self._stall_message(k, rf, s.rmin, s.kmin, thresh, floor, None, un < self.subnormal)
             self.done = True
             return u_k
         return u_next
@@ -355,7 +359,7 @@ class Monitor:
             stalled = active & finite & ~conv & (floor | long)
         else:
             stalled = xp.zeros_like(conv)
-        bad = ~finite | grow | (stalled & ~floor & (s.rmin > self.stall_level * un))
+        bad = ~finite | grow | (stalled & ~floor & (s.rmin > self.stall_level * un) & (un >= self.subnormal))
         stalled = stalled & ~bad
         newly_conv = active & conv & ~bad if self.stop else xp.zeros_like(conv)
         newly_bad = active & bad
@@ -396,7 +400,8 @@ class Monitor:
             if any_stall:
                 self._stall_message(k, float(r[stalled].max()), float(s.rmin[stalled].max()),
                                     int(s.kmin[stalled].min()), float(thresh[stalled].max()),
-                                    bool(floor[stalled].all()), _indices(stalled))
+                                    bool(floor[stalled].all()), _indices(stalled),
+                                    bool((un[stalled] < self.subnormal).any()))
         self.u_good = u_k if all_finite else torch.where(self.expand(finite, u_k), u_k, self.u_good)
         self.done = bool(all_done)
         return out
@@ -433,7 +438,7 @@ class Monitor:
         warnings.warn(info.message, ConvergenceWarning, stacklevel=5)
 
     def _stall_message(self, k: int, r: float, rmin: float, kmin: int, thresh: float, floor: bool,
-                       which: Optional[list]) -> None:
+                       which: Optional[list], at_zero: bool = False) -> None:
         where = f" (batch samples {which[:8]}{'...' if len(which) > 8 else ''})" if which else ""
         dtype = str(self.dtype).replace("torch.", "")
         if floor:
@@ -444,6 +449,9 @@ class Monitor:
         else:
             why = (f"the residual has not decreased since step {kmin} (smallest {rmin:.3e}, now {r:.3e}, threshold "
                    f"{thresh:.3e}): T is not a contraction near the iterates, or the tolerance is out of reach")
+        if at_zero:
+            why += (f"; the iterates are below {dtype}'s smallest normal number: the fixed point is 0 to working "
+                    "precision, where a relative tolerance cannot be met (a fixed point at 0 needs atol=...)")
         self.info.message = f"the GKM iteration stopped at step {k}{where}: {why}"
 
     # -- the end of the run ----------------------------------------------------------------------

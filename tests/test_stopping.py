@@ -613,3 +613,18 @@ def test_a_sample_near_the_dtypes_max_raises_no_numpy_warning():
         warnings.simplefilter("error")
         u, info = hp.GKMSolver(lambda u, x: 0.5 * u + x, batch_dims=1).solve(torch.zeros_like(x), x)
     assert info.converged and torch.allclose(u, 2 * x, rtol=1e-9)
+
+
+def test_iterates_that_reach_the_subnormal_range_are_told_to_use_atol():
+    """A rotation by 0.5 rad, relaxed (β = 0.5), has its fixed point at 0: Anderson reaches it to subnormal numbers,
+    where no relative tolerance can be met. That stall was a DivergenceError saying 'check that T is nonexpansive';
+    it is a ConvergenceWarning that names atol, and atol converges."""
+    c, s_ = math.cos(0.5), math.sin(0.5)
+    R = torch.tensor([[c, -s_], [s_, c]], dtype=DT)
+    u0 = torch.tensor([1.0, 0.0], dtype=DT)
+    solver = hp.GKMSolver(lambda u: u @ R.T, beta=0.5, acceleration=hp.Anderson(2), max_steps=2000)
+    with pytest.warns(hp.ConvergenceWarning, match="fixed point at 0 needs atol"):
+        u, info = solver.solve(u0)
+    assert not info.converged and not info.diverged
+    u, info = hp.GKMSolver(lambda u: u @ R.T, beta=0.5, acceleration=hp.Anderson(2), atol=1e-12).solve(u0)
+    assert info.converged and float(u.abs().max()) < 1e-11
