@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import linear_solve as ls
+from ._torch_compat import transforms_active
 from .errors import LinearSolveError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,10 +80,28 @@ def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b
         check_nonsingular(matvec, b, solver, depth, inline)
     if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly), per sample
         x0 = better_than_zero(x0, b, matvec(x0), depth)
+    eq = _equilibrate(problem, b, depth)
+    if eq is not None:  # x = e·A⁻¹(b/e): each sample's right-hand side at unit size (e a power of 2, exact)
+        b, x0 = b / eq, (None if x0 is None else x0 / eq)
     x, info = solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
     if inline:
         verify_symmetric(matvec, b, solver, info)
-    return x, info
+    return (x if eq is None else x * eq), info
+
+
+def _equilibrate(problem: FixedPointProblem, b: Tensor, depth: int) -> Optional[Tensor]:
+    """Per-sample powers of 2 near each sample's largest entry, when a batch of independent systems
+    (``batch_dims``) is solved jointly by a solver without a per-sample mode and a relative tolerance:
+    its one threshold then gives every sample about ``rtol·√B`` relative accuracy, not only the largest
+    (``info.adjoint`` reports the scaled system). ``None`` otherwise."""
+    it = problem.iteration
+    if depth or problem.batch is not None or it is None or not 0 < it.batch_dims < b.dim():
+        return None
+    if getattr(problem.solver, "atol", 0.0) or not b.is_floating_point() or transforms_active():
+        return None
+    m = b.detach().abs().amax(dim=tuple(range(it.batch_dims, b.dim())), keepdim=True).to(torch.float64)
+    usable = torch.isfinite(m) & (m > 0)
+    return torch.exp2(torch.round(torch.log2(torch.where(usable, m, torch.ones_like(m))))).to(b.dtype)
 
 
 def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:

@@ -277,6 +277,9 @@ class Monitor:
         finite = math.isfinite(rf)
         conv = rg <= thresh and k - self.start >= self.min_steps
         noise = rf <= self.noise_tol * un
+        if s.provisional:  # the last check could not stop the run: it sets no reference (a start at a fixed
+            s.rmin = s.rref = None  # point would make every later residual a "stall" at the rounding floor)
+        s.provisional = k - self.start < self.min_steps
         if s.rref is None or rg < STALL_IMPROVEMENT * s.rref:  # a new minimum, by 1 %
             s.kmin, s.rref, s.cmin = k, rg, 0
         else:
@@ -337,6 +340,9 @@ class Monitor:
         if k - self.start < self.min_steps:
             conv = xp.zeros_like(conv)
         noise = r <= self.noise_tol * un
+        if s.provisional:  # the last check could not stop the run: it sets no reference (as one problem's)
+            s.rmin = None
+        s.provisional = k - self.start < self.min_steps
         if s.rmin is None:
             s.rmin, s.rref, s.ups, s.cmin = rg, rg, xp.zeros_like(r), xp.zeros_like(r)
             s.kmin = xp.full_like(r, k)
@@ -568,6 +574,7 @@ class _ScalarState:
         self.rprev: Optional[float] = None
         self.kprev = 0
         self.ups = 0
+        self.provisional = False  # the last check could not stop the run (it sets no stall reference)
         self.stopped_at: Optional[int] = None
         self.stop_res = math.nan
         self.stop_thr = math.nan
@@ -601,6 +608,7 @@ class _TensorState:
         self.kprev = 0
         self.ups: Optional[Tensor] = None
         self.active: Optional[Tensor] = None  # None: all samples active
+        self.provisional = False  # the last check could not stop the run (it sets no stall reference)
         self.stopped_at: Optional[Tensor] = None
         self.stop_res: Optional[Tensor] = None
         self.stop_thr: Optional[Tensor] = None

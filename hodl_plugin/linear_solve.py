@@ -183,11 +183,11 @@ def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
     return 16 * math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) / 2.0**24
 
 
-def _rhs_scale(b: Tensor, bt: Optional[_Batch], atol: float) -> Optional[Tensor]:
-    """``None`` for a right-hand side whose norm (per sample with ``bt``) is inside :func:`_safe_range` or
-    exactly 0; else the power of 2 nearest its largest entry (per sample when ``atol`` is 0; one for the
-    batch otherwise, which keeps a single absolute threshold), shaped to broadcast against ``b``. One host
-    read per solve (the solvers read ‖b‖ anyway); none under ``torch.func`` transforms."""
+def _rhs_scale(b: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
+    """``None`` for a right-hand side whose norm (every sample's, with ``bt``) is inside :func:`_safe_range`
+    or exactly 0; else the power of 2 nearest its largest entry — per sample with ``bt`` (1 for a zero or
+    non-finite sample, which the solver reports) — shaped to broadcast against ``b``. One host read per
+    solve (the solvers read ‖b‖ anyway); none under ``torch.func`` transforms."""
     if transforms_active() or not b.is_floating_point() or b.numel() == 0:
         return None
     lo, hi = _safe_range(b.dtype)
@@ -196,25 +196,47 @@ def _rhs_scale(b: Tensor, bt: Optional[_Batch], atol: float) -> Optional[Tensor]
     nmin, nmax = torch.stack([n.min(), n.max()]).tolist() if n.dim() else [float(n)] * 2
     if lo < nmin and nmax < hi:
         return None
-    if not bool(torch.isfinite(b).all()):
-        return None  # NaN / Inf in b: the solver reports it
-    m = b.abs().amax(dim=dims, keepdim=bt is not None)
-    if nmin == 0 and not bool((m.reshape(n.shape) > 0).logical_and(n == 0).any()) and lo < nmax < hi:
-        return None  # zero samples, not underflowed ones, beside norms in range
-    if bt is None or atol:
-        m = m.max()
-    e = torch.round(torch.log2(torch.where(m > 0, m, torch.ones_like(m)).to(torch.float64)))
+    m = b.abs().amax(dim=dims, keepdim=bt is not None).to(torch.float64)
+    usable = torch.isfinite(m) & (m > 0)
+    in_range = (n > lo) & (n < hi)
+    if not bool((usable & ~in_range.reshape(usable.shape)).any()):
+        return None  # every sample in range, exactly 0, or NaN / Inf (the solver reports those)
+    e = torch.round(torch.log2(torch.where(usable, m, torch.ones_like(m))))
     return torch.exp2(e).to(b.dtype)
+
+
+def _warm_in_range(x0: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
+    """A scaled warm start where its norm stays in the dtype's range (per sample: 0 elsewhere): a start
+    far larger than the solution (``x0 = 1`` for ``b`` ~ 1e-200) would overflow the solver's products."""
+    _, hi = _safe_range(x0.dtype)
+    nx = torch.linalg.vector_norm(x0, dim=bt.dims if bt is not None else None, dtype=torch.float64)
+    keep = torch.isfinite(nx) & (nx < hi)
+    if bt is None:
+        return x0 if bool(keep) else None
+    return torch.where(bt.ex(keep, x0), x0, torch.zeros_like(x0))
 
 
 def _unscaled(info: LinearSolveInfo, s: Tensor, bt: Optional[_Batch]) -> LinearSolveInfo:
     """The diagnostics of the solve of ``b/s`` in the units of ``b``."""
     if info.residual_per_sample is None or bt is None:
-        sf = float(s.max())
+        sf = float(s)
         return dataclasses.replace(info, residual=info.residual * sf, threshold=info.threshold * sf)
     sb = s.reshape(s.shape[: bt.bd]).to(info.residual_per_sample.dtype)
     res, thr = info.residual_per_sample * sb, info.threshold_per_sample * sb
     return bt.info(info.method, info.iterations_per_sample, res, thr, info.converged_per_sample)
+
+
+def _finite(info: LinearSolveInfo, bt: Optional[_Batch]) -> LinearSolveInfo:
+    """A non-finite residual never counts as converged (an Inf right-hand side has an Inf threshold)."""
+    if bt is not None and info.residual_per_sample is not None:
+        conv = info.converged_per_sample & torch.isfinite(info.residual_per_sample)
+        if not bool(conv.eq(info.converged_per_sample).all()):
+            return bt.info(info.method, info.iterations_per_sample, info.residual_per_sample,
+                           info.threshold_per_sample, conv)
+        return info
+    if info.converged and not math.isfinite(info.residual):
+        return dataclasses.replace(info, converged=False)
+    return info
 
 
 @dataclass(frozen=True)
@@ -283,15 +305,19 @@ class LinearSolver:
         if batch_dims and not self.batched:
             raise ValueError(f"{type(self).__name__} has no per-sample mode (batch_dims)")
         bt = _Batch(b, batch_dims) if batch_dims else None
-        s = _rhs_scale(b, bt, atol)
-        if s is not None:  # x = s·A⁻¹(b/s): the solve is linear, and s a power of 2 (exact)
-            x, info = self._dispatch(matvec, b / s, None if x0 is None else x0 / s, bt, rtol,
-                                     atol / float(s.max()) if atol else 0.0)
-            return x * s, _unscaled(info, s, bt)
-        return self._dispatch(matvec, b, x0, bt, rtol, atol)
+        s = _rhs_scale(b, bt)
+        if s is None:
+            x, info = self._dispatch(matvec, b, x0, bt, rtol, atol)
+            return x, _finite(info, bt)
+        # x = s·A⁻¹(b/s): the solve is linear and s a power of 2 (exact); atol in the units of b/s (per sample);
+        # a warm start that leaves the dtype's range once scaled starts from 0 there
+        x0s = None if x0 is None else _warm_in_range(x0 / s, bt)
+        atol_s: Union[float, Tensor] = atol / (s if bt is None else s.reshape(s.shape[: bt.bd])) if atol else 0.0
+        x, info = self._dispatch(matvec, b / s, x0s, bt, rtol, float(atol_s) if bt is None and atol else atol_s)
+        return x * s, _finite(_unscaled(info, s, bt), bt)
 
     def _dispatch(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: Optional[_Batch], rtol: float,
-                  atol: float) -> tuple[Tensor, LinearSolveInfo]:
+                  atol: Union[float, Tensor]) -> tuple[Tensor, LinearSolveInfo]:
         if bt is not None:
             return self._solve_batched(matvec, b, x0, bt, rtol, atol)
         return self._solve(matvec, b, x0, rtol, atol)
@@ -849,7 +875,7 @@ def _gmres_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, 
     def mv(v: Tensor) -> Tensor:
         return matvec(v.reshape(shape)).reshape(nb, n)
 
-    thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=atol)
+    thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=atol.reshape(-1) if isinstance(atol, Tensor) else atol)
     thresh = thresh_t.tolist()
     x, r, its0 = _start(mv, bf, None if x0 is None else x0.reshape(nb, n))
     its = [its0] * nb

@@ -269,7 +269,7 @@ def test_forward_over_forward_is_refused_by_name_and_every_other_order_is_exact(
 
 
 @pytest.mark.parametrize("mode", ["implicit", "inexact"])
-@pytest.mark.parametrize("solver", ["gmres", "fixed_point"])
+@pytest.mark.parametrize("solver", ["gmres", "fixed_point", "bicgstab", "anderson"])
 @pytest.mark.parametrize("scale", [1e-9, 1e-170, 1e160])
 def test_each_sample_of_a_batch_gets_its_own_adjoint_accuracy(mode, solver, scale):
     """batch_dims=1: u*_i = (I - A_i)⁻¹x_i, so ∇_{x_i}⟨v, u*⟩ = (I - A_i)⁻ᵀv_i. Sample 0's cotangent is `scale`
@@ -287,5 +287,9 @@ def test_each_sample_of_a_batch_gets_its_own_adjoint_accuracy(mode, solver, scal
     s(torch.zeros(B, n, dtype=DT), A, x).backward(v)
     ref = torch.linalg.solve((torch.eye(n, dtype=DT) - A).transpose(-1, -2), v / v.abs().amax(1, keepdim=True))
     got = x.grad / v.abs().amax(1, keepdim=True)  # per sample, at scale 1
+    # (bicgstab and anderson have no per-sample mode: they solve the batch jointly, each sample's right-hand
+    # side scaled to unit size, so each gets about adjoint_rtol·√B)
     assert float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max()) < 1e-9
-    assert s.info.adjoint.converged and s.info.adjoint.iterations_per_sample.shape == (B,)
+    assert s.info.adjoint.converged
+    if solver in ("gmres", "fixed_point"):
+        assert s.info.adjoint.iterations_per_sample.shape == (B,)

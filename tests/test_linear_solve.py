@@ -143,14 +143,37 @@ def test_a_right_hand_side_whose_squares_leave_the_dtype_is_solved(name, dtype, 
 
 
 @pytest.mark.parametrize("name", ["cg", "gmres", "fixed_point"])
-def test_per_sample_right_hand_sides_at_scales_apart_are_each_solved(name):
-    """A batch whose samples' norms lie 1e300 apart: each sample is scaled by its own power of 2 (atol = 0), so
-    each meets its own relative tolerance."""
+@pytest.mark.parametrize("atol", [0.0, 1e-300])
+@pytest.mark.parametrize("warm", [False, True])
+def test_per_sample_right_hand_sides_at_scales_apart_are_each_solved(name, atol, warm):
+    """A batch whose samples' norms lie 1e300 apart: each sample is scaled by its own power of 2 (atol in the
+    units of each), so each meets its own relative tolerance. With atol > 0 one scale for the batch returned
+    x = 0 'converged' for the small samples; a warm start of ones (far above the 1e-150 sample's solution)
+    overflowed once scaled."""
     A = torch.tensor([[1.0, 0.25], [0.25, 1.3]], dtype=DT)  # I - J, ‖J‖ < 1
     unit = torch.tensor([[1.0, -2.0], [3.0, 1.0], [0.5, 0.5]], dtype=DT)
     scales = torch.tensor([1e-150, 1.0, 1e150], dtype=DT)
-    x, info = ls.get(name, rtol=1e-12, maxiter=500)(lambda v: v @ A.T, unit * scales[:, None], batch_dims=1)
+    x0 = torch.ones(3, 2, dtype=DT) if warm else None
+    x, info = ls.get(name, rtol=1e-12, atol=atol, maxiter=500)(lambda v: v @ A.T, unit * scales[:, None], x0,
+                                                               batch_dims=1)
     exact = torch.linalg.solve(A, unit.T).T  # per sample, at scale 1
     assert info.converged and bool(info.converged_per_sample.all())
     assert float(((x / scales[:, None] - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-10
-    assert torch.allclose(info.threshold_per_sample / scales, 1e-12 * unit.norm(dim=1), rtol=1e-6)
+    assert torch.allclose(info.threshold_per_sample / scales, (1e-12 * unit.norm(dim=1)).clamp(min=atol / scales),
+                          rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "fixed_point"])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_sample_is_not_converged_and_leaves_the_others_right(name, bad):
+    """One sample of b is Inf / NaN beside samples at 1e-200 and 1e200: the others were returned as 0
+    'converged' (no scaling when b held a non-finite entry), and gmres / fixed_point called the Inf sample
+    converged (Inf <= Inf)."""
+    A = torch.tensor([[1.0, 0.25], [0.25, 1.3]], dtype=DT)
+    b = torch.tensor([[1.0, -2.0], [bad, 1.0], [3.0, 1.0], [0.5, 0.5]], dtype=DT)
+    scales = torch.tensor([1e-200, 1.0, 1.0, 1e200], dtype=DT)
+    x, info = ls.get(name, rtol=1e-12, maxiter=500)(lambda v: v @ A.T, b * scales[:, None], batch_dims=1)
+    assert info.converged_per_sample.tolist() == [True, False, True, True] and not info.converged
+    good = [0, 2, 3]
+    exact = torch.linalg.solve(A, b[good].T).T
+    assert float(((x[good] / scales[good, None] - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-10
