@@ -507,3 +507,21 @@ def test_outside_does_not_stop_at_a_start_in_fix_t_that_is_not_the_selected_poin
     assert float((u - selected).abs().max()) < 1e-2  # on its way to the selected point, not at u0 = 0
     u, info = solver.solve(selected.clone(), y)
     assert info.converged and info.steps == 0 and torch.equal(u, selected)
+
+
+def test_a_check_that_cannot_stop_the_run_sets_no_stall_reference():
+    """Unrolled (at least one step) from the selected point of the outside form: the step-0 residual is 0, the
+    aggregated step then leaves Fix T, and every later residual was a 'stall at the rounding floor' of float64
+    (smallest 0). The run goes on, and ends as what it is: not converged in max_steps."""
+    def T(u, y):
+        return torch.stack([u[..., 0], torch.zeros_like(u[..., 1])], -1)
+
+    y = torch.tensor([3.0, 1.0], dtype=DT)
+    solver = hp.GKMSolver(T, upper=lambda u, y: 0.5 * ((u - y) ** 2).sum(), aggregation="outside",
+                          hypergrad="unrolled", tol=1e-8, max_steps=300)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        solver.solve(torch.tensor([3.0, 0.0], dtype=DT), y)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "rounding floor" not in messages and "did not converge" in messages
+    assert solver.info.steps == 300
