@@ -875,7 +875,8 @@ def _gmres_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, 
     def mv(v: Tensor) -> Tensor:
         return matvec(v.reshape(shape)).reshape(nb, n)
 
-    thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=atol.reshape(-1) if isinstance(atol, Tensor) else atol)
+    floor = atol.reshape(-1) if isinstance(atol, Tensor) else atol  # a scalar, or one per sample
+    thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=floor)
     thresh = thresh_t.tolist()
     x, r, its0 = _start(mv, bf, None if x0 is None else x0.reshape(nb, n))
     its = [its0] * nb
