@@ -26,9 +26,13 @@ __all__ = ["matvec", "run_solver", "warm_start", "unsolved_message", "check_symm
 def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo,
                       b: Optional[Tensor]) -> str:
     what = "(I - dT/du)" if problem.sign == 1.0 else "dG/du"
+    where = ""
+    if linfo.converged_per_sample is not None:  # a batch of independent systems: say which samples failed
+        bad = (~linfo.converged_per_sample).reshape(-1).nonzero().flatten().tolist()
+        where = f" for {len(bad)} of {linfo.converged_per_sample.numel()} samples, e.g. {bad[:8]}"
     head = (
-        f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved: {linfo.method} stopped "
-        f"after {linfo.iterations} products with residual {linfo.residual:.3e} > {linfo.threshold:.3e}."
+        f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved{where}: {linfo.method} "
+        f"stopped after {linfo.iterations} products with residual {linfo.residual:.3e} > {linfo.threshold:.3e}."
     )
     if b is not None:
         eps = float(torch.finfo(b.dtype).eps)

@@ -293,3 +293,16 @@ def test_each_sample_of_a_batch_gets_its_own_adjoint_accuracy(mode, solver, scal
     assert s.info.adjoint.converged
     if solver in ("gmres", "fixed_point"):
         assert s.info.adjoint.iterations_per_sample.shape == (B,)
+
+
+@pytest.mark.parametrize("solver", ["gmres", "fixed_point"])
+def test_a_batch_adjoint_that_fails_names_the_sample(solver):
+    """Sample 1 has ∂T/∂u = diag(1, 0.5): I - ∂T/∂u is singular and its adjoint has no solution; the error says
+    which sample (it gave the batch's worst residual only)."""
+    A = torch.stack([torch.diag(torch.tensor([0.5, 0.3], dtype=DT)), torch.diag(torch.tensor([1.0, 0.5], dtype=DT))])
+    x = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=DT, requires_grad=True)  # sample 1: Fix T = {(t, 2)}
+    s = hp.GKMSolver(lambda u, A, x: (A @ u.unsqueeze(-1)).squeeze(-1) + x, batch_dims=1,
+                     hypergrad=hp.Implicit(solver, adjoint_maxiter=200))
+    u = s(torch.zeros(2, 2, dtype=DT), A, x)
+    with pytest.raises(hp.LinearSolveError, match=r"not solved for 1 of 2 samples, e\.g\. \[1\]"):
+        u.backward(torch.ones(2, 2, dtype=DT))
