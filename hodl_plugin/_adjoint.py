@@ -59,21 +59,21 @@ def matvec(prod: Optional[Callable[[Tensor], Tensor]], sign: float) -> Callable[
 
 
 def sample_dims(problem: FixedPointProblem, b: Tensor) -> int:
-    """The leading dims of ``b`` that index independent systems: a vmap's, or the iteration's
-    ``batch_dims`` when the linear solver has a per-sample mode (each sample then meets its own
-    tolerance: one threshold for the batch would leave a sample with a small cotangent inaccurate)."""
+    """The leading dims of ``b`` that index independent systems: a vmap's, or the iteration's ``batch_dims``."""
     if problem.batch is not None:
         return problem.batch.depth
     it = problem.iteration
-    if it is not None and 0 < it.batch_dims < b.dim() and getattr(problem.solver, "batched", False):
-        return it.batch_dims
-    return 0
+    return it.batch_dims if it is not None and 0 < it.batch_dims < b.dim() else 0
 
 
 def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b: Tensor, role: str,
                 x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
+    """One solve with ``problem.solver``: per sample (each meets its own tolerance) where the solver has a
+    per-sample mode, or under a vmap; else one system for the batch, each sample's right-hand side scaled to
+    unit size (one threshold for the batch would leave a sample with a small cotangent inaccurate)."""
     solver = problem.solver
-    depth = sample_dims(problem, b)
+    samples = sample_dims(problem, b)
+    depth = samples if problem.batch is not None or solver.batched else 0
     probe = solver.symmetric and role != "higher"
     # a solver that measures the symmetry on its own search directions (CG) is checked after its solve
     # at no extra product; the others before, on two random vectors
@@ -84,7 +84,7 @@ def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b
         check_nonsingular(matvec, b, solver, depth, inline)
     if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly), per sample
         x0 = better_than_zero(x0, b, matvec(x0), depth)
-    eq = _equilibrate(problem, b, depth)
+    eq = _equilibrate(solver, b, samples) if samples and not depth else None
     if eq is not None:  # x = e·A⁻¹(b/e): each sample's right-hand side at unit size (e a power of 2, exact)
         b, x0 = b / eq, (None if x0 is None else x0 / eq)
     x, info = solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
@@ -93,19 +93,14 @@ def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b
     return (x if eq is None else x * eq), info
 
 
-def _equilibrate(problem: FixedPointProblem, b: Tensor, depth: int) -> Optional[Tensor]:
-    """Per-sample powers of 2 near each sample's largest entry, when a batch of independent systems
-    (``batch_dims``) is solved jointly by a solver without a per-sample mode and a relative tolerance:
-    its one threshold then gives every sample about ``rtol·√B`` relative accuracy, not only the largest
-    (``info.adjoint`` reports the scaled system). ``None`` otherwise."""
-    it = problem.iteration
-    if depth or problem.batch is not None or it is None or not 0 < it.batch_dims < b.dim():
+def _equilibrate(solver: ls.LinearSolver, b: Tensor, samples: int) -> Optional[Tensor]:
+    """Per-sample powers of 2 at each sample's largest entry, for a batch of independent systems solved as
+    one by a solver without a per-sample mode and with a relative tolerance: its one threshold then gives
+    every sample about ``rtol·√B`` relative accuracy, not only the largest (``info.adjoint`` reports the
+    scaled system). ``None`` with an absolute tolerance, or under ``torch.func`` transforms."""
+    if solver.atol or not b.is_floating_point() or transforms_active():
         return None
-    if getattr(problem.solver, "atol", 0.0) or not b.is_floating_point() or transforms_active():
-        return None
-    m = b.detach().abs().amax(dim=tuple(range(it.batch_dims, b.dim())), keepdim=True).to(torch.float64)
-    usable = torch.isfinite(m) & (m > 0)
-    return torch.exp2(torch.round(torch.log2(torch.where(usable, m, torch.ones_like(m))))).to(b.dtype)
+    return ls._pow2_scale(b.detach().abs().amax(dim=tuple(range(samples, b.dim())), keepdim=True))
 
 
 def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:

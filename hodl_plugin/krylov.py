@@ -248,9 +248,7 @@ def _scale(u: Tensor, Tu: Tensor, bd: int) -> Tensor:
     dims = tuple(range(bd, u.dim()))
     m = torch.maximum(u.abs().amax(dim=dims, keepdim=True) if dims else u.abs(),
                       Tu.abs().amax(dim=dims, keepdim=True) if dims else Tu.abs())
-    ok = (m > 0) & torch.isfinite(m)
-    return torch.where(ok, torch.exp2(torch.round(torch.log2(torch.where(ok, m, torch.ones_like(m))))),
-                       torch.ones_like(m))
+    return ls._pow2_scale(m)
 
 
 #: the iterate may grow at most this much (relative to the start's scale and residual) in units of the

@@ -183,6 +183,18 @@ def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
     return 16 * math.sqrt(fi.tiny) / fi.eps, math.sqrt(fi.max) / 2.0**24
 
 
+def _pow2_scale(m: Tensor) -> Tensor:
+    """The power of 2 at or below each entry of ``m`` (a per-sample max ``|·|``), 1 where ``m`` is 0 or not
+    finite: dividing by it is exact and never overflows (``floor``: ``m`` near the dtype's max stays finite).
+
+    >>> _pow2_scale(torch.tensor([3e-200, 1e200, 0.0], dtype=torch.float64)).log2().tolist()
+    [-663.0, 664.0, 0.0]
+    """
+    ok = torch.isfinite(m) & (m > 0)
+    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))),
+                       torch.ones_like(m))
+
+
 def _rhs_scale(b: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
     """``None`` for a right-hand side whose norm (every sample's, with ``bt``) is inside :func:`_safe_range`
     or exactly 0; else the power of 2 nearest its largest entry — per sample with ``bt`` (1 for a zero or
@@ -196,13 +208,12 @@ def _rhs_scale(b: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
     nmin, nmax = torch.stack([n.min(), n.max()]).tolist() if n.dim() else [float(n)] * 2
     if lo < nmin and nmax < hi:
         return None
-    m = b.abs().amax(dim=dims, keepdim=bt is not None).to(torch.float64)
+    m = b.abs().amax(dim=dims, keepdim=bt is not None)
     usable = torch.isfinite(m) & (m > 0)
     in_range = (n > lo) & (n < hi)
     if not bool((usable & ~in_range.reshape(usable.shape)).any()):
         return None  # every sample in range, exactly 0, or NaN / Inf (the solver reports those)
-    e = torch.round(torch.log2(torch.where(usable, m, torch.ones_like(m))))
-    return torch.exp2(e).to(b.dtype)
+    return _pow2_scale(m)
 
 
 def _warm_in_range(x0: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
@@ -218,7 +229,7 @@ def _warm_in_range(x0: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:
 
 def _unscaled(info: LinearSolveInfo, s: Tensor, bt: Optional[_Batch]) -> LinearSolveInfo:
     """The diagnostics of the solve of ``b/s`` in the units of ``b``."""
-    if info.residual_per_sample is None or bt is None:
+    if bt is None:
         sf = float(s)
         return dataclasses.replace(info, residual=info.residual * sf, threshold=info.threshold * sf)
     sb = s.reshape(s.shape[: bt.bd]).to(info.residual_per_sample.dtype)
@@ -312,8 +323,8 @@ class LinearSolver:
         # x = s·A⁻¹(b/s): the solve is linear and s a power of 2 (exact); atol in the units of b/s (per sample);
         # a warm start that leaves the dtype's range once scaled starts from 0 there
         x0s = None if x0 is None else _warm_in_range(x0 / s, bt)
-        atol_s: Union[float, Tensor] = atol / (s if bt is None else s.reshape(s.shape[: bt.bd])) if atol else 0.0
-        x, info = self._dispatch(matvec, b / s, x0s, bt, rtol, float(atol_s) if bt is None and atol else atol_s)
+        atol_s: Union[float, Tensor] = atol / (float(s) if bt is None else s.reshape(s.shape[: bt.bd]))
+        x, info = self._dispatch(matvec, b / s, x0s, bt, rtol, atol_s)
         return x * s, _finite(_unscaled(info, s, bt), bt)
 
     def _dispatch(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: Optional[_Batch], rtol: float,

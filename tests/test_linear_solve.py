@@ -128,15 +128,19 @@ def test_batched_linear_solver_reports_worst_sample():
 
 @pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "fixed_point", "anderson"])
 @pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e-200), (torch.float64, 1e200), (torch.float32, 1e-25),
-                                         (torch.float32, 1e25)])
-def test_a_right_hand_side_whose_squares_leave_the_dtype_is_solved(name, dtype, scale):
+                                         (torch.float32, 1e25), (torch.float32, 1.5e38)])
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_right_hand_side_whose_squares_leave_the_dtype_is_solved(name, dtype, scale, warm):
     """x = A⁻¹b for b at scales whose squared norm under- or overflows: the solve of b/s (s a power of 2)
-    times s. Unscaled, ‖b‖ read 0 (x = 0 'converged' after 0 products) or Inf."""
+    times s. Unscaled, ‖b‖ read 0 (x = 0 'converged' after 0 products) or Inf. A warm start of ones is far
+    from the solution at 1e-200 / 1e-25 (once scaled, out of the dtype's range: the solve starts from 0);
+    at 1.5e38 the largest entry, 3e38, rounded up to the scale 2^128 = Inf in float32."""
     A = torch.tensor([[1.0, 0.25, 0.0], [0.25, 1.2, 0.1], [0.0, 0.1, 0.8]], dtype=DT)  # I - J, ‖J‖ < 1
     b = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
     exact = torch.linalg.solve(A, b)  # of b at scale 1
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
-    x, info = ls.get(name, rtol=rtol, maxiter=500)(lambda v: A.to(dtype) @ v, (b * scale).to(dtype))
+    x0 = torch.ones(3, dtype=dtype) if warm else None
+    x, info = ls.get(name, rtol=rtol, maxiter=500)(lambda v: A.to(dtype) @ v, (b * scale).to(dtype), x0)
     assert info.converged and info.iterations > 0
     assert float((x.double() / scale - exact).norm() / exact.norm()) < (1e-4 if dtype == torch.float32 else 1e-9)
     assert info.threshold / scale == pytest.approx(rtol * float(b.norm()), rel=1e-3)  # in the units of b
