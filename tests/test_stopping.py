@@ -628,3 +628,14 @@ def test_iterates_that_reach_the_subnormal_range_are_told_to_use_atol():
     assert not info.converged and not info.diverged
     u, info = hp.GKMSolver(lambda u: u @ R.T, beta=0.5, acceleration=hp.Anderson(2), atol=1e-12).solve(u0)
     assert info.converged and float(u.abs().max()) < 1e-11
+
+
+def test_a_batch_whose_iterates_reach_the_subnormal_range_is_told_to_use_atol():
+    """The per-sample rule: plain KM steps on the rotation reach subnormal numbers after ~23000 steps and stall
+    there (about a second)."""
+    c, s_ = math.cos(0.5), math.sin(0.5)
+    R = torch.tensor([[c, -s_], [s_, c]], dtype=DT)
+    u0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=DT)
+    with pytest.warns(hp.ConvergenceWarning, match="fixed point at 0 needs atol"):
+        u, info = hp.GKMSolver(lambda u: u @ R.T, beta=0.5, max_steps=60000, batch_dims=1).solve(u0)
+    assert not info.converged and not info.diverged and info.steps < 60000
