@@ -8,7 +8,15 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._torch_compat import HAS_ENGINE, engine_backward, transforms_active
+from ._torch_compat import (
+    HAS_ENGINE,
+    current_functorch_level,
+    engine_backward,
+    forward_ad_active,
+    nested_forward_transforms,
+    transforms_active,
+)
+from .errors import HODLError
 
 
 def grad_u(fn: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -140,3 +148,31 @@ def _has_custom_function(out: Tensor) -> bool:
             return True
         stack.extend(nxt for nxt, _ in node.next_functions)
     return False
+
+
+def jvp_any(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tensor:
+    """``∂fn(primals)·tangents``: ``torch.func.jvp`` (which nests under ``torch.func`` transforms), or —
+    inside a ``torch.autograd.forward_ad`` dual level and no transform, where forward AD cannot nest —
+    the transpose of a vjp (two reverse passes)."""
+    if not forward_ad_active() or current_functorch_level() > 0:
+        return torch.func.jvp(fn, primals, tangents)[1]
+    out, pull = torch.func.vjp(fn, *primals)
+    _, pull2 = torch.func.vjp(lambda z_: pull(z_), torch.zeros_like(out))
+    return pull2(tuple(tangents))[0]
+
+
+def refuse_forward_over_forward() -> None:
+    if nested_forward_transforms():
+        raise HODLError(
+            "forward-over-forward differentiation (torch.func.jacfwd(jacfwd(f)), or a jvp inside a jvp) "
+            "through hodl_plugin's implicit primitive is not supported: torch's forward rules of custom "
+            "autograd.Functions do not see the outer level's tangents and would return a zero second "
+            "derivative. Use torch.func.hessian (= jacfwd(jacrev)), jacrev(jacfwd(f)) or jacrev(jacrev(f)), "
+            "which are exact, or hypergrad='unrolled'"
+        )
+
+
+def grad_wanted() -> bool:
+    """Whether a derivative can be asked of this call: grad mode, a torch.func transform or a
+    forward-mode dual level."""
+    return torch.is_grad_enabled() or transforms_active() or forward_ad_active()

@@ -45,7 +45,7 @@ from ._torch_compat import (
 )
 from .errors import HODLError
 
-__all__ = ["TreeSpec", "flatten", "unflatten", "bind", "BoundOperator", "substitute"]
+__all__ = ["TreeSpec", "flatten", "unflatten", "bind", "BoundOperator", "refuse_leaks", "substitute", "detached"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,6 +112,12 @@ def _unflatten_one(spec: TreeSpec, it: Any) -> Any:
     if spec.kind == "namedtuple":
         return spec.cls(*kids)
     return kids if spec.kind == "list" else tuple(kids)
+
+
+def detached(params: Sequence[Any]) -> list[Any]:
+    """``params`` with every tensor leaf detached (the same nesting)."""
+    leaves, spec = flatten(params)
+    return unflatten(spec, [t.detach() for t in leaves])
 
 
 def unflatten(spec: tuple[TreeSpec, ...], leaves: Sequence[Tensor]) -> list[Any]:
@@ -279,6 +285,29 @@ class BoundOperator:
         ``autograd.Function`` computing with it, ``torch.jit``, a ``torch.vmap`` inside T), its output
         still depends on the original, and the first-order pass adds that dependence."""
         return [(i, t) for i, t in enumerate(self.inputs) if t.requires_grad and not is_functorch_wrapped(t)]
+
+
+def refuse_leaks(op: Any, u: Tensor, ts: Sequence[Tensor], what: str) -> None:
+    """Higher orders need every path from a bound tensor to T's output routed through the primitive's
+    inputs; a path the substitution cannot re-route (see :meth:`BoundOperator.leaked`) is refused."""
+    if not isinstance(op, BoundOperator) or transforms_active():
+        return
+    leaks = op.leaked()
+    if not leaks:
+        return
+    with torch.enable_grad():
+        f = op(u.detach(), [t.detach() for t in ts])
+        if not f.requires_grad:
+            return
+        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(7), dtype=f.dtype).to(f.device)
+        reached = torch.autograd.grad(f, [t for _, t in leaks], probe, allow_unused=True)
+    bad = [tuple(t.shape) for (_, t), r in zip(leaks, reached) if r is not None]
+    if bad:
+        raise HODLError(
+            f"{what} through tensor(s) of shape {bad} that T reaches through a custom autograd.Function, "
+            "torch.jit or a torch.vmap inside T is not supported (their first-order gradients are exact): "
+            "pass them as parameters, solver(u0, ..., W) with T(u, ..., W), or use hypergrad='unrolled'"
+        )
 
 
 class _Null:

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from . import linear_solve as ls
+from ._autodiff import grad_wanted
 from ._capture import bind, flatten
 from ._checks import all_finite
 from ._stopping import default_tol
 from ._torch_compat import transforms_active
 from .errors import ConvergenceWarning, DivergenceError, user_stacklevel
 from .gkm import validate_nonneg, validate_relative
-from .implicit import FixedPoint, FixedPointProblem, grad_wanted
+from .implicit import FixedPoint, FixedPointProblem
 
 __all__ = ["custom_fixed_point", "custom_root"]
 

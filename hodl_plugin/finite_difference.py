@@ -46,12 +46,11 @@ import torch
 from torch import Tensor
 
 from . import _gradient_step
-from ._autodiff import grad_u
-from ._capture import BoundOperator, flatten
+from ._autodiff import grad_u, grad_wanted
+from ._capture import BoundOperator, detached, flatten
 from ._rule import attach
 from .gkm import GKMIteration, SolverInfo
-from .hypergrad import HypergradMethod, _detached
-from .implicit import grad_wanted
+from .hypergrad import HypergradMethod
 
 __all__ = ["FiniteDifference", "central_difference"]
 
@@ -198,11 +197,11 @@ class FiniteDifference(HypergradMethod):
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
         f, s = _gradient_step.parts(it.T, "FiniteDifference (hypergrad='fd')")
-        detached = _detached(params)
+        fixed = detached(params)
         with torch.no_grad():
-            u = it.run(u0.detach(), detached, info, num_steps=it.max_steps - 1).detach()
+            u = it.run(u0.detach(), fixed, info, num_steps=it.max_steps - 1).detach()
             k = info.steps
-            value = it.run(u, detached, info, start=k, num_steps=1, stop=False)
+            value = it.run(u, fixed, info, start=k, num_steps=1, stop=False)
         if not grad_wanted():
             return value
         op = _gradient_step.bind_loss(it, f, s, u, params)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Optional, Sequence, U
 import torch
 from torch import Tensor
 
+from ._capture import detached
 from .linear_solve import default_rtol as default_adjoint_rtol
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,13 +110,6 @@ class HypergradMethod:
         return f"{type(self).__name__}()"
 
 
-def _detached(params: Sequence[Any]) -> list[Any]:
-    from ._capture import flatten, unflatten
-
-    leaves, spec = flatten(params)
-    return unflatten(spec, [t.detach() for t in leaves])
-
-
 class Unrolled(HypergradMethod):
     r"""Back-propagation through all K GKM steps (HODL/BMO's choice; :ref:`what it differentiates <math-unrolled>`).
 
@@ -181,7 +175,7 @@ class Truncated(HypergradMethod):
 
     def run(self, it, u0, params, info, key=None):
         with torch.no_grad():
-            u = it.run(u0.detach(), _detached(params), info, num_steps=it.max_steps - self.steps)
+            u = it.run(u0.detach(), detached(params), info, num_steps=it.max_steps - self.steps)
         # exactly `steps` differentiated steps: the tail never stops on the tolerance
         return it.run(u.detach(), params, info, start=info.steps, num_steps=self.steps, stop=False)
 
@@ -208,7 +202,7 @@ class FirstOrder(HypergradMethod):
 
     def run(self, it, u0, params, info, key=None):
         with torch.no_grad():
-            u = it.run(u0.detach(), _detached(params), info).detach()
+            u = it.run(u0.detach(), detached(params), info).detach()
         w = it.T(u, *params)
         return u + (w - w.detach())  # the value of u*, the derivative of T(u*; x) in x
 

@@ -38,14 +38,13 @@ import torch
 from torch import Tensor
 
 from . import _gradient_step
-from ._autodiff import grad_u
-from ._capture import BoundOperator, flatten, unflatten
+from ._autodiff import grad_u, grad_wanted
+from ._capture import BoundOperator, detached, flatten, unflatten
 from ._rule import attach
 from ._torch_compat import transforms_active
 from .errors import HypergradientError
 from .gkm import GKMIteration, SolverInfo
-from .hypergrad import HypergradMethod, _detached
-from .implicit import grad_wanted
+from .hypergrad import HypergradMethod
 
 __all__ = ["IGA"]
 
@@ -126,15 +125,15 @@ class IGA(HypergradMethod):
     def run(self, it: GKMIteration, u0: Tensor, params: Sequence[Any], info: SolverInfo,
             key: Optional[Hashable] = None) -> Tensor:
         f, step = _gradient_step.parts(it.T, _NAME, _INSTEAD)
-        detached = _detached(params)
+        fixed = detached(params)
         with torch.no_grad():
-            u = it.run(u0.detach(), detached, info).detach()
+            u = it.run(u0.detach(), fixed, info).detach()
         if not grad_wanted():
             return u
         op = _gradient_step.bind_loss(it, f, step, u, params)
         bd = it.batch_dims
         with torch.no_grad():
-            gf = grad_u(f, u, detached)
+            gf = grad_u(f, u, fixed)
             n2 = (gf * gf).sum(dim=tuple(range(bd, u.dim())), keepdim=True)  # per sample with batch_dims
         if not transforms_active():
             if not bool((n2 > 0).all()):
@@ -145,7 +144,7 @@ class IGA(HypergradMethod):
                     "(max_steps=K small, tol=0); at a solved lower level use hypergrad='implicit'"
                 )
             if bd:
-                _check_separable(f, u, bd, detached)
+                _check_separable(f, u, bd, fixed)
         rule = _Rule(op, f, u, gf / n2, batch_dims=bd)
         return attach(rule, u, [*flatten(params)[0], *op.captured])
 

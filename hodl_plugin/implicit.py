@@ -31,8 +31,9 @@ saves; the solves' diagnostics are written into the call's :class:`~hodl_plugin.
 
 The faces over the rules: the :class:`Implicit` method of :class:`~hodl_plugin.GKMSolver` (here), and
 the decorators :func:`~hodl_plugin.custom.custom_fixed_point` / :func:`~hodl_plugin.custom.custom_root`
-for any solver function (:mod:`hodl_plugin.custom`); the policies of each linear solve (checks, warm
-starts, messages) are :mod:`hodl_plugin._adjoint`'s, the vmap rules :mod:`hodl_plugin._vmap`'s.
+for any solver function (:mod:`hodl_plugin.custom`). :class:`FixedPointProblem` and :class:`LinearSolve`
+are defined, with the policies of each linear solve (checks, warm starts, per-sample solves, messages),
+in :mod:`hodl_plugin._adjoint` and importable from here; the vmap rules are :mod:`hodl_plugin._vmap`'s.
 
 >>> import torch, hodl_plugin as hp
 >>> T = lambda u, x: 0.5 * u + x                      # u* = 2x
@@ -48,11 +49,8 @@ tensor([48., 96.], dtype=torch.float64)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
@@ -60,17 +58,14 @@ from torch import Tensor
 
 from . import _adjoint, _vmap
 from . import linear_solve as ls
-from ._autodiff import grad_once, make_jvp, make_vjp
-from ._capture import BoundOperator, bind, flatten, unflatten
+from ._adjoint import AfterHook, FixedPointProblem, LinearSolve, Op
+from ._autodiff import grad_once, grad_wanted, jvp_any, make_vjp, refuse_forward_over_forward
+from ._capture import BoundOperator, bind, detached, flatten, refuse_leaks
 from ._checks import all_finite
 from ._torch_compat import (
-    current_functorch_level,
-    forward_ad_active,
     function_apply,
-    nested_forward_transforms,
     transforms_active,
 )
-from .errors import ConvergenceWarning, HODLError, LinearSolveError
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod
 
@@ -85,23 +80,9 @@ __all__ = [
     "fixed_point_solve",
 ]
 
-Op = Callable[[Tensor, Sequence[Tensor]], Tensor]
-
-
 # ------------------------------------------------------------------------------------------------
 # the pure rules
 # ------------------------------------------------------------------------------------------------
-def _jvp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tensor:
-    """``∂fn(primals)·tangents``: ``torch.func.jvp`` (which nests under ``torch.func`` transforms), or —
-    inside a ``torch.autograd.forward_ad`` dual level and no transform, where forward AD cannot nest —
-    the transpose of a vjp (two reverse passes)."""
-    if not forward_ad_active() or current_functorch_level() > 0:
-        return torch.func.jvp(fn, primals, tangents)[1]
-    out, pull = torch.func.vjp(fn, *primals)
-    _, pull2 = torch.func.vjp(lambda z_: pull(z_), torch.zeros_like(out))
-    return pull2(tuple(tangents))[0]
-
-
 def implicit_vjp(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: Tensor,
                  solve: Callable[[Tensor], Tensor], sign: float = 1.0) -> tuple:
     r""":math:`\bar\theta = \sigma(\partial_\theta T)^\top v` with :math:`v` = ``solve(cotangent)`` =
@@ -159,7 +140,7 @@ def implicit_jvp(op: Op, u: Tensor, tensors: Sequence[Tensor], tangents: Sequenc
     tensor([2., 2.])
     """
     dots = tuple(torch.zeros_like(t) if d is None else d for t, d in zip(tensors, tangents))
-    rhs = _jvp(lambda *ts: op(u, ts), tuple(tensors), dots)
+    rhs = jvp_any(lambda *ts: op(u, ts), tuple(tensors), dots)
     return solve(rhs if sign == 1.0 else -rhs)
 
 
@@ -213,136 +194,7 @@ def implicit_vjp_lean(op: Op, u: Tensor, tensors: Sequence[Tensor], cotangent: T
 
 
 # ------------------------------------------------------------------------------------------------
-# the problem: what the primitives need besides tensors
-# ------------------------------------------------------------------------------------------------
-AfterHook = Callable[[Tensor, Tensor, Callable[[], Any]], None]
-
-
-@dataclass(frozen=True)
-class FixedPointProblem:
-    r"""Everything the primitives need besides tensors; immutable (a vmap makes a new one).
-
-    Attributes:
-        op: ``op(u, tensors) -> T(u)`` (or :math:`G(u)` for a root), every tensor explicit.
-        forward: ``forward(u0, tensors, info, problem) -> u*``, the solve (run without autograd).
-        solver: the linear solver of every solve (:mod:`hodl_plugin.linear_solve`).
-        sign: ``1`` for a fixed point :math:`A = I - \partial_u T`, ``-1`` for a root :math:`A = \partial_u G`.
-        on_fail: ``"raise"`` a :class:`~hodl_plugin.errors.LinearSolveError` when a solve misses its
-            tolerance, or ``"warn"``.
-        check_unique: before the adjoint solve, solve :math:`A^\top z = r` for a random ``r`` and raise if
-            it fails (:math:`A` singular: the implicit derivative is undefined).
-        info: where the solves' diagnostics go (``info.adjoint``, ``info.higher_solves``).
-        warm: the adjoint solve's warm start, ``() -> tensor or None`` (the inexact mode).
-        after: called after each first-order adjoint solve with ``(v, u*, samples)``; ``samples()``
-            iterates over the single problems ``(v_i, u*_i, tensors_i)`` (the inexact mode's cache and bound).
-        iteration: the GKM iteration that ``forward`` runs (a vmap lifts it to one batched solve).
-        sample: ``(i, B)`` while a vmap solves its samples one by one (``forward_info`` then takes
-            that sample's forward diagnostics).
-        forward_info: set per sample by a vmap (above).
-        needs: which tensors the reverse pass wants gradients for (set per backward).
-        batch: set on the problems a vmap builds (:mod:`hodl_plugin._vmap`).
-
-    Raises:
-        TypeError: :meth:`replace` with a field the problem does not have.
-        LinearSolveError: (``on_fail="raise"``) a solve recorded by the primitives missed its tolerance.
-
-    Example — :math:`u^* = 2x` of :math:`T(u; x) = \tfrac12 u + x`, solved in closed form:
-
-    >>> import torch, hodl_plugin as hp
-    >>> problem = FixedPointProblem(op=lambda u, ts: 0.5 * u + ts[0],
-    ...                             forward=lambda u0, ts, info, problem: 2 * ts[0],
-    ...                             solver=hp.linear_solve.cg(rtol=1e-12))
-    >>> problem.replace(on_fail="warn").on_fail, problem.on_fail
-    ('warn', 'raise')
-    """
-
-    op: Op
-    forward: Callable[..., Tensor]
-    solver: ls.LinearSolver
-    sign: float = 1.0
-    on_fail: str = "raise"
-    check_unique: bool = False
-    info: Optional[SolverInfo] = None
-    warm: Optional[Callable[[], Optional[Tensor]]] = None
-    after: Optional[AfterHook] = None
-    iteration: Optional[GKMIteration] = None
-    sample: Optional[tuple[int, int]] = None
-    forward_info: Optional[SolverInfo] = None
-    needs: Optional[tuple[bool, ...]] = None
-    batch: Optional[_vmap.Batch] = None
-
-    def replace(self, **changes: Any) -> FixedPointProblem:
-        """A copy with ``changes`` (a shallow copy: what ``dataclasses.replace`` gives for these
-        fields, at a fraction of its cost, which every backward pays)."""
-        unknown = changes.keys() - _PROBLEM_FIELDS
-        if unknown:
-            raise TypeError(f"FixedPointProblem has no field(s) {sorted(unknown)}")
-        new = object.__new__(FixedPointProblem)
-        new.__dict__.update(self.__dict__)
-        new.__dict__.update(changes)
-        return new
-
-    def fail(self, msg: str) -> None:
-        if self.on_fail == "raise":
-            raise LinearSolveError(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
-
-    def record(self, role: str, linfo: ls.LinearSolveInfo, b: Optional[Tensor] = None) -> None:
-        """Diagnostics of a solve into the call's info; a missed tolerance is reported."""
-        if self.info is not None:
-            if role == "adjoint":
-                self.info.adjoint = linfo
-            else:
-                self.info.higher_solves += 1
-        if not linfo.converged:
-            self.fail(_adjoint.unsolved_message(self, role, linfo, b))
-
-
-_PROBLEM_FIELDS = frozenset(f.name for f in dataclasses.fields(FixedPointProblem))
-
-
-# ------------------------------------------------------------------------------------------------
-# one linear solve (no autograd), shared by the primitives
-# ------------------------------------------------------------------------------------------------
-def _solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u: Tensor,
-           tensors: Sequence[Tensor]) -> Tensor:
-    r""":math:`x = A^{-\top} b` (``transpose``) or :math:`A^{-1} b` at :math:`(u, \theta)`; its
-    diagnostics go to the call's info, and the first-order adjoint to the ``after`` hook."""
-    b, u = b.detach(), u.detach()
-    ts = [t.detach() for t in tensors]
-    if not all_finite([b]):
-        problem.fail(
-            "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
-            "the hypergradient is NaN (fix the loss above the solver)"
-        )
-        return torch.full_like(b, math.nan)
-    x0 = _adjoint.warm_start(problem, b) if role == "adjoint" else None
-    if problem.batch is not None and not problem.batch.batched_solver:
-        x, linfo = _vmap.solve_per_sample(problem, transpose, role, b, u, ts, x0, _solve_one)
-    else:
-        x, linfo = _solve_one(problem, transpose, role, b, u, ts, x0)
-    problem.record(role, linfo, b)
-    if role == "adjoint" and problem.after is not None:
-        problem.after(x, u, lambda: _vmap.samples(problem, x, u, ts))
-    return x
-
-
-def _solve_one(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u: Tensor,
-               ts: Sequence[Tensor], x0: Optional[Tensor]) -> tuple[Tensor, ls.LinearSolveInfo]:
-    """One solve (a batch of them with a per-sample solver) on a graph of ``op`` built once."""
-    with torch.enable_grad():
-        u_req = u.clone().requires_grad_(True)
-        f = problem.op(u_req, ts)
-        depends = f.requires_grad
-        prod = (make_vjp(f, u_req) if transpose else make_jvp(f, u_req)) if depends else None
-    if depends and prod is None:  # T's backward is not differentiable: forward-mode AD at every product
-        def prod(z: Tensor) -> Tensor:
-            return _jvp(lambda uu: problem.op(uu, ts), (u,), (z,))
-    return _adjoint.run_solver(problem, _adjoint.matvec(prod, problem.sign), b, role, x0=x0)
-
-
-# ------------------------------------------------------------------------------------------------
-# the two primitives
+# the fixed-point primitive
 # ------------------------------------------------------------------------------------------------
 class FixedPoint(torch.autograd.Function):
     r""":math:`u^* = \mathrm{solve}(u_0; \theta)` with implicit derivatives (see the module docstring).
@@ -400,7 +252,7 @@ class FixedPoint(torch.autograd.Function):
         if not torch.is_grad_enabled() and not transforms_active():
             grads = _lean_backward(problem, u, ts, g, needs)
         else:
-            _refuse_leaks(problem, u, ts, "double backward (create_graph=True)")
+            refuse_leaks(problem.op, u, ts, "double backward (create_graph=True)")
             solve = functools.partial(_apply_solve, problem, True, "adjoint", u, ts, needs)
             grads = implicit_vjp(problem.op, u, ts, g, solve, problem.sign)
         return (None, None, *(gr if n else None for gr, n in zip(grads, needs)))
@@ -408,10 +260,10 @@ class FixedPoint(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _problem_t: Any, _u0_t: Optional[Tensor], *ts_t: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         """:func:`implicit_jvp`."""
-        _refuse_forward_over_forward()
+        refuse_forward_over_forward()
         problem: FixedPointProblem = ctx.problem
         u, *ts = ctx.saved_tensors
-        _refuse_leaks(problem, u, ts, "forward-mode AD")
+        refuse_leaks(problem.op, u, ts, "forward-mode AD")
         solve = functools.partial(_apply_solve, problem, False, "tangent", u, ts, None)
         return implicit_jvp(problem.op, u, ts, ts_t, solve, problem.sign)
 
@@ -419,40 +271,6 @@ class FixedPoint(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, problem: FixedPointProblem, u0: Tensor, *ts: Tensor) -> tuple:  # type: ignore[override]
         """One batched solve (:mod:`hodl_plugin._vmap`)."""
         return _vmap.fixed_point(FixedPoint, info, in_dims, problem, u0, ts)
-
-
-def _refuse_forward_over_forward() -> None:
-    if nested_forward_transforms():
-        raise HODLError(
-            "forward-over-forward differentiation (torch.func.jacfwd(jacfwd(f)), or a jvp inside a jvp) "
-            "through hodl_plugin's implicit primitive is not supported: torch's forward rules of custom "
-            "autograd.Functions do not see the outer level's tangents and would return a zero second "
-            "derivative. Use torch.func.hessian (= jacfwd(jacrev)), jacrev(jacfwd(f)) or jacrev(jacrev(f)), "
-            "which are exact, or hypergrad='unrolled'"
-        )
-
-
-def _refuse_leaks(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], what: str) -> None:
-    """Higher orders need every path from a bound tensor to T's output routed through the primitive's
-    inputs; a path the substitution cannot re-route (see :meth:`BoundOperator.leaked`) is refused."""
-    if not isinstance(problem.op, BoundOperator) or transforms_active():
-        return
-    leaks = problem.op.leaked()
-    if not leaks:
-        return
-    with torch.enable_grad():
-        f = problem.op(u.detach(), [t.detach() for t in ts])
-        if not f.requires_grad:
-            return
-        probe = torch.randn(f.shape, generator=torch.Generator().manual_seed(7), dtype=f.dtype).to(f.device)
-        reached = torch.autograd.grad(f, [t for _, t in leaks], probe, allow_unused=True)
-    bad = [tuple(t.shape) for (_, t), r in zip(leaks, reached) if r is not None]
-    if bad:
-        raise HODLError(
-            f"{what} through tensor(s) of shape {bad} that T reaches through a custom autograd.Function, "
-            "torch.jit or a torch.vmap inside T is not supported (their first-order gradients are exact): "
-            "pass them as parameters, solver(u0, ..., W) with T(u, ..., W), or use hypergrad='unrolled'"
-        )
 
 
 def _apply_solve(problem: FixedPointProblem, transpose: bool, role: str, u: Tensor, ts: Sequence[Tensor],
@@ -468,7 +286,7 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
     whose solver has no per-sample mode)."""
     problem = problem.replace(needs=tuple(bool(n) for n in needs))
     if problem.batch is not None and not problem.batch.batched_solver:
-        v = _solve(problem, True, "adjoint", g, u, ts)
+        v = _adjoint.solve(problem, True, "adjoint", g, u, ts)
         _, pull = torch.func.vjp(lambda *ts_: problem.op(u, ts_), *ts)
         return [gr if problem.sign == 1.0 else -gr for gr in pull(v)]
     if not all_finite([g]):
@@ -495,116 +313,9 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
     return grads
 
 
-class LinearSolve(torch.autograd.Function):
-    r""":math:`x = A^{-\top} b` (``transpose=True``) or :math:`A^{-1} b` at :math:`(u, \theta)`.
-
-    ``LinearSolve.apply(problem, transpose, role, b, u, *tensors)``; differentiable in ``b``, ``u`` and
-    ``θ`` to any order, forward and reverse, and under ``vmap``. ``role``: ``"adjoint"`` (the
-    first-order reverse solve: warm start, hooks, ``info.adjoint``), ``"tangent"`` (forward mode) or
-    ``"higher"`` (the solves of higher derivatives, counted in ``info.higher_solves``). Its derivative
-    is a solve with the transposed operator (the module docstring; :ref:`math-implicit`).
-
-    Args:
-        problem: the :class:`FixedPointProblem` (its ``op`` defines :math:`A = I - \partial_u T`).
-        transpose: solve with :math:`A^\top` (``True``) or :math:`A`.
-        role: ``"adjoint"``, ``"tangent"`` or ``"higher"``.
-        b: the right-hand side.
-        u: the point :math:`u` at which :math:`A` is taken.
-        *tensors: :math:`\theta`.
-
-    Raises:
-        LinearSolveError: (``on_fail="raise"``) the solve misses its tolerance.
-
-    Example — :math:`T(u; \theta) = \theta u`: :math:`x = b/(1-\theta)`, and
-    :math:`\mathrm{d}x/\mathrm{d}\theta = b/(1-\theta)^2` (8 for each of the two entries at
-    :math:`\theta = \tfrac12`, :math:`b = 1`):
-
-    >>> import torch, hodl_plugin as hp
-    >>> problem = FixedPointProblem(lambda u, ts: ts[0] * u, lambda *a: None, hp.linear_solve.cg(rtol=1e-12))
-    >>> theta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
-    >>> x = LinearSolve.apply(problem, True, "higher", torch.ones(2, dtype=torch.float64),
-    ...                       torch.zeros(2, dtype=torch.float64), theta)
-    >>> x.detach(), torch.autograd.grad(x.sum(), theta)[0]
-    (tensor([2., 2.], dtype=torch.float64), tensor(8., dtype=torch.float64))
-    """
-
-    @classmethod
-    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
-        """``LinearSolve.apply(problem, transpose, role, b, u, *tensors)``
-        (:func:`~hodl_plugin._torch_compat.function_apply`)."""
-        return function_apply(cls, args)
-
-    @staticmethod
-    def forward(problem, transpose, role, b, u, *ts):  # type: ignore[override]
-        """The solve (without autograd)."""
-        return _solve(problem, transpose, role, b, u, ts)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        """Saves the solution and the tensors."""
-        problem, transpose, _role, _b, u, *ts = inputs
-        ctx.problem, ctx.transpose = problem, transpose
-        ctx.save_for_backward(output, u, *ts)
-        ctx.save_for_forward(output, u, *ts)
-
-    @staticmethod
-    def backward(ctx: Any, xbar: Tensor) -> tuple:  # type: ignore[override]
-        """Another solve with the transposed operator, and the pairing's gradient."""
-        problem, transpose = ctx.problem, ctx.transpose
-        x, u, *ts = ctx.saved_tensors
-        y = LinearSolve.apply(problem, not transpose, "higher", xbar, u, *ts)
-        p, q = (x, y) if transpose else (y, x)
-
-        def pairing(u_: Tensor, *ts_: Tensor) -> Tensor:  # ⟨p, ∂_uT(u_; θ_) q⟩ = ⟨∂_uTᵀ p, q⟩
-            _, pull = torch.func.vjp(lambda uu: problem.op(uu, ts_), u_)
-            return (pull(p)[0] * q).sum()
-
-        grads = torch.func.grad(pairing, argnums=tuple(range(1 + len(ts))))(u, *ts)
-        if problem.sign != 1.0:
-            grads = tuple(-g for g in grads)
-        needs = ctx.needs_input_grad
-        return (None, None, None, y if needs[3] else None, grads[0] if needs[4] else None,
-                *(gr if n else None for gr, n in zip(grads[1:], needs[5:])))
-
-    @staticmethod
-    def jvp(  # type: ignore[override]
-        ctx: Any, _p: Any, _t: Any, _r: Any, b_t: Optional[Tensor], u_t: Optional[Tensor], *ts_t: Optional[Tensor]
-    ) -> Tensor:
-        """Another solve with the same operator."""
-        _refuse_forward_over_forward()
-        problem, transpose = ctx.problem, ctx.transpose
-        x, u, *ts = ctx.saved_tensors
-        u_t = torch.zeros_like(u) if u_t is None else u_t
-        tangents = tuple(torch.zeros_like(t) if d is None else d for t, d in zip(ts, ts_t))
-
-        def action(u_: Tensor, *ts_: Tensor) -> Tensor:  # ∂_uTᵀ x or ∂_uT x at (u_, θ_)
-            if transpose:
-                _, pull = torch.func.vjp(lambda uu: problem.op(uu, ts_), u_)
-                return pull(x)[0]
-            return _jvp(lambda uu: problem.op(uu, ts_), (u_,), (x,))
-
-        rhs = _jvp(action, (u, *ts), (u_t, *tangents))
-        if problem.sign != 1.0:
-            rhs = -rhs
-        if b_t is not None:
-            rhs = rhs + b_t
-        return LinearSolve.apply(problem, transpose, "higher", rhs, u, *ts)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple, problem, transpose, role, b, u, *ts) -> tuple:  # type: ignore[override]
-        """One batched solve (:mod:`hodl_plugin._vmap`)."""
-        return _vmap.linear_solve(LinearSolve, info, in_dims, problem, transpose, role, b, u, ts)
-
-
 # ------------------------------------------------------------------------------------------------
 # the face for GKMSolver: the Implicit method (the decorators are hodl_plugin.custom's)
 # ------------------------------------------------------------------------------------------------
-def grad_wanted() -> bool:
-    """Whether a derivative can be asked of this call: grad mode, a torch.func transform or a
-    forward-mode dual level."""
-    return torch.is_grad_enabled() or transforms_active() or forward_ad_active()
-
-
 def bind_iteration(it: GKMIteration, u0: Tensor, params: Sequence[Any], keep: bool = False) -> Any:
     """The iteration's operator bound to explicit tensors (:func:`~hodl_plugin._capture.bind`): the
     leaves of ``params`` and the tensors ``T`` (and, when aggregating, the upper objective) read;
@@ -669,7 +380,7 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
             with torch.no_grad():
                 return run(u_start.detach(), [t.detach() for t in tensors], info_, problem.iteration, None)
         with torch.no_grad(), op.context(tensors):
-            ps = [_detach(p) for p in op.params(tensors)]
+            ps = detached(op.params(tensors))
             same = (forward is None and op.first is not None and problem.sample is None and u_start is u0
                     and len(tensors) == len(inputs) and all(a is b for a, b in zip(tensors, inputs)))
             if same:  # the very point and tensors of the binding run
@@ -684,13 +395,6 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
 def _default_forward(u0: Tensor, params: Sequence[Any], info: SolverInfo, iteration: GKMIteration,
                      sample: Any) -> Tensor:
     return iteration.run(u0, params, info)
-
-
-def _detach(p: Any) -> Any:
-    if isinstance(p, Tensor):
-        return p.detach()
-    leaves, spec = flatten([p])
-    return unflatten(spec, [t.detach() for t in leaves])[0]
 
 
 class Implicit(HypergradMethod):

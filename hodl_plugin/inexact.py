@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from . import linear_solve as ls
+from ._autodiff import grad_wanted
 from ._capture import BoundOperator
 from ._torch_compat import plain_tensors
 from .bound import BoundConstants, a_posteriori, residuals_at, with_v_norm
 from .errors import ConfigurationError, ScheduleError, user_stacklevel
 from .gkm import GKMIteration, SolverInfo, validate_count
 from .hypergrad import HypergradMethod
-from .implicit import bind_iteration, fixed_point_solve, grad_wanted
+from .implicit import bind_iteration, fixed_point_solve
 from .schedules import Schedule, as_schedule, check_accuracy
 
 __all__ = ["Inexact", "BoundConstants"]
