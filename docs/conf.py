@@ -70,6 +70,10 @@ nitpick_ignore = [
     ("py:class", "MatVec"),
     ("py:class", "Hashable"),
     ("py:class", "hodl_plugin.linear_solve.LinearSolver"),
+    ("py:class", "ls.LinearSolver"),
+    ("py:class", "Op"),
+    ("py:class", "AfterHook"),
+    ("py:class", "_vmap.Batch"),
 ]
 nitpick_ignore_regex = [
     (r"py:.*", r"betty\..*"),          # Betty publishes no Sphinx inventory

@@ -536,10 +536,12 @@ class GKMIteration:
     def _residual_fn(self, params: Sequence[Any]) -> Callable[[Tensor], Tensor]:
         """``u -> T(u) - u`` without autograd (the returned point's residual is its norm)."""
 
+        from ._capture import detached
+
         def residual(u: Tensor) -> Tensor:
             with torch.no_grad():
                 ud = u.detach()
-                return self.T(ud, *_detach_tree(params)) - ud
+                return self.T(ud, *detached(params)) - ud
 
         return residual
 
@@ -548,10 +550,3 @@ def _any_grad(params: Sequence[Any]) -> bool:
     from ._capture import flatten
 
     return any(t.requires_grad for t in flatten(params)[0])
-
-
-def _detach_tree(params: Sequence[Any]) -> list[Any]:
-    from ._capture import flatten, unflatten
-
-    leaves, spec = flatten(params)
-    return unflatten(spec, [t.detach() for t in leaves])
