@@ -1,14 +1,18 @@
 """DEQ-style batches: per-sample Anderson and Broyden against the plain iteration, whole-batch Anderson
 and TorchDEQ — forward time to the same residual, implicit backward, gradient errors — side by side::
 
-    python -m benchmarks.deq                 # B = 64 samples of n = 32, contractions 0.9 and 0.99, 5 rounds
+    python -m benchmarks.deq                 # B = 64 samples of n = 32, two spectra, c = 0.9 and 0.99, 5 rounds
     python -m benchmarks.deq --quick         # 2 rounds, well under a minute
     python -m benchmarks.deq --write-readme  # also replace the README block between
                                              # <!-- deq:start --> and <!-- deq:end -->
 
-The problem: a batch of equilibria :math:`z_b = \\tanh(W z_b + x_b)`, :math:`W = c\\,Q` with :math:`Q`
-a random orthogonal matrix (so :math:`\\|W\\|_2 = c`, the contraction), :math:`x_b \\sim 0.3\\,N(0, I)`,
-float64, one thread. Every solver stops at the relative residual :math:`10^{-9}` of each sample
+The problem: a batch of equilibria :math:`z_b = \\tanh(W z_b + x_b)`, :math:`x_b \\sim 0.3\\,N(0, I)`,
+float64, one thread, with two kinds of :math:`W` (both converge at the rate :math:`\\approx c` without
+acceleration): ``radius``, :math:`W = c\\,G/\\rho(G)` for a Gaussian :math:`G` (spectral radius :math:`c`,
+the Jacobian's eigenvalues spread over a disk, where Anderson and Broyden pay), and ``orthogonal``,
+:math:`W = c\\,Q` with :math:`Q` a random orthogonal matrix (:math:`\\|W\\|_2 = c`, a contraction; the
+eigenvalues on a circle of radius :math:`c`, the hard case for any Krylov-like acceleration). Every
+solver stops at the relative residual :math:`10^{-9}` of each sample
 (ours: ``tol=1e-9`` with ``batch_dims=1``; TorchDEQ: ``stop_mode="rel"``, ``tol=1e-9``); the whole-batch
 column (``batch_dims=0``) stops on the norm of the whole batch, so its samples' residuals differ — the
 residual column shows what each reached. TorchDEQ runs with ``max_iter = 300`` (on an early stop it
@@ -55,17 +59,27 @@ BEGIN, END = "<!-- deq:start -->", "<!-- deq:end -->"
 @dataclass
 class Problem:
     c: float
-    W: torch.Tensor  # (n, n), ‖W‖₂ = c
+    W: torch.Tensor  # (n, n): ρ(W) = c ("radius") or ‖W‖₂ = c ("orthogonal")
     x: torch.Tensor  # (B, n)
     v: torch.Tensor  # (B, n): the loss Σ v·z
+    spectrum: str = "radius"
 
 
-def problem(c: float, B: int = 64, n: int = 32, seed: int = 0) -> Problem:
+SPECTRA = ("radius", "orthogonal")
+
+
+def problem(c: float, B: int = 64, n: int = 32, seed: int = 0, spectrum: str = "radius") -> Problem:
     g = torch.Generator().manual_seed(seed)
-    W = c * torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))[0]
+    G = torch.randn(n, n, generator=g, dtype=DT)
+    if spectrum == "radius":
+        W = c * G / torch.linalg.eigvals(G).abs().max()
+    elif spectrum == "orthogonal":
+        W = c * torch.linalg.qr(G)[0]
+    else:
+        raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
     x = 0.3 * torch.randn(B, n, generator=g, dtype=DT)
     v = torch.randn(B, n, generator=g, dtype=DT)
-    return Problem(c, W, x, v)
+    return Problem(c, W, x, v, spectrum)
 
 
 def T(z: torch.Tensor, x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -152,7 +166,7 @@ def forward_table(P: Problem, methods: dict[str, Forward], rounds: int) -> list[
     for k in methods:
         z, steps = last[k]
         peer = _peer_of(k)
-        rows.append(dict(c=P.c, method=k, steps=steps, time_ms=1e3 * med[k], vs_plain=med[k] / med[base],
+        rows.append(dict(W=P.spectrum, c=P.c, method=k, steps=steps, time_ms=1e3 * med[k], vs_plain=med[k] / med[base],
                          vs_batch=med[k] / med[batch], vs_peer=med[k] / med[peer] if peer in med else None,
                          cpu_vs_plain=cmed[k] / cmed[base], residual=residual(P, z)))
     return rows
@@ -370,20 +384,23 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
     """The README block."""
     lines = [
         f"`python -m benchmarks.deq`, measured {machine()}; medians of {rounds} interleaved rounds. DEQ-style "
-        f"batches, per-sample Anderson and Broyden: {B} equilibria z = tanh(Wz + x) in R^{n}, ‖W‖₂ = c, float64, "
-        f"each solved to the relative residual {TOL:g}.",
+        f"batches, per-sample Anderson and Broyden: {B} equilibria z = tanh(Wz + x) in R^{n}, float64, each solved "
+        f"to the relative residual {TOL:g}. W: `radius`, W = c·G/ρ(G) for a Gaussian G (spectral radius c, "
+        "eigenvalues spread over a disk); `orthogonal`, W = c·Q, Q orthogonal (‖W‖₂ = c, eigenvalues on a circle, "
+        "the hard case for acceleration).",
         "",
-        "| c | method | steps | time | / plain per sample | / Anderson whole batch | / TorchDEQ (same method) "
+        "| W | c | method | steps | time | / plain per sample | / Anderson whole batch | / TorchDEQ (same method) "
         "| CPU / plain | residual reached |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in fwd:
         peer = "—" if r.get("vs_peer") is None else f"{r['vs_peer']:.2f}"
-        lines.append(f"| {r['c']} | {r['method']} | {r['steps']} | {r['time_ms']:.1f} ms | {r['vs_plain']:.2f} "
-                     f"| {r['vs_batch']:.2f} | {peer} | {r['cpu_vs_plain']:.2f} | {r['residual']:.1e} |")
+        lines.append(f"| {r['W']} | {r['c']} | {r['method']} | {r['steps']} | {r['time_ms']:.1f} ms "
+                     f"| {r['vs_plain']:.2f} | {r['vs_batch']:.2f} | {peer} | {r['cpu_vs_plain']:.2f} "
+                     f"| {r['residual']:.1e} |")
     lines += [
         "",
-        "Forward + implicit backward of L = Σ v·z w.r.t. x and W (gradient error against dense implicit "
+        f"Forward + implicit backward of L = Σ v·z w.r.t. x and W ({SPECTRA[0]}; gradient error against dense implicit "
         "differentiation at Newton's equilibrium, and against central differences):",
         "",
         "| c | method | forward | backward | total / first row | gradient error | vs finite differences |",
@@ -395,7 +412,7 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
             continue
         lines.append(f"| {r['c']} | {r['method']} | {r['forward_ms']:.1f} ms | {r['backward_ms']:.1f} ms "
                      f"| {r['vs_first']:.2f} | {r['grad_error']:.1e} | {r['fd_error']:.1e} |")
-    lines += ["", "Where a per-sample step's time goes (c = 0.99; aten operations counted with a "
+    lines += ["", f"Where a per-sample step's time goes (c = 0.99, {SPECTRA[0]}; aten operations counted with a "
               "`TorchDispatchMode`, the host path's numpy work not included; host: the eager CPU path, numpy "
               "accelerator state and stop checks; masked: what a GPU or `torch.func` runs, torch tensors only, "
               "forced here on the CPU):", "",
@@ -423,14 +440,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     B, n = 64, 32
     fwd: list[dict[str, Any]] = []
     bwd: list[dict[str, Any]] = []
-    for c in (0.9, 0.99):
-        P = problem(c, B, n)
-        fwd += forward_table(P, forward_methods(missing is None), rounds)
-        bwd += backward_table(P, backward_methods(missing is None), rounds)
+    for spectrum in SPECTRA:
+        for c in (0.9, 0.99):
+            P = problem(c, B, n, spectrum=spectrum)
+            fwd += forward_table(P, forward_methods(missing is None), rounds)
+            if spectrum == SPECTRA[0]:
+                bwd += backward_table(P, backward_methods(missing is None), rounds)
     show(fwd, f"(1) forward to the relative residual {TOL:g} per sample (medians of {rounds} interleaved rounds)")
     show(bwd, "(2) forward + implicit backward of L = Σ v·z w.r.t. (x, W)")
     costs = step_costs(problem(0.99, B, n), rounds)
-    show(costs, "(3) per-sample step at c = 0.99: CPU time, the accelerator's share, aten operations, host syncs")
+    show(costs, f"(3) per-sample step at c = 0.99 ({SPECTRA[0]}): CPU time, the accelerator's share, aten operations, "
+         "host syncs")
     block = markdown(fwd, bwd, costs, rounds, B, n)
     if args.write_readme:
         write_readme(args.readme, block, BEGIN, END)

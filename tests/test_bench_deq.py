@@ -20,6 +20,16 @@ def test_newton_reference_is_an_equilibrium_and_its_gradient_matches_finite_diff
     assert deq.fd_error(small, deq.reference_gradients(small), directions=3) < 1e-7
 
 
+def test_the_two_spectra():
+    r = deq.problem(0.9, B=2, n=16, spectrum="radius").W
+    q = deq.problem(0.9, B=2, n=16, spectrum="orthogonal").W
+    assert abs(float(torch.linalg.eigvals(r).abs().max()) - 0.9) < 1e-12
+    assert abs(float(torch.linalg.matrix_norm(q, 2)) - 0.9) < 1e-12
+    assert float(torch.linalg.matrix_norm(r, 2)) > 1.2  # not a contraction in the 2-norm: only ρ(W) = c
+    with pytest.raises(ValueError, match="spectrum"):
+        deq.problem(0.9, spectrum="disk")
+
+
 def test_our_forward_and_implicit_gradients(small):
     z, steps = deq.ours(lambda: deq.hp.Anderson(6), 1)(small)
     assert deq.residual(small, z) <= deq.TOL and steps > 0
@@ -39,9 +49,9 @@ def test_torchdeq_wrappers(small, kind):
 
 
 def test_readme_block(tmp_path):
-    fwd = [dict(c=0.9, method="plain, per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=None,
+    fwd = [dict(W="radius", c=0.9, method="plain, per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=None,
                 cpu_vs_plain=1.0, residual=1e-10),
-           dict(c=0.9, method="Broyden(6), per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=0.25,
+           dict(W="radius", c=0.9, method="Broyden(6), per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=0.25,
                 cpu_vs_plain=1.0, residual=1e-10)]
     bwd = [dict(c=0.9, method="ours", forward_ms=1.0, backward_ms=2.0, total_ms=3.0, vs_first=1.0, grad_error=1e-9,
                 fd_error=1e-10),
@@ -50,8 +60,8 @@ def test_readme_block(tmp_path):
     costs = [dict(method="plain", path="-", us_per_step=27.0, accelerator_share=0.0, aten_ops_per_step=9.5,
                   syncs_per_step=0.1)]
     block = deq.markdown(fwd, bwd, costs, 5, 64, 32)
-    assert "| 0.9 | plain, per sample | 10 | 1.0 ms | 1.00 | 0.50 | — | 1.00 | 1.0e-10 |" in block
-    assert "| 0.9 | Broyden(6), per sample | 10 | 1.0 ms | 1.00 | 0.50 | 0.25 | 1.00 | 1.0e-10 |" in block
+    assert "| radius | 0.9 | plain, per sample | 10 | 1.0 ms | 1.00 | 0.50 | — | 1.00 | 1.0e-10 |" in block
+    assert "| radius | 0.9 | Broyden(6), per sample | 10 | 1.0 ms | 1.00 | 0.50 | 0.25 | 1.00 | 1.0e-10 |" in block
     assert deq._peer_of("Anderson(6), per sample") == "TorchDEQ anderson (m = 6)" and deq._peer_of("plain") is None
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{deq.BEGIN}\nold\n{deq.END}\n")
