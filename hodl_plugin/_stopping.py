@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .acceleration.base import row_sq
 from .errors import ConvergenceWarning, DivergenceError
 
 try:  # the per-sample checks of an eager CPU batch compute in numpy (views of the tensors)
@@ -99,6 +100,8 @@ def certifies(dtype: torch.dtype) -> bool:
 # the squares of entries below ~1e-154 or above ~1e154 leave float64's range (float32 and half precision
 # tensors are summed in float64): a norm outside these bounds is measured again, scaled
 _TINY, _HUGE = 1e-140, 1e140
+_NP_DTYPES = (torch.float32, torch.float64)
+
 
 
 def scaled_norm(t: Tensor, dims: Optional[tuple[int, ...]] = None) -> Tensor:
@@ -135,7 +138,7 @@ class Monitor:
 
     def __init__(self, it: GKMIteration, u: Tensor, info: SolverInfo, tol: float, atol: float,
                  stop: bool, functional: bool, start: int, certified: bool = True,
-                 aggregating: bool = False) -> None:
+                 aggregating: bool = False, defer: bool = False) -> None:
         self.it, self.info, self.tol, self.atol, self.start = it, info, tol, atol, start
         self.certified = certified
         # HODL aggregation moves u by α_k s∇F: the residual may rise from a start near Fix T to that scale
@@ -170,6 +173,15 @@ class Monitor:
         r0 = None if functional else info.initial_residual
         # the array namespace of the per-sample state: numpy on the host (eager CPU batches), else torch
         self.xp = np if (np is not None and not functional and u.device.type == "cpu") else torch
+        # a host batch of plain steps does not freeze its stopped samples at every step (a torch.where per
+        # step): it keeps their returned points aside and puts them back at the end (:meth:`restore`);
+        # meanwhile they go on iterating, which changes nothing for the others (the samples are independent)
+        self.defer = defer and self.xp is not torch and self.bdims > 0
+        # a host batch of float32/float64 samples takes its norms in numpy
+        self.np_norms = self.xp is not torch and bool(self.reduce_dims) and u.dtype in _NP_DTYPES
+        self.batch_shape = tuple(u.shape[: self.bdims])
+        self.kept: Optional[Tensor] = None
+        self.kept_mask: Any = None
         if self.scalar:
             self.f = _ScalarState(None if r0 is None else float(r0))
         else:
@@ -193,12 +205,20 @@ class Monitor:
             return scaled_norm(t.detach(), self.reduce_dims)
         return self.norm(t.detach())
 
+    def _np_norm(self, t: Tensor) -> Any:
+        """Per-sample norms of a float32/float64 CPU tensor in numpy, summed in float64."""
+        a = t.detach().numpy().reshape(self.batch_shape + (-1,))
+        return np.sqrt(row_sq(a, None if a.dtype == np.float64 else np.float64))
+
     def _out_of_range(self, r: Any, un: Any) -> bool:
         """Whether a residual is 0 or outside the squares' range, or a ``‖u‖`` overflows (a numpy test on
         the host path; on torch tensors always true: scaling costs a few operations, a test a sync)."""
         if self.xp is torch:
             return True
-        return r.size > 0 and bool(r.min() <= _TINY or r.max() >= _HUGE or un.max() >= _HUGE)
+        if not r.size:
+            return False
+        return bool(np.minimum.reduce(r, axis=None) <= _TINY or np.maximum.reduce(r, axis=None) >= _HUGE
+                    or np.maximum.reduce(un, axis=None) >= _HUGE)
 
     def _arr(self, t: Tensor) -> Any:
         """A detached per-sample tensor in the state's namespace (a numpy view on the host path)."""
@@ -225,7 +245,8 @@ class Monitor:
             return self._check_scalar(k, r, u_k, u_next, d, agg, gate)
         if r is None:
             assert d is not None
-            r = self.norm(d.detach())
+            if not self.np_norms:  # (else both norms are taken in numpy by the check)
+                r = self.norm(d.detach())
         if self.xp is torch:
             return self._check_tensor(k, r, u_k, u_next, agg, d, gate)
         with np.errstate(over="ignore", invalid="ignore"):  # a sample near the dtype's max (torch is silent)
@@ -315,16 +336,21 @@ class Monitor:
             return u_k
         return u_next
 
-    def _check_tensor(self, k: int, r: Tensor, u_k: Tensor, u_next: Tensor, agg: Optional[Tensor],
+    def _check_tensor(self, k: int, r: Optional[Tensor], u_k: Tensor, u_next: Tensor, agg: Optional[Tensor],
                       d: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
         """A batch (or any run under transforms): arrays over the samples (``self.xp``: numpy or torch)."""
         s, info, xp = self.t, self.info, self.xp
-        r_in, r = r, self._arr(r)
-        un = self._arr(self.norm(u_k.detach()))
+        if r is None:  # a float32/float64 host batch: both norms in numpy, summed in float64
+            r_in, r, un = None, self._np_norm(d), self._np_norm(u_k)
+        else:
+            r_in, r = r, self._arr(r)
+            un = self._arr(self.norm(u_k.detach()))
         if d is not None and self.norm_dtype is None and self.reduce_dims and self._out_of_range(r, un):
             # float64 squares outside the dtype's range: both norms measured again, scaled per sample
             r_in = scaled_norm(d.detach(), self.reduce_dims)
             r, un = self._arr(r_in), self._arr(scaled_norm(u_k.detach(), self.reduce_dims))
+        if r_in is None:
+            r_in = torch.from_numpy(r)
         un = xp.where(xp.isfinite(un), un, 0.0)  # a norm: >= 0 or not finite
         if s.r0 is None:
             s.r0 = r
@@ -333,7 +359,9 @@ class Monitor:
         if agg is not None:
             a = self._arr(agg.to(r_in.dtype))
             s.r0 = xp.maximum(s.r0, xp.where(xp.isfinite(a), a, 0.0))
-        thresh = (self.tol * un).clip(min=self.atol)
+        thresh = np.maximum(self.tol * un, self.atol) if xp is np else (self.tol * un).clip(min=self.atol)
+        if xp is not torch and agg is None and gate is None and self._improving(k, r):
+            return self._check_improving(k, r, thresh, u_k, u_next)
         finite = xp.isfinite(r)
         rg = r if gate is None else xp.maximum(r, self._arr(gate.to(r_in.dtype)))  # the progress measure
         conv = rg <= thresh
@@ -374,7 +402,7 @@ class Monitor:
         if self.functional:  # no host syncs: diverged samples become NaN (visible), stopped ones freeze
             out = torch.where(self.expand(newly_bad, u_next), torch.full_like(u_next, math.nan), u_next)
             return torch.where(self.expand(newly_stop, u_next), u_k, out)
-        self.hist.append(r)
+        self._record(r)
         self.hist_steps.append(k)
         info.tol = float(thresh.max())
         if s.stopped_at is None:
@@ -401,8 +429,7 @@ class Monitor:
             s.stop_res = xp.where(newly_stop, r, s.stop_res)
             s.stop_thr = xp.where(newly_stop, thresh, s.stop_thr)
             s.converged = s.converged | newly_conv
-            out = torch.where(self.expand(newly_stop, u_next), u_k, out)
-            self.masking = True
+            out = self._stop(newly_stop, u_k, out)
             if any_stall:
                 self._stall_message(k, float(r[stalled].max()), float(s.rmin[stalled].max()),
                                     int(s.kmin[stalled].min()), float(thresh[stalled].max()),
@@ -411,6 +438,83 @@ class Monitor:
         self.u_good = u_k if all_finite else torch.where(self.expand(finite, u_k), u_k, self.u_good)
         self.done = bool(all_done)
         return out
+
+    def _improving(self, k: int, r: Any) -> bool:
+        """Whether every residual is finite and every running sample made a new minimum (by 1 %): then no
+        divergence or stall test can fire (a residual below its reference is below the previous one and
+        within ``divergence_factor`` of the first), and :meth:`_check_improving` decides in a few host
+        operations what the full rule would. Host batches only, after the first check."""
+        s = self.t
+        if s.rref is None or s.provisional or k - self.start < self.min_steps:
+            return False
+        better = r < STALL_IMPROVEMENT * s.rref  # NaN fails
+        if s.active is None:  # (every sample improved: every residual is finite)
+            return bool(np.logical_and.reduce(better, axis=None))
+        better |= ~s.active
+        return bool(np.logical_and.reduce(better, axis=None)) and bool(np.isfinite(r).all())
+
+    def _check_improving(self, k: int, r: Any, thresh: Any, u_k: Tensor, u_next: Tensor) -> Tensor:
+        """:meth:`_check_tensor` when :meth:`_improving` holds: the stall state restarts at this check
+        (a new minimum everywhere; the state of stopped samples is not read again) and only the
+        samples that meet the tolerance stop."""
+        s, info = self.t, self.info
+        s.ups.fill(0.0)
+        s.cmin.fill(0.0)
+        s.kmin.fill(float(k))
+        s.rref, s.rmin = r, np.minimum(s.rmin, r)
+        s.rprev, s.kprev = r, k
+        self._record(r)
+        self.hist_steps.append(k)
+        info.tol = float(thresh.max())
+        if s.stopped_at is None:
+            s.stopped_at = np.full_like(r, -1, dtype=np.int64)
+            s.stop_res, s.stop_thr = np.full_like(r, math.nan), np.full_like(r, math.nan)
+            s.converged = np.zeros(r.shape, bool)
+            s.diverged = np.zeros(r.shape, bool)
+        self.u_good = u_k
+        if not self.stop:
+            return u_next
+        newly = r <= thresh
+        if s.active is not None:
+            newly &= s.active
+        if not newly.any():
+            return u_next
+        s.active = ~newly if s.active is None else s.active & ~newly
+        s.stopped_at = np.where(newly, k, s.stopped_at)
+        s.stop_res = np.where(newly, r, s.stop_res)
+        s.stop_thr = np.where(newly, thresh, s.stop_thr)
+        s.converged = s.converged | newly
+        self.done = not s.active.any()
+        return self._stop(newly, u_k, u_next)
+
+    def _stop(self, newly: Any, u_k: Tensor, out: Tensor) -> Tensor:
+        """The samples that stop now return ``u_k``: frozen in ``out`` and at every later step, or — with
+        ``defer`` — kept aside for :meth:`restore` while they go on iterating (copied in numpy when no
+        autograd graph runs through them)."""
+        if not self.defer:
+            self.masking = True
+            return torch.where(self.expand(newly, out), u_k, out)
+        if self.kept is None:
+            self.kept = u_k.clone()
+            self.kept_mask = newly.copy()
+        elif u_k.requires_grad or self.kept.requires_grad or u_k.dtype not in _NP_DTYPES:
+            self.kept = torch.where(self.expand(newly, u_k), u_k, self.kept)
+            self.kept_mask |= newly
+        else:
+            where = newly.reshape(newly.shape + (1,) * (u_k.dim() - newly.ndim))
+            np.copyto(self.kept.numpy(), u_k.detach().numpy(), where=where)
+            self.kept_mask |= newly
+        return out
+
+    def restore(self, u: Tensor) -> Tensor:
+        """``u`` with the returned points of the samples that stopped (``defer``; else ``u`` itself)."""
+        if self.kept is None:
+            return u
+        return torch.where(self.expand(self.kept_mask, u), self.kept, u)
+
+    def _record(self, r: Any) -> None:
+        """The residuals of a check into the history (a stopped sample keeps the one it stopped at)."""
+        self.hist.append(r if self.kept_mask is None else np.where(self.kept_mask, self.t.stop_res, r))
 
     # -- reports ------------------------------------------------------------------------------
     def _diverged(self, k: int, r: float, r0: float, rmin: float, nonfinite: bool, stall: bool,

@@ -432,7 +432,7 @@ class GKMIteration:
         explicit = (self.tol is not None or tol is not None) and not info.exact_steps
         certified = certifies(u.dtype) or explicit
         mon = Monitor(self, u, info, rel, absolute, stop and not info.exact_steps, functional, start, certified,
-                      aggregating=self.aggregates and not plain)
+                      aggregating=self.aggregates and not plain, defer=self.acceleration is None)
         first_check = info.steps == 0 and not functional
         u = u.clone()  # a private copy: an operator writing into its input cannot touch the caller's u0
         acc_state = None
@@ -465,6 +465,7 @@ class GKMIteration:
             if mon.done:
                 executed = j
                 break
+        u = mon.restore(u)
         mon.finish(u, executed, self._residual_fn(params) if measure else None)
         if acc_state is not None:
             self.acceleration.report(acc_state, info)

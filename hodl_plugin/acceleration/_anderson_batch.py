@@ -30,10 +30,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import MaskedCounters, as_rows, np, solve
+from .base import MaskedCounters, as_rows, np, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
+
+
+def _all(mask: Any) -> bool:
+    """``mask.all()`` of a 1-d boolean array, without the method's Python wrapper."""
+    return bool(np.logical_and.reduce(mask))
 
 
 def _probe(m: int) -> list[float]:
@@ -124,7 +129,7 @@ class HostBatch:
         out += un
         out -= c[:, :n]
         # 5. restarts and fall-backs; the accepted point becomes the reference
-        if (keep & ok).all():
+        if _all(keep & ok):
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
         else:
             self._restart(keep, ok, out, un, fn, rn, beta)
@@ -136,7 +141,7 @@ class HostBatch:
         where the condition estimate :math:`m\|H^{-1}p\|/\|p\|` of the scaled matrix exceeds
         ``restart_cond`` (or the solve failed), and then γ = 0."""
         B, m = self.B, self.m
-        if moved.all():
+        if _all(moved):
             idx = None
         else:
             k = int(np.count_nonzero(moved))
@@ -147,15 +152,15 @@ class HostBatch:
         H, R, d = (self.G, g, self.Gd) if idx is None else (self.G[idx], g[idx], self.Gd[idx])
         d = np.sqrt(d)  # D: the column scaling
         np.multiply(d, self.probe, out=R[:, :, 0])
-        sol = solve(H, R)  # NaN where singular
+        sol = solve(H, R, quiet=False)  # NaN where singular (the caller silences numpy)
         x = sol[:, :, 0]
         x *= d
-        ok = np.einsum("bi,bi->b", x, x) <= self.lim2  # NaN fails
+        ok = row_sq(x) <= self.lim2  # NaN fails
         gamma = sol[:, :, 1]
-        if not ok.all():
+        if not _all(ok):
             gamma[~ok] = 0.0  # restart: the plain KM step
         if idx is None:
-            if not moved.all():
+            if not _all(moved):
                 gamma[~moved] = 0.0
                 ok |= ~moved
             return gamma, ok

@@ -207,9 +207,19 @@ def as_rows(t: Tensor, B: int, n: int) -> Any:
     return t.numpy().reshape(B, n)  # (numpy's reshape costs a fraction of torch's)
 
 
-def solve(A: Any, B: Any) -> Any:
+def row_sq(a: Any, dtype: Any = None) -> Any:
+    r""":math:`\sum_i a_{\dots i}^2` over the last axis of a numpy array (``np.vecdot`` from numpy 2 on,
+    ``einsum`` before), accumulated in ``dtype`` (default: ``a``'s)."""
+    if hasattr(np, "vecdot"):
+        return np.vecdot(a, a) if dtype is None else np.vecdot(a, a, dtype=dtype)
+    return np.einsum("...i,...i->...", a, a, dtype=dtype)
+
+def solve(A: Any, B: Any, quiet: bool = True) -> Any:
     """The batched solve ``A⁻¹B`` of numpy arrays ``(b, m, m)``, ``(b, m, k)``: NaN for a singular
-    matrix (the others are unaffected), no exception, no warning."""
+    matrix (the others are unaffected), no exception, no warning (``quiet=False``: the caller already
+    silences numpy's floating-point warnings)."""
+    if not quiet and _umath_linalg is not None:
+        return _umath_linalg.solve(A, B)
     with np.errstate(all="ignore"):
         if _umath_linalg is not None:
             return _umath_linalg.solve(A, B)
