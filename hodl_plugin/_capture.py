@@ -26,12 +26,13 @@ tensor([1., 1.])
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ._torch_compat import (
@@ -253,6 +254,7 @@ class BoundOperator:
     originals: tuple[Tensor, ...] = ()
     first: Any = None  # (u, T(u)) of the binding run, when it may serve as the solve's first evaluation
     reads_originals: bool = True  # whether T reads a leaf of params from its closure (not only as an argument)
+    slots: tuple = ()  # (module, "_parameters" or "_buffers", name, tensor) of the modules T reads, as bound
 
     def params(self, tensors: Sequence[Tensor]) -> list[Any]:
         """The solver's ``params`` rebuilt from ``tensors``."""
@@ -276,7 +278,7 @@ class BoundOperator:
         return substitute(old, tensors)
 
     def __call__(self, u: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-        with self.context(tensors):
+        with self.context(tensors), _reinstalled(self.slots):
             return self.T(u, *self.params(tensors))
 
     def leaked(self) -> list[tuple[int, Tensor]]:
@@ -308,6 +310,72 @@ def refuse_leaks(op: Any, u: Tensor, ts: Sequence[Tensor], what: str) -> None:
             "torch.jit or a torch.vmap inside T is not supported (their first-order gradients are exact): "
             "pass them as parameters, solver(u0, ..., W) with T(u, ..., W), or use hypergrad='unrolled'"
         )
+
+
+def _modules_of(T: Any) -> list[nn.Module]:
+    """The modules ``T`` is or reads directly: itself, the object of a bound method, the function
+    and arguments of a ``functools.partial``, the modules in its closure cells, the module-level names its
+    code reads, and the module attributes of a callable object."""
+    if isinstance(T, nn.Module):
+        return [T]
+    if isinstance(T, functools.partial):
+        return _modules_of(T.func) + [a for a in (*T.args, *T.keywords.values()) if isinstance(a, nn.Module)]
+    owner = getattr(T, "__self__", None)
+    if owner is not None:
+        return _modules_of(owner) + _modules_of(getattr(T, "__func__", None))
+    code = getattr(T, "__code__", None)
+    if code is None:
+        return [v for v in getattr(T, "__dict__", {}).values() if isinstance(v, nn.Module)]
+    found = []
+    for cell in getattr(T, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(v, nn.Module):
+            found.append(v)
+    env = getattr(T, "__globals__", {})
+    found += [env[n] for n in code.co_names if isinstance(env.get(n), nn.Module)]
+    return found
+
+
+def _slots(T: Any) -> tuple:
+    """``(module, kind, name, tensor)`` for every parameter and buffer of the modules ``T`` reads
+    (:func:`_modules_of`, with their submodules), as they are now."""
+    out, seen = [], set()
+    for m in _modules_of(T):
+        for sub in m.modules():
+            if id(sub) in seen:
+                continue
+            seen.add(id(sub))
+            for kind in ("_parameters", "_buffers"):
+                out += [(sub, kind, name, t) for name, t in getattr(sub, kind).items() if t is not None]
+    return tuple(out)
+
+
+class _reinstalled:
+    """Within the block, the modules' parameters and buffers are the tensors they were at binding: a
+    replay of ``T`` after the caller's ``torch.func.functional_call`` (or another reparametrization) has
+    ended reads the tensors the solve read — what ``functional_call`` itself does, for the modules T reads."""
+
+    __slots__ = ("slots", "swapped")
+
+    def __init__(self, slots: tuple) -> None:
+        self.slots = slots
+        self.swapped: list = []
+
+    def __enter__(self) -> None:
+        for sub, kind, name, t in self.slots:
+            d = getattr(sub, kind)
+            now = d.get(name)
+            if now is not t:
+                self.swapped.append((d, name, now))
+                d[name] = t
+
+    def __exit__(self, *exc: Any) -> None:
+        for d, name, now in reversed(self.swapped):
+            d[name] = now
+        self.swapped.clear()
 
 
 class _Null:
@@ -382,7 +450,7 @@ def bind(T: Callable[..., Tensor], u: Tensor, params: Sequence[Any],
                 "extension): their implicit derivative would be lost. Pass them as parameters, solver(u0, ..., W) "
                 "with T(u, ..., W), or use hypergrad='unrolled'"
             )
-    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves), first, reads)
+    return BoundOperator(T, spec, len(leaves), captured, tuple(leaves), first, reads, _slots(T))
 
 
 def _hidden(out: Tensor, known: Sequence[Tensor]) -> list[Tensor]:

@@ -177,3 +177,57 @@ def test_a_tensor_read_inside_torch_jit_is_named():
     solver = hp.GKMSolver(lambda u, A: step(u, A, X0), tol=1e-14, max_steps=1000)
     solver(torch.zeros(3, dtype=DT), W).sum().backward()
     assert rel_err(W.grad, _unrolled_grad(lambda u, A: torch.tanh(A @ u + X0), W0)) < 1e-9
+
+
+class _Affine(torch.nn.Module):
+    """T(u, x) = W u + x with W a parameter of the module."""
+
+    def __init__(self, W: torch.Tensor) -> None:
+        super().__init__()
+        self.W = torch.nn.Parameter(W.clone())
+
+    def forward(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.W @ u + x
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact"])
+def test_functional_call_state_is_the_state_differentiated(mode):
+    """``functional_call(solver, {"T.W": W1})`` with W1 carrying no gradient: the derivative in x is taken
+    with W1, the matrix the solve used, though the module holds its own W again by the time of backward:
+    (I - W1)^-T 1, not (I - W0)^-T 1."""
+    W0 = torch.tensor([[0.2, 0.1], [0.0, 0.3]], dtype=DT)
+    W1 = torch.tensor([[0.5, -0.2], [0.1, 0.4]], dtype=DT)
+    solver = hp.GKMSolver(_Affine(W0), hypergrad=mode, **({"eps": 1e-13, "delta": 1e-13} if mode == "inexact" else
+                                                            {"tol": 1e-13}))
+    x = torch.tensor([1.0, -2.0], dtype=DT, requires_grad=True)
+    u = torch.func.functional_call(solver, {"T.W": W1}, (torch.zeros(2, dtype=DT), x))
+    (g,) = torch.autograd.grad(u.sum(), x)
+    eye = torch.eye(2, dtype=DT)
+    assert rel_err(u, torch.linalg.solve(eye - W1, x)) < 1e-11
+    assert rel_err(g, torch.linalg.solve((eye - W1).T, torch.ones(2, dtype=DT))) < 1e-10
+    assert isinstance(solver.T.W, torch.nn.Parameter) and torch.equal(solver.T.W, W0)  # its own W again
+
+
+def test_functional_call_around_a_custom_fixed_point():
+    """A decorated solver function whose T is a module of the model ``functional_call`` is called on."""
+    m = _Affine(torch.zeros(2, 2, dtype=DT))
+
+    @hp.custom_fixed_point(m)
+    def solve(u0, x):
+        return torch.linalg.solve(torch.eye(2, dtype=DT) - m.W.detach(), x.detach())  # the closed form
+
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, u0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return solve(u0, x)
+
+    W = torch.tensor([[0.5, -0.2], [0.1, 0.4]], dtype=DT, requires_grad=True)
+    x = torch.tensor([1.0, -2.0], dtype=DT)
+    u = torch.func.functional_call(Holder(), {"m.W": W}, (torch.zeros(2, dtype=DT), x))
+    (gW,) = torch.autograd.grad(u.sum(), W)
+    A = torch.eye(2, dtype=DT) - W.detach()
+    v = torch.linalg.solve(A.T, torch.ones(2, dtype=DT))
+    assert rel_err(gW, torch.outer(v, torch.linalg.solve(A, x))) < 1e-10  # dL/dW = v u*^T

@@ -350,7 +350,8 @@ def test_vmap_per_sample_convergence(mode, entry):
 # where θ lives: passed as a parameter, captured in T's closure, a module attribute, a dict given to
 # torch.func.functional_call (captured, or passed as the solver's parameter) — every entry point
 # ------------------------------------------------------------------------------------------------
-HOMES = ["passed", "closure", "module_attr", "functional_call_captured", "functional_call_passed"]
+HOMES = ["passed", "closure", "module_attr", "functional_call_captured", "functional_call_passed",
+         "functional_call_solver", "functional_call_parent"]
 HOME_MODES = ["implicit", "inexact", "unrolled", "truncated", "first_order"]
 HOME_ENTRIES = ENTRIES
 
@@ -378,6 +379,18 @@ class _Net(torch.nn.Module):
         return self.p.T(u, self.x)
 
 
+class _Parent(torch.nn.Module):
+    """A model holding a solver whose T reads a module from its closure (a DEQ or MAML layout)."""
+
+    def __init__(self, p, kw: dict) -> None:
+        super().__init__()
+        self.net = net = _Net(p)
+        self.solver = hp.GKMSolver(lambda u: net(u), **kw)
+
+    def forward(self, u0: torch.Tensor) -> torch.Tensor:
+        return self.solver(u0)
+
+
 def home_solve(home: str, p, kw: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> u*(x)`` with θ = x living in ``home``."""
     u0 = torch.zeros(p.n, dtype=DT)
@@ -403,13 +416,19 @@ def home_solve(home: str, p, kw: dict) -> Callable[[torch.Tensor], torch.Tensor]
         net = _Net(p)
         solver = hp.GKMSolver(lambda u, prm: fc(net, prm, (u,)), **kw)
         return lambda x: solver(u0, {"x": x})
+    if home == "functional_call_solver":  # around the solver (T a module): the derivative is taken after
+        solver = hp.GKMSolver(_Net(p), **kw)  # functional_call has put the module's own tensor back
+        return lambda x: fc(solver, {"T.x": x}, (u0,))
+    if home == "functional_call_parent":  # around a model whose solver's T reads a module from its closure
+        parent = _Parent(p, kw)
+        return lambda x: fc(parent, {"net.x": x}, (u0,))
     raise ValueError(home)
 
 
 def _home_cells():
     for prob in ("spd", "tanh"):
         for home in HOMES:
-            if prob == "tanh" and home in ("module_attr", "functional_call_passed"):
+            if prob == "tanh" and home in ("module_attr", "functional_call_passed", "functional_call_solver"):
                 continue  # the linear problem covers them; tanh adds T's second derivatives
             for mode in HOME_MODES:
                 for entry in HOME_ENTRIES:
