@@ -142,11 +142,11 @@ def forward_methods(peer: bool) -> dict[str, Forward]:
 
 def interleaved(P: Problem, methods: dict[str, Callable[[Problem], Any]], rounds: int
                 ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, Any]]:
-    """Wall and CPU seconds of every method in every round (one warm-up round first), and its last
-    result."""
+    """Wall and CPU seconds of every method in every round (one warm-up round first), and its results
+    (the last round's first; ``results[key]``: every timed round's, under the key ``(key, "all")``)."""
     wall: dict[str, list[float]] = {k: [] for k in methods}
     cpu: dict[str, list[float]] = {k: [] for k in methods}
-    last: dict[str, Any] = {}
+    last: dict[Any, Any] = {(k, "all"): [] for k in methods}
     for r in range(rounds + 1):
         for key, fn in methods.items():
             t, c = time.perf_counter(), time.process_time()
@@ -154,6 +154,7 @@ def interleaved(P: Problem, methods: dict[str, Callable[[Problem], Any]], rounds
             if r:  # round 0 warms up
                 wall[key].append(time.perf_counter() - t)
                 cpu[key].append(time.process_time() - c)
+                last[(key, "all")].append(last[key])
     return wall, cpu, last
 
 
@@ -257,7 +258,8 @@ def backward_table(P: Problem, methods: dict[str, Backward], rounds: int) -> lis
     total = {k: statistics.median(v) for k, v in wall.items()}
     rows = []
     for k in methods:
-        fwd, bwd, grads = last[k]
+        runs = last[(k, "all")]  # forward and backward: medians over the rounds, like the total
+        fwd, bwd, grads = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), last[k][2]
         err = math.sqrt(float((grads[0] - ref[0]).square().sum() + (grads[1] - ref[1]).square().sum())) / ref_norm
         rows.append(dict(c=P.c, method=k, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, total_ms=1e3 * total[k],
                          vs_first=total[k] / total[first], grad_error=err, fd_error=fd_error(P, grads)))

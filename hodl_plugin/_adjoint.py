@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _vmap
 from . import linear_solve as ls
-from ._autodiff import jvp_any, make_jvp, make_vjp, refuse_forward_over_forward
+from ._autodiff import jvp_any, jvp_by_vjp, make_jvp, make_vjp, refuse_forward_over_forward, refuse_legacy_vmap
 from ._checks import all_finite
 from ._torch_compat import function_apply, transforms_active
 from .errors import ConvergenceWarning, LinearSolveError
@@ -381,6 +381,7 @@ class LinearSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, xbar: Tensor) -> tuple:  # type: ignore[override]
         """Another solve with the transposed operator, and the pairing's gradient."""
+        refuse_legacy_vmap(xbar, "the derivative of an implicit linear solve")
         problem, transpose = ctx.problem, ctx.transpose
         x, u, *ts = ctx.saved_tensors
         y = LinearSolve.apply(problem, not transpose, "higher", xbar, u, *ts)
@@ -412,7 +413,8 @@ class LinearSolve(torch.autograd.Function):
             if transpose:
                 _, pull = torch.func.vjp(lambda uu: problem.op(uu, ts_), u_)
                 return pull(x)[0]
-            return jvp_any(lambda uu: problem.op(uu, ts_), (u_,), (x,))
+            # reverse passes only: the forward mode around this (a dual level or torch.func.jvp) cannot nest
+            return jvp_by_vjp(lambda uu: problem.op(uu, ts_), (u_,), (x,))
 
         rhs = jvp_any(action, (u, *ts), (u_t, *tangents))
         if problem.sign != 1.0:

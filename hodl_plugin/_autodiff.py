@@ -13,6 +13,7 @@ from ._torch_compat import (
     current_functorch_level,
     engine_backward,
     forward_ad_active,
+    legacy_batched,
     nested_forward_transforms,
     transforms_active,
 )
@@ -156,6 +157,12 @@ def jvp_any(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tenso
     the transpose of a vjp (two reverse passes)."""
     if not forward_ad_active() or current_functorch_level() > 0:
         return torch.func.jvp(fn, primals, tangents)[1]
+    return jvp_by_vjp(fn, primals, tangents)
+
+
+def jvp_by_vjp(fn: Callable[..., Tensor], primals: tuple, tangents: tuple) -> Tensor:
+    """``∂fn(primals)·tangents`` as the transpose of a vjp (two reverse passes): it nests under every
+    forward mode, ``torch.func.jvp`` and ``torch.autograd.forward_ad`` dual levels alike."""
     out, pull = torch.func.vjp(fn, *primals)
     _, pull2 = torch.func.vjp(lambda z_: pull(z_), torch.zeros_like(out))
     return pull2(tuple(tangents))[0]
@@ -176,3 +183,16 @@ def grad_wanted() -> bool:
     """Whether a derivative can be asked of this call: grad mode, a torch.func transform or a
     forward-mode dual level."""
     return torch.is_grad_enabled() or transforms_active() or forward_ad_active()
+
+
+def refuse_legacy_vmap(g: Tensor, what: str) -> None:
+    """Torch's legacy vmap (vectorized reverse mode: ``is_grads_batched=True``, ``jacobian`` / ``hessian``
+    with ``vectorize=True``, ``gradcheck(check_batched_grad=True)``) cannot run a backward that solves a
+    linear system with host-side stopping: it is refused with what to use instead."""
+    if legacy_batched(g):
+        raise HODLError(
+            f"{what} under torch's legacy vectorized reverse mode (torch.autograd.grad(..., is_grads_batched=True), "
+            "torch.autograd.functional.jacobian / hessian(..., vectorize=True), gradcheck(check_batched_grad=True)) "
+            "is not supported: use torch.func.jacrev / torch.func.hessian / torch.func.vmap over torch.func.vjp "
+            "(exact, batched), or vectorize=False"
+        )

@@ -20,6 +20,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from ._autodiff import refuse_legacy_vmap
 from ._torch_compat import derivative_carried, differentiating_transforms, is_dead_wrapper, transforms_active
 from .errors import HypergradientError
 
@@ -58,6 +59,7 @@ class RuleStep(torch.autograd.Function):
         """``rule.vjp``, computed without recording (refused where it would be differentiated again:
         ``create_graph=True``, nested ``torch.func.grad``)."""
         rule: Rule = ctx.rule
+        refuse_legacy_vmap(g, f"the {rule.method} rule")
         if _second_order(g, ctx.saved_tensors):
             raise HypergradientError(
                 f"{rule.method} gives first derivatives only (backward(), autograd.grad, torch.func.grad / vjp); "

@@ -44,6 +44,7 @@ _GET_LEVEL = getattr(_FUNCTORCH, "maybe_get_level", None)
 _CURRENT_LEVEL = getattr(_FUNCTORCH, "maybe_current_level", None)
 _STACK = getattr(_FUNCTORCH, "get_interpreter_stack", None)
 _UNWRAP = getattr(_FUNCTORCH, "get_unwrapped", None)
+_LEGACY_BATCHED = getattr(_FUNCTORCH, "is_legacy_batchedtensor", None)
 _JVP = getattr(getattr(_FUNCTORCH, "TransformType", None), "Jvp", None)
 _DISABLE = getattr(torch._C, "_DisableFuncTorch", None)
 _ENGINE = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
@@ -160,6 +161,12 @@ def derivative_carried(t: Tensor) -> bool:
     return False
 
 
+def legacy_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by torch's legacy vmap (``torch.autograd.grad(..., is_grads_batched=True)``,
+    ``torch.autograd.functional.jacobian(..., vectorize=True)``), not by ``torch.func.vmap``."""
+    return _LEGACY_BATCHED is not None and bool(_LEGACY_BATCHED(t))
+
+
 def is_dead_wrapper(t: Tensor) -> bool:
     """Whether ``t`` is the wrapper of a ``torch.func`` transform that has ended (what the pullback of
     ``torch.func.vjp`` finds in its saved tensors)."""
@@ -205,6 +212,7 @@ def missing() -> list[str]:
         "torch._C._functorch.maybe_current_level": _CURRENT_LEVEL,
         "torch._C._functorch.get_interpreter_stack": _STACK,
         "torch._C._functorch.get_unwrapped": _UNWRAP,
+        "torch._C._functorch.is_legacy_batchedtensor": _LEGACY_BATCHED,
         "torch._C._functorch.TransformType.Jvp": _JVP,
         "torch._C._DisableFuncTorch": _DISABLE,
         "torch.autograd.Variable._execution_engine": _ENGINE,

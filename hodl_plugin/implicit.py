@@ -59,7 +59,7 @@ from torch import Tensor
 from . import _adjoint, _vmap
 from . import linear_solve as ls
 from ._adjoint import AfterHook, FixedPointProblem, LinearSolve, Op
-from ._autodiff import grad_once, grad_wanted, jvp_any, make_vjp, refuse_forward_over_forward
+from ._autodiff import grad_once, grad_wanted, jvp_any, make_vjp, refuse_forward_over_forward, refuse_legacy_vmap
 from ._capture import BoundOperator, bind, detached, flatten, refuse_leaks
 from ._checks import all_finite
 from ._torch_compat import (
@@ -246,6 +246,7 @@ class FixedPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
         """:func:`implicit_vjp` (the lean :func:`implicit_vjp_lean` for a first-order pass)."""
+        refuse_legacy_vmap(g, "the implicit derivative")
         problem: FixedPointProblem = ctx.problem
         u, *ts = ctx.saved_tensors
         needs = ctx.needs_input_grad[2:]

@@ -306,3 +306,52 @@ def test_a_batch_adjoint_that_fails_names_the_sample(solver):
     u = s(torch.zeros(2, 2, dtype=DT), A, x)
     with pytest.raises(hp.LinearSolveError, match=r"not solved for 1 of 2 samples, e\.g\. \[1\]"):
         u.backward(torch.ones(2, 2, dtype=DT))
+
+
+@pytest.mark.parametrize("mode", ["implicit", "inexact", "fd", "custom_fixed_point", "unrolled"])
+def test_legacy_vectorized_reverse_mode_is_exact_or_named(mode):
+    """torch's legacy vmap (jacobian(vectorize=True), autograd.grad(is_grads_batched=True)) cannot run a
+    backward that solves with host-side stopping: the exact Jacobian (2I for u* = 2x), or a named error
+    pointing at torch.func; never torch's raw batching-rule error."""
+    T = lambda u, x: 0.5 * u + x  # noqa: E731
+    if mode == "custom_fixed_point":
+        solve = hp.custom_fixed_point(T)(lambda u0, x: 2 * x.detach())
+        f = lambda x: solve(torch.zeros(3, dtype=DT), x)  # noqa: E731
+    else:
+        kw = {"tol": 0, "max_steps": 80} if mode in ("unrolled", "fd") else {"tol": 1e-13}
+        if mode == "fd":
+            T = hp.GradientStep(objective=lambda u, x: 0.5 * ((u - 2 * x) ** 2).sum(), step=0.25)
+        solver = hp.GKMSolver(T, hypergrad=mode, **kw)
+        f = lambda x: solver(torch.zeros(3, dtype=DT), x)  # noqa: E731
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=DT)
+    xr = x.clone().requires_grad_(True)
+    calls = [lambda: torch.autograd.functional.jacobian(f, x, vectorize=True),
+             lambda: torch.autograd.grad(f(xr), xr, torch.eye(3, dtype=DT), is_grads_batched=True)[0]]
+    for call in calls:
+        if mode == "unrolled":
+            assert torch.allclose(call(), 2 * torch.eye(3, dtype=DT), atol=1e-12)
+        else:
+            with pytest.raises(hp.HODLError, match="legacy vectorized reverse mode.*torch.func.jacrev"):
+                call()
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("entry", ["dual", "func.jvp"])
+def test_linear_solve_forward_mode_in_both_orientations(transpose, entry):
+    """``LinearSolve`` with T(u; θ) = θu: x = b / (1 - θ), dx/dθ = b / (1 - θ)² = 4 at θ = 1/2, b = 1 — with
+    forward-mode dual numbers and torch.func.jvp, for A and for Aᵀ."""
+    from hodl_plugin.implicit import FixedPointProblem, LinearSolve
+
+    problem = FixedPointProblem(lambda u, ts: ts[0] * u, lambda *a: None, hp.linear_solve.gmres(rtol=1e-13))
+    b, u = torch.ones(2, dtype=DT), torch.zeros(2, dtype=DT)
+    theta, one = torch.tensor(0.5, dtype=DT), torch.ones((), dtype=DT)
+
+    def solve(th):
+        return LinearSolve.apply(problem, transpose, "higher", b, u, th)
+
+    if entry == "dual":
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(solve(fwAD.make_dual(theta, one))).tangent
+    else:
+        tangent = torch.func.jvp(solve, (theta,), (one,))[1]
+    assert torch.allclose(tangent, torch.full((2,), 4.0, dtype=DT), rtol=1e-11)
