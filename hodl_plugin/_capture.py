@@ -312,31 +312,51 @@ def refuse_leaks(op: Any, u: Tensor, ts: Sequence[Tensor], what: str) -> None:
         )
 
 
-def _modules_of(T: Any) -> list[nn.Module]:
-    """The modules ``T`` is or reads directly: itself, the object of a bound method, the function
-    and arguments of a ``functools.partial``, the modules in its closure cells, the module-level names its
-    code reads, and the module attributes of a callable object."""
-    if isinstance(T, nn.Module):
-        return [T]
-    if isinstance(T, functools.partial):
-        return _modules_of(T.func) + [a for a in (*T.args, *T.keywords.values()) if isinstance(a, nn.Module)]
-    owner = getattr(T, "__self__", None)
-    if owner is not None:
-        return _modules_of(owner) + _modules_of(getattr(T, "__func__", None))
-    code = getattr(T, "__code__", None)
-    if code is None:
-        return [v for v in getattr(T, "__dict__", {}).values() if isinstance(v, nn.Module)]
-    found = []
-    for cell in getattr(T, "__closure__", None) or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:  # an empty cell
+def _modules_of(T: Any, depth: int = 4) -> list[nn.Module]:
+    """The modules ``T`` reads, found by following what it refers to (``depth`` links deep): a module
+    itself and the callables among its attributes (a ``GradientStep``'s objective), the object and function
+    of a bound method, the function and arguments of a ``functools.partial``, a function's closure cells
+    and the module-level names its code reads, a callable object's attributes."""
+    found: list[nn.Module] = []
+    seen: set[int] = set()
+    todo = [(T, depth)]
+    while todo:
+        obj, d = todo.pop()
+        if id(obj) in seen or d < 0:
             continue
-        if isinstance(v, nn.Module):
-            found.append(v)
-    env = getattr(T, "__globals__", {})
-    found += [env[n] for n in code.co_names if isinstance(env.get(n), nn.Module)]
+        seen.add(id(obj))
+        if isinstance(obj, nn.Module):
+            found.append(obj)
+            todo += [(v, d - 1) for m in obj.modules() for v in vars(m).values() if _refers(v)]
+        elif isinstance(obj, functools.partial):
+            todo += [(v, d - 1) for v in (obj.func, *obj.args, *obj.keywords.values())]
+        elif getattr(obj, "__self__", None) is not None and hasattr(obj, "__func__"):
+            todo += [(obj.__self__, d - 1), (obj.__func__, d - 1)]
+        elif hasattr(obj, "__code__"):
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    todo.append((cell.cell_contents, d - 1))
+                except ValueError:  # an empty cell
+                    pass
+            env = getattr(obj, "__globals__", {})
+            todo += [(env[n], d - 1) for n in obj.__code__.co_names if n in env and _refers(env[n])]
+        elif callable(obj) and not isinstance(obj, type) and hasattr(obj, "__dict__"):
+            todo += [(v, d - 1) for v in vars(obj).values() if _refers(v)]
     return found
+
+
+def _refers(v: Any) -> bool:
+    """Whether ``v`` may lead to a module T reads: a module, or a callable that is not a class and not
+    from torch, numpy, hodl_plugin or the standard library's functional helpers (their references lead to
+    no module of the user's)."""
+    if isinstance(v, nn.Module):
+        return True
+    if not callable(v) or isinstance(v, type):
+        return False
+    return not (getattr(v, "__module__", None) or "builtins").startswith(_LIBRARIES)
+
+
+_LIBRARIES = ("torch", "numpy", "hodl_plugin", "builtins", "functools", "math", "operator", "typing")
 
 
 def _slots(T: Any) -> tuple:

@@ -231,3 +231,73 @@ def test_functional_call_around_a_custom_fixed_point():
     A = torch.eye(2, dtype=DT) - W.detach()
     v = torch.linalg.solve(A.T, torch.ones(2, dtype=DT))
     assert rel_err(gW, torch.outer(v, torch.linalg.solve(A, x))) < 1e-10  # dL/dW = v u*^T
+
+
+def test_functional_call_around_a_model_whose_gradient_step_reads_a_module():
+    """The most common operator, a GradientStep whose objective calls a module of the model: a
+    functional_call around the model differentiates the tensors it put in (closed form: the minimiser of
+    ½‖Au - x‖² + ½‖u‖² is u* = (AᵀA + I)⁻¹Aᵀx)."""
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2, bias=False, dtype=DT)
+            lin = self.lin
+            f = lambda u, x: 0.5 * ((lin(u) - x) ** 2).sum() + 0.5 * (u ** 2).sum()  # noqa: E731
+            self.solver = hp.GKMSolver(hp.GradientStep(objective=f, step=0.2), tol=1e-13)
+
+        def forward(self, u0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.solver(u0, x)
+
+    A = torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]], dtype=DT, requires_grad=True)
+    x = torch.tensor([1.0, -2.0], dtype=DT)
+    u = torch.func.functional_call(Model(), {"lin.weight": A}, (torch.zeros(3, dtype=DT), x))
+    (gA,) = torch.autograd.grad(u.sum(), A)
+
+    def closed(A: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(A.T @ A + torch.eye(3, dtype=DT), A.T @ x).sum()
+
+    assert rel_err(gA, torch.func.grad(closed)(A.detach())) < 1e-9
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.zeros(2, 2, dtype=DT))
+
+    def step(self, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.W @ u + x
+
+
+_NET = _Lin()
+
+
+def _global_T(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _helper(u) + x
+
+
+def _helper(u: torch.Tensor) -> torch.Tensor:
+    return _NET.W @ u  # a module-level module, read through another function
+
+
+@pytest.mark.parametrize("where", ["bound_method", "global_function"])
+def test_functional_call_when_T_reaches_the_module_by_name(where):
+    """T a bound method of the module, or a module-level function that reaches a module-level module
+    through a helper: functional_call around a parent still differentiates the tensors it put in."""
+    net = _Lin() if where == "bound_method" else _NET
+    T = net.step if where == "bound_method" else _global_T
+
+    class Parent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.solver = net, hp.GKMSolver(T, tol=1e-13)
+
+        def forward(self, u0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.solver(u0, x)
+
+    W = torch.tensor([[0.5, -0.2], [0.1, 0.4]], dtype=DT, requires_grad=True)
+    x = torch.tensor([1.0, -2.0], dtype=DT)
+    u = torch.func.functional_call(Parent(), {"net.W": W}, (torch.zeros(2, dtype=DT), x))
+    (gW,) = torch.autograd.grad(u.sum(), W)
+    A = torch.eye(2, dtype=DT) - W.detach()
+    assert rel_err(gW, torch.outer(torch.linalg.solve(A.T, torch.ones(2, dtype=DT)), torch.linalg.solve(A, x))) < 1e-10
+    assert torch.equal(net.W, torch.zeros(2, 2, dtype=DT))  # the module's own parameter again
