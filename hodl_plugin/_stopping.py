@@ -162,7 +162,7 @@ class Monitor:
         # relative tolerance is out of reach (a stall there is not a divergence: it needs atol)
         self.subnormal = float(torch.finfo(u.dtype).tiny)
         self.masking = functional  # freeze stopped samples with torch.where at every step
-        self._frozen: tuple = (None, None)  # (active mask, its view broadcastable to u)
+        self._frozen: tuple = (None, None, None)  # (active mask, as a tensor broadcastable to u, ~mask in numpy)
         self.done = False
         self.hist: list[Tensor] = []
         self.hist_steps: list[int] = []
@@ -225,13 +225,20 @@ class Monitor:
         t = t.detach()
         return t.numpy() if self.xp is not torch else t
 
-    def freeze(self, new: Tensor, old: Tensor) -> Tensor:
-        """Samples that stopped keep ``old``."""
+    def freeze(self, new: Tensor, old: Tensor, fresh: bool = False) -> Tensor:
+        """Samples that stopped keep ``old`` (``fresh``: ``new`` is the step's own new tensor, which a host
+        batch then changes in place, in numpy)."""
         if not self.masking or self.scalar or self.t.active is None:
             return new
         active = self.t.active
         if self._frozen[0] is not active:  # the mask changes at checks only: reshaped once per check
-            self._frozen = (active, self.expand(active, new))
+            stopped = ~active if self.xp is not torch else None
+            if stopped is not None:
+                stopped = stopped.reshape(stopped.shape + (1,) * (new.dim() - stopped.ndim))
+            self._frozen = (active, self.expand(active, new), stopped)
+        if fresh and self._frozen[2] is not None and new.dtype in _NP_DTYPES and not new.requires_grad:
+            np.copyto(new.numpy(), old.detach().numpy(), where=self._frozen[2])
+            return new
         return torch.where(self._frozen[1], new, old)
 
     # -- the check -------------------------------------------------------------------------------

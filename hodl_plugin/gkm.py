@@ -452,6 +452,7 @@ class GKMIteration:
         # an exact-steps run (tol=0, atol=0), which evaluates T exactly K times (unrolled models count
         # on it) and reports the last step's residual instead
         measure = not info.exact_steps
+        fresh = acc_state is not None  # an accelerator's step returns a new tensor of its own
         countdown, executed = self.check_every, n
         for j in range(n):
             k = start + j
@@ -459,9 +460,9 @@ class GKMIteration:
             countdown = self.check_every if countdown == 1 else countdown - 1
             u_next, d, r, agg, gate = step(u, params, k, j == 0, functional, check, t0 if j == 0 else None)
             if not check:
-                u = mon.freeze(u_next, u) if mon.masking else u_next
+                u = mon.freeze(u_next, u, fresh) if mon.masking else u_next
                 continue
-            u = mon.check(k, r, u, mon.freeze(u_next, u), d, agg, gate)
+            u = mon.check(k, r, u, mon.freeze(u_next, u, fresh), d, agg, gate)
             if mon.done:
                 executed = j
                 break
@@ -522,7 +523,8 @@ class GKMIteration:
     def _accelerated_step(self, state, u, params, k, first, functional, check, t0=None):
         Tu = self._call_T(u, params, first, functional, u, t0)
         f = Tu - u
-        r = self._norm(f)
+        # a host state measures its samples itself (numpy): torch's norms only where the check reads them
+        r = self._norm(f) if check or not getattr(state, "measures_itself", False) else None
         return self.acceleration.step(state, u, f, r, float(self.beta(k))), f, r, None, None
 
     def _norm(self, t: Tensor) -> Tensor:

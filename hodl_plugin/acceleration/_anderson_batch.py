@@ -59,6 +59,9 @@ class HostBatch:
     :math:`m\times m` solve, one product for the update: about 25 numpy operations.
     """
 
+    #: the residual norms are taken here, in numpy (summed in float64), at every step
+    measures_itself = True
+
     def __init__(self, acc: Anderson, u: Tensor, B: int) -> None:
         n = u.numel() // B if B else 0
         m = min(acc.history_size, max(n, 1))  # more differences than dimensions add nothing
@@ -88,7 +91,7 @@ class HostBatch:
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = as_rows(r, B, 1).reshape(B)
+        rn = np.sqrt(row_sq(fn, np.float64))  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # no history yet: the plain KM step

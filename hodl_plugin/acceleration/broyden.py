@@ -64,6 +64,7 @@ from .base import (
     check_safeguard,
     host_ok,
     np,
+    row_sq,
 )
 
 __all__ = ["Broyden"]
@@ -122,6 +123,9 @@ class Broyden(Accelerator):
 class _HostState:
     """Per-sample Broyden on the host (numpy on views of CPU tensors, Python-branch decisions)."""
 
+    #: the residual norms are taken here, in numpy (summed in float64), at every step
+    measures_itself = True
+
     def __init__(self, acc: Broyden, u: Tensor, B: int) -> None:
         n = u.numel() // B if B else 0
         L = acc.history_size
@@ -144,7 +148,7 @@ class _HostState:
     def step(self, acc: Broyden, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n, L = self.B, self.n, self.L
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = as_rows(r, B, 1)[:, 0]
+        rn = np.sqrt(row_sq(fn, np.float64))  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # M_0 = mix·I: the KM step
