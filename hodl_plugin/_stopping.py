@@ -388,6 +388,7 @@ class Monitor:
             s.cmin = xp.where(new_min, 0.0, s.cmin + 1)
             s.rref = xp.where(new_min, rg, s.rref)
             s.rmin = xp.minimum(s.rmin, rg)
+        r_before = s.rprev  # (the residual of the last finite point a diverging sample returns)
         s.rprev, s.kprev = r, k
         slow = (s.ups >= SLOW_DIVERGENCE_CHECKS) & (r > SLOW_DIVERGENCE_GROWTH * s.rmin) & ~noise
         if self.aggregating:
@@ -425,6 +426,9 @@ class Monitor:
             stall_only = bool((finite & ~grow)[newly_bad].all())
             s.diverged = s.diverged | newly_bad
             s.stopped_at = xp.where(newly_bad & (s.stopped_at < 0), k, s.stopped_at)
+            # the residual of the point it returns: this one's where finite, else the last check's
+            s.stop_res = xp.where(newly_bad, xp.where(finite, r, math.nan if r_before is None else r_before),
+                                  s.stop_res)
             last_good = torch.where(self.expand(finite, u_k), u_k, self.u_good)
             out = torch.where(self.expand(newly_bad, u_next), last_good, u_next)
             self.masking = True  # the diverged samples keep their last finite iterate from here on

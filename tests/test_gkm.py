@@ -528,6 +528,23 @@ def test_batch_history_ends_with_the_residual_of_each_returned_point(array_path)
     assert float(measured[0]) <= 1e-9 * float(u[0].norm()) < float(measured[1])
 
 
+@pytest.mark.parametrize("c1", [1.5, -1.0])  # sample 1 diverges (grows), or stalls (a reflection)
+def test_batch_history_of_a_diverged_sample_beside_one_that_runs_out_of_steps(array_path, c1):
+    """The last row of ``info.residuals`` is the residual of each returned point, also for a sample that
+    diverged (it returns its last finite iterate) while another ran out of steps (NaN before)."""
+    T = lambda u, x, c: c.unsqueeze(-1) * (0.6 * u + 0.4 * u.flip(-1)) + x  # noqa: E731
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], dtype=DT)
+    c = torch.tensor([0.999, c1], dtype=DT)  # sample 0 converges slowly: it runs out of steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        u, info = hp.GKMSolver(T, batch_dims=1, on_divergence="warn", max_steps=300).solve(
+            torch.zeros(2, 3, dtype=DT), x, c)
+    measured = (T(u, x, c) - u).norm(dim=1)
+    assert info.diverged and torch.isfinite(u).all() and int(info.steps_per_sample[0]) == 300
+    assert torch.allclose(info.residuals[-1], measured, rtol=1e-12, atol=0)
+    assert math.isfinite(info.residual)
+
+
 def test_batch_divergence_names_the_sample_and_keeps_the_others(array_path):
     grow = torch.tensor([0.5, 2.0, 0.5], dtype=DT)[:, None]  # sample 1 doubles at every step
     x = torch.ones(3, 4, dtype=DT)

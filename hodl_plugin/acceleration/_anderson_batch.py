@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import MaskedCounters, as_rows, np, row_sq, solve
+from .base import MaskedCounters, as_rows, np, row_norms, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -91,7 +91,7 @@ class HostBatch:
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = np.sqrt(row_sq(fn, np.float64))  # (r, torch's, is given at checks only)
+        rn = row_norms(fn)  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # no history yet: the plain KM step

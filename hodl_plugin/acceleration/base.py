@@ -214,6 +214,18 @@ def row_sq(a: Any, dtype: Any = None) -> Any:
         return np.vecdot(a, a) if dtype is None else np.vecdot(a, a, dtype=dtype)
     return np.einsum("...i,...i->...", a, a, dtype=dtype)
 
+
+def row_norms(a: Any) -> Any:
+    """The norms of the rows of a ``(B, n)`` numpy array, in float64; a row whose squares leave float64's
+    range (entries beyond about 1e±150) is measured again, scaled by its largest entry."""
+    r = np.sqrt(row_sq(a, np.float64))
+    if not r.size or (np.minimum.reduce(r) > 1e-140 and np.maximum.reduce(r) < 1e140):  # (NaN fails)
+        return r
+    m = np.abs(a).max(axis=1).astype(np.float64)
+    m[~(m > 0) | ~np.isfinite(m)] = 1.0
+    return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m
+
+
 def solve(A: Any, B: Any, quiet: bool = True) -> Any:
     """The batched solve ``A⁻¹B`` of numpy arrays ``(b, m, m)``, ``(b, m, k)``: NaN for a singular
     matrix (the others are unaffected), no exception, no warning (``quiet=False``: the caller already

@@ -64,7 +64,7 @@ from .base import (
     check_safeguard,
     host_ok,
     np,
-    row_sq,
+    row_norms,
 )
 
 __all__ = ["Broyden"]
@@ -148,7 +148,7 @@ class _HostState:
     def step(self, acc: Broyden, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n, L = self.B, self.n, self.L
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = np.sqrt(row_sq(fn, np.float64))  # (r, torch's, is given at checks only)
+        rn = row_norms(fn)  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # M_0 = mix·I: the KM step
