@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import MaskedCounters, as_rows, np, row_norms, row_sq, solve
+from .base import NORMAL, MaskedCounters, as_rows, np, row_norms, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -84,6 +84,7 @@ class HostBatch:
         self.up: Any = None  # the last accepted point and its residual, (B, n)
         self.fp: Any = None
         self.rlim: Any = None  # safeguard · its residual norm; the largest float after a fall-back
+        self.scale: Any = None  # per-sample exponents e once a residual left NORMAL (units of 2^-e)
 
     def _limit(self, r: Any) -> Any:
         return r * self.sg if self.sg is not None else np.full_like(r, self.big)
@@ -91,17 +92,42 @@ class HostBatch:
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = row_norms(fn)  # (r, torch's, is given at checks only)
+        rn, normal = row_norms(fn)  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # no history yet: the plain KM step
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
             return torch.from_numpy(un + mix * fn).view(self.shape)
-        keep = rn <= self.rlim  # 1. safeguard (NaN and Inf fail it)
         with np.errstate(all="ignore"):  # a diverging sample may overflow, a NaN one fail its solve: the
-            out = self._step(keep, un, fn, rn, mix, beta)  # loop reports them
+            if normal and self.scale is None:  # loop reports them
+                out = self._step(rn <= self.rlim, un, fn, rn, mix, beta)  # (1. safeguard: NaN, Inf fail it)
+            else:  # residuals beyond 1e±140: the step in units of 2^-e per sample (exact; see _rescale)
+                s = self._rescale(rn)
+                rn = rn * s
+                out = self._step(rn <= self.rlim, un * s[:, None], fn * s[:, None], rn, mix, beta) / s[:, None]
         t = torch.from_numpy(out)
         return t if t.shape == self.shape else t.view(self.shape)
+
+    def _rescale(self, rn: Any) -> Any:
+        """Per-sample powers of 2 that bring each residual norm to about 1 wherever it left
+        :data:`~hodl_plugin.acceleration.base.NORMAL` in the current units: a sample at 1e160 or 1e-300 is
+        accelerated like one at 1 (its Gram matrix would over- or underflow), the scaling is exact, and it
+        changes rarely (by 1e140 of progress): a sample whose units change restarts its history."""
+        dt = self.W.dtype
+        if self.scale is None:
+            self.scale = np.zeros(self.B, np.int64)  # exponents e: the units are 2^-e
+        now = rn * np.ldexp(1.0, self.scale)
+        move = ((now < NORMAL[0]) & (now > 0)) | ((now > NORMAL[1]) & np.isfinite(now))
+        if move.any():
+            e = self.scale.copy()
+            e[move] = -np.round(np.log2(rn[move])).astype(np.int64)
+            ratio = np.ldexp(1.0, e - self.scale)[:, None]
+            self.up, self.fp = self.up * ratio.astype(dt), self.fp * ratio.astype(dt)
+            self.rlim = np.where(self.rlim < self.big, self.rlim * ratio[:, 0], self.big)
+            self.W[move] = 0.0
+            self.G[move] = self.I1
+            self.scale = e
+        return np.ldexp(1.0, self.scale).astype(dt)
 
     def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
         """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""

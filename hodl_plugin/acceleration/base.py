@@ -215,15 +215,20 @@ def row_sq(a: Any, dtype: Any = None) -> Any:
     return np.einsum("...i,...i->...", a, a, dtype=dtype)
 
 
-def row_norms(a: Any) -> Any:
-    """The norms of the rows of a ``(B, n)`` numpy array, in float64; a row whose squares leave float64's
-    range (entries beyond about 1e±150) is measured again, scaled by its largest entry."""
+#: row norms inside this range have squares, and Gram matrices of such rows entries, well inside float64's
+NORMAL = (1e-140, 1e140)
+
+
+def row_norms(a: Any) -> tuple[Any, bool]:
+    """``(r, normal)``: the norms of the rows of a ``(B, n)`` numpy array, in float64, and whether all of
+    them lie in :data:`NORMAL`; a row whose squares leave float64's range (entries beyond about 1e±150)
+    is measured again, scaled by its largest entry."""
     r = np.sqrt(row_sq(a, np.float64))
-    if not r.size or (np.minimum.reduce(r) > 1e-140 and np.maximum.reduce(r) < 1e140):  # (NaN fails)
-        return r
+    if not r.size or (np.minimum.reduce(r) > NORMAL[0] and np.maximum.reduce(r) < NORMAL[1]):  # (NaN fails)
+        return r, True
     m = np.abs(a).max(axis=1).astype(np.float64)
     m[~(m > 0) | ~np.isfinite(m)] = 1.0
-    return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m
+    return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m, False
 
 
 def solve(A: Any, B: Any, quiet: bool = True) -> Any:
