@@ -49,10 +49,10 @@ def test_torchdeq_wrappers(small, kind):
 
 
 def test_readme_block(tmp_path):
-    fwd = [dict(W="radius", c=0.9, method="plain, per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=None,
-                cpu_vs_plain=1.0, residual=1e-10),
-           dict(W="radius", c=0.9, method="Broyden(6), per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5, vs_peer=0.25,
-                cpu_vs_plain=1.0, residual=1e-10)]
+    fwd = [dict(W="radius", c=0.9, method="plain, per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5,
+                vs_peer=None, cpu_vs_plain=1.0, residual=1e-10),
+           dict(W="radius", c=0.9, method="Broyden(6), per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5,
+                vs_peer=0.25, cpu_vs_plain=1.0, residual=1e-10)]
     bwd = [dict(c=0.9, method="ours", forward_ms=1.0, backward_ms=2.0, total_ms=3.0, vs_first=1.0, grad_error=1e-9,
                 fd_error=1e-10),
            dict(c=0.9, method="dense reference (Newton)", forward_ms=None, backward_ms=None, total_ms=None,
