@@ -875,95 +875,85 @@ def _cg_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rto
 def _gmres_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rtol: float, atol: float,
                    maxiter: int, restart: int) -> tuple[Tensor, LinearSolveInfo]:
     """:func:`gmres` on a batch of systems: one batched Arnoldi process (per-sample Gram–Schmidt
-    coefficients), each sample's Givens rotations and least-squares on the host (one sync per step,
-    as unbatched). A sample stops extending its basis when its own residual estimate meets its
-    threshold; samples that have converged keep ``x`` (their correction is 0)."""
+    coefficients), the samples' Givens rotations and least squares batched on the host in float64 (one
+    sync per step, as unbatched). The rotations so far are kept as one orthogonal matrix per sample,
+    :math:`Q_j^\top`, so a step applies them to the new Hessenberg column in one batched product. A sample
+    stops extending its basis when its own residual estimate meets its threshold; samples that have
+    converged keep ``x`` (their correction is 0)."""
     shape, S = b.shape, b.shape[: bt.bd]
     nb = math.prod(S)
     bf = b.reshape(nb, -1)
     n = bf.shape[1]
+    f64 = dict(dtype=torch.float64)
 
     def mv(v: Tensor) -> Tensor:
         return matvec(v.reshape(shape)).reshape(nb, n)
 
     floor = atol.reshape(-1) if isinstance(atol, Tensor) else atol  # a scalar, or one per sample
     thresh_t = (rtol * torch.linalg.vector_norm(bf, dim=1)).clamp(min=floor)
-    thresh = thresh_t.tolist()
+    thresh = thresh_t.detach().cpu().to(**f64)
     x, r, its0 = _start(mv, bf, None if x0 is None else x0.reshape(nb, n))
-    its = [its0] * nb
+    its = torch.full((nb,), its0, dtype=torch.long)
     beta_t = torch.linalg.vector_norm(r, dim=1)
-    beta = beta_t.tolist()
-    active = [beta[i] > thresh[i] for i in range(nb)]
+    beta = beta_t.detach().cpu().to(**f64)
+    active = beta > thresh
     total = its0
-    while any(active) and total < maxiter:
+    while bool(active.any()) and total < maxiter:
         m = min(restart, maxiter - total, n)
         V = torch.zeros(nb, m + 1, n, dtype=bf.dtype, device=bf.device)
         V[:, 0] = r / torch.where(beta_t > 0, beta_t, torch.ones_like(beta_t)).unsqueeze(1)
-        H = [[[0.0] * m for _ in range(m + 1)] for _ in range(nb)]
-        cs = [[0.0] * m for _ in range(nb)]
-        sn = [[0.0] * m for _ in range(nb)]
-        g = [[beta[i]] + [0.0] * m for i in range(nb)]
-        k = [0] * nb
-        going = list(active)
+        R = torch.zeros(nb, m + 1, m, **f64)  # the rotated Hessenberg columns (upper triangular)
+        QT = torch.eye(m + 1, **f64).repeat(nb, 1, 1)  # the rotations so far, one orthogonal matrix per sample
+        g = torch.zeros(nb, m + 1, **f64)  # Qᵀ β e₁: its entry j+1 is the residual estimate after step j
+        g[:, 0] = beta
+        k = torch.zeros(nb, dtype=torch.long)
+        going = active.clone()
         for j in range(m):
             w = mv(V[:, j])
             total += 1
             basis = V[:, : j + 1]
-            h = torch.einsum("bkn,bn->bk", basis, w)
-            w = w - torch.einsum("bk,bkn->bn", h, basis)
-            h2 = torch.einsum("bkn,bn->bk", basis, w)  # re-orthogonalise (CGS2)
-            w = w - torch.einsum("bk,bkn->bn", h2, basis)
-            h = h + h2
+            h = torch.bmm(basis, w[:, :, None])  # (nb, j + 1, 1)
+            w = w - torch.bmm(h.mT, basis)[:, 0]
+            h2 = torch.bmm(basis, w[:, :, None])  # re-orthogonalise (CGS2)
+            w = w - torch.bmm(h2.mT, basis)[:, 0]
             hn_t = torch.linalg.vector_norm(w, dim=1)
             V[:, j + 1] = w / torch.where(hn_t > 0, hn_t, torch.ones_like(hn_t)).unsqueeze(1)
-            cols = torch.cat([h, hn_t.unsqueeze(1)], dim=1).tolist()
-            for i in range(nb):
-                if not going[i]:
-                    continue
-                col, c_i, s_i, g_i = cols[i], cs[i], sn[i], g[i]
-                hn = col[-1]
-                its[i] += 1
-                for q in range(j):  # previous rotations on the new column
-                    t = c_i[q] * col[q] + s_i[q] * col[q + 1]
-                    col[q + 1] = -s_i[q] * col[q] + c_i[q] * col[q + 1]
-                    col[q] = t
-                denom = math.hypot(col[j], col[j + 1])
-                c, s = (1.0, 0.0) if denom == 0 else (col[j] / denom, col[j + 1] / denom)
-                c_i[j], s_i[j] = c, s
-                col[j] = c * col[j] + s * col[j + 1]
-                col[j + 1] = 0.0
-                g_i[j + 1] = -s * g_i[j]
-                g_i[j] = c * g_i[j]
-                for q in range(j + 2):
-                    H[i][q][j] = col[q]
-                k[i] = j + 1
-                if abs(g_i[j + 1]) <= thresh[i] or hn == 0 or total >= maxiter:
-                    going[i] = False
-            if not any(going):
+            col = torch.cat([(h + h2)[..., 0], hn_t.unsqueeze(1)], dim=1).detach().cpu().to(**f64)  # one sync
+            col[:, : j + 1] = torch.bmm(QT[:, : j + 1, : j + 1], col[:, : j + 1, None])[..., 0]
+            a, c_ = col[:, j], col[:, j + 1]
+            denom = torch.hypot(a, c_)
+            safe = torch.where(denom == 0, torch.ones_like(denom), denom)
+            cs, sn = torch.where(denom == 0, 1.0, a / safe), torch.where(denom == 0, 0.0, c_ / safe)
+            col[:, j], col[:, j + 1] = cs * a + sn * c_, 0.0
+            rj, rj1 = QT[:, j].clone(), QT[:, j + 1].clone()
+            QT[:, j], QT[:, j + 1] = cs[:, None] * rj + sn[:, None] * rj1, cs[:, None] * rj1 - sn[:, None] * rj
+            gj = g[:, j].clone()
+            g[:, j], g[:, j + 1] = cs * gj, -sn * gj
+            R[:, : j + 2, j] = col  # (a column past a sample's own k is never read: y is 0 there)
+            k = torch.where(going, j + 1, k)
+            its += going
+            going = going & ~(g[:, j + 1].abs() <= thresh)  # (a breakdown, h_{j+1} = 0, gives g_{j+1} = 0)
+            if total >= maxiter or not bool(going.any()):
                 break
-        Y = [[0.0] * m for _ in range(nb)]
-        for i in range(nb):  # back substitution H[:k,:k] y = g[:k], per sample
-            y, Hi, ki = Y[i], H[i], k[i]
-            for q in range(ki - 1, -1, -1):
-                acc = g[i][q] - sum(Hi[q][jj] * y[jj] for jj in range(q + 1, ki))
-                y[q] = acc / Hi[q][q] if Hi[q][q] != 0 else 0.0
-        x = x + torch.einsum("bk,bkn->bn", torch.tensor(Y, dtype=bf.dtype, device=bf.device), V[:, :m])
+        # back substitution R[:k, :k] y = g[:k], every sample at once (y = 0 beyond its own k)
+        y = torch.zeros(nb, m, **f64)
+        for q in range(m - 1, -1, -1):
+            acc = g[:, q] - (R[:, q, q + 1 :] * y[:, q + 1 :]).sum(1)
+            d = R[:, q, q]
+            y[:, q] = torch.where((q < k) & (d != 0), acc / torch.where(d != 0, d, torch.ones_like(d)), 0.0)
+        x = x + torch.einsum("bk,bkn->bn", y.to(dtype=bf.dtype, device=bf.device), V[:, :m])
         r = bf - mv(x)
         total += 1
         new_t = torch.linalg.vector_norm(r, dim=1)
-        new = new_t.tolist()
-        was = torch.tensor(active, device=bf.device)
-        beta_t = torch.where(was, new_t, beta_t)
-        for i in range(nb):
-            if active[i]:
-                its[i] += 1
-                beta[i] = new[i]
-                active[i] = math.isfinite(new[i]) and new[i] > thresh[i]
-    its_t = torch.tensor(its, device=b.device).reshape(S)
-    res = torch.tensor(beta, dtype=thresh_t.dtype, device=b.device).reshape(S)
+        new = new_t.detach().cpu().to(**f64)
+        beta_t = torch.where(active.to(bf.device), new_t, beta_t)
+        its += active
+        beta = torch.where(active, new, beta)
+        active = active & torch.isfinite(new) & (new > thresh)
+    its_t = its.to(b.device).reshape(S)
+    res = beta.to(dtype=thresh_t.dtype, device=b.device).reshape(S)
     th = thresh_t.reshape(S)
     return x.reshape(shape), bt.info("gmres", its_t, res, th, res <= th)
-
 
 
 def _fixed_point_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _Batch, rtol: float,
