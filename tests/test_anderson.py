@@ -428,21 +428,24 @@ def test_half_precision_iterates(dtype, batch_dims):
     assert float((u.float() - exact).abs().max() / exact.abs().max()) < 0.05
 
 
-@pytest.mark.parametrize("scale", [1e155, 1e160, 1e-160, 1e-300])
-def test_per_sample_anderson_accelerates_at_any_scale(scale):
-    """A batch sample at 1e160 or 1e-300 is accelerated like one at 1 (its Gram matrix would over- or
-    underflow: at 1e155 the batch raised a DivergenceError on a contraction, at 1e-160 it fell back to
-    plain steps), and its point is the scaled point of the problem at 1."""
+@pytest.mark.parametrize("scale", [1e80, 1e155, 1e160, 1e-100, 1e-160, 1e-300])
+@pytest.mark.parametrize("make", [lambda: hp.Anderson(3), lambda: hp.Broyden(3)], ids=["anderson", "broyden"])
+def test_per_sample_acceleration_at_any_scale(scale, make):
+    """A batch sample at 1e160 or 1e-300 is accelerated like one at 1 (its small matrices would over- or
+    underflow: at 1e155 the Anderson batch raised a DivergenceError on a contraction, at 1e-160 it fell back
+    to plain steps, Broyden did beyond 1e±70), and its point is the scaled point of the problem at 1."""
     T = lambda u, x: 0.9 * (0.6 * u + 0.4 * u.flip(-1)) + x  # noqa: E731
     x = torch.arange(1.0, 6.0, dtype=torch.float64)[None]
-    ref, info1 = hp.GKMSolver(T, acceleration=hp.Anderson(3), batch_dims=1).solve(torch.zeros_like(x), x)
-    u, info = hp.GKMSolver(T, acceleration=hp.Anderson(3), batch_dims=1).solve(torch.zeros_like(x), x * scale)
+    ref, info1 = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.zeros_like(x), x)
+    u, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.zeros_like(x), x * scale)
     assert info.converged and info.steps_per_sample.tolist() == info1.steps_per_sample.tolist()
     assert torch.allclose(u / scale, ref, rtol=1e-12, atol=0)
 
 
-def test_per_sample_anderson_converging_to_zero_keeps_accelerating():
-    """u* = 0 from 1: the residual crosses 300 decades; the batch keeps accelerating (579 steps before)."""
+@pytest.mark.parametrize("make", [lambda: hp.Anderson(3), lambda: hp.Broyden(3)], ids=["anderson", "broyden"])
+def test_per_sample_acceleration_converging_to_zero_keeps_accelerating(make):
+    """u* = 0 from 1: the residual crosses 300 decades; the batch keeps accelerating (Anderson took 579
+    steps before, where one problem takes 39)."""
     T = lambda u: 0.5 * (0.6 * u + 0.4 * u.flip(-1))  # noqa: E731
-    _, info = hp.GKMSolver(T, acceleration=hp.Anderson(3), batch_dims=1).solve(torch.ones(1, 5, dtype=torch.float64))
+    _, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.ones(1, 5, dtype=torch.float64))
     assert info.converged and int(info.steps_per_sample[0]) < 100

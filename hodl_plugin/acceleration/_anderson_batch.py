@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .base import NORMAL, MaskedCounters, as_rows, np, row_norms, row_sq, solve
+from .base import NORMAL, MaskedCounters, as_rows, np, rescale, row_norms, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -66,7 +66,7 @@ class HostBatch:
         n = u.numel() // B if B else 0
         m = min(acc.history_size, max(n, 1))  # more differences than dimensions add nothing
         dt = np.float64 if u.dtype == torch.float64 else np.float32
-        self.shape, self.B, self.n, self.m, self.steps = u.shape, B, n, m, 0
+        self.shape, self.B, self.n, self.m, self.steps, self.dtype = u.shape, B, n, m, 0, dt
         self.W = np.zeros((B, m, 2 * n), dt)  # ring buffer of [Δu, Δf] rows; zero rows are unused
         self.dU, self.dF = self.W[:, :, :n], self.W[:, :, n:]
         self.lam1 = 1.0 + acc.regularization
@@ -101,33 +101,17 @@ class HostBatch:
         with np.errstate(all="ignore"):  # a diverging sample may overflow, a NaN one fail its solve: the
             if normal and self.scale is None:  # loop reports them
                 out = self._step(rn <= self.rlim, un, fn, rn, mix, beta)  # (1. safeguard: NaN, Inf fail it)
-            else:  # residuals beyond 1e±140: the step in units of 2^-e per sample (exact; see _rescale)
-                s = self._rescale(rn)
+            else:  # residuals beyond 1e±140: the step in units of 2^-e per sample (exact; see rescale)
+                s = rescale(self, rn, NORMAL, self._reset)
                 rn = rn * s
                 out = self._step(rn <= self.rlim, un * s[:, None], fn * s[:, None], rn, mix, beta) / s[:, None]
         t = torch.from_numpy(out)
         return t if t.shape == self.shape else t.view(self.shape)
 
-    def _rescale(self, rn: Any) -> Any:
-        """Per-sample powers of 2 that bring each residual norm to about 1 wherever it left
-        :data:`~hodl_plugin.acceleration.base.NORMAL` in the current units: a sample at 1e160 or 1e-300 is
-        accelerated like one at 1 (its Gram matrix would over- or underflow), the scaling is exact, and it
-        changes rarely (by 1e140 of progress): a sample whose units change restarts its history."""
-        dt = self.W.dtype
-        if self.scale is None:
-            self.scale = np.zeros(self.B, np.int64)  # exponents e: the units are 2^-e
-        now = rn * np.ldexp(1.0, self.scale)
-        move = ((now < NORMAL[0]) & (now > 0)) | ((now > NORMAL[1]) & np.isfinite(now))
-        if move.any():
-            e = self.scale.copy()
-            e[move] = -np.round(np.log2(rn[move])).astype(np.int64)
-            ratio = np.ldexp(1.0, e - self.scale)[:, None]
-            self.up, self.fp = self.up * ratio.astype(dt), self.fp * ratio.astype(dt)
-            self.rlim = np.where(self.rlim < self.big, self.rlim * ratio[:, 0], self.big)
-            self.W[move] = 0.0
-            self.G[move] = self.I1
-            self.scale = e
-        return np.ldexp(1.0, self.scale).astype(dt)
+    def _reset(self, move: Any) -> None:
+        """Clear the history of the samples in ``move`` (their units changed: :func:`~.base.rescale`)."""
+        self.W[move] = 0.0
+        self.G[move] = self.I1
 
     def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
         """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""

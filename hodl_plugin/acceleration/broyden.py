@@ -64,6 +64,7 @@ from .base import (
     check_safeguard,
     host_ok,
     np,
+    rescale,
     row_norms,
 )
 
@@ -120,6 +121,11 @@ class Broyden(Accelerator):
         return st.step(self, u, f, r, beta)
 
 
+#: residual norms inside this range keep the host state's products of four residual-sized factors (the
+#: curvature test's (sᵀMy)²) inside float64; beyond it the state steps in per-sample power-of-2 units
+_WINDOW = (1e-70, 1e70)
+
+
 class _HostState:
     """Per-sample Broyden on the host (numpy on views of CPU tensors, Python-branch decisions)."""
 
@@ -130,7 +136,7 @@ class _HostState:
         n = u.numel() // B if B else 0
         L = acc.history_size
         dt = np.float64 if u.dtype == torch.float64 else np.float32
-        self.shape, self.B, self.n, self.L, self.steps = u.shape, B, n, L, 0
+        self.shape, self.B, self.n, self.L, self.steps, self.dtype = u.shape, B, n, L, 0, dt
         self.A = np.zeros((B, L, n), dt)  # rows a_j
         self.V = np.zeros((B, L, n), dt)  # rows b_j
         self.Y = np.empty((B, 2, n), dt)  # [y, f] of the step
@@ -141,9 +147,15 @@ class _HostState:
         self.up: Any = None  # the last accepted point, its residual and safeguard limit
         self.fp: Any = None
         self.rlim: Any = None
+        self.scale: Any = None  # per-sample exponents once a residual left _WINDOW (units of 2^-e)
 
     def _limit(self, r: Any) -> Any:
         return r * self.sg if self.sg is not None else np.full_like(r, self.big)
+
+    def _reset(self, move: Any) -> None:
+        """Clear the memory of the samples in ``move`` (their units changed: :func:`~.base.rescale`)."""
+        self.A[move] = 0.0
+        self.V[move] = 0.0
 
     def step(self, acc: Broyden, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n, L = self.B, self.n, self.L
@@ -155,6 +167,11 @@ class _HostState:
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
             return torch.from_numpy(un + mix * fn).view(self.shape)
         with np.errstate(all="ignore"):  # a diverging sample may overflow; the loop reports it
+            s_units = None
+            inside = np.minimum.reduce(rn) > _WINDOW[0] and np.maximum.reduce(rn) < _WINDOW[1]  # (NaN: outside)
+            if self.scale is not None or not inside:
+                s_units = rescale(self, rn, _WINDOW, self._reset)  # the step in units of 2^-e per sample (exact)
+                un, fn, rn = un * s_units[:, None], fn * s_units[:, None], rn * s_units
             keep = rn <= self.rlim  # safeguard (NaN and Inf fail it)
             i = (self.steps - 2) % L
             if i == 0 and self.steps > 2:  # memory full: restart from M_0
@@ -188,6 +205,8 @@ class _HostState:
                 self.up, self.fp, self.rlim = un, fn, self._limit(rn)
             else:
                 self._restart(keep, ok, out, un, fn, rn, beta, mix)
+            if s_units is not None:
+                out = out / s_units[:, None]
         return torch.from_numpy(out).view(self.shape)
 
     def _restart(self, keep: Any, ok: Any, out: Any, un: Any, fn: Any, rn: Any, beta: float, mix: float) -> None:
