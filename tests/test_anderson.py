@@ -430,15 +430,20 @@ def test_half_precision_iterates(dtype, batch_dims):
 
 @pytest.mark.parametrize("scale", [1e80, 1e155, 1e160, 1e-100, 1e-160, 1e-300])
 @pytest.mark.parametrize("make", [lambda: hp.Anderson(3), lambda: hp.Broyden(3)], ids=["anderson", "broyden"])
-def test_per_sample_acceleration_at_any_scale(scale, make):
-    """A batch sample at 1e160 or 1e-300 is accelerated like one at 1 (its small matrices would over- or
-    underflow: at 1e155 the Anderson batch raised a DivergenceError on a contraction, at 1e-160 it fell back
-    to plain steps, Broyden did beyond 1e±70), and its point is the scaled point of the problem at 1."""
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_acceleration_at_any_scale(scale, make, batch_dims):
+    """A problem (or a batch sample) at 1e160 or 1e-300 is accelerated like one at 1 (its small matrices
+    would over- or underflow: at 1e155 the Anderson batch raised a DivergenceError on a contraction, at
+    1e-160 it fell back to plain steps, one problem at 1e160 took 129 steps for 9, Broyden lost its
+    acceleration beyond 1e±70), without a numpy warning, and its point is the scaled point of the problem
+    at 1."""
     T = lambda u, x: 0.9 * (0.6 * u + 0.4 * u.flip(-1)) + x  # noqa: E731
-    x = torch.arange(1.0, 6.0, dtype=torch.float64)[None]
-    ref, info1 = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.zeros_like(x), x)
-    u, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.zeros_like(x), x * scale)
-    assert info.converged and info.steps_per_sample.tolist() == info1.steps_per_sample.tolist()
+    x = torch.arange(1.0, 6.0, dtype=torch.float64)[None] if batch_dims else torch.arange(1.0, 6.0, dtype=torch.float64)
+    ref, info1 = hp.GKMSolver(T, acceleration=make(), batch_dims=batch_dims).solve(torch.zeros_like(x), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u, info = hp.GKMSolver(T, acceleration=make(), batch_dims=batch_dims).solve(torch.zeros_like(x), x * scale)
+    assert info.converged and info.steps == info1.steps
     assert torch.allclose(u / scale, ref, rtol=1e-12, atol=0)
 
 

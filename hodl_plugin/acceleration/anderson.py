@@ -87,6 +87,14 @@ from .base import (
 __all__ = ["Anderson"]
 
 
+def _scaled_norm(t: Tensor) -> float:
+    """``‖t‖`` as ``m‖t/m‖``, ``m`` its largest entry: no square over- or underflows (host paths)."""
+    m = float(t.abs().max()) if t.numel() else 0.0
+    if not (m > 0 and math.isfinite(m)):
+        return float(torch.linalg.vector_norm(t))
+    return float(torch.linalg.vector_norm(t / m)) * m
+
+
 class _Single:
     """The state of one problem run eagerly (no ``batch_dims``, no transforms): the fast path.
 
@@ -239,7 +247,10 @@ class Anderson(Accelerator):
             st.r_lim = self.safeguard * (float(r) if st.host else r.reshape(()))
             return torch.add(u, f, alpha=mix).view(st.shape)
         if st.host:
-            return self._step_host(st, u, f, float(r), beta, mix)
+            rf = float(r)
+            if not 1e-140 < rf < 1e140:  # (0, NaN too) squares beyond float's range: measured again, scaled
+                rf = _scaled_norm(f)
+            return self._step_host(st, u, f, rf, beta, mix)
         r = r.reshape(())
         # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
         keep = r <= st.r_lim
@@ -286,7 +297,10 @@ class Anderson(Accelerator):
         w, du, df, lam_i, g_row, g_col = st.rows[(st.steps - 2) % len(st.rows)]
         torch.sub(u, st.u_prev, out=du)
         torch.sub(f, st.f_prev, out=df)
-        w.div_(torch.linalg.vector_norm(df).clamp_min_(torch.finfo(u.dtype).tiny))
+        nrm = torch.linalg.vector_norm(df)
+        if st.host and not 1e-140 < float(nrm) < 1e140:  # a pair at 1e160 or 1e-160: its norm, scaled
+            nrm = torch.as_tensor(_scaled_norm(df), dtype=df.dtype)
+        w.div_(nrm.clamp_min_(torch.finfo(u.dtype).tiny))
         torch.addmv(lam_i, st.dF, df, out=g_row)
         g_col.copy_(g_row)
 

@@ -223,12 +223,13 @@ def row_norms(a: Any) -> tuple[Any, bool]:
     """``(r, normal)``: the norms of the rows of a ``(B, n)`` numpy array, in float64, and whether all of
     them lie in :data:`NORMAL`; a row whose squares leave float64's range (entries beyond about 1e±150)
     is measured again, scaled by its largest entry."""
-    r = np.sqrt(row_sq(a, np.float64))
-    if not r.size or (np.minimum.reduce(r) > NORMAL[0] and np.maximum.reduce(r) < NORMAL[1]):  # (NaN fails)
-        return r, True
-    m = np.abs(a).max(axis=1).astype(np.float64)
-    m[~(m > 0) | ~np.isfinite(m)] = 1.0
-    return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m, False
+    with np.errstate(over="ignore", invalid="ignore"):  # (the squares of a row beyond 1e154 overflow: measured again)
+        r = np.sqrt(row_sq(a, np.float64))
+        if not r.size or (np.minimum.reduce(r) > NORMAL[0] and np.maximum.reduce(r) < NORMAL[1]):  # (NaN fails)
+            return r, True
+        m = np.abs(a).max(axis=1).astype(np.float64)
+        m[~(m > 0) | ~np.isfinite(m)] = 1.0
+        return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m, False
 
 
 def rescale(state: Any, rn: Any, window: tuple[float, float], reset: Callable[[Any], None]) -> Any:
