@@ -135,6 +135,7 @@ class _Single:
         self.u_prev = self.f_prev = u.new_zeros(0)  # the last accepted point
         self.r_lim: Tensor | float = math.inf  # safeguard · its residual; inf after a fall-back
         self.fresh: Tensor | int = 0 if self.host else torch.zeros((), dtype=dt, device=dev)
+        self.extreme = False  # the last residual was beyond 1e±140 (host path: the next pair is normed scaled)
 
     @property
     def restarts(self) -> Tensor:
@@ -248,9 +249,11 @@ class Anderson(Accelerator):
             return torch.add(u, f, alpha=mix).view(st.shape)
         if st.host:
             rf = float(r)
-            if not 1e-140 < rf < 1e140:  # (0, NaN too) squares beyond float's range: measured again, scaled
+            extreme = not 1e-140 < rf < 1e140  # (0, NaN too): squares beyond float64's range
+            if extreme:
                 rf = _scaled_norm(f)
-            return self._step_host(st, u, f, rf, beta, mix)
+            scaled, st.extreme = extreme or st.extreme, extreme  # (Δf spans this residual and the last)
+            return self._step_host(st, u, f, rf, beta, mix, scaled)
         r = r.reshape(())
         # 1. safeguard: a point whose residual grew past safeguard·r_prev (or is NaN) is rejected
         keep = r <= st.r_lim
@@ -272,13 +275,15 @@ class Anderson(Accelerator):
         st.fresh += fresh
         return u_next.view(st.shape)
 
-    def _step_host(self, st: _Single, u: Tensor, f: Tensor, r: float, beta: float, mix: float) -> Tensor:
-        """The same decisions as the masked code, as Python branches (CPU tensors: no sync)."""
+    def _step_host(self, st: _Single, u: Tensor, f: Tensor, r: float, beta: float, mix: float,
+                   scaled: bool = False) -> Tensor:
+        """The same decisions as the masked code, as Python branches (CPU tensors: no sync); ``scaled``:
+        the residuals are beyond 1e±140, where the new pair's norm is taken scaled."""
         if not r <= st.r_lim:  # 1. safeguard (NaN too): fall back to the KM step of the last point
             st.clear()
             st.r_lim = math.inf
             return torch.add(st.u_prev, st.f_prev, alpha=beta).view(st.shape)
-        self._push(st, u, f)
+        self._push(st, u, f, scaled)
         gamma = self._solve_host(st, f)
         if gamma is not None:
             u_next = torch.addmv(torch.add(u, f, alpha=mix), st.dUT, gamma, alpha=-1.0)
@@ -291,14 +296,15 @@ class Anderson(Accelerator):
         return u_next if st.flat else u_next.view(st.shape)
 
     @staticmethod
-    def _push(st: _Single, u: Tensor, f: Tensor) -> None:
+    def _push(st: _Single, u: Tensor, f: Tensor, scaled: bool = False) -> None:
         """Step 2: the new secant pair, scaled to a unit Δf, into the ring buffer; its Gram row and
-        column (one matrix-vector product)."""
+        column (one matrix-vector product). ``scaled``: a pair at 1e160 or 1e-160, whose norm is taken
+        scaled (its squares leave float64)."""
         w, du, df, lam_i, g_row, g_col = st.rows[(st.steps - 2) % len(st.rows)]
         torch.sub(u, st.u_prev, out=du)
         torch.sub(f, st.f_prev, out=df)
         nrm = torch.linalg.vector_norm(df)
-        if st.host and not 1e-140 < float(nrm) < 1e140:  # a pair at 1e160 or 1e-160: its norm, scaled
+        if scaled:
             nrm = torch.as_tensor(_scaled_norm(df), dtype=df.dtype)
         w.div_(nrm.clamp_min_(torch.finfo(u.dtype).tiny))
         torch.addmv(lam_i, st.dF, df, out=g_row)
