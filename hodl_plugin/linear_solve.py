@@ -185,14 +185,15 @@ def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
 
 def _pow2_scale(m: Tensor) -> Tensor:
     """The power of 2 at or below each entry of ``m`` (a per-sample max ``|·|``), 1 where ``m`` is 0 or not
-    finite: dividing by it is exact and never overflows (``floor``: ``m`` near the dtype's max stays finite).
+    finite: dividing by it is exact and never overflows (``floor``: ``m`` near the dtype's max stays finite),
+    and it is at least the smallest normal number (a subnormal ``m``: its reciprocal stays finite too).
 
-    >>> _pow2_scale(torch.tensor([3e-200, 1e200, 0.0], dtype=torch.float64)).log2().tolist()
-    [-663.0, 664.0, 0.0]
+    >>> _pow2_scale(torch.tensor([3e-200, 1e200, 0.0, 1e-310], dtype=torch.float64)).log2().tolist()
+    [-663.0, 664.0, 0.0, -1022.0]
     """
     ok = torch.isfinite(m) & (m > 0)
-    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m))))),
-                       torch.ones_like(m))
+    e = torch.floor(torch.log2(torch.where(ok, m, torch.ones_like(m)))).clamp(min=math.log2(torch.finfo(m.dtype).tiny))
+    return torch.where(ok, torch.exp2(e), torch.ones_like(m))
 
 
 def _rhs_scale(b: Tensor, bt: Optional[_Batch]) -> Optional[Tensor]:

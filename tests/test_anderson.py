@@ -454,3 +454,24 @@ def test_per_sample_acceleration_converging_to_zero_keeps_accelerating(make):
     T = lambda u: 0.5 * (0.6 * u + 0.4 * u.flip(-1))  # noqa: E731
     _, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.ones(1, 5, dtype=torch.float64))
     assert info.converged and int(info.steps_per_sample[0]) < 100
+
+
+@pytest.mark.parametrize("make", [lambda: hp.Anderson(5), lambda: hp.Broyden(10)], ids=["anderson", "broyden"])
+def test_per_sample_acceleration_with_subnormal_and_huge_samples_side_by_side(make):
+    """Samples at 1e-310 (subnormal), 1 and 1e300 in one batch: each converges to its own point (the subnormal
+    one's units overflowed: it 'diverged' and took the 1e300 sample with it)."""
+    torch.manual_seed(6)
+    n, dt = 16, torch.float64
+    M = torch.randn(n, n, dtype=dt)
+    A = M / torch.linalg.matrix_norm(M, ord=2) * 0.95
+    xb = torch.randn(n, dtype=dt)
+    scales = [1e-310, 1.0, 1e300]
+    x = torch.stack([xb * s for s in scales])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u, info = hp.GKMSolver(lambda u, x: (u.unsqueeze(-2) * A).sum(-1) + x, batch_dims=1,
+                               acceleration=make()).solve(torch.zeros_like(x), x)
+    ref = torch.linalg.solve(torch.eye(n, dtype=dt) - A, xb)
+    assert info.converged and not info.diverged
+    for k, s in enumerate(scales):
+        assert float((u[k] - ref * s).abs().max()) <= 1e-8 * float(ref.abs().max()) * s

@@ -10,6 +10,7 @@ import pytest
 import torch
 from _oracles import DT, rel_err
 
+import hodl_plugin as hp
 from hodl_plugin import linear_solve as ls
 
 
@@ -183,3 +184,37 @@ def test_a_non_finite_sample_is_not_converged_and_leaves_the_others_right(name, 
     good = [0, 2, 3]
     exact = torch.linalg.solve(A, b[good].T).T
     assert float(((x[good] / scales[good, None] - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-10
+
+
+@pytest.mark.parametrize("make", [ls.gmres, ls.fixed_point], ids=["gmres", "fixed_point"])
+def test_batched_solve_with_a_subnormal_sample(make):
+    """A sample whose right-hand side is subnormal (1e-310) beside a normal one: its own solution, converged,
+    with a finite threshold (its scale's reciprocal overflowed: x = 0 with a NaN threshold before)."""
+    torch.manual_seed(0)
+    n = 4
+    A = torch.eye(n, dtype=torch.float64) + 0.1 * torch.randn(2, n, n, dtype=torch.float64)
+    b = torch.randn(2, n, dtype=torch.float64)
+    b[1] *= 1e-310
+    x, info = make(rtol=1e-12)(lambda v: torch.einsum("bij,bj->bi", A, v), b, batch_dims=1)
+    exact = torch.linalg.solve(A, b)
+    assert info.converged_per_sample.tolist() == [True, True]
+    assert torch.isfinite(info.threshold_per_sample).all()
+    assert float((x[1] - exact[1]).abs().max()) <= 1e-12 * float(exact[1].abs().max())
+
+
+def test_implicit_gradient_with_a_subnormal_upstream_sample():
+    """Through the implicit derivative: a sample whose upstream gradient is subnormal gets (I - A_bᵀ)⁻¹w_b
+    (a LinearSolveError with threshold NaN before)."""
+    torch.manual_seed(5)
+    n = 4
+    M = torch.randn(2, n, n, dtype=torch.float64)
+    A = M / torch.linalg.matrix_norm(M, ord=2)[:, None, None] * 0.5
+    x = torch.randn(2, n, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, n, dtype=torch.float64)
+    w[1] *= 1e-310
+    solver = hp.GKMSolver(lambda u, x: torch.einsum("bij,bj->bi", A, u) + x, batch_dims=1, tol=1e-13,
+                          hypergrad=hp.Implicit("gmres"))
+    (w * solver(torch.zeros(2, n, dtype=torch.float64), x)).sum().backward()
+    ref = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - A.mT, w)
+    assert float((x.grad[1] - ref[1]).abs().max()) <= 1e-10 * float(ref[1].abs().max())
+    assert float((x.grad[0] - ref[0]).abs().max()) <= 1e-10 * float(ref[0].abs().max())

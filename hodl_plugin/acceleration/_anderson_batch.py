@@ -102,9 +102,9 @@ class HostBatch:
             if normal and self.scale is None:  # loop reports them
                 out = self._step(rn <= self.rlim, un, fn, rn, mix, beta)  # (1. safeguard: NaN, Inf fail it)
             else:  # residuals beyond 1e±140: the step in units of 2^-e per sample (exact; see rescale)
-                s = rescale(self, rn, NORMAL, self._reset)
-                rn = rn * s
-                out = self._step(rn <= self.rlim, un * s[:, None], fn * s[:, None], rn, mix, beta) / s[:, None]
+                e = rescale(self, rn, NORMAL, self._reset)
+                rn, ec = np.ldexp(rn, e), e[:, None]
+                out = np.ldexp(self._step(rn <= self.rlim, np.ldexp(un, ec), np.ldexp(fn, ec), rn, mix, beta), -ec)
         t = torch.from_numpy(out)
         return t if t.shape == self.shape else t.view(self.shape)
 

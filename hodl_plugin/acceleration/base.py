@@ -233,27 +233,27 @@ def row_norms(a: Any) -> tuple[Any, bool]:
 
 
 def rescale(state: Any, rn: Any, window: tuple[float, float], reset: Callable[[Any], None]) -> Any:
-    """Per-sample powers of 2, :math:`2^{e_b}`, that bring each residual norm to about 1 wherever it left
-    ``window`` in the state's current units; returns them (the state's dtype). A host accelerator steps in
-    these units, so a sample at 1e160 or 1e-300 is accelerated like one at 1 (its small matrices would
-    over- or underflow); the scaling is exact and changes rarely (after ``window``'s worth of progress),
-    and a sample whose units change has its history cleared (``reset(mask)``) and its last accepted point,
+    """Per-sample exponents :math:`e_b` such that :math:`2^{e_b}` brings each residual norm to about 1
+    wherever it left ``window`` in the state's current units; returns them (the callers scale by
+    ``np.ldexp``, which never forms a power of 2 that overflows). A host accelerator steps in these units,
+    so a sample at 1e160 or 1e-310 is accelerated like one at 1 (its small matrices would over- or
+    underflow); the scaling is exact and changes rarely (after ``window``'s worth of progress), and a
+    sample whose units change has its history cleared (``reset(mask)``) and its last accepted point,
     residual and safeguard limit rescaled. ``state`` has ``scale`` (the exponents, ``None`` until first
-    needed), ``B``, ``up``, ``fp``, ``rlim``, ``big`` and a float array ``dtype``."""
-    dt = state.dtype
+    needed), ``B``, ``up``, ``fp``, ``rlim`` and ``big``."""
     if state.scale is None:
         state.scale = np.zeros(state.B, np.int64)
-    now = rn * np.ldexp(1.0, state.scale)
+    now = np.ldexp(rn, state.scale)
     move = ((now < window[0]) & (now > 0)) | ((now > window[1]) & np.isfinite(now))
     if move.any():
         e = state.scale.copy()
         e[move] = -np.round(np.log2(rn[move])).astype(np.int64)
-        ratio = np.ldexp(1.0, e - state.scale)
-        state.up, state.fp = state.up * ratio[:, None].astype(dt), state.fp * ratio[:, None].astype(dt)
-        state.rlim = np.where(state.rlim < state.big, state.rlim * ratio, state.big)
+        d = e - state.scale
+        state.up, state.fp = np.ldexp(state.up, d[:, None]), np.ldexp(state.fp, d[:, None])
+        state.rlim = np.where(state.rlim < state.big, np.ldexp(state.rlim, d), state.big)
         reset(move)
         state.scale = e
-    return np.ldexp(1.0, state.scale).astype(dt)
+    return state.scale
 
 
 def solve(A: Any, B: Any, quiet: bool = True) -> Any:

@@ -170,8 +170,9 @@ class _HostState:
             s_units = None
             inside = np.minimum.reduce(rn) > _WINDOW[0] and np.maximum.reduce(rn) < _WINDOW[1]  # (NaN: outside)
             if self.scale is not None or not inside:
-                s_units = rescale(self, rn, _WINDOW, self._reset)  # the step in units of 2^-e per sample (exact)
-                un, fn, rn = un * s_units[:, None], fn * s_units[:, None], rn * s_units
+                e = rescale(self, rn, _WINDOW, self._reset)  # the step in units of 2^-e per sample (exact)
+                s_units = e[:, None]
+                un, fn, rn = np.ldexp(un, s_units), np.ldexp(fn, s_units), np.ldexp(rn, e)
             keep = rn <= self.rlim  # safeguard (NaN and Inf fail it)
             i = (self.steps - 2) % L
             if i == 0 and self.steps > 2:  # memory full: restart from M_0
@@ -206,7 +207,7 @@ class _HostState:
             else:
                 self._restart(keep, ok, out, un, fn, rn, beta, mix)
             if s_units is not None:
-                out = out / s_units[:, None]
+                out = np.ldexp(out, -s_units)
         return torch.from_numpy(out).view(self.shape)
 
     def _restart(self, keep: Any, ok: Any, out: Any, un: Any, fn: Any, rn: Any, beta: float, mix: float) -> None:
