@@ -134,10 +134,18 @@ def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolv
     )
     if b is not None:
         eps = float(torch.finfo(b.dtype).eps)
-        bn = float(torch.linalg.vector_norm(b.detach()))
-        if bn > 0 and linfo.threshold / bn < 10 * eps:
+        if linfo.threshold_per_sample is not None:  # each sample's threshold against its own ||b_i||
+            thr = linfo.threshold_per_sample.reshape(-1).double().cpu()
+            bn_i = torch.linalg.vector_norm(b.detach().reshape(thr.numel(), -1), dim=1, dtype=torch.float64).cpu()
+            failed = ~linfo.converged_per_sample.reshape(-1).cpu() & (bn_i > 0)
+            rel = torch.where(failed, thr / torch.where(bn_i > 0, bn_i, torch.ones_like(bn_i)), torch.inf)
+            rel_min = float(rel.min())
+        else:
+            bn = float(torch.linalg.vector_norm(b.detach()))
+            rel_min = linfo.threshold / bn if bn > 0 else math.inf
+        if rel_min < 10 * eps:
             return (
-                f"{head} The threshold is {linfo.threshold / bn:.1e} relative to ||b||, below what {b.dtype} resolves "
+                f"{head} The threshold is {rel_min:.1e} relative to ||b||, below what {b.dtype} resolves "
                 f"(eps = {eps:.1e}): no solver reaches it; loosen adjoint_rtol (the dtype's default is "
                 f"{ls.default_rtol(b.dtype):.1e})"
             )

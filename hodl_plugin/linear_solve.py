@@ -176,6 +176,33 @@ class _Batch:
                                residual_per_sample=res, threshold_per_sample=thresh)
 
 
+def _check_system(b: Tensor, x0: Optional[Tensor], batch_dims: int) -> None:
+    """A real floating right-hand side; a warm start of its shape, dtype and device."""
+    if not isinstance(b, Tensor) or not b.is_floating_point():
+        what = b.dtype if isinstance(b, Tensor) else type(b).__name__
+        hint = " (complex systems are not supported: solve for the real and imaginary parts)" if (
+            isinstance(b, Tensor) and b.is_complex()) else ""
+        raise TypeError(f"the right-hand side b must be a real floating tensor, got {what}{hint}")
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or not 0 <= batch_dims <= b.dim():
+        raise ValueError(f"batch_dims must be an integer in [0, b.dim()] = [0, {b.dim()}], got {batch_dims!r}")
+    if x0 is not None and (not isinstance(x0, Tensor) or x0.shape != b.shape or x0.dtype != b.dtype
+                           or x0.device != b.device):
+        got = (tuple(x0.shape), x0.dtype, str(x0.device)) if isinstance(x0, Tensor) else type(x0).__name__
+        raise ValueError(f"the warm start x0 must be a tensor like b {(tuple(b.shape), b.dtype, str(b.device))}, "
+                         f"got {got}")
+
+
+def _empty_info(method: str, b: Tensor, batch_dims: int) -> LinearSolveInfo:
+    """The diagnostics of a solve with nothing to solve (``b`` without entries)."""
+    if not batch_dims:
+        return LinearSolveInfo(method, 0, 0.0, 0.0, True)
+    S = b.shape[:batch_dims]
+    zeros = torch.zeros(S, dtype=b.dtype, device=b.device)
+    return LinearSolveInfo(method, 0, 0.0, 0.0, True, iterations_per_sample=torch.zeros(S, dtype=torch.long),
+                           converged_per_sample=torch.ones(S, dtype=torch.bool), residual_per_sample=zeros,
+                           threshold_per_sample=zeros.clone())
+
+
 def _safe_range(dtype: torch.dtype) -> tuple[float, float]:
     r"""Norms of right-hand sides whose solves measure every residual without squares leaving the dtype:
     above :math:`\sqrt{\mathrm{tiny}}/\epsilon` (the residual reaches ~ε‖b‖), below :math:`\sqrt{\max}/2^{24}`."""
@@ -313,9 +340,16 @@ class LinearSolver:
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
                  batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
+        _check_system(b, x0, batch_dims)
         rtol, atol = self.tolerances(b)
         if batch_dims and not self.batched:
             raise ValueError(f"{type(self).__name__} has no per-sample mode (batch_dims)")
+        if b.numel() == 0:  # nothing to solve
+            return torch.zeros_like(b), _empty_info(self.name, b, batch_dims)
+        if x0 is not None and not transforms_active():  # where b = 0 the solution is 0: not x0's iterations
+            zero = b.detach().abs().amax(dim=tuple(range(batch_dims, b.dim())), keepdim=True) == 0
+            if bool(zero.any()):
+                x0 = torch.where(zero, torch.zeros_like(x0), x0)
         bt = _Batch(b, batch_dims) if batch_dims else None
         s = _rhs_scale(b, bt)
         if s is None:

@@ -138,3 +138,22 @@ def test_float32_defaults_reach_their_adjoint_tolerance():
     Qi_B = torch.linalg.solve(Q, B)
     ref = Qi_B.T @ (Qi_B @ x.detach().double() - y)
     torch.testing.assert_close(x.grad.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_adjoint_failure_names_the_real_cause():
+    """Samples whose cotangents differ by 1e9, an adjoint cut off by adjoint_maxiter: each sample's threshold is
+    judged against its own ||b_i|| (against the whole batch's norm it read as 'below what float64 resolves:
+    loosen adjoint_rtol'), so the message names adjoint_maxiter."""
+    torch.manual_seed(5)
+    n, dt = 8, torch.float64
+    M = torch.randn(2, n, n, dtype=dt)
+    A = M / torch.linalg.matrix_norm(M, ord=2)[:, None, None] * 0.9
+    x = torch.randn(2, n, dtype=dt, requires_grad=True)
+    w = torch.randn(2, n, dtype=dt)
+    w[1] *= 1e9
+    solver = hp.GKMSolver(lambda u, x: torch.einsum("bij,bj->bi", A, u) + x, batch_dims=1, tol=1e-13,
+                          hypergrad=hp.Implicit("gmres", adjoint_rtol=1e-12, adjoint_maxiter=5))
+    u = solver(torch.zeros(2, n, dtype=dt), x)
+    with pytest.raises(hp.LinearSolveError, match="adjoint_maxiter") as err:
+        (w * u).sum().backward()
+    assert "below what" not in str(err.value)

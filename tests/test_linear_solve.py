@@ -218,3 +218,32 @@ def test_implicit_gradient_with_a_subnormal_upstream_sample():
     ref = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - A.mT, w)
     assert float((x.grad[1] - ref[1]).abs().max()) <= 1e-10 * float(ref[1].abs().max())
     assert float((x.grad[0] - ref[0]).abs().max()) <= 1e-10 * float(ref[0].abs().max())
+
+
+@pytest.mark.parametrize("make", [ls.gmres, ls.cg, ls.bicgstab, ls.fixed_point])
+def test_bad_systems_are_named(make):
+    """Input a solver cannot serve raises a TypeError / ValueError naming the argument (raw torch errors
+    before); an empty system returns at once."""
+    solve = make()
+    with pytest.raises(TypeError, match="complex systems are not supported"):
+        solve(lambda v: 2 * v, torch.ones(3, dtype=torch.complex128))
+    with pytest.raises(TypeError, match="real floating tensor"):
+        solve(lambda v: 2 * v, torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="warm start x0"):
+        solve(lambda v: 2 * v, torch.ones(3, 5, dtype=torch.float64), x0=torch.zeros(3, 6, dtype=torch.float64))
+    x, info = solve(lambda v: 2 * v, torch.ones(0, 4, dtype=torch.float64))
+    assert x.shape == (0, 4) and info.converged and info.iterations == 0
+
+
+def test_zero_right_hand_side_with_a_warm_start_returns_zero_at_once():
+    """b = 0 (a sample of it) with a nonzero warm start: x = 0 without iterating (GMRES ran 583 products until
+    ‖Ax‖² underflowed, and reported an underflowed residual)."""
+    torch.manual_seed(1)
+    n = 20
+    A = torch.eye(n, dtype=torch.float64) + 0.5 * torch.randn(n, n, dtype=torch.float64) / n**0.5
+    x, info = ls.gmres(rtol=1e-10, restart=5)(lambda v: A @ v, torch.zeros(n, dtype=torch.float64),
+                                              x0=torch.randn(n, dtype=torch.float64))
+    assert info.converged and info.iterations <= 1 and float(x.abs().max()) == 0.0
+    b = torch.stack([torch.randn(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)])
+    x, info = ls.gmres(rtol=1e-10)(lambda v: v @ A.T, b, x0=torch.randn(2, n, dtype=torch.float64), batch_dims=1)
+    assert info.converged and float(x[1].abs().max()) == 0.0 and int(info.iterations_per_sample[1]) <= 1
