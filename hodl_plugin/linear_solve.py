@@ -1132,13 +1132,16 @@ def fixed_point(rtol: Optional[float] = None, atol: float = 0.0, maxiter: int = 
     Raises:
         ValueError: a tolerance or ``maxiter`` out of range.
 
-    Example — :math:`(I - J^\top)v = b` with :math:`J = \tfrac12 I`: :math:`v = 2b`, the series
-    :math:`\sum_k J^k b` to ``rtol``:
+    Like every solver here, ``matvec`` applies the matrix :math:`A = I - J^\top` of the system itself (not
+    :math:`J^\top`); the series runs on :math:`I - A`, and converges when that is a contraction.
+
+    Example — :math:`(I - J^\top)v = b` with :math:`J = \tfrac14 I`, so ``matvec`` is :math:`\tfrac34 v` and
+    :math:`v = \tfrac43 b`, the series :math:`\sum_k J^k b` to ``rtol``:
 
     >>> import torch
-    >>> v, info = fixed_point(rtol=1e-12)(lambda v: 0.5 * v, torch.ones(2, dtype=torch.float64))
+    >>> v, info = fixed_point(rtol=1e-12)(lambda v: 0.75 * v, torch.ones(2, dtype=torch.float64))
     >>> [round(t, 10) for t in v.tolist()], info.converged
-    ([2.0, 2.0], True)
+    ([1.3333333333, 1.3333333333], True)
     """
     return Neumann(rtol=rtol, atol=atol, maxiter=maxiter)
 

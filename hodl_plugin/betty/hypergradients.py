@@ -115,6 +115,14 @@ def gkm_vjp(vector: Sequence[Optional[Tensor]], curr: Any, prev: Any, sync: bool
         grads = torch.autograd.grad(z, params, v, retain_graph=True, allow_unused=True)
     except LinearSolveError as e:
         raise _node_error(e, curr, v) from e
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        raise HODLError(
+            f"the solution of GKM node {curr.name!r} was computed before the parameters of {prev.name!r} changed "
+            f"in place (an optimizer step since its solve): its derivative is no longer that of this solution. "
+            f"Solve again first — {curr.name}.one_step_descent(), or the next engine step — then call gkm_vjp"
+        ) from e
     if all(g is None for g in grads):
         raise HODLError(
             f"the operator of GKM node {curr.name!r} does not depend on the trainable parameters of "

@@ -302,3 +302,34 @@ def test_diagnostics_reach_bettys_logger():
     for key in ("residual", "steps", "converged", "eps", "delta"):
         assert key in lines[0]
     assert "hypergrad_norm" in lines[-1] and "adjoint_iterations" in lines[-1]
+
+
+def test_gkm_vjp_of_a_stale_solution_is_named():
+    """gkm_vjp after the engine's optimizer step, before a new solve: the stored solution's graph reads
+    parameters changed in place; a HODLError says to solve again (torch's raw in-place RuntimeError before),
+    and after a solve the hypergradient is 2v (u* = 2x)."""
+    class Low(hb.GKMProblem):
+        def operator(self, u, batch):
+            return 0.5 * u + self.up.module.x
+
+        def initial_state(self, batch):
+            return torch.zeros(2, dtype=DT)
+
+    class Up(ImplicitProblem):
+        def get_batch(self):
+            return None
+
+        def training_step(self, batch):
+            return ((self.low.u - 1.0) ** 2).sum()
+
+    m = torch.nn.Module()
+    m.x = torch.nn.Parameter(torch.zeros(2, dtype=DT))
+    up = Up("up", hb.HODLConfig(), module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    low = Low("low", hb.HODLConfig(type="gkm_implicit", tol=1e-12))
+    hb.HODLEngine([up, low], EngineConfig(train_iters=1, strategy="cpu"),
+                  dependencies={"u2l": {up: [low]}, "l2u": {low: [up]}}).run()
+    with pytest.raises(hp.HODLError, match="Solve again first"):
+        hb.gkm_vjp([torch.ones(2, dtype=DT)], low, up)
+    low.one_step_descent()
+    (g,) = hb.gkm_vjp([torch.ones(2, dtype=DT)], low, up)
+    assert torch.allclose(g, torch.full((2,), 2.0, dtype=DT), rtol=1e-9)
