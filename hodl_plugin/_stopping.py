@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from .acceleration.base import row_sq
+from .acceleration.base import HOST_DTYPES, NORMAL, row_sq
 from .errors import ConvergenceWarning, DivergenceError
 
 try:  # the per-sample checks of an eager CPU batch compute in numpy (views of the tensors)
@@ -99,8 +99,7 @@ def certifies(dtype: torch.dtype) -> bool:
 
 # the squares of entries below ~1e-154 or above ~1e154 leave float64's range (float32 and half precision
 # tensors are summed in float64): a norm outside these bounds is measured again, scaled
-_TINY, _HUGE = 1e-140, 1e140
-_NP_DTYPES = (torch.float32, torch.float64)
+_TINY, _HUGE = NORMAL
 
 
 
@@ -178,7 +177,7 @@ class Monitor:
         # meanwhile they go on iterating, which changes nothing for the others (the samples are independent)
         self.defer = defer and self.xp is not torch and self.bdims > 0
         # a host batch of float32/float64 samples takes its norms in numpy
-        self.np_norms = self.xp is not torch and bool(self.reduce_dims) and u.dtype in _NP_DTYPES
+        self.np_norms = self.xp is not torch and bool(self.reduce_dims) and u.dtype in HOST_DTYPES
         self.batch_shape = tuple(u.shape[: self.bdims])
         self.kept: Optional[Tensor] = None
         self.kept_mask: Any = None
@@ -236,7 +235,7 @@ class Monitor:
             if stopped is not None:
                 stopped = stopped.reshape(stopped.shape + (1,) * (new.dim() - stopped.ndim))
             self._frozen = (active, self.expand(active, new), stopped)
-        if fresh and self._frozen[2] is not None and new.dtype in _NP_DTYPES and not new.requires_grad:
+        if fresh and self._frozen[2] is not None and new.dtype in HOST_DTYPES and not new.requires_grad:
             np.copyto(new.numpy(), old.detach().numpy(), where=self._frozen[2])
             return new
         return torch.where(self._frozen[1], new, old)
@@ -410,14 +409,7 @@ class Monitor:
         if self.functional:  # no host syncs: diverged samples become NaN (visible), stopped ones freeze
             out = torch.where(self.expand(newly_bad, u_next), torch.full_like(u_next, math.nan), u_next)
             return torch.where(self.expand(newly_stop, u_next), u_k, out)
-        self._record(r)
-        self.hist_steps.append(k)
-        info.tol = float(thresh.max())
-        if s.stopped_at is None:
-            s.stopped_at = xp.full_like(r, -1, dtype=xp.int64)
-            s.stop_res, s.stop_thr = xp.full_like(r, math.nan), xp.full_like(r, math.nan)
-            s.converged = xp.zeros_like(conv)
-            s.diverged = xp.zeros_like(conv)
+        self._record(k, r, thresh)
         flags = [newly_bad.any(), ~s.active.any(), newly_stop.any(), finite.all(), stalled.any()]
         any_bad, all_done, any_stop, all_finite, any_stall = (
             torch.stack(flags).tolist() if xp is torch else [bool(f) for f in flags])  # one sync
@@ -436,11 +428,7 @@ class Monitor:
                            float(s.rmin[newly_bad].max()), not bool(finite[newly_bad].all()), stall_only,
                            _indices(newly_bad))
         if any_stop:
-            s.stopped_at = xp.where(newly_stop, k, s.stopped_at)
-            s.stop_res = xp.where(newly_stop, r, s.stop_res)
-            s.stop_thr = xp.where(newly_stop, thresh, s.stop_thr)
-            s.converged = s.converged | newly_conv
-            out = self._stop(newly_stop, u_k, out)
+            out = self._stop(k, newly_stop, newly_conv, r, thresh, u_k, out)
             if any_stall:
                 self._stall_message(k, float(r[stalled].max()), float(s.rmin[stalled].max()),
                                     int(s.kmin[stalled].min()), float(thresh[stalled].max()),
@@ -468,20 +456,13 @@ class Monitor:
         """:meth:`_check_tensor` when :meth:`_improving` holds: the stall state restarts at this check
         (a new minimum everywhere; the state of stopped samples is not read again) and only the
         samples that meet the tolerance stop."""
-        s, info = self.t, self.info
+        s = self.t
         s.ups.fill(0.0)
         s.cmin.fill(0.0)
         s.kmin.fill(float(k))
         s.rref, s.rmin = r, np.minimum(s.rmin, r)
         s.rprev, s.kprev = r, k
-        self._record(r)
-        self.hist_steps.append(k)
-        info.tol = float(thresh.max())
-        if s.stopped_at is None:
-            s.stopped_at = np.full_like(r, -1, dtype=np.int64)
-            s.stop_res, s.stop_thr = np.full_like(r, math.nan), np.full_like(r, math.nan)
-            s.converged = np.zeros(r.shape, bool)
-            s.diverged = np.zeros(r.shape, bool)
+        self._record(k, r, thresh)
         self.u_good = u_k
         if not self.stop:
             return u_next
@@ -491,24 +472,26 @@ class Monitor:
         if not newly.any():
             return u_next
         s.active = ~newly if s.active is None else s.active & ~newly
-        s.stopped_at = np.where(newly, k, s.stopped_at)
-        s.stop_res = np.where(newly, r, s.stop_res)
-        s.stop_thr = np.where(newly, thresh, s.stop_thr)
-        s.converged = s.converged | newly
         self.done = not s.active.any()
-        return self._stop(newly, u_k, u_next)
+        return self._stop(k, newly, newly, r, thresh, u_k, u_next)
 
-    def _stop(self, newly: Any, u_k: Tensor, out: Tensor) -> Tensor:
-        """The samples that stop now return ``u_k``: frozen in ``out`` and at every later step, or — with
-        ``defer`` — kept aside for :meth:`restore` while they go on iterating (copied in numpy when no
-        autograd graph runs through them)."""
+    def _stop(self, k: int, newly: Any, conv: Any, r: Any, thresh: Any, u_k: Tensor, out: Tensor) -> Tensor:
+        """The samples ``newly`` stop at check ``k`` (``conv``: those that met the tolerance) and return
+        ``u_k``: frozen in ``out`` and at every later step, or — with ``defer`` — kept aside for
+        :meth:`restore` while they go on iterating (copied in numpy when no autograd graph runs through
+        them)."""
+        s, xp = self.t, self.xp
+        s.stopped_at = xp.where(newly, k, s.stopped_at)
+        s.stop_res = xp.where(newly, r, s.stop_res)
+        s.stop_thr = xp.where(newly, thresh, s.stop_thr)
+        s.converged = s.converged | conv
         if not self.defer:
             self.masking = True
             return torch.where(self.expand(newly, out), u_k, out)
         if self.kept is None:
             self.kept = u_k.clone()
             self.kept_mask = newly.copy()
-        elif u_k.requires_grad or self.kept.requires_grad or u_k.dtype not in _NP_DTYPES:
+        elif u_k.requires_grad or self.kept.requires_grad or u_k.dtype not in HOST_DTYPES:
             self.kept = torch.where(self.expand(newly, u_k), u_k, self.kept)
             self.kept_mask |= newly
         else:
@@ -523,9 +506,18 @@ class Monitor:
             return u
         return torch.where(self.expand(self.kept_mask, u), self.kept, u)
 
-    def _record(self, r: Any) -> None:
-        """The residuals of a check into the history (a stopped sample keeps the one it stopped at)."""
-        self.hist.append(r if self.kept_mask is None else np.where(self.kept_mask, self.t.stop_res, r))
+    def _record(self, k: int, r: Any, thresh: Any) -> None:
+        """A check's residuals into the history (a stopped sample keeps the one it stopped at) and its
+        threshold into ``info.tol``; the per-sample stop record is allocated at the first check."""
+        s, xp = self.t, self.xp
+        self.hist.append(r if self.kept_mask is None else np.where(self.kept_mask, s.stop_res, r))
+        self.hist_steps.append(k)
+        self.info.tol = float(thresh.max())
+        if s.stopped_at is None:
+            s.stopped_at = xp.full_like(r, -1, dtype=xp.int64)
+            s.stop_res, s.stop_thr = xp.full_like(r, math.nan), xp.full_like(r, math.nan)
+            s.converged = xp.zeros_like(r, dtype=xp.bool if xp is torch else bool)
+            s.diverged = xp.zeros_like(s.converged)
 
     # -- reports ------------------------------------------------------------------------------
     def _diverged(self, k: int, r: float, r0: float, rmin: float, nonfinite: bool, stall: bool,

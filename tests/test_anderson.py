@@ -445,6 +445,10 @@ def test_acceleration_at_any_scale(scale, make, batch_dims):
         u, info = hp.GKMSolver(T, acceleration=make(), batch_dims=batch_dims).solve(torch.zeros_like(x), x * scale)
     assert info.converged and info.steps == info1.steps
     assert torch.allclose(u / scale, ref, rtol=1e-12, atol=0)
+    n = 5  # and both are the fixed point: u* = (I - 0.9(0.6 I + 0.4 J))⁻¹ x, J the flip
+    M = 0.9 * (0.6 * torch.eye(n, dtype=torch.float64) + 0.4 * torch.eye(n, dtype=torch.float64).flip(0))
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - M, torch.arange(1.0, 6.0, dtype=torch.float64))
+    assert float((u / scale - exact).abs().max()) <= 1e-8 * float(exact.abs().max())
 
 
 @pytest.mark.parametrize("make", [lambda: hp.Anderson(3), lambda: hp.Broyden(3)], ids=["anderson", "broyden"])
@@ -452,8 +456,8 @@ def test_per_sample_acceleration_converging_to_zero_keeps_accelerating(make):
     """u* = 0 from 1: the residual crosses 300 decades; the batch keeps accelerating (Anderson took 579
     steps before, where one problem takes 39)."""
     T = lambda u: 0.5 * (0.6 * u + 0.4 * u.flip(-1))  # noqa: E731
-    _, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.ones(1, 5, dtype=torch.float64))
-    assert info.converged and int(info.steps_per_sample[0]) < 100
+    u, info = hp.GKMSolver(T, acceleration=make(), batch_dims=1).solve(torch.ones(1, 5, dtype=torch.float64))
+    assert info.converged and int(info.steps_per_sample[0]) < 100 and float(u.abs().max()) < 1e-250
 
 
 @pytest.mark.parametrize("make", [lambda: hp.Anderson(5), lambda: hp.Broyden(10)], ids=["anderson", "broyden"])

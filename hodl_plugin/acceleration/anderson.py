@@ -73,6 +73,7 @@ from torch import Tensor
 from .._torch_compat import transforms_active
 from ._anderson_batch import HostBatch, MaskedBatch
 from .base import (
+    NORMAL,
     Accelerator,
     batch_size,
     check_history,
@@ -87,12 +88,12 @@ from .base import (
 __all__ = ["Anderson"]
 
 
-def _scaled_norm(t: Tensor) -> float:
-    """``‖t‖`` as ``m‖t/m‖``, ``m`` its largest entry: no square over- or underflows (host paths)."""
-    m = float(t.abs().max()) if t.numel() else 0.0
-    if not (m > 0 and math.isfinite(m)):
-        return float(torch.linalg.vector_norm(t))
-    return float(torch.linalg.vector_norm(t / m)) * m
+def _scaled_norm(t: Tensor) -> Tensor:
+    """``‖t‖`` without a square over- or underflowing (:func:`hodl_plugin._stopping.scaled_norm`, imported
+    here: the stop rule imports this package's host helpers), in ``t``'s dtype."""
+    from .._stopping import scaled_norm
+
+    return scaled_norm(t).to(t.dtype)
 
 
 class _Single:
@@ -249,9 +250,9 @@ class Anderson(Accelerator):
             return torch.add(u, f, alpha=mix).view(st.shape)
         if st.host:
             rf = float(r)
-            extreme = not 1e-140 < rf < 1e140  # (0, NaN too): squares beyond float64's range
+            extreme = not NORMAL[0] < rf < NORMAL[1]  # (0, NaN too): squares beyond float64's range
             if extreme:
-                rf = _scaled_norm(f)
+                rf = float(_scaled_norm(f))
             scaled, st.extreme = extreme or st.extreme, extreme  # (Δf spans this residual and the last)
             return self._step_host(st, u, f, rf, beta, mix, scaled)
         r = r.reshape(())
@@ -305,7 +306,7 @@ class Anderson(Accelerator):
         torch.sub(f, st.f_prev, out=df)
         nrm = torch.linalg.vector_norm(df)
         if scaled:
-            nrm = torch.as_tensor(_scaled_norm(df), dtype=df.dtype)
+            nrm = _scaled_norm(df)
         w.div_(nrm.clamp_min_(torch.finfo(u.dtype).tiny))
         torch.addmv(lam_i, st.dF, df, out=g_row)
         g_col.copy_(g_row)

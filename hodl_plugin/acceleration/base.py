@@ -215,7 +215,8 @@ def row_sq(a: Any, dtype: Any = None) -> Any:
     return np.einsum("...i,...i->...", a, a, dtype=dtype)
 
 
-#: row norms inside this range have squares, and Gram matrices of such rows entries, well inside float64's
+#: norms inside this range have their squares (and Gram matrices of vectors of such norms) well inside float64's
+#: range; outside it a norm is measured again, scaled, and a host accelerator steps in power-of-2 units
 NORMAL = (1e-140, 1e140)
 
 
