@@ -14,8 +14,9 @@ install:
 	# numpy<2.3 it is tested with); installed first with --ignore-requires-python, the extra below is
 	# then satisfied
 	$(PIP) install --quiet --ignore-requires-python "betty-ml==0.2.1" "numpy<2.3"
-	# every extra: betty, torchopt (linear_solve.torchopt_cg and a peer), dev (tests, build), recipes, docs
-	$(PIP) install --quiet -e ".[betty,torchopt,dev,recipes,docs]"
+	# every extra: betty, torchopt (linear_solve.torchopt_cg and a peer), fast (numba: compiled per-sample
+	# accelerator steps), dev (tests, build), recipes, docs
+	$(PIP) install --quiet -e ".[betty,torchopt,fast,dev,recipes,docs]"
 	# peers of benchmarks/compare.py and benchmarks/deq.py (not dependencies of the package); boat-torch's
 	# torchvision requirement would pull a CUDA torch, so --no-deps (its other needs are installed
 	# above); torchdeq needs only torch and numpy

@@ -116,6 +116,13 @@ def ours(make: Callable[[], Optional[hp.acceleration.Accelerator]], batch_dims: 
     return run
 
 
+def _numpy(acc: hp.acceleration.Accelerator) -> hp.acceleration.Accelerator:
+    """``acc`` with its per-sample host steps in numpy (without numba's compiled loop: the ``fast`` extra
+    not installed)."""
+    acc._compiled = False  # type: ignore[attr-defined]
+    return acc
+
+
 def torchdeq(kind: str) -> Forward:
     def run(P: Problem) -> tuple[torch.Tensor, int]:
         from .peers import torchdeq_peer
@@ -129,6 +136,7 @@ def forward_methods(peer: bool) -> dict[str, Forward]:
     methods: dict[str, Forward] = {
         "plain, per sample": ours(lambda: None, 1),
         "Anderson(6), per sample": ours(lambda: hp.Anderson(6), 1),
+        "Anderson(6), per sample, numpy": ours(lambda: _numpy(hp.Anderson(6)), 1),
         "Anderson(6), whole batch": ours(lambda: hp.Anderson(6), 0),
         "Broyden(6), per sample": ours(lambda: hp.Broyden(6), 1),
         "Broyden(20), per sample": ours(lambda: hp.Broyden(20), 1),
@@ -318,13 +326,14 @@ def step_costs(P: Problem, rounds: int) -> list[dict[str, Any]]:
         "plain": lambda: None, "Anderson(6)": lambda: hp.Anderson(6), "Broyden(6)": lambda: hp.Broyden(6)}
     rows = []
     for name, make in makers.items():
-        for path in (("host", "masked") if name != "plain" else ("-",)):
+        for path in (("host", "numpy", "masked") if name != "plain" else ("-",)):
             per_step, share = [], []
             for _ in range(rounds):
                 acc = make()
                 spent: list[float] = []
                 if acc is not None:
-                    acc._host_decisions = path == "host"  # type: ignore[attr-defined]
+                    acc._host_decisions = path != "masked"  # type: ignore[attr-defined]
+                    acc._compiled = path != "numpy"  # type: ignore[attr-defined]
                     acc, spent = _timed(acc)
                 solver = hp.GKMSolver(T, max_steps=20000, tol=TOL, batch_dims=1, acceleration=acc)
                 c = time.process_time()
@@ -337,7 +346,8 @@ def step_costs(P: Problem, rounds: int) -> list[dict[str, Any]]:
             for steps in (40, 140):
                 acc = make()
                 if acc is not None:
-                    acc._host_decisions = path == "host"  # type: ignore[attr-defined]
+                    acc._host_decisions = path != "masked"  # type: ignore[attr-defined]
+                    acc._compiled = path != "numpy"  # type: ignore[attr-defined]
                 solver = hp.GKMSolver(T, max_steps=steps, tol=0, batch_dims=1, acceleration=acc)
                 with torch.no_grad(), _torch_checks(path == "masked"), _Count() as cnt:
                     solver.solve(torch.zeros_like(P.x), P.x, P.W)
@@ -416,7 +426,8 @@ def markdown(fwd: list[dict[str, Any]], bwd: list[dict[str, Any]], costs: list[d
                      f"| {r['vs_first']:.2f} | {r['grad_error']:.1e} | {r['fd_error']:.1e} |")
     lines += ["", f"Where a per-sample step's time goes (c = 0.99, {SPECTRA[0]}; aten operations counted with a "
               "`TorchDispatchMode`, the host path's numpy work not included; host: the eager CPU path, numpy "
-              "accelerator state and stop checks; masked: what a GPU or `torch.func` runs, torch tensors only, "
+              "accelerator state and stop checks, each step one compiled loop (numba, the `fast` extra); numpy: "
+              "the same without numba; masked: what a GPU or `torch.func` runs, torch tensors only, "
               "forced here on the CPU):", "",
               "| method | path | CPU µs / step | accelerator's share | aten ops / step | host syncs / step |",
               "|---|---|---|---|---|---|"]

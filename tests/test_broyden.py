@@ -44,14 +44,14 @@ def newton(A, x, iters=50):
     return u
 
 
-@pytest.mark.parametrize("path", ["host", "masked"])
+@pytest.mark.parametrize("path", ["host", "numpy", "masked"])
 def test_the_inverse_is_the_dense_good_broyden_update(path):
     """M_k = -J_k⁻¹ with J_0 = -I/β and the good Broyden update J₊ = J + (y - Js)sᵀ/(sᵀs) of the
     Jacobian of f(u) = T(u) - u, computed densely; the secant condition M y = -s holds."""
     A, c = affine(n=6, rho=0.95)
     beta, L = 0.8, 10
     acc = hp.Broyden(L)
-    acc._host_decisions = path == "host"
+    acc._host_decisions, acc._compiled = path != "masked", path != "numpy"
     u = torch.zeros(6, dtype=D)
     st = acc.init(u, 0)
     J = -torch.eye(6, dtype=D) / beta
@@ -141,11 +141,11 @@ def test_memory_full_clears_it():
     assert rows == [0, 1, 2, 3, 1, 2]  # three updates, then a restart from M_0 with the newest pair
 
 
-@pytest.mark.parametrize("path", ["host", "masked"])
+@pytest.mark.parametrize("path", ["host", "numpy", "masked"])
 def test_a_degenerate_update_restarts_with_the_km_step(path):
     """s ⊥ y makes sᵀM₀y = β sᵀy = 0: the update is undefined, the memory stays empty and the step is KM."""
     acc = hp.Broyden(5)
-    acc._host_decisions = path == "host"
+    acc._host_decisions, acc._compiled = path != "masked", path != "numpy"
     u0 = torch.zeros(3, dtype=D)
     f0 = torch.tensor([1.0, 0.0, 0.0], dtype=D)
     st = acc.init(u0, 0)
@@ -156,11 +156,11 @@ def test_a_degenerate_update_restarts_with_the_km_step(path):
     assert int(torch.as_tensor(st.restarts).max()) == 1 and float(abs(torch.as_tensor(st.A)).sum()) == 0.0
 
 
-@pytest.mark.parametrize("path", ["host", "masked"])
+@pytest.mark.parametrize("path", ["host", "numpy", "masked"])
 def test_a_degenerate_update_restarts_that_sample_only(path):
     """Per sample: sample 0 gets the degenerate pair (s ⊥ y), sample 1 a generic one."""
     acc = hp.Broyden(5)
-    acc._host_decisions = path == "host"
+    acc._host_decisions, acc._compiled = path != "masked", path != "numpy"
     u0 = torch.zeros(2, 3, dtype=D)
     f0 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, -1.0]], dtype=D)
     st = acc.init(u0, 1)
@@ -174,10 +174,10 @@ def test_a_degenerate_update_restarts_that_sample_only(path):
     assert float(A[0].abs().sum()) == 0.0 and float(A[1].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("path", ["host", "masked"])
+@pytest.mark.parametrize("path", ["host", "numpy", "masked"])
 def test_safeguard_on_one_problem(path):
     acc = hp.Broyden(5, safeguard=2.0)
-    acc._host_decisions = path == "host"
+    acc._host_decisions, acc._compiled = path != "masked", path != "numpy"
     a = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9], dtype=D)
     c = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=D)
     u = torch.zeros(5, dtype=D)

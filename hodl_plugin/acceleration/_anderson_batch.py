@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import _kernels
 from .base import NORMAL, MaskedCounters, as_rows, np, rescale, row_norms, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,6 +86,10 @@ class HostBatch:
         self.fp: Any = None
         self.rlim: Any = None  # safeguard · its residual norm; the largest float after a fall-back
         self.scale: Any = None  # per-sample exponents e once a residual left NORMAL (units of 2^-e)
+        # steps 2-4 as one compiled loop over the samples where numba is installed (the numpy code below
+        # otherwise; acc._compiled = False forces it)
+        self.kernel = _kernels.anderson() if getattr(acc, "_compiled", None) is not False and B and n else None
+        self.gamma, self.ok = np.empty((B, m), dt), np.empty(B, bool)
 
     def _limit(self, r: Any) -> Any:
         return r * self.sg if self.sg is not None else np.full_like(r, self.big)
@@ -115,6 +120,12 @@ class HostBatch:
 
     def _step(self, keep: Any, un: Any, fn: Any, rn: Any, mix: float, beta: float) -> Any:
         """Steps 2-5 of :meth:`step` (numpy arrays in, the next iterates out)."""
+        if self.kernel is not None:  # steps 2-4 compiled (_kernels._anderson_rows: the same arithmetic)
+            out = np.empty_like(un)
+            args = (self.W, self.G, self.up, self.fp, un, fn, (self.steps - 2) % self.m, self.lam1, self.tiny,
+                    self.probe, self.lim2, mix, out, self.gamma, self.ok)
+            if _kernels.run(self, args):
+                return self._accept(keep, self.ok, out, un, fn, rn, beta)
         n, m = self.n, self.m
         # 2. the new pair into slot i; its Gram row/column and ΔFᵀf from one batched product
         i = (self.steps - 2) % m
@@ -141,7 +152,10 @@ class HostBatch:
             out *= mix
         out += un
         out -= c[:, :n]
-        # 5. restarts and fall-backs; the accepted point becomes the reference
+        return self._accept(keep, ok, out, un, fn, rn, beta)
+
+    def _accept(self, keep: Any, ok: Any, out: Any, un: Any, fn: Any, rn: Any, beta: float) -> Any:
+        """5. restarts and fall-backs; the accepted point becomes the reference."""
         if _all(keep & ok):
             self.up, self.fp, self.rlim = un, fn, self._limit(rn)
         else:

@@ -201,6 +201,7 @@ class Anderson(Accelerator):
         self.restart_cond = check_restart_cond(restart_cond)
         self.safeguard = check_safeguard(safeguard)
         self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
+        self._compiled: Optional[bool] = None  # None: the host path's compiled loop where numba is installed
 
     def __repr__(self) -> str:
         return (

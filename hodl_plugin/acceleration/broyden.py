@@ -53,6 +53,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from . import _kernels
 from .base import (
     Accelerator,
     MaskedCounters,
@@ -102,6 +103,7 @@ class Broyden(Accelerator):
         self.restart_cond = check_restart_cond(restart_cond)
         self.safeguard = check_safeguard(safeguard)
         self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
+        self._compiled: Optional[bool] = None  # None: the host path's compiled loop where numba is installed
 
     def __repr__(self) -> str:
         return (
@@ -148,6 +150,10 @@ class _HostState:
         self.fp: Any = None
         self.rlim: Any = None
         self.scale: Any = None  # per-sample exponents once a residual left _WINDOW (units of 2^-e)
+        # the step as one compiled loop over the samples where numba is installed (acc._compiled = False:
+        # the numpy code below)
+        self.kernel = _kernels.broyden() if getattr(acc, "_compiled", None) is not False and B and n else None
+        self.ok = np.empty(B, bool)
 
     def _limit(self, r: Any) -> Any:
         return r * self.sg if self.sg is not None else np.full_like(r, self.big)
@@ -178,30 +184,12 @@ class _HostState:
             if i == 0 and self.steps > 2:  # memory full: restart from M_0
                 self.A.fill(0.0)
                 self.V.fill(0.0)
-            Y = self.Y
-            np.subtract(fn, self.fp, out=Y[:, 0])
-            Y[:, 1] = fn
-            s = un - self.up
-            MY = mix * Y  # (B, 2, n): [My, Mf], M = mix·I + Σ_j a_j b_jᵀ over the i rows in use
-            b = mix * s  # Mᵀs
-            if i:  # rows i.. are empty since the last clear: the products skip them
-                A, V = self.A[:, :i], self.V[:, :i]
-                MY += np.matmul(np.matmul(Y, V.transpose(0, 2, 1)), A)
-                b += np.matmul(np.matmul(s[:, None, :], A.transpose(0, 2, 1)), V)[:, 0]
-            A, V = self.A, self.V
-            by, bf = np.matmul(b[:, None, :], Y.transpose(0, 2, 1))[:, 0].T  # sᵀMy, sᵀMf
-            My = MY[:, 0]
-            ss = np.einsum("bn,bn->b", s, s)
-            still = ss == 0  # a sample that did not move (kept frozen by the loop): no update, no restart
-            ok = (by * by > ss * np.einsum("bn,bn->b", My, My) / self.rc2) | still  # NaN fails
-            coef = np.where(ok & ~still, -1.0 / by, 0.0)
-            a = A[:, i]
-            np.add(s, My, out=a)
-            a *= coef[:, None]
-            V[:, i] = b
-            out = a * bf[:, None]  # u + M_k f = u + M_{k-1}f + a (bᵀf)
-            out += MY[:, 1]
-            out += un
+            out = np.empty_like(un) if self.kernel is not None else None
+            if out is not None and _kernels.run(self, (self.A, self.V, self.up, self.fp, un, fn, i, mix, self.rc2,
+                                                       out, self.ok)):
+                ok = self.ok
+            else:
+                out, ok = self._step(un, fn, i, mix)
             if keep.all() and ok.all():
                 self.up, self.fp, self.rlim = un, fn, self._limit(rn)
             else:
@@ -209,6 +197,35 @@ class _HostState:
             if s_units is not None:
                 out = np.ldexp(out, -s_units)
         return torch.from_numpy(out).view(self.shape)
+
+    def _step(self, un: Any, fn: Any, i: int, mix: float) -> tuple[Any, Any]:
+        """The update into row ``i`` and the proposed points, in numpy (``_kernels._broyden_rows``
+        compiles the same): ``(out, ok)``."""
+        Y = self.Y
+        np.subtract(fn, self.fp, out=Y[:, 0])
+        Y[:, 1] = fn
+        s = un - self.up
+        MY = mix * Y  # (B, 2, n): [My, Mf], M = mix·I + Σ_j a_j b_jᵀ over the i rows in use
+        b = mix * s  # Mᵀs
+        if i:  # rows i.. are empty since the last clear: the products skip them
+            A, V = self.A[:, :i], self.V[:, :i]
+            MY += np.matmul(np.matmul(Y, V.transpose(0, 2, 1)), A)
+            b += np.matmul(np.matmul(s[:, None, :], A.transpose(0, 2, 1)), V)[:, 0]
+        A, V = self.A, self.V
+        by, bf = np.matmul(b[:, None, :], Y.transpose(0, 2, 1))[:, 0].T  # sᵀMy, sᵀMf
+        My = MY[:, 0]
+        ss = np.einsum("bn,bn->b", s, s)
+        still = ss == 0  # a sample that did not move (kept frozen by the loop): no update, no restart
+        ok = (by * by > ss * np.einsum("bn,bn->b", My, My) / self.rc2) | still  # NaN fails
+        coef = np.where(ok & ~still, -1.0 / by, 0.0)
+        a = A[:, i]
+        np.add(s, My, out=a)
+        a *= coef[:, None]
+        V[:, i] = b
+        out = a * bf[:, None]  # u + M_k f = u + M_{k-1}f + a (bᵀf)
+        out += MY[:, 1]
+        out += un
+        return out, ok
 
     def _restart(self, keep: Any, ok: Any, out: Any, un: Any, fn: Any, rn: Any, beta: float, mix: float) -> None:
         """Clear the memory of the samples that failed a test; an ill-conditioned update takes the KM
