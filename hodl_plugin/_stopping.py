@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ._torch_compat import forward_ad_active
 from .acceleration.base import HOST_DTYPES, NORMAL, row_sq
 from .errors import ConvergenceWarning, DivergenceError
 
@@ -175,7 +176,9 @@ class Monitor:
         # a host batch of plain steps does not freeze its stopped samples at every step (a torch.where per
         # step): it keeps their returned points aside and puts them back at the end (:meth:`restore`);
         # meanwhile they go on iterating, which changes nothing for the others (the samples are independent)
-        self.defer = defer and self.xp is not torch and self.bdims > 0
+        # (numpy writes only the primal of a forward-mode dual tensor: with a dual level open, torch does them)
+        self.numpy_writes = self.xp is not torch and not forward_ad_active()
+        self.defer = defer and self.numpy_writes and self.bdims > 0
         # a host batch of float32/float64 samples takes its norms in numpy
         self.np_norms = self.xp is not torch and bool(self.reduce_dims) and u.dtype in HOST_DTYPES
         self.batch_shape = tuple(u.shape[: self.bdims])
@@ -235,7 +238,8 @@ class Monitor:
             if stopped is not None:
                 stopped = stopped.reshape(stopped.shape + (1,) * (new.dim() - stopped.ndim))
             self._frozen = (active, self.expand(active, new), stopped)
-        if fresh and self._frozen[2] is not None and new.dtype in HOST_DTYPES and not new.requires_grad:
+        if (fresh and self._frozen[2] is not None and new.dtype in HOST_DTYPES and not new.requires_grad
+                and self.numpy_writes):
             np.copyto(new.numpy(), old.detach().numpy(), where=self._frozen[2])
             return new
         return torch.where(self._frozen[1], new, old)

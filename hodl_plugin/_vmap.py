@@ -119,10 +119,15 @@ def solve_per_sample(problem: FixedPointProblem, transpose: bool, role: str, b: 
     of the warm start ``x0``), diagnostics stacked as a batched solver reports them."""
     batch = problem.batch
     assert batch is not None
+    inner = batch.unbatched
+    if inner.batch is not None and not inner.batch.batched_solver:  # nested vmaps: one level at a time
+        def one(*args: Any) -> tuple[Tensor, ls.LinearSolveInfo]:
+            return solve_per_sample(*args, solve_one)
+    else:
+        one = solve_one
     xs, infos = [], []
     for i in range(b.shape[0]):
-        x, li = solve_one(batch.unbatched, transpose, role, b[i], u[i], slice_(i, tensors, batch.dims),
-                          None if x0 is None else x0[i])
+        x, li = one(inner, transpose, role, b[i], u[i], slice_(i, tensors, batch.dims), None if x0 is None else x0[i])
         xs.append(x)
         infos.append(li)
     return torch.stack(xs), stack_infos(infos)

@@ -90,6 +90,13 @@ def default_rtol(dtype: torch.dtype) -> float:
     return min(max(1e-10, 100 * torch.finfo(dtype).eps), 1e-2)
 
 
+_NOT_DIFFERENTIABLE = (
+    "the solvers of hodl_plugin.linear_solve do not differentiate through their iterations (autograd "
+    "through them gives wrong derivatives): call the solver under torch.no_grad() on detached tensors, or, "
+    "for the derivatives of x = A⁻¹b, decorate the solve with hp.custom_root(lambda x, b: matvec(x) - b)"
+)
+
+
 @dataclass
 class LinearSolveInfo:
     r"""Diagnostics of one linear solve.
@@ -190,6 +197,23 @@ def _check_system(b: Tensor, x0: Optional[Tensor], batch_dims: int) -> None:
         got = (tuple(x0.shape), x0.dtype, str(x0.device)) if isinstance(x0, Tensor) else type(x0).__name__
         raise ValueError(f"the warm start x0 must be a tensor like b {(tuple(b.shape), b.dtype, str(b.device))}, "
                          f"got {got}")
+
+
+def _checked(matvec: MatVec) -> MatVec:
+    """``matvec`` whose first product is checked: a tensor shaped like its input, of its dtype and device
+    (else the solver's arithmetic raised torch's raw size or dtype errors, or ran on in another dtype)."""
+    state = {"checked": False}
+
+    def mv(z: Tensor) -> Tensor:
+        out = matvec(z)
+        if not state["checked"]:
+            state["checked"] = True
+            if not isinstance(out, Tensor) or out.shape != z.shape or out.dtype != z.dtype or out.device != z.device:
+                got = (tuple(out.shape), out.dtype, str(out.device)) if isinstance(out, Tensor) else type(out).__name__
+                like = (tuple(z.shape), z.dtype, str(z.device))
+                raise ValueError(f"matvec must return a tensor like its input {like} (the product A z), got {got}")
+        return out
+    return mv
 
 
 def _empty_info(method: str, b: Tensor, batch_dims: int) -> LinearSolveInfo:
@@ -340,6 +364,18 @@ class LinearSolver:
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
                  batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
+        if not torch.is_grad_enabled() or transforms_active():
+            return self._call(matvec, b, x0, batch_dims)
+        # autograd would record the iterations: refused where it would reach b, x0 or the matrix
+        if b.requires_grad or (x0 is not None and x0.requires_grad):
+            raise ConfigurationError(_NOT_DIFFERENTIABLE)
+        with torch.no_grad():
+            x, info = self._call(matvec, b, x0, batch_dims)
+        if matvec(x).requires_grad:  # (one more product) the matrix reads tensors that require grad
+            raise ConfigurationError(_NOT_DIFFERENTIABLE)
+        return x, info
+
+    def _call(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], batch_dims: int) -> tuple[Tensor, LinearSolveInfo]:
         _check_system(b, x0, batch_dims)
         rtol, atol = self.tolerances(b)
         if batch_dims and not self.batched:
@@ -350,6 +386,7 @@ class LinearSolver:
             zero = b.detach().abs().amax(dim=tuple(range(batch_dims, b.dim())), keepdim=True) == 0
             if bool(zero.any()):
                 x0 = torch.where(zero, torch.zeros_like(x0), x0)
+        matvec = _checked(matvec)
         bt = _Batch(b, batch_dims) if batch_dims else None
         s = _rhs_scale(b, bt)
         if s is None:
@@ -695,7 +732,7 @@ class Neumann(LinearSolver):
                 r = b - matvec(x)
                 its += 1
             res = _norm(r)
-            if res <= thresh or not math.isfinite(res):
+            if res <= thresh or not math.isfinite(res) or its >= maxiter:  # (x: the iterate res measures)
                 break
             x = x + r
             r = None
@@ -1009,7 +1046,7 @@ def _fixed_point_batched(matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: _B
             its = its + active
         res = torch.where(active, bt.norm(r), res)
         active = active & (res > thresh) & torch.isfinite(res)
-        if not bool(active.any()):
+        if not bool(active.any()) or n >= maxiter:  # (x: the iterates res measures)
             break
         x = torch.where(bt.ex(active, x), x + r, x)
         r = None

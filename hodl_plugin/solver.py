@@ -19,6 +19,7 @@ Example (a quadratic lower level whose fixed point is :math:`u^*(x) = A^{-1}x`):
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any, Callable, Hashable, Optional, Union
 
@@ -271,6 +272,16 @@ class GKMSolver(nn.Module):
         self.iteration = self.iteration.replace(max_steps=value)
         self.method.validate(self.iteration)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # an option given at construction lives in the iteration or the method: an attribute of the same
+        # name set afterwards would change nothing (only max_steps is settable, above)
+        if name in _CONSTRUCTION_ONLY and "iteration" in self.__dict__:
+            raise AttributeError(
+                f"GKMSolver.{name} is fixed at construction (the iteration and the method hold it; setting the "
+                f"attribute would change nothing): build a new GKMSolver(..., {name}=...); only max_steps can be set"
+            )
+        super().__setattr__(name, value)
+
     def forward(self, u0: Tensor, *params: Tensor, key: Optional[Hashable] = None) -> Tensor:
         """Solve from ``u0``; ``key`` names the problem instance for warm starts (inexact mode)."""
         return self.solve(u0, *params, key=key)[0]
@@ -296,6 +307,13 @@ class GKMSolver(nn.Module):
     def extra_repr(self) -> str:
         tol = self.iteration.tol
         return f"method={self.method!r}, max_steps={self.max_steps}, tol={'dtype default' if tol is None else tol}"
+
+
+#: the constructor's options other than max_steps (see GKMSolver.__setattr__)
+_CONSTRUCTION_ONLY = frozenset(
+    set(inspect.signature(GKMSolver.__init__).parameters) - {"self", "max_steps", "method_options"}
+    | {"method"}
+)
 
 
 def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None, iteration: Optional[GKMIteration] = None) -> None:

@@ -147,7 +147,8 @@ def run_mode(name: str, opts: dict[str, Any], D: dict[str, Any], mu: float, K: i
     if opts.pop("upper", False):  # PTT compares F along the trajectory (no aggregation)
         opts.update(upper=F, alpha=0)
     learned = opts.pop("learned_init", False)
-    opts.setdefault("tol", 1e-6)
+    if opts["hypergrad"] != "inexact":  # (inexact stops at its own accuracies eps_k, delta_k)
+        opts.setdefault("tol", 1e-6)
     solver = hp.GKMSolver(hp.GradientStep(objective=f, step=1.0 / L), max_steps=K,
                           hypergrad=opts.pop("hypergrad"), **opts)
     x = torch.zeros(len(D["ytr"]), dtype=DT, requires_grad=True)

@@ -247,3 +247,64 @@ def test_zero_right_hand_side_with_a_warm_start_returns_zero_at_once():
     b = torch.stack([torch.randn(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)])
     x, info = ls.gmres(rtol=1e-10)(lambda v: v @ A.T, b, x0=torch.randn(2, n, dtype=torch.float64), batch_dims=1)
     assert info.converged and float(x[1].abs().max()) == 0.0 and int(info.iterations_per_sample[1]) <= 1
+
+
+@pytest.mark.parametrize("make", [ls.cg, ls.gmres, ls.bicgstab, ls.fixed_point, ls.anderson_fixed_point,
+                                  lambda: ls.FunctionSolver(fn=lambda mv, b, x0=None: 2 * b)],
+                         ids=["cg", "gmres", "bicgstab", "fixed_point", "anderson", "function"])
+def test_autograd_through_the_iterations_is_refused_by_name(make):
+    """Autograd through a solver's iterations gives wrong derivatives (BiCGSTAB's gradient w.r.t. b was off
+    by 1e13 on a converged solve; GMRES and Anderson raised torch's raw in-place errors): a right-hand side,
+    warm start or matvec that requires grad is refused by name; the derivative of x = A⁻¹b comes from
+    hp.custom_root (checked against A⁻ᵀw)."""
+    A = 0.5 * torch.eye(4, dtype=DT) + 0.05 * torch.arange(16, dtype=DT).reshape(4, 4) / 16
+    b = torch.arange(1.0, 5.0, dtype=DT, requires_grad=True)
+    solver = make()
+    with pytest.raises(hp.errors.ConfigurationError, match="custom_root"):
+        solver(lambda z: A @ z, b)
+    with pytest.raises(hp.errors.ConfigurationError, match="do not differentiate"):
+        solver(lambda z: A @ z, b.detach(), x0=torch.zeros(4, dtype=DT, requires_grad=True))
+    Ar = A.clone().requires_grad_(True)
+    if not isinstance(solver, ls.FunctionSolver):  # (its fn here ignores the matrix)
+        with pytest.raises(hp.errors.ConfigurationError, match="do not differentiate"):
+            solver(lambda z: Ar @ z, b.detach())
+    with torch.no_grad():
+        x, _ = solver(lambda z: A @ z, b)
+    assert not x.requires_grad
+    solve = hp.custom_root(lambda x, b: A @ x - b)(lambda x0, b: torch.linalg.solve(A, b))
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
+    (g,) = torch.autograd.grad((w * solve(torch.zeros(4, dtype=DT), b)).sum(), b)
+    assert torch.allclose(g, torch.linalg.solve(A.T, w), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("bd", [0, 1])
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "fixed_point", "anderson_fixed_point"])
+def test_the_reported_residual_is_that_of_the_returned_point_when_maxiter_stops(name, bd):
+    """``info.residual`` is ‖b - Ax‖ of the returned x, also when ``maxiter`` stops an unconverged solve
+    (Neumann reported the residual of the iterate before the one it returned: 5.7e5 for 5.0e7)."""
+    if bd and name in ("bicgstab", "anderson_fixed_point"):
+        pytest.skip("no per-sample mode")
+    torch.manual_seed(0)
+    n = 20
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=DT))[0]
+    M = Q @ torch.diag(torch.logspace(0, 2, n, dtype=DT)) @ Q.T  # eigenvalues 1..100: Richardson diverges
+    b = torch.randn(3, n, dtype=DT) if bd else torch.randn(n, dtype=DT)
+    for maxiter in (1, 2, 3, 5):
+        solver = getattr(ls, name)(rtol=1e-12, maxiter=maxiter)
+        x, info = solver(lambda v: v @ M.T, b, batch_dims=bd) if bd else solver(lambda v: M @ v, b)
+        true = torch.linalg.vector_norm(b - x @ M.T, dim=-1)
+        assert not info.converged
+        if bd:  # (info.residual: the sample farthest from its threshold)
+            assert torch.allclose(info.residual_per_sample, true, rtol=1e-6, atol=0), (maxiter, info, true)
+            true = true[int(torch.argmax(info.residual_per_sample / info.threshold_per_sample))]
+        assert math.isclose(info.residual, float(true), rel_tol=1e-6), (maxiter, info.residual, true)
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "fixed_point", "anderson_fixed_point"])
+def test_a_matvec_of_the_wrong_shape_or_dtype_is_named(name):
+    """A product of another shape or dtype than its input raised torch's raw size / dtype errors."""
+    b = torch.ones(12, dtype=DT)
+    solver = getattr(ls, name)()
+    for bad in (lambda v: v[:5], lambda v: (0.5 * v).float()):
+        with pytest.raises(ValueError, match="matvec must return a tensor like its input"):
+            solver(bad, b)

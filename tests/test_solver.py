@@ -131,6 +131,21 @@ def test_max_steps_belongs_to_the_iteration():
         s.iteration.tol = 1e-3  # options are replaced, not mutated: s.iteration.replace(tol=...)
 
 
+@pytest.mark.parametrize("name, value", [("tol", 1e-3), ("atol", 1.0), ("check_every", 1), ("batch_dims", 1),
+                                         ("hypergrad", "unrolled"), ("acceleration", None), ("beta", 0.5),
+                                         ("T", lambda u, x: u), ("method", None), ("on_divergence", "warn")])
+def test_options_set_after_construction_are_refused_not_ignored(name, value):
+    """Setting ``solver.tol = ...`` (or any constructor option but max_steps) created a plain attribute
+    that changed nothing (after ``s.batch_dims = 1`` a batch was still one problem); now it raises and the
+    solver is unchanged."""
+    s = hp.GKMSolver(T, tol=1e-12)
+    with pytest.raises(AttributeError, match=f"GKMSolver.{name} is fixed at construction"):
+        setattr(s, name, value)
+    u, info = s.solve(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
+    assert info.converged and s.method.name == "implicit" and s.iteration.tol == 1e-12
+    s.info = None  # other attributes stay free
+
+
 # -- bad arguments are refused at construction, naming the argument -----------------------------------------
 @pytest.mark.parametrize(
     "kwargs, name",

@@ -634,3 +634,39 @@ def test_per_sample_diagnostics_are_plain_tensors_after_outer_transforms():
                        tol=1e-8, max_steps=200)
     torch.func.jacrev(lambda xs: torch.func.vmap(lambda x: agg(torch.zeros(N, dtype=DT), x))(xs))(X)
     assert plain(agg.info.steps_per_sample) and agg.info.steps_per_sample.tolist() == [200] * B
+
+
+def _dense_solve(mv, b, x0=None):
+    """A user's own linear solver: the matrix column by column, then a dense solve."""
+    E = torch.eye(b.numel(), dtype=b.dtype)
+    A = torch.stack([mv(E[i].reshape(b.shape)).reshape(-1) for i in range(b.numel())], dim=1)
+    return torch.linalg.solve(A, b.reshape(-1)).reshape(b.shape)
+
+
+@pytest.mark.parametrize("solver", ["bicgstab", "anderson", "user"])
+def test_nested_transforms_with_solvers_without_a_per_sample_mode(solver):
+    """hessian (jacfwd over jacrev) and vmap(vmap(grad)) lift the problem twice; a solver without a per-sample
+    mode then solves one sample at a time at each level (it raised "has no per-sample mode"). Against
+    Newton's equilibrium differentiated by plain autograd."""
+    torch.manual_seed(0)
+    dt, n = torch.float64, 4
+    W = torch.randn(n, n, dtype=dt)
+    W = 0.7 * W / torch.linalg.matrix_norm(W, 2)
+
+    def newton(x):
+        z = torch.zeros(n, dtype=dt)
+        for _ in range(40):
+            t = torch.tanh(W @ z + x)
+            z = z - torch.linalg.solve(torch.eye(n, dtype=dt) - (1 - t**2)[:, None] * W, z - t)
+        return z
+
+    method = hp.Implicit(hp.linear_solve.FunctionSolver(fn=_dense_solve) if solver == "user" else solver)
+    s = hp.GKMSolver(lambda z, x: torch.tanh(W @ z + x), tol=1e-13, hypergrad=method)
+    f = lambda x: (s(torch.zeros(n, dtype=dt), x) ** 2).sum()  # noqa: E731
+    ref = lambda x: (newton(x) ** 2).sum()  # noqa: E731
+    x0, xs = torch.randn(n, dtype=dt), torch.randn(2, 3, n, dtype=dt)
+    H = torch.func.hessian(f)(x0)
+    assert torch.allclose(H, torch.autograd.functional.hessian(ref, x0), rtol=0, atol=1e-9)
+    G = torch.func.vmap(torch.func.vmap(torch.func.grad(f)))(xs)
+    Gref = torch.stack([torch.stack([torch.autograd.functional.jacobian(ref, x) for x in row]) for row in xs])
+    assert torch.allclose(G, Gref, rtol=0, atol=1e-9)
