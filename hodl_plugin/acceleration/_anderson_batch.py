@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels
-from .base import NORMAL, MaskedCounters, as_rows, np, rescale, row_norms, row_sq, solve
+from .base import NORMAL, MaskedCounters, as_rows, np, rescale, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -97,7 +97,7 @@ class HostBatch:
     def step(self, acc: Anderson, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n = self.B, self.n
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn, normal = row_norms(fn)  # (r, torch's, is given at checks only)
+        rn, normal = _kernels.norms(self, fn)  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # no history yet: the plain KM step

@@ -5,8 +5,9 @@ small numpy operations over the batch; in the solver's loop, between evaluations
 several µs whatever its size. :func:`anderson` compiles the same step — the new secant pair into the ring
 buffer, the Gram row and column, the ridge least squares with its condition probe, the update — as one
 loop over the samples, one call per step (about 1.5× faster per-sample Anderson in
-``python -m benchmarks.deq``). The arithmetic is the numpy path's up to the order of the sums; the
-restart and safeguard decisions stay in numpy.
+``python -m benchmarks.deq``; one problem on the CPU runs as a batch of one). :func:`broyden` does the same
+for per-sample Broyden. The arithmetic is the numpy path's up to the order of the sums; the restart and
+safeguard decisions stay in numpy.
 
 numba is optional (the ``fast`` extra, ``pip install "hodl_plugin[fast]"``): without it, or with
 ``NUMBA_DISABLE_JIT=1`` (where numba would run the loops as Python), :func:`anderson` returns ``None``
@@ -19,9 +20,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
-from .base import np  # (None without numpy: then no host path runs)
+from .base import NORMAL, np  # (np: None without numpy; then no host path runs)
+from .base import row_norms as base_row_norms
 
-__all__ = ["anderson", "broyden", "run"]
+__all__ = ["anderson", "broyden", "row_norms", "run"]
 
 _compiled: dict[str, Optional[Callable[..., None]]] = {}
 
@@ -39,7 +41,7 @@ def _anderson_rows(W: Any, G: Any, up: Any, fp: Any, un: Any, fn: Any, i: int, l
       ``ok``; the others solve :math:`G\,[x, \gamma] = [Dp, \Delta F^\top f]` (LU with partial
       pivoting, :math:`D = \mathrm{diag}(G)^{1/2}`), ``ok`` where :math:`\|Dx\|^2 \le` ``lim2`` (the
       condition probe; a singular or NaN system fails), :math:`\gamma = 0` where not ``ok``;
-    - ``out[b]`` :math:`= u + \mathrm{mix}\,(f - \Delta F\gamma) - \Delta U\gamma`.
+    - ``out[b]`` :math:`= u + \mathrm{mix}\,f - (\Delta U + \mathrm{mix}\,\Delta F)\gamma`.
     """
     B, m, n2 = W.shape
     n = n2 // 2
@@ -110,16 +112,14 @@ def _anderson_rows(W: Any, G: Any, up: Any, fp: Any, un: Any, fn: Any, i: int, l
                     x2 += x * x
                 good = x2 <= lim2  # (NaN fails)
         ok[b] = good
-        for j in range(m):
-            gamma[b, j] = R[j, 1] if moved and good else 0.0
         for k in range(n):
-            cu = 0.0
-            cf = 0.0
-            for j in range(m):
-                g = gamma[b, j]
-                cu += g * W[b, j, k]
-                cf += g * W[b, j, n + k]
-            out[b, k] = (fn[b, k] - cf) * mix + un[b, k] - cu
+            out[b, k] = un[b, k] + mix * fn[b, k]
+        for j in range(m):
+            g = R[j, 1] if moved and good else 0.0
+            gamma[b, j] = g
+            if g != 0.0:
+                for k in range(n):
+                    out[b, k] -= g * (W[b, j, k] + mix * W[b, j, n + k])
 
 
 def _broyden_rows(A: Any, V: Any, up: Any, fp: Any, un: Any, fn: Any, i: int, mix: float, rc2: float,
@@ -182,6 +182,34 @@ def run(state: Any, args: tuple) -> bool:
     return True
 
 
+def _row_norms(a: Any, r: Any, lo: float, hi: float) -> bool:  # pragma: no cover
+    """``r[b] = ‖a[b]‖`` (summed in float64); whether every norm lies strictly inside ``(lo, hi)`` (NaN
+    does not; a row whose squares overflow reads Inf, and the caller measures it again, scaled)."""
+    inside = True
+    for b in range(a.shape[0]):
+        s = 0.0
+        for k in range(a.shape[1]):
+            s += a[b, k] * a[b, k]
+        v = math.sqrt(s)
+        r[b] = v
+        if not (lo < v < hi):
+            inside = False
+    return inside
+
+
+def norms(state: Any, a: Any) -> tuple[Any, bool]:
+    """:func:`~hodl_plugin.acceleration.base.row_norms` of the rows of ``a``: compiled where ``state`` has
+    its compiled step (``state.kernel``), measured again in numpy (scaled) when a norm leaves
+    :data:`~hodl_plugin.acceleration.base.NORMAL`."""
+    if state.kernel is not None:
+        kernel = row_norms()
+        if kernel is not None:
+            r = np.empty(a.shape[0])
+            if kernel(a, r, NORMAL[0], NORMAL[1]):
+                return r, True
+    return base_row_norms(a)
+
+
 def _compile(fn: Callable[..., None]) -> Optional[Callable[..., None]]:
     if np is None:
         return None
@@ -210,6 +238,11 @@ def broyden() -> Optional[Callable[..., None]]:
     """The compiled per-sample Broyden step (:func:`_broyden_rows`'s arguments), or ``None`` without
     numba (the numpy path runs)."""
     return _get("broyden", _broyden_rows)
+
+
+def row_norms() -> Optional[Callable[..., bool]]:
+    """The compiled :func:`_row_norms`, or ``None`` without numba."""
+    return _get("row_norms", _row_norms)
 
 
 def _get(name: str, fn: Callable[..., None]) -> Optional[Callable[..., None]]:

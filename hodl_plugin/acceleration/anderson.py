@@ -28,7 +28,10 @@ ridge-regularised least-squares problem
 
 Implementations of the same iteration, in preallocated buffers:
 
-- one problem (no ``batch_dims``), eager — the fast path of this module: the columns of
+- on the CPU with numba installed (the ``fast`` extra), eager float32/float64 — one problem too is a
+  batch of one of the per-sample state below, whose step is one compiled loop
+  (:mod:`~hodl_plugin.acceleration._kernels`);
+- one problem (no ``batch_dims``), eager, otherwise — the fast path of this module: the columns of
   :math:`\Delta F` are scaled to unit norm when they enter the ring buffer (the :math:`D^{-1}` above,
   once), so the Gram matrix gains one row and column per step (one matrix-vector product instead of
   :math:`m^2 n`); on the CPU the safeguard/restart decisions are Python branches on host floats
@@ -71,6 +74,7 @@ import torch
 from torch import Tensor
 
 from .._torch_compat import transforms_active
+from . import _kernels
 from ._anderson_batch import HostBatch, MaskedBatch
 from .base import (
     NORMAL,
@@ -213,12 +217,15 @@ class Anderson(Accelerator):
     # -- the state machine, called by GKMIteration -----------------------------------------------
     def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch, _Upcast]:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples): the one-problem
-        fast path, or the per-sample state (host or masked: ``base.host_ok``); in float16 / bfloat16 the
+        fast path, or the per-sample state (host or masked: ``base.host_ok``; one problem on the host with
+        numba: a batch of one, its step compiled); in float16 / bfloat16 the
         state is kept in float32 (torch has no half-precision factorisations on the CPU, and the least
         squares would lose what half precision resolves)."""
         if u.dtype in (torch.float16, torch.bfloat16):
             return _Upcast(self.init(u.float(), batch_dims), u.dtype)
         B = batch_size(u, batch_dims)
+        if batch_dims == 0 and self._compiled is not False and host_ok(u, self._host_decisions) and _kernels.anderson():
+            return HostBatch(self, u, 1)  # one problem as a batch of one: one compiled loop per step
         if batch_dims == 0 and not transforms_active():
             m = min(self.history_size, max(u.numel(), 1))  # at most n differences are independent
             probe = torch.cos(torch.arange(m, dtype=u.dtype, device=u.device) * 2.3 + 0.4)  # fixed, generic

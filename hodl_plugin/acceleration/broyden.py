@@ -66,7 +66,6 @@ from .base import (
     host_ok,
     np,
     rescale,
-    row_norms,
 )
 
 __all__ = ["Broyden"]
@@ -166,7 +165,7 @@ class _HostState:
     def step(self, acc: Broyden, u: Tensor, f: Tensor, r: Tensor, beta: float) -> Tensor:
         B, n, L = self.B, self.n, self.L
         un, fn = as_rows(u, B, n), as_rows(f, B, n)
-        rn = row_norms(fn)[0]  # (r, torch's, is given at checks only)
+        rn = _kernels.norms(self, fn)[0]  # (r, torch's, is given at checks only)
         mix = beta if acc.mixing is None else acc.mixing
         self.steps += 1
         if self.steps == 1:  # M_0 = mix·I: the KM step
