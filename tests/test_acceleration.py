@@ -354,3 +354,14 @@ def test_float32_batch(kind):
     assert info.converged and u.dtype == torch.float32
     # relative residual 1e-5 (float32's default), amplified up to 1/(1 - 0.97) = 33 into the error
     assert float(((u.double() - exact).norm(dim=1) / exact.norm(dim=1)).max()) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["anderson", "broyden"])
+@pytest.mark.parametrize("shape, batch_dims", [((0,), 0), ((3, 0), 0), ((3, 0), 1), ((0, 4), 1)])
+def test_problems_without_entries_are_solved_at_once(kind, shape, batch_dims):
+    """u of no entries: solved, nothing returned (the host norms measured empty rows 'again, scaled' and
+    raised numpy's 'zero-size array to reduction operation')."""
+    x = torch.ones(shape, dtype=D)
+    u, info = hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-12, batch_dims=batch_dims,
+                           acceleration=make(kind)).solve(torch.zeros(shape, dtype=D), x)
+    assert info.converged and u.shape == shape and info.steps == 0

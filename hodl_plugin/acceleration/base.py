@@ -224,6 +224,8 @@ def row_norms(a: Any) -> tuple[Any, bool]:
     """``(r, normal)``: the norms of the rows of a ``(B, n)`` numpy array, in float64, and whether all of
     them lie in :data:`NORMAL`; a row whose squares leave float64's range (entries beyond about 1e±150)
     is measured again, scaled by its largest entry."""
+    if not a.shape[-1]:  # rows of no entries (nothing to scale)
+        return np.zeros(a.shape[0]), True
     with np.errstate(over="ignore", invalid="ignore"):  # (the squares of a row beyond 1e154 overflow: measured again)
         r = np.sqrt(row_sq(a, np.float64))
         if not r.size or (np.minimum.reduce(r) > NORMAL[0] and np.maximum.reduce(r) < NORMAL[1]):  # (NaN fails)
