@@ -16,7 +16,8 @@ solver stops at the relative residual :math:`10^{-9}` of each sample
 (ours: ``tol=1e-9`` with ``batch_dims=1``; TorchDEQ: ``stop_mode="rel"``, ``tol=1e-9``); the whole-batch
 column (``batch_dims=0``) stops on the norm of the whole batch, so its samples' residuals differ — the
 residual column shows what each reached. On the CPU our accelerated steps are compiled loops (numba, the
-``fast`` extra); the ``numpy`` row runs per-sample Anderson's steps without numba. TorchDEQ runs with ``max_iter = 300`` (on an early stop it
+``fast`` extra); the ``numpy`` row runs per-sample Anderson's steps without numba. TorchDEQ runs with
+``max_iter = 300`` (on an early stop it
 appends ``max_iter − k`` entries to a trace: a huge ``max_iter`` would time that loop, not the solver).
 
 Tables: (1) forward — steps (the most over the samples), median wall time of interleaved rounds, its

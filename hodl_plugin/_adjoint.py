@@ -193,7 +193,7 @@ def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b
     eq = _equilibrate(solver, b, samples) if samples and not depth else None
     if eq is not None:  # x = e·A⁻¹(b/e): each sample's right-hand side at unit size (e a power of 2, exact)
         b, x0 = b / eq, (None if x0 is None else x0 / eq)
-    x, info = solver(matvec, b, x0, batch_dims=depth) if depth else solver(matvec, b, x0)
+    x, info = solver._call(matvec, b, x0, depth)  # (the library's own solve: no refusals)
     if inline:
         verify_symmetric(matvec, b, solver, info)
     return (x if eq is None else x * eq), info
@@ -283,7 +283,7 @@ def check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.
     """
     gen = torch.Generator(device=b.device).manual_seed(4321)
     r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    _, info = solver(matvec, r, None, batch_dims=depth) if depth else solver(matvec, r, None)
+    _, info = solver._call(matvec, r, None, depth)
     if symmetry:  # an asymmetric matrix also fails this solve: say which it is
         verify_symmetric(matvec, r, solver, info)
     if not info.converged:

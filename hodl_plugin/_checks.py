@@ -113,7 +113,7 @@ def guard_inplace(T: Callable[..., Tensor], u: Tensor, params: Sequence[Tensor],
     >>> guard_inplace(lambda u, x: u.mul_(0.5).add_(x), torch.ones(2), [torch.ones(2)])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: the operator T modified its input u in place (e.g. u.mul_(...), u += ...); ...
+    ValueError: the operator T modified its input u in place (e.g. u.mul_(...), ...
     """
     if functional:
         return T(u, *params)
@@ -137,6 +137,7 @@ def inplace_error(which: int) -> ValueError:
     """The error of an operator that wrote into its input ``which`` (0: u, i: the (i-1)-th tensor of params)."""
     what = "u" if which == 0 else f"params[{which - 1}]"
     return ValueError(
-        f"the operator T modified its input {what} in place (e.g. u.mul_(...), u += ...); the GKM "
-        "iteration needs u_k after T(u_k): write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x))"
+        f"the operator T modified its input {what} in place (e.g. u.mul_(...), u += ..., or an out= buffer it "
+        "returned before and the iteration now passes back as u); the GKM iteration needs u_k after T(u_k): "
+        "write T out of place (0.5 * u + x, not u.mul_(0.5).add_(x) or torch.add(..., out=buf))"
     )

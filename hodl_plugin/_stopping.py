@@ -542,12 +542,18 @@ class Monitor:
         else:
             what = (f"kept growing for {SLOW_DIVERGENCE_CHECKS} checks in a row, from {rmin:.3e} to {r:.3e} "
                     "(a slow divergence)")
+        acc = it.acceleration
+        hint = "" if acc is None or nonfinite else (
+            f" With acceleration={type(acc).__name__}(...) the extrapolated iterates can drift away where T itself "
+            "converges: run the same solve with acceleration=None to tell which; if it converges, use a longer "
+            "history (history_size), a tighter safeguard, or no acceleration."
+        )
         info.message = (
             f"the GKM iteration diverged at step {k}{where}: the fixed-point residual ||T(u_k) - u_k|| {what}. "
             "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step; a learned "
             "operator kept contractive, e.g. by spectral normalisation); a nonexpansive T that is not averaged "
             "(a rotation, a reflection) needs a KM relaxation beta < 1"
-            + (" and that the upper step s is below 1/L_F." if it.aggregates else ".")
+            + (" and that the upper step s is below 1/L_F." if it.aggregates else ".") + hint
         )
         if it.on_divergence == "raise":
             info.steps = max(info.steps, k)  # (the run ends here, before finish() counts its steps)

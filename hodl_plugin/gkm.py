@@ -458,7 +458,9 @@ class GKMIteration:
             k = start + j
             check = (j == 0 and first_check) or countdown == 1 or (j == n - 1 and not measure)
             countdown = self.check_every if countdown == 1 else countdown - 1
-            u_next, d, r, agg, gate = step(u, params, k, j == 0, functional, check, t0 if j == 0 else None)
+            # T's first two calls are guarded: the second sees T's own first output as u (a T that reuses an
+            # output buffer, out=..., would write into u from then on)
+            u_next, d, r, agg, gate = step(u, params, k, j <= 1, functional, check, t0 if j == 0 else None)
             if not check:
                 u = mon.freeze(u_next, u, fresh) if mon.masking else u_next
                 continue

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._torch_compat import transforms_active
+from ._torch_compat import forward_ad_active, transforms_active
 from .errors import ConfigurationError
 
 __all__ = [
@@ -90,6 +91,17 @@ def default_rtol(dtype: torch.dtype) -> float:
     return min(max(1e-10, 100 * torch.finfo(dtype).eps), 1e-2)
 
 
+def _is_dual(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (a dual level is open)."""
+    return fwAD.unpack_dual(t).tangent is not None
+
+
+_UNDER_TRANSFORMS = (
+    "the solvers of hodl_plugin.linear_solve do not run under torch.func transforms (vmap, grad, jvp, ...): they "
+    "read their residuals on the host and do not differentiate through their iterations; for a batch of "
+    "independent systems pass batch_dims= (CG, GMRES, fixed_point), and for the derivatives of x = A⁻¹b "
+    "decorate the solve with hp.custom_root(lambda x, b: matvec(x) - b), which vmap and every transform go through"
+)
 _NOT_DIFFERENTIABLE = (
     "the solvers of hodl_plugin.linear_solve do not differentiate through their iterations (autograd "
     "through them gives wrong derivatives): call the solver under torch.no_grad() on detached tensors, or, "
@@ -364,18 +376,26 @@ class LinearSolver:
 
     def __call__(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None,
                  batch_dims: int = 0) -> tuple[Tensor, LinearSolveInfo]:
-        if not torch.is_grad_enabled() or transforms_active():
-            return self._call(matvec, b, x0, batch_dims)
-        # autograd would record the iterations: refused where it would reach b, x0 or the matrix
-        if b.requires_grad or (x0 is not None and x0.requires_grad):
+        if transforms_active():
+            raise ConfigurationError(_UNDER_TRANSFORMS)
+        # autograd (reverse or forward mode) would go through the iterations: refused where it would reach
+        # b, x0 or the matrix
+        recording, dual = torch.is_grad_enabled(), forward_ad_active()
+        if any(t is not None and ((recording and t.requires_grad) or (dual and _is_dual(t))) for t in (b, x0)):
             raise ConfigurationError(_NOT_DIFFERENTIABLE)
+        if not (recording or dual):
+            return self._call(matvec, b, x0, batch_dims)
         with torch.no_grad():
             x, info = self._call(matvec, b, x0, batch_dims)
-        if matvec(x).requires_grad:  # (one more product) the matrix reads tensors that require grad
+        y = matvec(x)  # (one more product) does the matrix read tensors that carry a derivative?
+        if (recording and y.requires_grad) or (dual and _is_dual(y)):
             raise ConfigurationError(_NOT_DIFFERENTIABLE)
         return x, info
 
-    def _call(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], batch_dims: int) -> tuple[Tensor, LinearSolveInfo]:
+    def _call(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], batch_dims: int = 0
+              ) -> tuple[Tensor, LinearSolveInfo]:
+        """The solve without :meth:`__call__`'s refusals: the library's own solves (run without autograd,
+        inside its primitives' rules, also under ``torch.func`` transforms)."""
         _check_system(b, x0, batch_dims)
         rtol, atol = self.tolerances(b)
         if batch_dims and not self.batched:

@@ -272,6 +272,17 @@ class GKMSolver(nn.Module):
         self.iteration = self.iteration.replace(max_steps=value)
         self.method.validate(self.iteration)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the constructor's options read back (read-only: see __setattr__)
+            d = self.__dict__
+            if name == "hypergrad" and "method" in d:
+                return d["method"]
+            if name in _CONSTRUCTION_ONLY and "iteration" in d and hasattr(d["iteration"], name):
+                return getattr(d["iteration"], name)
+            raise
+
     def __setattr__(self, name: str, value: Any) -> None:
         # an option given at construction lives in the iteration or the method: an attribute of the same
         # name set afterwards would change nothing (only max_steps is settable, above)

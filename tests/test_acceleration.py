@@ -365,3 +365,18 @@ def test_problems_without_entries_are_solved_at_once(kind, shape, batch_dims):
     u, info = hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-12, batch_dims=batch_dims,
                            acceleration=make(kind)).solve(torch.zeros(shape, dtype=D), x)
     assert info.converged and u.shape == shape and info.steps == 0
+
+
+@pytest.mark.parametrize("kind", ["anderson", "broyden"])
+@pytest.mark.parametrize("name, value", [("history_size", 0), ("history_size", 2.5), ("mixing", 0.0),
+                                         ("safeguard", -1.0), ("restart_cond", math.nan)])
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_options_changed_after_construction_are_checked_at_the_solve(kind, name, value, batch_dims):
+    """An accelerator's attribute set after construction skipped the constructor's checks (history_size=0
+    raised a raw ZeroDivisionError, mixing=0 or safeguard=-1 ran): every solve checks them again."""
+    acc = make(kind)
+    setattr(acc, name, value)
+    x = torch.ones(2, 3, dtype=D)
+    with pytest.raises(ValueError, match=name):
+        hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-12, batch_dims=batch_dims, acceleration=acc).solve(
+            torch.zeros_like(x), x)

@@ -220,3 +220,18 @@ def test_refused_with_differentiated_iterations_and_aggregation(mode):
 def test_betty_config_takes_broyden():
     hb = pytest.importorskip("hodl_plugin.betty")
     assert isinstance(hb.HODLConfig(acceleration=hp.Broyden(10)).acceleration, hp.Broyden)
+
+
+def test_a_divergence_of_the_accelerated_iterates_says_so():
+    """Broyden(1) (one rank-one update, renewed at every step) drifts away on this contraction (‖A‖₂ = 0.99)
+    by steps the safeguard accepts; the DivergenceError says the accelerated iterates diverged and how to
+    tell (it blamed T only), and the plain iteration converges to the closed form."""
+    A = torch.tensor([[0.77417048706371827, -0.51587808646081157, -0.11640006190325691],
+                      [0.22402113444223118, 0.70356761698535675, -0.45171940483016354],
+                      [-0.00890701861828208, -0.15132986191471301, -0.00777320136819323]], dtype=D)
+    b = torch.tensor([-0.69143938018429452, 0.26287687491884698, 1.30356991026887115], dtype=D)
+    T = lambda u, A, b: A @ u + b  # noqa: E731
+    with pytest.raises(hp.DivergenceError, match=r"acceleration=Broyden\(\.\.\.\).*acceleration=None"):
+        hp.GKMSolver(T, tol=1e-10, acceleration=hp.Broyden(1), max_steps=5000)(torch.zeros(3, dtype=D), A, b)
+    u = hp.GKMSolver(T, tol=1e-12, max_steps=5000)(torch.zeros(3, dtype=D), A, b)
+    assert torch.allclose(u, torch.linalg.solve(torch.eye(3, dtype=D) - A, b), rtol=1e-9)

@@ -603,3 +603,14 @@ def test_a_check_that_cannot_stop_the_run_sets_no_stall_reference():
     messages = " ".join(str(w.message) for w in caught)
     assert "rounding floor" not in messages and "did not converge" in messages
     assert solver.info.steps == 300
+
+
+@pytest.mark.parametrize("batch_dims", [0, 1])
+def test_an_operator_reusing_an_output_buffer_is_refused(batch_dims):
+    """T writes into one out= buffer: from the second step on u is that buffer, T(u) overwrote u and the
+    residual read 0 (converged=True at 1.998 for u* = 2)."""
+    buf = torch.empty(2, 3, dtype=torch.float64) if batch_dims else torch.empty(3, dtype=torch.float64)
+    x = torch.ones_like(buf)
+    solver = hp.GKMSolver(lambda u, x: torch.add(0.5 * u, x, out=buf), tol=1e-10, batch_dims=batch_dims)
+    with pytest.raises(ValueError, match="out= buffer"):
+        solver.solve(torch.zeros_like(x), x)

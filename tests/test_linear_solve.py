@@ -255,8 +255,9 @@ def test_zero_right_hand_side_with_a_warm_start_returns_zero_at_once():
 def test_autograd_through_the_iterations_is_refused_by_name(make):
     """Autograd through a solver's iterations gives wrong derivatives (BiCGSTAB's gradient w.r.t. b was off
     by 1e13 on a converged solve; GMRES and Anderson raised torch's raw in-place errors): a right-hand side,
-    warm start or matvec that requires grad is refused by name; the derivative of x = A⁻¹b comes from
-    hp.custom_root (checked against A⁻ᵀw)."""
+    warm start or matvec that carries a derivative (requires grad, or a forward-mode dual) is refused by name,
+    and so is a call under torch.func transforms; the derivative of x = A⁻¹b comes from hp.custom_root
+    (checked against A⁻ᵀw)."""
     A = 0.5 * torch.eye(4, dtype=DT) + 0.05 * torch.arange(16, dtype=DT).reshape(4, 4) / 16
     b = torch.arange(1.0, 5.0, dtype=DT, requires_grad=True)
     solver = make()
@@ -271,6 +272,22 @@ def test_autograd_through_the_iterations_is_refused_by_name(make):
     with torch.no_grad():
         x, _ = solver(lambda z: A @ z, b)
     assert not x.requires_grad
+    # forward mode: dual numbers in b, or in the matrix (GMRES's tangent was 16% off, without an error)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        with pytest.raises(hp.errors.ConfigurationError, match="do not differentiate"):
+            solver(lambda z: A @ z, fwAD.make_dual(b.detach(), torch.ones(4, dtype=DT)))
+        if not isinstance(solver, ls.FunctionSolver):
+            Ad = fwAD.make_dual(A, torch.ones_like(A))
+            with pytest.raises(hp.errors.ConfigurationError, match="do not differentiate"):
+                solver(lambda z: Ad @ z, b.detach())
+    # torch.func transforms (BiCGSTAB's torch.func.grad was off by 1e111; vmap raised torch's .item() error)
+    for transform in (lambda f: torch.func.grad(lambda b: f(b).sum()), torch.func.vmap,
+                      lambda f: (lambda b: torch.func.jvp(f, (b,), (b,))[1])):
+        with pytest.raises(hp.errors.ConfigurationError, match="torch.func transforms"):
+            transform(lambda b: solver(lambda z: A @ z, b)[0])(b.detach().expand(2, 4).clone()
+                                                                if transform is torch.func.vmap else b.detach())
     solve = hp.custom_root(lambda x, b: A @ x - b)(lambda x0, b: torch.linalg.solve(A, b))
     w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=DT)
     (g,) = torch.autograd.grad((w * solve(torch.zeros(4, dtype=DT), b)).sum(), b)

@@ -138,9 +138,10 @@ def test_options_set_after_construction_are_refused_not_ignored(name, value):
     """Setting ``solver.tol = ...`` (or any constructor option but max_steps) created a plain attribute
     that changed nothing (after ``s.batch_dims = 1`` a batch was still one problem); now it raises and the
     solver is unchanged."""
-    s = hp.GKMSolver(T, tol=1e-12)
+    s = hp.GKMSolver(T, tol=1e-12, check_every=7)
     with pytest.raises(AttributeError, match=f"GKMSolver.{name} is fixed at construction"):
         setattr(s, name, value)
+    assert (s.tol, s.check_every, s.batch_dims, s.hypergrad.name, s.acceleration) == (1e-12, 7, 0, "implicit", None)
     u, info = s.solve(torch.zeros(2, dtype=DT), torch.ones(2, dtype=DT))
     assert info.converged and s.method.name == "implicit" and s.iteration.tol == 1e-12
     s.info = None  # other attributes stay free

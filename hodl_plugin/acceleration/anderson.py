@@ -196,14 +196,9 @@ class Anderson(Accelerator):
         restart_cond: float = 1e8,
         safeguard: float = 10.0,
     ) -> None:
-        self.history_size = check_history(history_size)
-        self.mixing = check_mixing(mixing)
-        reg_ok = isinstance(regularization, numbers.Real) and 0 <= regularization < 1
-        if isinstance(regularization, bool) or not reg_ok:
-            raise ValueError(f"regularization must be in [0, 1), got {regularization!r}")
-        self.regularization = float(regularization)
-        self.restart_cond = check_restart_cond(restart_cond)
-        self.safeguard = check_safeguard(safeguard)
+        self.history_size, self.mixing, self.regularization = history_size, mixing, regularization
+        self.restart_cond, self.safeguard = restart_cond, safeguard
+        self._validate()
         self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
         self._compiled: Optional[bool] = None  # None: the host path's compiled loop where numba is installed
 
@@ -214,6 +209,17 @@ class Anderson(Accelerator):
             f"safeguard={self.safeguard!r})"
         )
 
+    def _validate(self) -> None:
+        """The options' checks: at construction and again at every solve (an attribute set since)."""
+        self.history_size = check_history(self.history_size)
+        self.mixing = check_mixing(self.mixing)
+        reg = self.regularization
+        if isinstance(reg, bool) or not (isinstance(reg, numbers.Real) and 0 <= reg < 1):
+            raise ValueError(f"regularization must be in [0, 1), got {reg!r}")
+        self.regularization = float(reg)
+        self.restart_cond = check_restart_cond(self.restart_cond)
+        self.safeguard = check_safeguard(self.safeguard)
+
     # -- the state machine, called by GKMIteration -----------------------------------------------
     def init(self, u: Tensor, batch_dims: int) -> Union[_Single, HostBatch, MaskedBatch, _Upcast]:
         """The state for ``u`` (``batch_dims`` leading dims are independent samples): the one-problem
@@ -221,6 +227,7 @@ class Anderson(Accelerator):
         numba: a batch of one, its step compiled); in float16 / bfloat16 the
         state is kept in float32 (torch has no half-precision factorisations on the CPU, and the least
         squares would lose what half precision resolves)."""
+        self._validate()
         if u.dtype in (torch.float16, torch.bfloat16):
             return _Upcast(self.init(u.float(), batch_dims), u.dtype)
         B = batch_size(u, batch_dims)

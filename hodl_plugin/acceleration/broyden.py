@@ -97,10 +97,9 @@ class Broyden(Accelerator):
         restart_cond: float = 1e8,
         safeguard: float = 100.0,
     ) -> None:
-        self.history_size = check_history(history_size)
-        self.mixing = check_mixing(mixing)
-        self.restart_cond = check_restart_cond(restart_cond)
-        self.safeguard = check_safeguard(safeguard)
+        self.history_size, self.mixing = history_size, mixing
+        self.restart_cond, self.safeguard = restart_cond, safeguard
+        self._validate()
         self._host_decisions: Optional[bool] = None  # None: on the CPU (tests force either path)
         self._compiled: Optional[bool] = None  # None: the host path's compiled loop where numba is installed
 
@@ -110,8 +109,16 @@ class Broyden(Accelerator):
             f"restart_cond={self.restart_cond:g}, safeguard={self.safeguard!r})"
         )
 
+    def _validate(self) -> None:
+        """The options' checks: at construction and again at every solve (an attribute set since)."""
+        self.history_size = check_history(self.history_size)
+        self.mixing = check_mixing(self.mixing)
+        self.restart_cond = check_restart_cond(self.restart_cond)
+        self.safeguard = check_safeguard(self.safeguard)
+
     def init(self, u: Tensor, batch_dims: int) -> Union[_HostState, _MaskedState]:
         """The state for ``u``: one problem is a batch of one."""
+        self._validate()
         B = batch_size(u, batch_dims)
         if host_ok(u, self._host_decisions):
             return _HostState(self, u, B)
