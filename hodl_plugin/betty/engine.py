@@ -96,6 +96,16 @@ class HODLEngine(_BettyEngine):
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def cleanup(self) -> None:
+        """Betty's cleanup (it destroys the process group), after a barrier: a rank that tore the group
+        down while another still had a collective in flight aborted that rank (gloo: SIGABRT, "terminate
+        called without an active exception")."""
+        import torch.distributed as dist
+
+        if self._strategy in ("distributed", "zero", "fsdp") and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        super().cleanup()
+
     def configure_systems(self) -> dict[str, Any]:
         import torch.distributed as dist
 
