@@ -131,33 +131,36 @@ def _broyden_rows(A: Any, V: Any, up: Any, fp: Any, un: Any, fn: Any, i: int, mi
     curvature test :math:`(v^\top y)^2 > s^\top s\,\|My\|^2/\mathrm{rc2}` fails, ``ok`` false, or
     where the sample did not move, ``ok`` true), and ``out[b]`` :math:`= u + Mf + a\,(v^\top f)`."""
     B, L, n = A.shape
+    S = np.empty(n, A.dtype)  # s, y, My, Mf of the sample (formed once, read in every product)
+    Y = np.empty(n, A.dtype)
     My = np.empty(n, A.dtype)
     Mf = np.empty(n, A.dtype)
     for b in range(B):
         ss = 0.0
         for k in range(n):
-            s = un[b, k] - up[b, k]
-            My[k] = mix * (fn[b, k] - fp[b, k])
+            S[k] = un[b, k] - up[b, k]
+            Y[k] = fn[b, k] - fp[b, k]
+            My[k] = mix * Y[k]
             Mf[k] = mix * fn[b, k]
-            V[b, i, k] = mix * s
-            ss += s * s
-        for j in range(i):
+            V[b, i, k] = mix * S[k]
+            ss += S[k] * S[k]
+        for j in range(i):  # the rows in use: M = mix·I + Σ_j a_j v_jᵀ
             cy = 0.0
             cf = 0.0
             cs = 0.0
             for k in range(n):
-                cy += V[b, j, k] * (fn[b, k] - fp[b, k])
+                cy += V[b, j, k] * Y[k]
                 cf += V[b, j, k] * fn[b, k]
-                cs += A[b, j, k] * (un[b, k] - up[b, k])
+                cs += A[b, j, k] * S[k]
             for k in range(n):
                 My[k] += cy * A[b, j, k]
                 Mf[k] += cf * A[b, j, k]
                 V[b, i, k] += cs * V[b, j, k]
-        by = 0.0
+        by = 0.0  # vᵀy, vᵀf, ‖My‖²
         bf = 0.0
         my2 = 0.0
         for k in range(n):
-            by += V[b, i, k] * (fn[b, k] - fp[b, k])
+            by += V[b, i, k] * Y[k]
             bf += V[b, i, k] * fn[b, k]
             my2 += My[k] * My[k]
         still = ss == 0.0  # a sample that did not move (kept frozen by the loop): no update, no restart
@@ -165,7 +168,7 @@ def _broyden_rows(A: Any, V: Any, up: Any, fp: Any, un: Any, fn: Any, i: int, mi
         ok[b] = good
         coef = -1.0 / by if good and not still else 0.0
         for k in range(n):
-            a = ((un[b, k] - up[b, k]) + My[k]) * coef
+            a = (S[k] + My[k]) * coef
             A[b, i, k] = a
             out[b, k] = a * bf + Mf[k] + un[b, k]
 
