@@ -8,6 +8,7 @@ import math
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -380,3 +381,43 @@ def test_options_changed_after_construction_are_checked_at_the_solve(kind, name,
     with pytest.raises(ValueError, match=name):
         hp.GKMSolver(lambda u, x: 0.5 * u + x, tol=1e-12, batch_dims=batch_dims, acceleration=acc).solve(
             torch.zeros_like(x), x)
+
+
+@pytest.mark.parametrize("kind", ["anderson", "broyden"])
+def test_a_compiled_loop_that_cannot_run_falls_back_to_numpy(kind, monkeypatch):
+    """Where numba cannot type the arguments (it raises before the loop runs), the state drops its compiled
+    step and the numpy step runs: the same fixed points, the same steps as the numpy path."""
+    from hodl_plugin.acceleration import _kernels
+
+    def refuse(*args):
+        raise TypeError("no matching definition")
+
+    A, c, exact = affine_batch()
+    T = lambda u, c: torch.einsum("bij,bj->bi", A, u) + c  # noqa: E731
+    _, ref = bsolve(kind, T, torch.zeros_like(c), c, path="numpy")
+    monkeypatch.setattr(_kernels, kind, lambda: refuse)
+    u, info = bsolve(kind, T, torch.zeros_like(c), c, path="host")
+    assert info.converged and torch.equal(info.steps_per_sample, ref.steps_per_sample)
+    assert torch.allclose(u, exact, rtol=1e-9, atol=0)
+
+
+def test_no_compiled_loop_where_numba_would_run_it_as_python(monkeypatch):
+    """NUMBA_DISABLE_JIT=1 makes numba run the loops as Python (far slower than numpy): no compiled loop."""
+    numba = pytest.importorskip("numba")
+    from hodl_plugin.acceleration import _kernels
+
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert _kernels._compile(_kernels._row_norms) is None
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", False)
+    assert _kernels._compile(_kernels._row_norms) is not None
+    njit = numba.njit
+
+    def no_cache_dir(*args, cache=False, **kw):  # numba's error where no cache directory is writable
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kw)
+
+    monkeypatch.setattr(numba, "njit", no_cache_dir)
+    norms = _kernels._compile(_kernels._row_norms)  # compiled without a disk cache
+    r = np.empty(2)
+    assert norms(np.array([[3.0, 4.0], [0.0, 1.0]]), r, 1e-3, 1e3) and r.tolist() == [5.0, 1.0]
