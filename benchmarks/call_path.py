@@ -27,7 +27,7 @@ READING_PATH = [
     ("implicit.py", "FixedPoint.forward"), ("implicit.py", "FixedPoint.backward"),
     ("implicit.py", "_lean_backward"), ("implicit.py", "implicit_vjp_lean"),
     ("gkm.py", "GKMIteration.run"), ("gkm.py", "GKMIteration._run_once"), ("gkm.py", "GKMIteration._plain_step"),
-    ("_adjoint.py", "run_solver"), ("linear_solve.py", "GMRES._solve"),
+    ("linear_solve.py", "LinearSolver._solve_checked"), ("linear_solve.py", "GMRES._solve"),
 ]
 
 

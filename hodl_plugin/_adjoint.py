@@ -3,10 +3,9 @@ r"""The linear solves of the implicit derivatives (:mod:`hodl_plugin.implicit`, 
 :class:`FixedPointProblem`, what both primitives read besides tensors; :class:`LinearSolve`, the
 autograd primitive :math:`x = A^{-\top}b` or :math:`A^{-1}b` with :math:`A = I - \partial_u T` (or
 :math:`\partial_u G` for a root), whose own derivative is another solve with the transposed operator
-(jaxopt's ``custom_linear_solve``); and the policies around each solve: the matrix as a product, the
-checks that a solve is applicable (a symmetric matrix for CG, a nonsingular one when the fixed point may
-not be unique), per-sample or joint solves of a batch, the warm start (used only where it beats zero,
-per sample), and the message of a solve that missed its tolerance.
+(jaxopt's ``custom_linear_solve``); the matrix as a product, the adjoint's warm start, and the message
+of a solve that missed its tolerance. The checks around each solve (symmetry, singularity, per-sample
+solves, warm starts that beat zero) are ``LinearSolver._solve_checked``'s.
 """
 
 from __future__ import annotations
@@ -24,14 +23,13 @@ from . import _vmap
 from . import linear_solve as ls
 from ._autodiff import jvp_any, jvp_by_vjp, make_jvp, make_vjp, refuse_forward_over_forward, refuse_legacy_vmap
 from ._checks import all_finite
-from ._torch_compat import function_apply, transforms_active
+from ._torch_compat import function_apply
 from .errors import ConvergenceWarning, LinearSolveError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .gkm import GKMIteration, SolverInfo
 
-__all__ = ["FixedPointProblem", "LinearSolve", "solve", "matvec", "run_solver", "warm_start", "unsolved_message",
-           "check_symmetric", "verify_symmetric"]
+__all__ = ["FixedPointProblem", "LinearSolve", "solve", "matvec", "solve_options", "warm_start", "unsolved_message"]
 
 Op = Callable[[Tensor, Sequence[Tensor]], Tensor]
 AfterHook = Callable[[Tensor, Tensor, Callable[[], Any]], None]
@@ -106,6 +104,14 @@ class FixedPointProblem:
             raise LinearSolveError(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
+    def finite_cotangent(self, g: Tensor) -> bool:
+        """Whether the cotangent reaching the solve is finite (else the failure is reported)."""
+        if all_finite([g]):
+            return True
+        self.fail("the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
+                  "the hypergradient is NaN (fix the loss above the solver)")
+        return False
+
     def record(self, role: str, linfo: ls.LinearSolveInfo, b: Optional[Tensor] = None) -> None:
         """Diagnostics of a solve into the call's info; a missed tolerance is reported."""
         if self.info is not None:
@@ -172,41 +178,10 @@ def sample_dims(problem: FixedPointProblem, b: Tensor) -> int:
     return it.batch_dims if it is not None and 0 < it.batch_dims < b.dim() else 0
 
 
-def run_solver(problem: FixedPointProblem, matvec: Callable[[Tensor], Tensor], b: Tensor, role: str,
-                x0: Optional[Tensor] = None) -> tuple[Tensor, ls.LinearSolveInfo]:
-    """One solve with ``problem.solver``: per sample (each meets its own tolerance) where the solver has a
-    per-sample mode, or under a vmap; else one system for the batch, each sample's right-hand side scaled to
-    unit size (one threshold for the batch would leave a sample with a small cotangent inaccurate)."""
-    solver = problem.solver
-    samples = sample_dims(problem, b)
-    depth = samples if problem.batch is not None or solver.batched else 0
-    probe = solver.symmetric and role != "higher"
-    # a solver that measures the symmetry on its own search directions (CG) is checked after its solve
-    # at no extra product; the others before, on two random vectors
-    inline = probe and not depth and getattr(solver, "reports_symmetry", False)
-    if probe and not inline:
-        check_symmetric(matvec, b, solver)
-    if role == "adjoint" and problem.check_unique:
-        check_nonsingular(matvec, b, solver, depth, inline)
-    if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻ᵀ0 = 0 exactly), per sample
-        x0 = better_than_zero(x0, b, matvec(x0), depth)
-    eq = _equilibrate(solver, b, samples) if samples and not depth else None
-    if eq is not None:  # x = e·A⁻¹(b/e): each sample's right-hand side at unit size (e a power of 2, exact)
-        b, x0 = b / eq, (None if x0 is None else x0 / eq)
-    x, info = solver._call(matvec, b, x0, depth)  # (the library's own solve: no refusals)
-    if inline:
-        verify_symmetric(matvec, b, solver, info)
-    return (x if eq is None else x * eq), info
-
-
-def _equilibrate(solver: ls.LinearSolver, b: Tensor, samples: int) -> Optional[Tensor]:
-    """Per-sample powers of 2 at each sample's largest entry, for a batch of independent systems solved as
-    one by a solver without a per-sample mode and with a relative tolerance: its one threshold then gives
-    every sample about ``rtol·√B`` relative accuracy, not only the largest (``info.adjoint`` reports the
-    scaled system). ``None`` with an absolute tolerance, or under ``torch.func`` transforms."""
-    if solver.atol or not b.is_floating_point() or transforms_active():
-        return None
-    return ls._pow2_scale(b.detach().abs().amax(dim=tuple(range(samples, b.dim())), keepdim=True))
+def solve_options(problem: FixedPointProblem, b: Tensor, role: str) -> dict[str, Any]:
+    """The options of ``LinearSolver._solve_checked`` for a solve of ``role``."""
+    return dict(samples=sample_dims(problem, b), per_sample=problem.batch is not None,
+                probe_symmetry=role != "higher", probe_singular=role == "adjoint" and problem.check_unique)
 
 
 def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:
@@ -223,79 +198,6 @@ def warm_start(problem: FixedPointProblem, b: Tensor) -> Optional[Tensor]:
     return None
 
 
-def better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Optional[Tensor]:
-    r""":math:`x_0` where :math:`\|b - Ax_0\| < \|b\|`, else 0 — per sample over ``batch_dims``
-    leading dims (``None`` when no sample keeps its warm start)."""
-    dims = tuple(range(batch_dims, b.dim()))
-    keep = torch.linalg.vector_norm(b - Ax0, dim=dims) < torch.linalg.vector_norm(b, dim=dims)
-    if not bool(keep.any()):
-        return None
-    if batch_dims == 0:
-        return x0
-    return torch.where(keep.reshape(keep.shape + (1,) * (b.dim() - batch_dims)), x0, torch.zeros_like(x0))
-
-
-def symmetry_tol(dtype: torch.dtype) -> float:
-    """The relative asymmetry ``|⟨a, Ac⟩ - ⟨Aa, c⟩|`` above which a matrix is not symmetric."""
-    return 1e3 * torch.finfo(dtype).eps ** 0.75
-
-
-def _asymmetric(solver: ls.LinearSolver, defect: float, where: str) -> LinearSolveError:
-    return LinearSolveError(
-        f"solver={solver.name!r} needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = {defect:.3e} "
-        f"(relative) for {where}: the operator is not symmetric. Declare symmetric_jacobian = False on it, or "
-        "pass solver='gmres' to the implicit/inexact mode"
-    )
-
-
-def check_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver) -> None:
-    """A solver for symmetric matrices (CG) gets one: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random
-    vectors (two products)."""
-    gen = torch.Generator(device=b.device).manual_seed(1234)
-    a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    c = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    lhs, rhs = float((a * matvec(c)).sum()), float((matvec(a) * c).sum())
-    scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
-    if abs(lhs - rhs) > symmetry_tol(b.dtype) * max(scale, 1e-300):
-        raise _asymmetric(solver, (lhs - rhs) / max(scale, 1e-300), "random a, c")
-
-
-def verify_symmetric(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver,
-                     info: ls.LinearSolveInfo) -> None:
-    """After a solve by a solver that reports ``info.symmetry_defect`` (CG, on its first two search
-    directions): raise if the matrix is not symmetric. A solve that stopped before measuring it is
-    right when it converged (its true residual says so); one that did not is tested on random vectors."""
-    if info.symmetry_defect is not None:
-        if info.symmetry_defect > symmetry_tol(b.dtype):
-            raise _asymmetric(solver, info.symmetry_defect, "CG's first two search directions a, c")
-    elif not info.converged:
-        check_symmetric(matvec, b, solver)
-
-
-def check_nonsingular(matvec: Callable[[Tensor], Tensor], b: Tensor, solver: ls.LinearSolver,
-                       depth: int, symmetry: bool = False) -> None:
-    r"""Solve :math:`A^\top z = r` for a random :math:`r` with the adjoint's own solver and tolerance.
-
-    When Fix T is not a singleton, :math:`A` is singular and a random right-hand side has a
-    component outside its range, so the solve cannot converge; the adjoint's own right-hand side may
-    lie in the range (a *consistent* system, which Krylov solvers answer with the minimum-norm
-    solution) and would not show it. Costs one more solve.
-    """
-    gen = torch.Generator(device=b.device).manual_seed(4321)
-    r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-    _, info = solver._call(matvec, r, None, depth)
-    if symmetry:  # an asymmetric matrix also fails this solve: say which it is
-        verify_symmetric(matvec, r, solver, info)
-    if not info.converged:
-        raise LinearSolveError(
-            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "
-            f"{info.method} could not solve (I - dT/du)^T z = r for a random r (residual {info.residual:.2e} > "
-            f"{info.threshold:.2e} after {info.iterations} products). Fix T is then not a singleton and the "
-            "implicit hypergradient is undefined: differentiate the (aggregated) iteration with "
-            "hypergrad='unrolled' or 'truncated', as HODL does (check_unique=False skips this test)"
-        )
-
-
 # ------------------------------------------------------------------------------------------------
 def solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u: Tensor,
            tensors: Sequence[Tensor]) -> Tensor:
@@ -303,11 +205,7 @@ def solve(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor, u: 
     diagnostics go to the call's info, and the first-order adjoint to the ``after`` hook."""
     b, u = b.detach(), u.detach()
     ts = [t.detach() for t in tensors]
-    if not all_finite([b]):
-        problem.fail(
-            "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
-            "the hypergradient is NaN (fix the loss above the solver)"
-        )
+    if not problem.finite_cotangent(b):
         return torch.full_like(b, math.nan)
     x0 = warm_start(problem, b) if role == "adjoint" else None
     if problem.batch is not None and not problem.batch.batched_solver:
@@ -331,7 +229,7 @@ def solve_one(problem: FixedPointProblem, transpose: bool, role: str, b: Tensor,
     if depends and prod is None:  # T's backward is not differentiable: forward-mode AD at every product
         def prod(z: Tensor) -> Tensor:
             return jvp_any(lambda uu: problem.op(uu, ts), (u,), (z,))
-    return run_solver(problem, matvec(prod, problem.sign), b, role, x0=x0)
+    return problem.solver._solve_checked(matvec(prod, problem.sign), b, x0, **solve_options(problem, b, role))
 
 
 class LinearSolve(torch.autograd.Function):

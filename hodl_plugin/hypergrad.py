@@ -43,14 +43,7 @@ from .linear_solve import default_rtol as default_adjoint_rtol
 if TYPE_CHECKING:  # pragma: no cover
     from .gkm import GKMIteration, SolverInfo
 
-__all__ = [
-    "HypergradMethod",
-    "Unrolled",
-    "Truncated",
-    "FirstOrder",
-    "get_method",
-    "default_adjoint_rtol",
-]
+__all__ = ["HypergradMethod", "Unrolled", "Truncated", "FirstOrder", "get_method", "default_adjoint_rtol"]
 
 
 class HypergradMethod:

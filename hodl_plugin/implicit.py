@@ -32,8 +32,8 @@ saves; the solves' diagnostics are written into the call's :class:`~hodl_plugin.
 The faces over the rules: the :class:`Implicit` method of :class:`~hodl_plugin.GKMSolver` (here), and
 the decorators :func:`~hodl_plugin.custom.custom_fixed_point` / :func:`~hodl_plugin.custom.custom_root`
 for any solver function (:mod:`hodl_plugin.custom`). :class:`FixedPointProblem` and :class:`LinearSolve`
-are defined, with the policies of each linear solve (checks, warm starts, per-sample solves, messages),
-in :mod:`hodl_plugin._adjoint` and importable from here; the vmap rules are :mod:`hodl_plugin._vmap`'s.
+are defined in :mod:`hodl_plugin._adjoint` and importable from here; the checks around each linear solve
+are ``LinearSolver._solve_checked``'s, the vmap rules :mod:`hodl_plugin._vmap`'s.
 
 >>> import torch, hodl_plugin as hp
 >>> T = lambda u, x: 0.5 * u + x                      # u* = 2x
@@ -61,24 +61,12 @@ from . import linear_solve as ls
 from ._adjoint import AfterHook, FixedPointProblem, LinearSolve, Op
 from ._autodiff import grad_once, grad_wanted, jvp_any, make_vjp, refuse_forward_over_forward, refuse_legacy_vmap
 from ._capture import BoundOperator, bind, detached, flatten, refuse_leaks
-from ._checks import all_finite
-from ._torch_compat import (
-    function_apply,
-    transforms_active,
-)
+from ._torch_compat import function_apply, transforms_active
 from .gkm import GKMIteration, SolverInfo
 from .hypergrad import HypergradMethod
 
-__all__ = [
-    "implicit_vjp",
-    "implicit_jvp",
-    "implicit_vjp_lean",
-    "FixedPointProblem",
-    "FixedPoint",
-    "LinearSolve",
-    "Implicit",
-    "fixed_point_solve",
-]
+__all__ = ["implicit_vjp", "implicit_jvp", "implicit_vjp_lean", "FixedPointProblem", "FixedPoint", "LinearSolve",
+           "Implicit", "fixed_point_solve"]
 
 # ------------------------------------------------------------------------------------------------
 # the pure rules
@@ -290,15 +278,12 @@ def _lean_backward(problem: FixedPointProblem, u: Tensor, ts: Sequence[Tensor], 
         v = _adjoint.solve(problem, True, "adjoint", g, u, ts)
         _, pull = torch.func.vjp(lambda *ts_: problem.op(u, ts_), *ts)
         return [gr if problem.sign == 1.0 else -gr for gr in pull(v)]
-    if not all_finite([g]):
-        problem.fail(
-            "the upstream gradient dL/du* reaching the fixed-point solve has NaN/Inf entries; "
-            "the hypergradient is NaN (fix the loss above the solver)"
-        )
+    if not problem.finite_cotangent(g):
         return [None if not n else torch.full_like(t, math.nan) for t, n in zip(ts, needs)]
 
     def solve(matvec: Callable[[Tensor], Tensor], b: Tensor) -> tuple[Tensor, ls.LinearSolveInfo]:
-        return _adjoint.run_solver(problem, matvec, b, "adjoint", x0=_adjoint.warm_start(problem, b))
+        return problem.solver._solve_checked(matvec, b, _adjoint.warm_start(problem, b),
+                                            **_adjoint.solve_options(problem, b, "adjoint"))
 
     leaks = problem.op.leaked() if isinstance(problem.op, BoundOperator) else []
     leaks = [(i, t) for i, t in leaks if needs[i]]
@@ -369,7 +354,7 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
     """
     # the binding run evaluates T(u0): the default forward starts from it instead of evaluating it again
     op = bind_iteration(it, u0, params, keep=forward is None) if op is None else op
-    run = forward or _default_forward
+    run = forward or (lambda u0_, params_, info_, iteration, sample: iteration.run(u0_, params_, info_))
     if check_unique is None:  # auto: HODL aggregation is used where Fix T may not be a singleton
         check_unique = it.aggregates
     leaves, _ = flatten(params)
@@ -391,11 +376,6 @@ def fixed_point_solve(it: GKMIteration, u0: Tensor, params: Sequence[Any], info:
     problem = FixedPointProblem(op, fwd, solver, on_fail=on_fail, check_unique=check_unique, info=info,
                                 warm=warm, after=after, iteration=it)
     return FixedPoint.apply(problem, u0, *inputs)
-
-
-def _default_forward(u0: Tensor, params: Sequence[Any], info: SolverInfo, iteration: GKMIteration,
-                     sample: Any) -> Tensor:
-    return iteration.run(u0, params, info)
 
 
 class Implicit(HypergradMethod):

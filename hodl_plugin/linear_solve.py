@@ -46,7 +46,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ._torch_compat import forward_ad_active, transforms_active
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LinearSolveError
 
 __all__ = [
     "LinearSolveInfo",
@@ -347,6 +347,8 @@ class LinearSolver:
     symmetric: ClassVar[bool] = False
     #: has a per-sample mode (``batch_dims=k``)
     batched: ClassVar[bool] = False
+    #: measures the matrix's symmetry on its own search directions (``info.symmetry_defect``)
+    reports_symmetry: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for field in ("rtol", "atol"):
@@ -418,6 +420,46 @@ class LinearSolver:
         atol_s: Union[float, Tensor] = atol / (float(s) if bt is None else s.reshape(s.shape[: bt.bd]))
         x, info = self._dispatch(matvec, b / s, x0s, bt, rtol, atol_s)
         return x * s, _finite(_unscaled(info, s, bt), bt)
+
+    def _solve_checked(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor] = None, *, samples: int = 0,
+                      per_sample: bool = False, probe_symmetry: bool = True, probe_singular: bool = False
+                      ) -> tuple[Tensor, LinearSolveInfo]:
+        r"""The solve of an implicit derivative (:ref:`math-implicit`), with the checks that it applies.
+
+        ``samples`` leading dims of ``b`` index independent systems: solved per sample (each meets its own
+        tolerance) where the solver has a per-sample mode or ``per_sample`` (a vmap's batch); else as one
+        system, each sample's right-hand side scaled to unit size (one threshold for the batch would leave a
+        sample with a small right-hand side inaccurate). A warm start ``x0`` is used only where it beats 0,
+        per sample. ``probe_symmetry``: a solver for symmetric matrices (CG) checks the claim — on its own
+        search directions after the solve where it can, else before on two random vectors.
+        ``probe_singular``: first solve :math:`A z = r` for a random ``r`` (:func:`check_nonsingular`).
+
+        Raises:
+            LinearSolveError: the matrix is not symmetric (a symmetric solver), or singular (``probe_singular``).
+
+        >>> import torch, hodl_plugin as hp
+        >>> A = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> hp.linear_solve.cg(rtol=1e-12)._solve_checked(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        Traceback (most recent call last):
+        ...
+        hodl_plugin.errors.LinearSolveError: solver='cg' needs a symmetric dT/du, ...
+        """
+        depth = samples if per_sample or self.batched else 0
+        probe = self.symmetric and probe_symmetry
+        inline = probe and not depth and self.reports_symmetry  # checked after the solve, at no extra product
+        if probe and not inline:
+            check_symmetric(matvec, b, self)
+        if probe_singular:
+            check_nonsingular(matvec, b, self, depth, inline)
+        if x0 is not None:  # a warm start worse than 0 is not used (keeps A⁻¹0 = 0 exactly), per sample
+            x0 = better_than_zero(x0, b, matvec(x0), depth)
+        eq = _equilibrate(self, b, samples) if samples and not depth else None
+        if eq is not None:  # x = e·A⁻¹(b/e): each sample's right-hand side at unit size (e a power of 2, exact)
+            b, x0 = b / eq, (None if x0 is None else x0 / eq)
+        x, info = self._call(matvec, b, x0, depth)
+        if inline:
+            verify_symmetric(matvec, b, self, info)
+        return (x if eq is None else x * eq), info
 
     def _dispatch(self, matvec: MatVec, b: Tensor, x0: Optional[Tensor], bt: Optional[_Batch], rtol: float,
                   atol: Union[float, Tensor]) -> tuple[Tensor, LinearSolveInfo]:
@@ -868,6 +910,92 @@ class FunctionSolver(LinearSolver):
         name = getattr(self.fn, "__name__", "function")
         return x, LinearSolveInfo(name, count[0], res, thresh, res <= thresh * (1 + 1e-6))
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the checks around a solve of an implicit derivative (LinearSolver._solve_checked)
+# ------------------------------------------------------------------------------------------------
+def _equilibrate(solver: LinearSolver, b: Tensor, samples: int) -> Optional[Tensor]:
+    """Per-sample powers of 2 at each sample's largest entry, for a batch of independent systems solved as
+    one by a solver without a per-sample mode and with a relative tolerance: its one threshold then gives
+    every sample about ``rtol·√B`` relative accuracy, not only the largest (``info.adjoint`` reports the
+    scaled system). ``None`` with an absolute tolerance, or under ``torch.func`` transforms."""
+    if solver.atol or not b.is_floating_point() or transforms_active():
+        return None
+    return _pow2_scale(b.detach().abs().amax(dim=tuple(range(samples, b.dim())), keepdim=True))
+
+
+def better_than_zero(x0: Tensor, b: Tensor, Ax0: Tensor, batch_dims: int) -> Optional[Tensor]:
+    r""":math:`x_0` where :math:`\|b - Ax_0\| < \|b\|`, else 0 — per sample over ``batch_dims``
+    leading dims (``None`` when no sample keeps its warm start)."""
+    dims = tuple(range(batch_dims, b.dim()))
+    keep = torch.linalg.vector_norm(b - Ax0, dim=dims) < torch.linalg.vector_norm(b, dim=dims)
+    if not bool(keep.any()):
+        return None
+    if batch_dims == 0:
+        return x0
+    return torch.where(keep.reshape(keep.shape + (1,) * (b.dim() - batch_dims)), x0, torch.zeros_like(x0))
+
+
+def symmetry_tol(dtype: torch.dtype) -> float:
+    """The relative asymmetry ``|⟨a, Ac⟩ - ⟨Aa, c⟩|`` above which a matrix is not symmetric."""
+    return 1e3 * torch.finfo(dtype).eps ** 0.75
+
+
+def _asymmetric(solver: LinearSolver, defect: float, where: str) -> LinearSolveError:
+    return LinearSolveError(
+        f"solver={solver.name!r} needs a symmetric dT/du, but <a, (I-J)c> - <(I-J)a, c> = {defect:.3e} "
+        f"(relative) for {where}: the operator is not symmetric. Declare symmetric_jacobian = False on it, or "
+        "pass solver='gmres' to the implicit/inexact mode"
+    )
+
+
+def check_symmetric(matvec: MatVec, b: Tensor, solver: LinearSolver) -> None:
+    """A solver for symmetric matrices (CG) gets one: test ``⟨a, A c⟩ = ⟨A a, c⟩`` on two random
+    vectors (two products)."""
+    gen = torch.Generator(device=b.device).manual_seed(1234)
+    a = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    c = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    lhs, rhs = float((a * matvec(c)).sum()), float((matvec(a) * c).sum())
+    scale = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(c))
+    if abs(lhs - rhs) > symmetry_tol(b.dtype) * max(scale, 1e-300):
+        raise _asymmetric(solver, (lhs - rhs) / max(scale, 1e-300), "random a, c")
+
+
+def verify_symmetric(matvec: MatVec, b: Tensor, solver: LinearSolver,
+                     info: LinearSolveInfo) -> None:
+    """After a solve by a solver that reports ``info.symmetry_defect`` (CG, on its first two search
+    directions): raise if the matrix is not symmetric. A solve that stopped before measuring it is
+    right when it converged (its true residual says so); one that did not is tested on random vectors."""
+    if info.symmetry_defect is not None:
+        if info.symmetry_defect > symmetry_tol(b.dtype):
+            raise _asymmetric(solver, info.symmetry_defect, "CG's first two search directions a, c")
+    elif not info.converged:
+        check_symmetric(matvec, b, solver)
+
+
+def check_nonsingular(matvec: MatVec, b: Tensor, solver: LinearSolver,
+                       depth: int, symmetry: bool = False) -> None:
+    r"""Solve :math:`A^\top z = r` for a random :math:`r` with the adjoint's own solver and tolerance.
+
+    When Fix T is not a singleton, :math:`A` is singular and a random right-hand side has a
+    component outside its range, so the solve cannot converge; the adjoint's own right-hand side may
+    lie in the range (a *consistent* system, which Krylov solvers answer with the minimum-norm
+    solution) and would not show it. Costs one more solve.
+    """
+    gen = torch.Generator(device=b.device).manual_seed(4321)
+    r = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    _, info = solver._call(matvec, r, None, depth)
+    if symmetry:  # an asymmetric matrix also fails this solve: say which it is
+        verify_symmetric(matvec, r, solver, info)
+    if not info.converged:
+        raise LinearSolveError(
+            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "
+            f"{info.method} could not solve (I - dT/du)^T z = r for a random r (residual {info.residual:.2e} > "
+            f"{info.threshold:.2e} after {info.iterations} products). Fix T is then not a singleton and the "
+            "implicit hypergradient is undefined: differentiate the (aggregated) iteration with "
+            "hypergrad='unrolled' or 'truncated', as HODL does (check_unique=False skips this test)"
+        )
 
 
 def _symmetry_defect(p0: Tensor, Ap0: Tensor, p1: Tensor, Ap1: Tensor) -> float:

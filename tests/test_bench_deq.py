@@ -30,6 +30,17 @@ def test_the_two_spectra():
         deq.problem(0.9, spectrum="disk")
 
 
+def test_the_whole_batch_to_the_same_residual_reaches_it_where_the_same_tolerance_does_not():
+    P = deq.problem(0.9, spectrum="orthogonal")  # the whole batch at tol 1e-9 leaves a sample at 3e-9
+    z, _ = deq.ours(lambda: deq.hp.Anderson(6), 0)(P)
+    assert deq.residual(P, z) > deq.TOL
+    tol = deq.same_residual_tol(P, lambda: deq.hp.Anderson(6))
+    z, _ = deq.ours(lambda: deq.hp.Anderson(6), 0, tol)(P)
+    assert tol < deq.TOL and deq.residual(P, z) <= deq.TOL
+    z, _ = deq.ours(lambda: deq.hp.Anderson(6), 0, 2 * tol)(P)  # the largest such tolerance of the ladder
+    assert deq.residual(P, z) > deq.TOL
+
+
 def test_our_forward_and_implicit_gradients(small):
     z, steps = deq.ours(lambda: deq.hp.Anderson(6), 1)(small)
     assert deq.residual(small, z) <= deq.TOL and steps > 0
@@ -50,9 +61,9 @@ def test_torchdeq_wrappers(small, kind):
 
 def test_readme_block(tmp_path):
     fwd = [dict(W="radius", c=0.9, method="plain, per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5,
-                vs_peer=None, cpu_vs_plain=1.0, residual=1e-10),
+                vs_same=None, vs_peer=None, cpu_vs_plain=1.0, residual=1e-10),
            dict(W="radius", c=0.9, method="Broyden(6), per sample", steps=10, time_ms=1.0, vs_plain=1.0, vs_batch=0.5,
-                vs_peer=0.25, cpu_vs_plain=1.0, residual=1e-10)]
+                vs_same=0.4, vs_peer=0.25, cpu_vs_plain=1.0, residual=1e-10)]
     bwd = [dict(c=0.9, method="ours", forward_ms=1.0, backward_ms=2.0, total_ms=3.0, vs_first=1.0, grad_error=1e-9,
                 fd_error=1e-10),
            dict(c=0.9, method="dense reference (Newton)", forward_ms=None, backward_ms=None, total_ms=None,
@@ -60,9 +71,11 @@ def test_readme_block(tmp_path):
     costs = [dict(method="plain", path="-", us_per_step=27.0, accelerator_share=0.0, aten_ops_per_step=9.5,
                   syncs_per_step=0.1)]
     block = deq.markdown(fwd, bwd, costs, 5, 64, 32)
-    assert "| radius | 0.9 | plain, per sample | 10 | 1.0 ms | 1.00 | 0.50 | — | 1.00 | 1.0e-10 |" in block
-    assert "| radius | 0.9 | Broyden(6), per sample | 10 | 1.0 ms | 1.00 | 0.50 | 0.25 | 1.00 | 1.0e-10 |" in block
+    assert "| radius | 0.9 | plain, per sample | 10 | 1.0 ms | 1.00 | 0.50 | — | — | 1.00 | 1.0e-10 |" in block
+    assert ("| radius | 0.9 | Broyden(6), per sample | 10 | 1.0 ms | 1.00 | 0.50 | 0.40 | 0.25 | 1.00 | 1.0e-10 |"
+            in block)
     assert deq._peer_of("Anderson(6), per sample") == "TorchDEQ anderson (m = 6)" and deq._peer_of("plain") is None
+    assert deq._peer_of(deq.SAME) is None
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{deq.BEGIN}\nold\n{deq.END}\n")
     deq.write_readme(str(readme), block, deq.BEGIN, deq.END)

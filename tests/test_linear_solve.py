@@ -325,3 +325,59 @@ def test_a_matvec_of_the_wrong_shape_or_dtype_is_named(name):
     for bad in (lambda v: v[:5], lambda v: (0.5 * v).float()):
         with pytest.raises(ValueError, match="matvec must return a tensor like its input"):
             solver(bad, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# _solve_checked: the checks around a solve of an implicit derivative
+# ------------------------------------------------------------------------------------------------
+def test_solve_checked_refuses_cg_on_an_asymmetric_matrix_and_gmres_solves_it():
+    A = nonsym(30, 3)
+    b = torch.randn(30, dtype=DT, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(hp.LinearSolveError, match="symmetric"):
+        ls.cg(rtol=1e-12)._solve_checked(lambda v: A @ v, b)
+    x, info = ls.gmres(rtol=1e-12)._solve_checked(lambda v: A @ v, b)
+    assert info.converged and rel_err(x, torch.linalg.solve(A, b)) < 1e-10
+    M = spd(30, 50.0, 5)  # and CG on a symmetric one is not refused
+    x, _ = ls.cg(rtol=1e-12)._solve_checked(lambda v: M @ v, b)
+    assert rel_err(x, torch.linalg.solve(M, b)) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["gmres", "bicgstab"])
+def test_solve_checked_probes_a_singular_matrix_only_when_asked(name):
+    # A singular, b in its range (a consistent system): the solve alone succeeds, the probe names the singularity
+    A = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=DT))
+    b = torch.tensor([1.0, 4.0, 0.0], dtype=DT)
+    x, info = ls.get(name, rtol=1e-12, maxiter=50)._solve_checked(lambda v: A @ v, b)
+    assert info.converged and torch.allclose(x, torch.tensor([1.0, 2.0, 0.0], dtype=DT), atol=1e-12)
+    with pytest.raises(hp.LinearSolveError, match="singular"):
+        ls.get(name, rtol=1e-12, maxiter=50)._solve_checked(lambda v: A @ v, b, probe_singular=True)
+
+
+def test_solve_checked_uses_a_warm_start_only_where_it_beats_zero_per_sample():
+    A = nonsym(6, 7)
+    b = torch.randn(2, 6, dtype=DT, generator=torch.Generator().manual_seed(8))
+    exact = torch.linalg.solve(A, b.T).T
+    calls = []
+
+    def mv(v):
+        calls.append(v.clone())
+        return v @ A.T
+    x0 = torch.stack([exact[0], 1e6 * torch.ones(6, dtype=DT)])  # sample 0: the solution; sample 1: far worse than 0
+    x, info = ls.gmres(rtol=1e-12)._solve_checked(mv, b, x0, samples=1)
+    assert info.converged and rel_err(x, exact) < 1e-10
+    start = calls[1]  # (calls[0] measured the warm start) the solve started from x0 on sample 0, from 0 on sample 1
+    assert torch.equal(start[0], exact[0]) and torch.equal(start[1], torch.zeros(6, dtype=DT))
+
+
+def test_solve_checked_gives_each_sample_its_tolerance_without_a_per_sample_mode():
+    # BiCGSTAB solves the batch as one system: each sample's right-hand side is brought to unit size first,
+    # so the small sample is as accurate as the large one (one threshold would leave it at rtol·‖b‖/‖b_small‖)
+    # sample 0: a large right-hand side on an easy system (2I); sample 1: a small one on a hard system
+    A = torch.stack([2 * torch.eye(40, dtype=DT), nonsym(40, 9, rho=0.99)])
+    g = torch.Generator().manual_seed(10)
+    b = torch.randn(2, 40, dtype=DT, generator=g) * torch.tensor([[1.0], [1e-8]], dtype=DT)
+    x, info = ls.bicgstab(rtol=1e-8)._solve_checked(lambda v: (A @ v[..., None])[..., 0], b, samples=1)
+    exact = torch.linalg.solve(A, b)
+    assert info.converged
+    for i in range(2):
+        assert rel_err(x[i], exact[i]) < 1e-6
