@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels
-from .base import NORMAL, MaskedCounters, as_rows, np, rescale, row_sq, solve
+from .base import MaskedCounters, as_rows, normal_window, np, rescale, row_sq, solve
 
 if TYPE_CHECKING:  # pragma: no cover
     from .anderson import Anderson
@@ -85,7 +85,8 @@ class HostBatch:
         self.up: Any = None  # the last accepted point and its residual, (B, n)
         self.fp: Any = None
         self.rlim: Any = None  # safeguard · its residual norm; the largest float after a fall-back
-        self.scale: Any = None  # per-sample exponents e once a residual left NORMAL (units of 2^-e)
+        self.scale: Any = None  # per-sample exponents e once a residual left the window (units of 2^-e)
+        self.window = normal_window(dt)  # residual norms whose Gram entries stay inside the dtype's range
         # steps 2-4 as one compiled loop over the samples where numba is installed (the numpy code below
         # otherwise; acc._compiled = False forces it)
         self.kernel = _kernels.anderson() if getattr(acc, "_compiled", None) is not False and B and n else None
@@ -107,7 +108,7 @@ class HostBatch:
             if normal and self.scale is None:  # loop reports them
                 out = self._step(rn <= self.rlim, un, fn, rn, mix, beta)  # (1. safeguard: NaN, Inf fail it)
             else:  # residuals beyond 1e±140: the step in units of 2^-e per sample (exact; see rescale)
-                e = rescale(self, rn, NORMAL, self._reset)
+                e = rescale(self, rn, self.window, self._reset)
                 rn, ec = np.ldexp(rn, e), e[:, None]
                 out = np.ldexp(self._step(rn <= self.rlim, np.ldexp(un, ec), np.ldexp(fn, ec), rn, mix, beta), -ec)
         t = torch.from_numpy(out)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional
 
-from .base import NORMAL, np  # (np: None without numpy; then no host path runs)
+from .base import np  # (np: None without numpy; then no host path runs)
 from .base import row_norms as base_row_norms
 
 __all__ = ["anderson", "broyden", "row_norms", "run"]
@@ -203,14 +203,14 @@ def _row_norms(a: Any, r: Any, lo: float, hi: float) -> bool:  # pragma: no cove
 def norms(state: Any, a: Any) -> tuple[Any, bool]:
     """:func:`~hodl_plugin.acceleration.base.row_norms` of the rows of ``a``: compiled where ``state`` has
     its compiled step (``state.kernel``), measured again in numpy (scaled) when a norm leaves
-    :data:`~hodl_plugin.acceleration.base.NORMAL`."""
+    ``state.window`` (:func:`~hodl_plugin.acceleration.base.normal_window` of its dtype)."""
     if state.kernel is not None:
         kernel = row_norms()
         if kernel is not None:
             r = np.empty(a.shape[0])
-            if kernel(a, r, NORMAL[0], NORMAL[1]):
+            if kernel(a, r, state.window[0], state.window[1]):
                 return r, True
-    return base_row_norms(a)
+    return base_row_norms(a, state.window)
 
 
 def _compile(fn: Callable[..., None]) -> Optional[Callable[..., None]]:

@@ -77,7 +77,6 @@ from .._torch_compat import transforms_active
 from . import _kernels
 from ._anderson_batch import HostBatch, MaskedBatch
 from .base import (
-    NORMAL,
     Accelerator,
     batch_size,
     check_history,
@@ -85,6 +84,7 @@ from .base import (
     check_restart_cond,
     check_safeguard,
     host_ok,
+    normal_window,
     np,
     solve,
 )
@@ -265,7 +265,8 @@ class Anderson(Accelerator):
             return torch.add(u, f, alpha=mix).view(st.shape)
         if st.host:
             rf = float(r)
-            extreme = not NORMAL[0] < rf < NORMAL[1]  # (0, NaN too): squares beyond float64's range
+            lo, hi = normal_window(u.dtype)
+            extreme = not lo < rf < hi  # (0, NaN too): squares beyond the dtype's range
             if extreme:
                 rf = float(_scaled_norm(f))
             scaled, st.extreme = extreme or st.extreme, extreme  # (Δf spans this residual and the last)

@@ -218,18 +218,27 @@ def row_sq(a: Any, dtype: Any = None) -> Any:
 #: norms inside this range have their squares (and Gram matrices of vectors of such norms) well inside float64's
 #: range; outside it a norm is measured again, scaled, and a host accelerator steps in power-of-2 units
 NORMAL = (1e-140, 1e140)
+#: the same for float32 state (its squares leave float32's range beyond about 1e±19)
+NORMAL32 = (1e-15, 1e15)
 
 
-def row_norms(a: Any) -> tuple[Any, bool]:
+def normal_window(dtype: Any) -> tuple[float, float]:
+    """:data:`NORMAL` for float64 state, :data:`NORMAL32` for float32 (a numpy or torch dtype)."""
+    return NORMAL if dtype in (torch.float64, np.float64) else NORMAL32
+
+
+def row_norms(a: Any, window: tuple[float, float] = NORMAL) -> tuple[Any, bool]:
     """``(r, normal)``: the norms of the rows of a ``(B, n)`` numpy array, in float64, and whether all of
-    them lie in :data:`NORMAL`; a row whose squares leave float64's range (entries beyond about 1e±150)
+    them lie in ``window``; a row whose squares leave float64's range (entries beyond about 1e±150)
     is measured again, scaled by its largest entry."""
     if not a.shape[-1]:  # rows of no entries (nothing to scale)
         return np.zeros(a.shape[0]), True
     with np.errstate(over="ignore", invalid="ignore"):  # (the squares of a row beyond 1e154 overflow: measured again)
         r = np.sqrt(row_sq(a, np.float64))
-        if not r.size or (np.minimum.reduce(r) > NORMAL[0] and np.maximum.reduce(r) < NORMAL[1]):  # (NaN fails)
+        if not r.size or (np.minimum.reduce(r) > window[0] and np.maximum.reduce(r) < window[1]):  # (NaN fails)
             return r, True
+        if np.isfinite(r).all() and (r > 1e-140).all() and (r < 1e140).all():  # in float64's range: exact already
+            return r, False
         m = np.abs(a).max(axis=1).astype(np.float64)
         m[~(m > 0) | ~np.isfinite(m)] = 1.0
         return np.sqrt(row_sq(a / m[:, None].astype(a.dtype), np.float64)) * m, False

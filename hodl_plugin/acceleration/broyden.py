@@ -132,6 +132,7 @@ class Broyden(Accelerator):
 #: residual norms inside this range keep the host state's products of four residual-sized factors (the
 #: curvature test's (sᵀMy)²) inside float64; beyond it the state steps in per-sample power-of-2 units
 _WINDOW = (1e-70, 1e70)
+_WINDOW32 = (1e-8, 1e8)  # (float32 state)
 
 
 class _HostState:
@@ -155,7 +156,8 @@ class _HostState:
         self.up: Any = None  # the last accepted point, its residual and safeguard limit
         self.fp: Any = None
         self.rlim: Any = None
-        self.scale: Any = None  # per-sample exponents once a residual left _WINDOW (units of 2^-e)
+        self.scale: Any = None  # per-sample exponents once a residual left the window (units of 2^-e)
+        self.window = _WINDOW if dt == np.float64 else _WINDOW32
         # the step as one compiled loop over the samples where numba is installed (acc._compiled = False:
         # the numpy code below)
         self.kernel = _kernels.broyden() if getattr(acc, "_compiled", None) is not False and B and n else None
@@ -180,9 +182,9 @@ class _HostState:
             return torch.from_numpy(un + mix * fn).view(self.shape)
         with np.errstate(all="ignore"):  # a diverging sample may overflow; the loop reports it
             s_units = None
-            inside = np.minimum.reduce(rn) > _WINDOW[0] and np.maximum.reduce(rn) < _WINDOW[1]  # (NaN: outside)
+            inside = np.minimum.reduce(rn) > self.window[0] and np.maximum.reduce(rn) < self.window[1]  # (NaN: out)
             if self.scale is not None or not inside:
-                e = rescale(self, rn, _WINDOW, self._reset)  # the step in units of 2^-e per sample (exact)
+                e = rescale(self, rn, self.window, self._reset)  # the step in units of 2^-e per sample (exact)
                 s_units = e[:, None]
                 un, fn, rn = np.ldexp(un, s_units), np.ldexp(fn, s_units), np.ldexp(rn, e)
             keep = rn <= self.rlim  # safeguard (NaN and Inf fail it)
