@@ -269,9 +269,16 @@ class Inexact(HypergradMethod):
         bounds, estimates, notes = [], [], []
         adj = info.adjoint
         per = None if adj is None or adj.residual_per_sample is None else adj.residual_per_sample.reshape(-1)
-        for i, (v, u_star, ts) in enumerate(samples()):
-            # the adjoint residual the solver reported for this sample (the batch's worst if unknown)
-            res = float(per[i]) if per is not None and i < per.numel() else (None if adj is None else adj.residual)
+        problems = list(samples())
+        for i, (v, u_star, ts) in enumerate(problems):
+            # the adjoint residual the solver reported for this problem: its sample's under a vmap, all the
+            # samples' together where one problem holds a batch_dims batch (solved per sample), else the solve's
+            if per is not None and len(problems) == per.numel():
+                res: Optional[float] = float(per[i])
+            elif per is not None:
+                res = float(torch.linalg.vector_norm(per.double()))
+            else:
+                res = None if adj is None else adj.residual
             b, e, note = self._bound(it, op, u_star, ts, v, res)
             bounds.append(math.nan if b is None else b)
             estimates.append(math.nan if e is None else e)

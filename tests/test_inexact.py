@@ -193,3 +193,24 @@ def test_inexact_double_backward_is_reentrant_with_warm_starts():
     torch.func.jacrev(fn)(x.detach())  # earlier calls leave adjoints of other upstream gradients cached
     assert gradcheck(fn, (x,))
     assert gradgradcheck(lambda x: fn(x) ** 2, (x,))
+
+
+@pytest.mark.parametrize("acceleration", [None, "anderson"])
+def test_the_bound_of_a_batch_dims_batch_whose_samples_differ_in_scale(acceleration):
+    """``batch_dims=1``: the adjoint is solved per sample, the bound certifies the whole batch's gradient. A
+    sample 1000× smaller than the others made the bound compare the batch's recomputed adjoint residual with
+    that sample's alone and withhold itself ("the back-propagated loss is not `upper`", which it was)."""
+    torch.manual_seed(0)
+    M = torch.randn(40, 40, dtype=DT)
+    M = 0.9 * M / torch.linalg.matrix_norm(M, 2)
+    F = lambda z, x: 0.5 * (z**2).sum()  # noqa: E731
+    x = (torch.randn(3, 40, dtype=DT) * torch.tensor([[1e-3], [1.0], [1.0]], dtype=DT)).requires_grad_(True)
+    s = hp.GKMSolver(lambda z, x: z @ M.T + x, batch_dims=1, upper=F, alpha=0,
+                     acceleration=hp.Anderson(5) if acceleration else None,
+                     hypergrad=hp.Inexact(eps=1e-6, warm_start=False))
+    F(s(torch.zeros(3, 40, dtype=DT), x), x).backward()
+    A = torch.eye(40, dtype=DT) - M
+    exact = torch.linalg.solve(A.T, torch.linalg.solve(A, x.detach().T)).T  # ∇f = A⁻ᵀ u*, u* = A⁻¹x
+    err = float((x.grad - exact).norm())
+    assert s.info.error_bound is not None, s.info.message
+    assert err <= s.info.error_bound and not s.info.message
