@@ -517,6 +517,7 @@ class Monitor:
         self.hist.append(r if self.kept_mask is None else np.where(self.kept_mask, s.stop_res, r))
         self.hist_steps.append(k)
         self.info.tol = float(thresh.max())
+        self.last_thr = thresh
         if s.stopped_at is None:
             s.stopped_at = xp.full_like(r, -1, dtype=xp.int64)
             s.stop_res, s.stop_thr = xp.full_like(r, math.nan), xp.full_like(r, math.nan)
@@ -620,6 +621,7 @@ class Monitor:
             s.converged = torch.zeros_like(s.stopped_at, dtype=torch.bool)
             s.diverged = torch.zeros_like(s.converged)
         running = s.stopped_at < 0
+        thr = None if getattr(self, "last_thr", None) is None else _as_tensor(self.last_thr)
         if residual is None and s.rprev is not None:  # the last check stands for the returned point
             un = self._final_norm(u)
             s.converged = s.converged | (running & (s.rprev <= torch.clamp(self.noise_tol * un, min=self.atol)))
@@ -633,9 +635,14 @@ class Monitor:
                 r = torch.where(running, r, s.stop_res)
             self.hist.append(r)
             self.hist_steps.append(self.start + executed)
-            info.tol = float(thresh.max())
+            thr = thresh
             s.converged = s.converged | (running & conv)
+        if thr is not None and s.stop_thr is not None:  # stopped samples keep the threshold they stopped at
+            thr = torch.where(running, thr, s.stop_thr.to(thr.dtype))
         self._append_history()
+        if thr is not None and self.bdims:
+            info.tol_per_sample = thr
+            info.tol = _worst_threshold(info.residuals[-1], thr)
         this = torch.where(s.stopped_at < 0, torch.full_like(s.stopped_at, executed), s.stopped_at - self.start)
         prev = info.steps_per_sample if info.steps_per_sample is not None else torch.full_like(this, before)
         ran = prev + this
@@ -736,3 +743,11 @@ class _TensorState:
         """Every array of the host path as a tensor (sharing memory)."""
         for name, value in vars(self).items():
             setattr(self, name, _as_tensor(value))
+
+
+def _worst_threshold(r: Tensor, thr: Tensor) -> float:
+    """The threshold of the sample whose residual ``r`` is largest relative to its threshold ``thr`` (the
+    worst sample: the first that fails, or would)."""
+    ratio = torch.where(thr > 0, r / torch.where(thr > 0, thr, torch.ones_like(thr)), r * math.inf)
+    ratio = torch.where(torch.isnan(ratio), torch.full_like(ratio, math.inf), ratio)
+    return float(thr.reshape(-1)[int(ratio.reshape(-1).argmax())])

@@ -82,8 +82,10 @@ class SolverInfo:
         diverged: the iteration produced non-finite values, a residual that grew past
             ``divergence_factor`` times the first one or kept growing, or one that stopped
             decreasing far above any rounding error (T is not nonexpansive there).
-        tol: the threshold ``max(tol·‖u‖, atol)`` of the last test (of the worst sample).
-        steps_per_sample, converged_per_sample: with ``batch_dims``, tensors over the batch.
+        tol: the threshold ``max(tol·‖u‖, atol)`` of the last test; with ``batch_dims``, that of the worst
+            sample (the one whose residual is largest relative to its own threshold).
+        steps_per_sample, converged_per_sample, tol_per_sample: with ``batch_dims``, tensors over the batch
+            (the last: each sample's threshold at the point it returned).
         exact_steps: no tolerance was asked (``tol=0, atol=0``).
         accelerated: steps taken by the acceleration, restarts: its history restarts and
             safeguard fall-backs (with ``acceleration=``).
@@ -126,6 +128,7 @@ class SolverInfo:
     message: str = ""
     steps_per_sample: Optional[Tensor] = None
     converged_per_sample: Optional[Tensor] = None
+    tol_per_sample: Optional[Tensor] = None
     exact_steps: bool = False
     accelerated: int = 0
     restarts: int = 0

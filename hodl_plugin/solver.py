@@ -20,9 +20,11 @@ Example (a quadratic lower level whose fixed point is :math:`u^*(x) = A^{-1}x`):
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any, Callable, Hashable, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from ._checks import check_inputs, module_tensors
@@ -349,6 +351,13 @@ def warn_unconverged(info: SolverInfo, u: Optional[Tensor] = None, iteration: Op
         elif u is not None and not transforms_active() and info.tol == 0.0:
             hint = ("The fixed point is 0 (or near it), where a relative tolerance tol·‖u‖ cannot be met: pass "
                     "atol=... (an absolute tolerance)")
-        why = (f"it stopped after {info.steps} steps with residual ||T(u) - u|| = {info.residual:.3e} above the "
-               f"threshold {info.tol:.3e}; the result is not a fixed point. {hint}")
+        res, thr, where = info.residual, info.tol, ""
+        if info.tol_per_sample is not None and info.converged_per_sample is not None and info.residuals.dim() > 1:
+            # the figures of the unconverged sample furthest from its own threshold
+            r, t = info.residuals[-1].reshape(-1).double(), info.tol_per_sample.reshape(-1).double()
+            ratio = torch.nan_to_num(r / t.clamp_min(1e-300), nan=math.inf)
+            j = int(torch.where(~info.converged_per_sample.reshape(-1), ratio, -math.inf).argmax())
+            res, thr, where = float(r[j]), float(t[j]), f" (sample {j})"
+        why = (f"it stopped after {info.steps} steps with residual ||T(u) - u|| = {res:.3e}{where} above the "
+               f"threshold {thr:.3e}; the result is not a fixed point. {hint}")
     warnings.warn(f"the lower solve ({info.mode}) did not converge{which}: {why}", ConvergenceWarning, stacklevel=3)

@@ -668,3 +668,29 @@ def test_forward_mode_tangents_of_samples_that_stop_at_different_steps(mode, che
         exact = (1 - a**k) / (1 - a) if mode == "unrolled" else 1 / (1 - a)
         assert mode == "inexact" or int(k[0]) < int(k[1])  # (inexact warm-starts the second solve)
         assert torch.allclose(tangent, exact.expand(2, 3), rtol=1e-12, atol=0), tangent
+
+
+@pytest.mark.parametrize("acceleration", [None, "anderson"])
+def test_a_batch_reports_the_threshold_of_its_worst_sample(acceleration):
+    """``batch_dims``: a slow sample at 1e-9 beside a fast one at 1e3. The warning said "residual 1.988e-09
+    above the threshold 2.002e-07" (the fast sample's threshold: the message contradicted itself) and
+    ``info.tol`` was the largest threshold, of the converged sample. Now each sample's threshold
+    max(tol·‖u_i‖, atol) is in ``info.tol_per_sample``, ``info.tol`` is the worst sample's, and the warning
+    names that sample with its own residual and threshold."""
+    T = lambda z, x, c: c[:, None] * torch.tanh(0.7 * z + 0.3 * z.roll(1, -1)) + x  # noqa: E731
+    x = torch.tensor([[1e-9, 2e-9, -1e-9, 5e-9], [1e3] * 4], dtype=DT)
+    c = torch.tensor([0.9999, 0.9], dtype=DT)
+    solver = hp.GKMSolver(T, batch_dims=1, max_steps=4 if acceleration else 60, check_every=1,
+                          acceleration=hp.Anderson(1) if acceleration else None)
+    with pytest.warns(hp.ConvergenceWarning) as record:
+        u, info = solver.solve(torch.zeros_like(x), x, c)
+    assert info.converged_per_sample.tolist() == [False, True]
+    r = (T(u, x, c) - u).norm(dim=1)  # independent: the residuals and thresholds of the returned point
+    thr = torch.clamp(hp.gkm.default_tol(DT) * u.norm(dim=1), min=0.0)
+    assert torch.allclose(info.tol_per_sample, thr, rtol=1e-12, atol=0)
+    assert info.tol == pytest.approx(float(thr[0]), rel=1e-12) and float(r[0]) > info.tol
+    msg = str(record[0].message)
+    nums = re.search(r"residual \|\|T\(u\) - u\|\| = ([0-9.e+-]+) \(sample 0\) above the threshold ([0-9.e+-]+)", msg)
+    assert nums, msg
+    assert float(nums.group(1)) > float(nums.group(2))
+    assert float(nums.group(2)) == pytest.approx(float(thr[0]), rel=1e-3)
