@@ -58,6 +58,8 @@ class FixedPointProblem:
         forward_info: set per sample by a vmap (above).
         needs: which tensors the reverse pass wants gradients for (set per backward).
         batch: set on the problems a vmap builds (:mod:`hodl_plugin._vmap`).
+        batch_dims: the leading dims of ``u`` that index independent problems, when no ``iteration``
+            says so (:func:`~hodl_plugin.custom.custom_fixed_point`'s ``batch_dims``).
 
     Raises:
         TypeError: :meth:`replace` with a field the problem does not have.
@@ -87,6 +89,7 @@ class FixedPointProblem:
     forward_info: Optional[SolverInfo] = None
     needs: Optional[tuple[bool, ...]] = None
     batch: Optional[_vmap.Batch] = None
+    batch_dims: int = 0
 
     def replace(self, **changes: Any) -> FixedPointProblem:
         """A copy with ``changes`` (a shallow copy: what ``dataclasses.replace`` gives for these
@@ -155,6 +158,13 @@ def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolv
                 f"(eps = {eps:.1e}): no solver reaches it; loosen adjoint_rtol (the dtype's default is "
                 f"{ls.default_rtol(b.dtype):.1e})"
             )
+    fwd = problem.forward_info if problem.forward_info is not None else problem.info
+    if fwd is not None and fwd.diverged:  # (on_divergence="warn"): no fixed point there to differentiate
+        return (
+            f"{head} The forward solve diverged (on_divergence='warn' returned its last finite iterate, "
+            "which is not a fixed point): the implicit derivative does not exist there. Fix the divergence "
+            "(info.message says where), or differentiate only what converged"
+        )
     other = "another method (solver='gmres')" if linfo.method != "gmres" else "a looser tolerance (adjoint_rtol)"
     return (
         f"{head} (I - dT/du) may be singular (a non-singleton fixed-point set: use hypergrad='unrolled'), or the "
@@ -175,7 +185,8 @@ def sample_dims(problem: FixedPointProblem, b: Tensor) -> int:
     if problem.batch is not None:
         return problem.batch.depth
     it = problem.iteration
-    return it.batch_dims if it is not None and 0 < it.batch_dims < b.dim() else 0
+    dims = it.batch_dims if it is not None else problem.batch_dims
+    return dims if 0 < dims < b.dim() else 0
 
 
 def solve_options(problem: FixedPointProblem, b: Tensor, role: str) -> dict[str, Any]:

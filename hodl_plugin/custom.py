@@ -23,15 +23,17 @@ from ._checks import all_finite
 from ._stopping import default_tol
 from ._torch_compat import transforms_active
 from .errors import ConvergenceWarning, DivergenceError, user_stacklevel
-from .gkm import validate_nonneg, validate_relative
+from .gkm import validate_count, validate_nonneg, validate_relative
 from .implicit import FixedPoint, FixedPointProblem
 
 __all__ = ["custom_fixed_point", "custom_root"]
 
 
 def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fail: str, symmetric: bool,
-               tol: Optional[float], atol: float) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+               tol: Optional[float], atol: float, batch_dims: int
+               ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     solver = ls.as_solver(solve, default="cg" if symmetric else "gmres")
+    batch_dims = validate_count(batch_dims, "batch_dims", minimum=0)
     if on_fail not in ("raise", "warn"):
         raise ValueError(f"on_fail must be 'raise' or 'warn', got {on_fail!r}")
     tol = validate_relative(tol, "tol", allow_none=True)
@@ -52,6 +54,9 @@ def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fa
             if not args or not isinstance(args[0], Tensor):
                 raise TypeError(f"the first argument of {name} (the initial point) must be a tensor")
             init, args = args[0], tuple(args[1:])
+            if batch_dims > init.dim():
+                raise ValueError(f"batch_dims={batch_dims} but the initial point of {name} has only {init.dim()} "
+                                 "dimensions")
             _check_finite(name, sig, init, args, kwargs)
             g, solver_g = fn, solver_fn
             if kwargs:  # keyword-only arguments travel as one trailing dict, its tensors differentiable too
@@ -66,10 +71,10 @@ def _decorated(kind: str, fn: Callable[..., Tensor], solve: ls.SolverLike, on_fa
                 with torch.no_grad(), op.context(tensors):
                     params = op.params(tensors)
                     out = solver_g(u0.detach(), *params)
-                    _check_solution(kind, name, g, out, u0, params, tol, atol)
+                    _check_solution(kind, name, g, out, u0, params, tol, atol, batch_dims)
                 return out
 
-            problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail)
+            problem = FixedPointProblem(op, fwd, solver, sign=sign, on_fail=on_fail, batch_dims=batch_dims)
             leaves, _ = flatten(args, static=True)
             return FixedPoint.apply(problem, init, *leaves, *op.captured)
 
@@ -119,9 +124,10 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 
 def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, init: Tensor,
-                    params: Sequence[Any], tol: Optional[float], atol: float) -> None:
-    """The solver's result is a tensor like ``init``, finite, and a fixed point (a root) to the tolerance:
-    the derivative is that of the equation *at the returned point*, so a wrong point is said, not used."""
+                    params: Sequence[Any], tol: Optional[float], atol: float, batch_dims: int = 0) -> None:
+    """The solver's result is a tensor like ``init``, finite, and a fixed point (a root) to the tolerance
+    (each sample's, over ``batch_dims`` leading dims): the derivative is that of the equation *at the
+    returned point*, so a wrong point is said, not used."""
     if not isinstance(out, Tensor) or out.shape != init.shape:
         raise TypeError(
             f"{name} must return the solution, a tensor shaped like its first argument {tuple(init.shape)}; "
@@ -137,7 +143,13 @@ def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, i
     r = fn(out, *params)
     if kind == "fixed_point":
         r = r - out
-    res = float(torch.linalg.vector_norm(r.detach()))
+    dims = tuple(range(batch_dims, out.dim())) if batch_dims else None
+
+    def norm(t: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(t.detach(), dim=dims)
+
+    res_all = norm(r)
+    res = float(res_all.max()) if res_all.numel() else 0.0
     if not math.isfinite(res) or not bool(torch.isfinite(out).all()):
         what_fn = "fixed-point map" if kind == "fixed_point" else "optimality function"
         raise DivergenceError(
@@ -146,13 +158,17 @@ def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, i
         )
     rel = math.sqrt(default_tol(out.dtype)) if tol is None else tol
     if kind == "fixed_point":
-        scale, what = float(torch.linalg.vector_norm(out)), "||T(u) - u||"
+        scale, what = norm(out), "||T(u) - u||"
     else:
-        scale, what = float(torch.linalg.vector_norm(fn(init, *params))), "||G(u)||"
-    thresh = max(rel * scale, atol)
-    if res > thresh:
+        scale, what = norm(fn(init, *params)), "||G(u)||"
+    thresh_all = torch.clamp(rel * scale, min=atol)
+    bad = res_all > thresh_all
+    if bool(bad.any()):
+        j = int(torch.where(bad, res_all / thresh_all.clamp_min(1e-300), -math.inf).reshape(-1).argmax())
+        res, thresh = float(res_all.reshape(-1)[j]), float(thresh_all.reshape(-1)[j])
+        where = f" (sample {j} of the batch_dims={batch_dims} batch)" if batch_dims else ""
         warnings.warn(
-            f"{name} returned a point with {what} = {res:.3e} above {thresh:.3e} (tol={rel:g} relative to "
+            f"{name} returned a point with {what} = {res:.3e}{where} above {thresh:.3e} (tol={rel:g} relative to "
             f"{'||u||' if kind == 'fixed_point' else '||G(init)||'}, atol={atol:g}): it is not a "
             f"{'fixed point' if kind == 'fixed_point' else 'root'} to that accuracy, and the implicit derivative "
             "taken there is that of the equation at this point. Solve more accurately, or pass tol=/atol=",
@@ -162,7 +178,7 @@ def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, i
 
 
 def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise",
-                       tol: Optional[float] = None, atol: float = 0.0
+                       tol: Optional[float] = None, atol: float = 0.0, batch_dims: int = 0
                        ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a fixed point
     :math:`u = T(u, *args)`: the decorated function's result is differentiable w.r.t. the tensors in
@@ -179,6 +195,11 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
             the square root of the dtype's default, ``1e-5`` in float64); a point that misses it is
             reported by a :class:`~hodl_plugin.errors.ConvergenceWarning` (its derivative is that of the
             equation at that point), a non-finite one by a :class:`~hodl_plugin.errors.DivergenceError`.
+        batch_dims: the leading dims of ``u`` that index independent problems (a batch of samples, as
+            :class:`~hodl_plugin.GKMSolver`'s ``batch_dims``): the returned point is checked per sample, and
+            each sample's adjoint meets its own tolerance (one solve per sample where the linear solver has a
+            per-sample mode — CG, GMRES, the Neumann series — else each sample's right-hand side scaled to
+            unit size). ``T`` must act on each sample independently.
 
     Returns:
         a decorator; ``init`` gets no gradient. Non-tensor ``args`` (numbers, strings) are passed
@@ -207,11 +228,12 @@ def custom_fixed_point(T: Callable[..., Tensor], *, solve: ls.SolverLike = None,
     """
     if not callable(T):
         raise TypeError(f"custom_fixed_point(T): T must be callable T(u, *args), got {type(T).__name__}")
-    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)), tol, atol)
+    return _decorated("fixed_point", T, solve, on_fail, bool(getattr(T, "symmetric_jacobian", False)), tol, atol,
+                      batch_dims)
 
 
 def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = None, on_fail: str = "raise",
-                tol: Optional[float] = None, atol: float = 0.0
+                tol: Optional[float] = None, atol: float = 0.0, batch_dims: int = 0
                 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     r"""Decorate any solver ``solver(init, *args) -> u`` whose result is a root
     :math:`G(u, *args) = 0` of ``optimality_fn``: derivatives w.r.t. the tensors in ``args`` by the
@@ -224,6 +246,8 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
             ``hp.linear_solve.cg()``, for a symmetric positive definite :math:`\partial_u G`, e.g. a Hessian).
         on_fail: as for :func:`custom_fixed_point`.
         tol, atol: the check of the returned point, ``‖G(u)‖ ≤ max(tol·‖G(init)‖, atol)`` (as for
+            :func:`custom_fixed_point`).
+        batch_dims: the leading dims of ``u`` that index independent problems (as for
             :func:`custom_fixed_point`).
 
     Returns:
@@ -255,4 +279,4 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
     """
     if not callable(optimality_fn):
         raise TypeError(f"custom_root(optimality_fn): must be callable G(u, *args), got {type(optimality_fn).__name__}")
-    return _decorated("root", optimality_fn, solve, on_fail, False, tol, atol)
+    return _decorated("root", optimality_fn, solve, on_fail, False, tol, atol, batch_dims)

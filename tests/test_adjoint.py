@@ -157,3 +157,30 @@ def test_batch_adjoint_failure_names_the_real_cause():
     with pytest.raises(hp.LinearSolveError, match="adjoint_maxiter") as err:
         (w * u).sum().backward()
     assert "below what" not in str(err.value)
+
+
+def test_a_failed_adjoint_after_a_diverged_forward_says_so():
+    """A batch with one diverging sample, on_divergence='warn': the adjoint at its last finite iterate (not
+    a fixed point) cannot be solved; the error said '(I - dT/du) may be singular ... use
+    hypergrad='unrolled'' (which acceleration refuses). It now names the divergence."""
+    import torch.nn.functional as Fn
+
+    g = torch.Generator().manual_seed(0)
+    C, H, W = 2, 6, 6
+    N = C * H * W
+    K = torch.randn(C, C, 3, 3, generator=g, dtype=torch.float64)
+    dense = Fn.conv2d(torch.eye(N, dtype=torch.float64).reshape(N, C, H, W), K, padding=1).reshape(N, N)
+    K = K / torch.linalg.matrix_norm(dense, 2)  # a convolution of norm 1
+
+    def T(z, x, c):
+        return c.view(-1, 1, 1, 1) * Fn.conv2d(z, K, padding=1) + x
+
+    x = torch.randn(3, C, H, W, generator=g, dtype=torch.float64)
+    c = torch.tensor([0.5, 4.5, 0.9], dtype=torch.float64, requires_grad=True)  # sample 1 diverges
+    solver = hp.GKMSolver(T, batch_dims=1, acceleration=hp.Anderson(5), on_divergence="warn")
+    with pytest.warns(hp.ConvergenceWarning):
+        z = solver(torch.zeros_like(x), x, c)
+    assert solver.info.diverged
+    with pytest.raises(hp.LinearSolveError, match="forward solve diverged") as e:
+        z.sum().backward()
+    assert "unrolled" not in str(e.value)
