@@ -133,6 +133,7 @@ _PROBLEM_FIELDS = frozenset(f.name for f in dataclasses.fields(FixedPointProblem
 def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolveInfo,
                       b: Optional[Tensor]) -> str:
     what = "(I - dT/du)" if problem.sign == 1.0 else "dG/du"
+    decorated = problem.iteration is None  # custom_fixed_point / custom_root: the solver is their solve=
     where = ""
     if linfo.converged_per_sample is not None:  # a batch of independent systems: say which samples failed
         bad = (~linfo.converged_per_sample).reshape(-1).nonzero().flatten().tolist()
@@ -141,8 +142,10 @@ def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolv
         f"the linear system {what}{'^T' if role == 'adjoint' else ''} v = b was not solved{where}: {linfo.method} "
         f"stopped after {linfo.iterations} products with residual {linfo.residual:.3e} > {linfo.threshold:.3e}."
     )
-    if b is not None:
+    rtol = "the solver's rtol (solve=hp.linear_solve.gmres(rtol=...))" if decorated else "adjoint_rtol"
+    if b is not None and math.isfinite(linfo.residual):
         eps = float(torch.finfo(b.dtype).eps)
+        samples = sample_dims(problem, b)
         if linfo.threshold_per_sample is not None:  # each sample's threshold against its own ||b_i||
             thr = linfo.threshold_per_sample.reshape(-1).double().cpu()
             bn_i = torch.linalg.vector_norm(b.detach().reshape(thr.numel(), -1), dim=1, dtype=torch.float64).cpu()
@@ -150,12 +153,14 @@ def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolv
             rel = torch.where(failed, thr / torch.where(bn_i > 0, bn_i, torch.ones_like(bn_i)), torch.inf)
             rel_min = float(rel.min())
         else:
+            if samples and b.is_floating_point():  # solved as one system, each sample scaled to unit size
+                b = b / ls._pow2_scale(b.detach().abs().amax(dim=tuple(range(samples, b.dim())), keepdim=True))
             bn = float(torch.linalg.vector_norm(b.detach()))
             rel_min = linfo.threshold / bn if bn > 0 else math.inf
         if rel_min < 10 * eps:
             return (
                 f"{head} The threshold is {rel_min:.1e} relative to ||b||, below what {b.dtype} resolves "
-                f"(eps = {eps:.1e}): no solver reaches it; loosen adjoint_rtol (the dtype's default is "
+                f"(eps = {eps:.1e}): no solver reaches it; loosen {rtol} (the dtype's default is "
                 f"{ls.default_rtol(b.dtype):.1e})"
             )
     fwd = problem.forward_info if problem.forward_info is not None else problem.info
@@ -164,6 +169,16 @@ def unsolved_message(problem: FixedPointProblem, role: str, linfo: ls.LinearSolv
             f"{head} The forward solve diverged (on_divergence='warn' returned its last finite iterate, "
             "which is not a fixed point): the implicit derivative does not exist there. Fix the divergence "
             "(info.message says where), or differentiate only what converged"
+        )
+    if not math.isfinite(linfo.residual) and linfo.method in ("neumann", "fixed_point", "anderson"):
+        fix = "solve='gmres'" if decorated else "solver='gmres'"
+        return (f"{head} The {linfo.method} iteration diverged: it needs the spectral radius of dT/du below 1 at the "
+                f"solution{' (of I - dG/du for a root)' if problem.sign != 1.0 else ''}; use a Krylov solver ({fix})")
+    if decorated:
+        return (
+            f"{head} {what} may be singular at the returned point (the solution not isolated), or the solver needs "
+            "more iterations or another method: pass solve=hp.linear_solve.gmres(maxiter=...) (or your own "
+            "solve(matvec, b)); a solve function of yours must meet its tolerance"
         )
     other = "another method (solver='gmres')" if linfo.method != "gmres" else "a looser tolerance (adjoint_rtol)"
     return (

@@ -544,11 +544,18 @@ class Monitor:
             what = (f"kept growing for {SLOW_DIVERGENCE_CHECKS} checks in a row, from {rmin:.3e} to {r:.3e} "
                     "(a slow divergence)")
         acc = it.acceleration
-        hint = "" if acc is None or nonfinite else (
-            f" With acceleration={type(acc).__name__}(...) the extrapolated iterates can drift away where T itself "
-            "converges: run the same solve with acceleration=None to tell which; if it converges, use a longer "
-            "history (history_size), a tighter safeguard, or no acceleration."
-        )
+        if acc is None:
+            hint = ""
+        elif nonfinite:  # an extrapolated iterate may leave the dtype's range where T's own iterates do not
+            hint = (f" With acceleration={type(acc).__name__}(...) T is evaluated at extrapolated points, which near "
+                    "the top of the dtype's range can overflow where T's own iterates would not: run the same "
+                    "solve with acceleration=None to tell which (or compute in a wider dtype).")
+        else:
+            hint = (
+                f" With acceleration={type(acc).__name__}(...) the extrapolated iterates can drift away where T "
+                "itself converges: run the same solve with acceleration=None to tell which; if it converges, use "
+                "a longer history (history_size), a tighter safeguard, or no acceleration."
+            )
         info.message = (
             f"the GKM iteration diverged at step {k}{where}: the fixed-point residual ||T(u_k) - u_k|| {what}. "
             "Check that T is nonexpansive in u (e.g. a step size below 2/L for a gradient step; a learned "

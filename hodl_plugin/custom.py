@@ -20,7 +20,7 @@ from . import linear_solve as ls
 from ._autodiff import grad_wanted
 from ._capture import bind, flatten
 from ._checks import all_finite
-from ._stopping import default_tol
+from ._stopping import default_tol, scaled_norm
 from ._torch_compat import transforms_active
 from .errors import ConvergenceWarning, DivergenceError, user_stacklevel
 from .gkm import validate_count, validate_nonneg, validate_relative
@@ -145,8 +145,8 @@ def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, i
         r = r - out
     dims = tuple(range(batch_dims, out.dim())) if batch_dims else None
 
-    def norm(t: Tensor) -> Tensor:
-        return torch.linalg.vector_norm(t.detach(), dim=dims)
+    def norm(t: Tensor) -> Tensor:  # (scaled: a solution at 1e200 has squares beyond float64's range)
+        return scaled_norm(t.detach(), dims)
 
     res_all = norm(r)
     res = float(res_all.max()) if res_all.numel() else 0.0
@@ -163,13 +163,18 @@ def _check_solution(kind: str, name: str, fn: Callable[..., Tensor], out: Any, i
         scale, what = norm(fn(init, *params)), "||G(u)||"
     thresh_all = torch.clamp(rel * scale, min=atol)
     bad = res_all > thresh_all
+    if kind == "root" and bool(bad.any()):  # an init at (or near) the root: ||G(init)|| is rounding, not a
+        g0 = norm(fn(torch.zeros_like(init), *params))  # scale; the problem's own size is ||G(0)||
+        scale = torch.where(torch.isfinite(g0), torch.maximum(scale, g0), scale)
+        thresh_all = torch.clamp(rel * scale, min=atol)
+        bad = res_all > thresh_all
     if bool(bad.any()):
         j = int(torch.where(bad, res_all / thresh_all.clamp_min(1e-300), -math.inf).reshape(-1).argmax())
         res, thresh = float(res_all.reshape(-1)[j]), float(thresh_all.reshape(-1)[j])
         where = f" (sample {j} of the batch_dims={batch_dims} batch)" if batch_dims else ""
         warnings.warn(
             f"{name} returned a point with {what} = {res:.3e}{where} above {thresh:.3e} (tol={rel:g} relative to "
-            f"{'||u||' if kind == 'fixed_point' else '||G(init)||'}, atol={atol:g}): it is not a "
+            f"{'||u||' if kind == 'fixed_point' else 'max(||G(init)||, ||G(0)||)'}, atol={atol:g}): it is not a "
             f"{'fixed point' if kind == 'fixed_point' else 'root'} to that accuracy, and the implicit derivative "
             "taken there is that of the equation at this point. Solve more accurately, or pass tol=/atol=",
             ConvergenceWarning,
@@ -245,8 +250,9 @@ def custom_root(optimality_fn: Callable[..., Tensor], *, solve: ls.SolverLike = 
         solve: the linear solver of :math:`(\partial_u G)^\top v = \bar u` (default GMRES; pass CG,
             ``hp.linear_solve.cg()``, for a symmetric positive definite :math:`\partial_u G`, e.g. a Hessian).
         on_fail: as for :func:`custom_fixed_point`.
-        tol, atol: the check of the returned point, ``‖G(u)‖ ≤ max(tol·‖G(init)‖, atol)`` (as for
-            :func:`custom_fixed_point`).
+        tol, atol: the check of the returned point, ``‖G(u)‖ ≤ max(tol·max(‖G(init)‖, ‖G(0)‖), atol)`` (as
+            for :func:`custom_fixed_point`; ``‖G(0)‖``, the problem's size, is evaluated only when the first
+            test fails — an ``init`` at the root has a rounding-level ``‖G(init)‖``).
         batch_dims: the leading dims of ``u`` that index independent problems (as for
             :func:`custom_fixed_point`).
 

@@ -235,3 +235,23 @@ def test_a_divergence_of_the_accelerated_iterates_says_so():
         hp.GKMSolver(T, tol=1e-10, acceleration=hp.Broyden(1), max_steps=5000)(torch.zeros(3, dtype=D), A, b)
     u = hp.GKMSolver(T, tol=1e-12, max_steps=5000)(torch.zeros(3, dtype=D), A, b)
     assert torch.allclose(u, torch.linalg.solve(torch.eye(3, dtype=D) - A, b), rtol=1e-9)
+
+
+def test_an_overflow_at_an_extrapolated_point_names_the_acceleration():
+    """float32 with |u*| ~ 4e37 (9× below the largest float32): a Broyden step overshoots and T overflows at
+    the extrapolated point. The DivergenceError blamed T alone ('check it, e.g. a log or a division'); it
+    now says the point was the accelerator's and how to tell (the plain iteration converges here)."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(4, 8, 8, generator=g, dtype=torch.float64))
+    c0 = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    W, c = (0.9 * Q[[1]]).float(), (c0[[1]] * 1e37).float()
+    T = lambda u: torch.einsum("bij,bj->bi", W, u) + c  # noqa: E731
+    try:
+        u, info = hp.GKMSolver(T, batch_dims=1, acceleration=hp.Broyden(10)).solve(torch.zeros(1, 8))
+    except hp.DivergenceError as e:
+        assert "acceleration=None" in str(e)
+    else:  # (no overflow on this machine: the result must then be right)
+        ref = torch.linalg.solve(torch.eye(8, dtype=torch.float64) - W.double()[0], c.double()[0])
+        assert info.converged and float((u.double()[0] - ref).norm() / ref.norm()) < 1e-4
+    u, info = hp.GKMSolver(T, batch_dims=1).solve(torch.zeros(1, 8))
+    assert info.converged

@@ -270,3 +270,60 @@ def test_batch_dims_checks_the_returned_point_per_sample():
         hp.custom_fixed_point(T, batch_dims=3)(few_steps)(torch.zeros_like(x), x, c)
     with pytest.raises(ValueError, match="batch_dims"):
         hp.custom_root(T, batch_dims=-1)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float64, 1e200), (torch.float32, 1e28)])
+def test_a_solution_near_the_top_of_the_dtype_is_checked_without_overflow(dtype, scale):
+    """|u*| ~ 1e200 (float64) or 1e28 (float32): finite, but its squares are not — the check of the returned
+    point raised 'returned a point with NaN/Inf entries'. The gradient is A⁻¹1 (linear T: scale-free)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A = A @ A.T / 6 + torch.eye(6, dtype=torch.float64)
+    Ad = A.to(dtype)
+    x = (scale * torch.randn(6, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    for deco in (hp.custom_fixed_point(lambda u, x: u - 0.2 * (Ad @ u - x)), hp.custom_root(lambda u, x: Ad @ u - x)):
+        u = deco(lambda u0, x: torch.linalg.solve(Ad, x))(torch.zeros(6, dtype=dtype), x)
+        (grad,) = torch.autograd.grad(u.sum(), x)
+        assert rel_err(grad.double(), torch.linalg.solve(A, torch.ones(6, dtype=torch.float64))) < (
+            1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_custom_root_warm_started_at_the_root_does_not_warn_and_a_non_root_still_does():
+    """init = the root: ||G(init)|| is rounding, and 'tol relative to ||G(init)||' made any returned point
+    fail (7e-17 above 7e-22). The scale is now max(||G(init)||, ||G(0)||); a solver that returns a point
+    that is not a root is still reported."""
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(3, 4, 4, generator=g, dtype=DT)
+    A = M @ M.mT + torch.eye(4, dtype=DT)
+    X = torch.randn(3, 4, generator=g, dtype=DT) * torch.tensor([[1.0], [1e-6], [1e6]], dtype=DT)
+    G = lambda u, x: (A @ u[..., None])[..., 0] - x  # noqa: E731
+    exact = torch.linalg.solve(A, X[..., None])[..., 0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hp.custom_root(G, batch_dims=1)(lambda u0, x: torch.linalg.solve(A, x[..., None])[..., 0])(exact.clone(), X)
+    with pytest.warns(hp.ConvergenceWarning, match="sample 1"):
+        hp.custom_root(G, batch_dims=1)(lambda u0, x: u0)(exact * torch.tensor([[1.0], [1.1], [1.0]], dtype=DT), X)
+
+
+def test_a_failed_adjoint_of_a_decorated_solver_speaks_the_decorators_options():
+    """A user's own solve= that misses its tolerance: the message named GKMSolver's options (adjoint_rtol,
+    hypergrad='unrolled', adjoint_maxiter) that the decorators do not have, and for a batch_dims batch
+    claimed the tolerance was 'below what float64 resolves' (it compared the scaled system's threshold with
+    the unscaled right-hand side)."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(3, 5, 5, generator=g, dtype=DT)
+    A = M @ M.mT / 5 + torch.eye(5, dtype=DT)
+    G = lambda u, x: (A @ u[..., None])[..., 0] - x  # noqa: E731
+
+    def sloppy(matvec, b, x0=None):  # right to 1e-4 only
+        return torch.linalg.solve(A.mT, b[..., None])[..., 0] * (1 + 1e-4)
+
+    X = (torch.randn(3, 5, generator=g, dtype=DT) * torch.tensor([[1.0], [1e-6], [1e6]], dtype=DT)).requires_grad_()
+    for bd in (0, 1):
+        u = hp.custom_root(G, batch_dims=bd, solve=sloppy)(
+            lambda u0, x: torch.linalg.solve(A, x[..., None])[..., 0])(torch.zeros(3, 5, dtype=DT), X)
+        with pytest.raises(hp.LinearSolveError) as e:
+            u.sum().backward()
+        msg = str(e.value)
+        assert "solve=" in msg and "resolves" not in msg
+        assert not any(w in msg for w in ("adjoint_rtol", "hypergrad", "adjoint_maxiter")), msg
