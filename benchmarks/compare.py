@@ -1,6 +1,6 @@
 """hodl_plugin against the libraries users would otherwise pick, on the same problems, in one process.
 
-``python -m benchmarks.compare [--quick] [--only a,a2,h,b,c,d] [--out DIR]``. The peers are
+``python -m benchmarks.compare [--quick] [--only a,a2,h,b,c,d,deq] [--out DIR]``. The peers are
 optional extras of the benchmark, not dependencies of the package; ``make install`` adds them
 (``higher`` and ``boat-torch``, the latter with ``--no-deps`` after the pinned CPU torch; TorchOpt
 and Betty are installed anyway). A peer that is not installed is reported as such in the table.
@@ -28,6 +28,9 @@ Problems (float64, CPU):
   training time, hodl_plugin vs the same loop in plain torch (no peer has a proximal-layer lower level).
 - **(d)** memory: bytes autograd saves for the backward (saved-tensor hooks, every library in the
   same process) for unrolled and implicit methods of each library, as K grows 10 → 1000.
+- **(deq)** DEQ batches against TorchDEQ 0.1.0 (its ``anderson`` / ``broyden`` forward and its implicit
+  backward vs ours: time to the same per-sample residual, gradient errors against dense implicit
+  differentiation and finite differences): :mod:`benchmarks.deq`'s tables, run here (one thread, as there).
 
 Where things are: the problems in ``benchmarks.problems``; each library's wrappers in its own
 module of ``benchmarks.peers`` (``hodl``, ``torchopt_peer``, ``higher_peer``, ``betty_peer``,
@@ -333,8 +336,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="n = 300, fewer points (about 2 minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (median; default 1 quick / 3)")
-    ap.add_argument("--only", default="a,a2,h,b,c,d",
-                    help="comma list of problems: a, a2, h (ours vs TorchOpt interleaved), b, c, d")
+    ap.add_argument("--only", default="a,a2,h,b,c,d,deq",
+                    help="comma list of problems: a, a2, h (ours vs TorchOpt interleaved), b, c, d, deq (vs TorchDEQ)")
     ap.add_argument("--out", default="out/benchmarks", help="folder for compare.json and compare.png")
     args = ap.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -381,6 +384,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print("(d) memory", flush=True)
         results["d"] = memory(args.quick)
         report.table(results["d"], "# (d) bytes saved for the backward (MB) as K grows")
+    if "deq" in only:
+        print("(deq) DEQ batches against TorchDEQ (benchmarks.deq)", flush=True)
+        from . import deq
+
+        threads = torch.get_num_threads()
+        try:
+            res = deq.main(["--quick"] if args.quick else [])  # (prints its tables; one thread)
+        finally:
+            torch.set_num_threads(threads)
+        results["deq"] = {k: res[k] for k in ("forward", "backward", "costs")}
     if {"a", "a2"} & only:
         results["plot"] = report.plot(os.path.join(args.out, "compare.png"), results)
     path = os.path.join(args.out, "compare.json")
