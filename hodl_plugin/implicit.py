@@ -395,7 +395,8 @@ class Implicit(HypergradMethod):
             ``"gmres"``, ``"bicgstab"``, ``"fixed_point"``/``"neumann"``, ``"anderson"``) or your own
             ``solve(matvec, b, x0=None)``. Default: CG when the operator declares
             ``symmetric_jacobian = True`` (e.g. :class:`~hodl_plugin.operators.GradientStep`), else
-            GMRES. CG checks the symmetry claim on two random vectors and raises if it is false.
+            GMRES. CG checks the symmetry claim (on its first search directions, and on two random vectors
+            for a batch or when it does not converge) and raises if it is false.
         adjoint_rtol, adjoint_atol, adjoint_maxiter: the adjoint solve's stopping rule
             ``‖(I - J_u^T)v - ∇_u F‖ ≤ max(adjoint_rtol·‖∇_u F‖, adjoint_atol)`` within ``adjoint_maxiter``
             products; ``None`` keeps the solver's own (a named solver's default: ``rtol`` following the

@@ -894,16 +894,26 @@ class FunctionSolver(LinearSolver):
     def _solve(self, matvec, b, x0, rtol, atol):
         count = [0]
 
+        fn_name = getattr(self.fn, "__name__", self.fn)
+        like = (tuple(b.shape), b.dtype, str(b.device))
+
         def counted(v: Tensor) -> Tensor:
             count[0] += 1
+            if not isinstance(v, Tensor) or v.shape != b.shape:
+                raise ValueError(
+                    f"the linear solver {fn_name!r} asked for a product with "
+                    f"{tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}, but the system's vectors are "
+                    f"shaped like b {tuple(b.shape)} (with batch_dims, b holds the whole batch: matvec acts on all "
+                    "samples at once)"
+                )
             return matvec(v)
 
         out = self.fn(counted, b, x0)
         x = out[0] if isinstance(out, tuple) else out
-        if not isinstance(x, Tensor) or x.shape != b.shape:
+        if not isinstance(x, Tensor) or x.shape != b.shape or x.dtype != b.dtype or x.device != b.device:
+            got = (tuple(x.shape), x.dtype, str(x.device)) if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(
-                f"the linear solver {getattr(self.fn, '__name__', self.fn)!r} must return x shaped like b "
-                f"{tuple(b.shape)} (or (x, info)), got {type(x).__name__}"
+                f"the linear solver {fn_name!r} must return x like b {like} (or (x, info)), got {got}"
             )
         thresh = max(rtol * _norm(b), atol)
         res = _norm(b - counted(x))
@@ -965,12 +975,12 @@ def check_symmetric(matvec: MatVec, b: Tensor, solver: LinearSolver) -> None:
 def verify_symmetric(matvec: MatVec, b: Tensor, solver: LinearSolver,
                      info: LinearSolveInfo) -> None:
     """After a solve by a solver that reports ``info.symmetry_defect`` (CG, on its first two search
-    directions): raise if the matrix is not symmetric. A solve that stopped before measuring it is
-    right when it converged (its true residual says so); one that did not is tested on random vectors."""
-    if info.symmetry_defect is not None:
-        if info.symmetry_defect > symmetry_tol(b.dtype):
-            raise _asymmetric(solver, info.symmetry_defect, "CG's first two search directions a, c")
-    elif not info.converged:
+    directions): raise if the matrix is not symmetric. A solve that converged is right whatever the matrix
+    (its true residual says so); one that did not is also tested on two random vectors (the first search
+    directions span little of the space and may miss an asymmetry elsewhere)."""
+    if info.symmetry_defect is not None and info.symmetry_defect > symmetry_tol(b.dtype):
+        raise _asymmetric(solver, info.symmetry_defect, "CG's first two search directions a, c")
+    if not info.converged:  # (the first directions may miss an asymmetry elsewhere: random ones too)
         check_symmetric(matvec, b, solver)
 
 

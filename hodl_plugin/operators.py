@@ -26,7 +26,8 @@ is differentiated: ``T.symmetric_jacobian``. The implicit and inexact modes solv
     T = lambda u, x: u - s * (A @ u - x)      # A symmetric: ∂_u T = I - sA is symmetric
     T.symmetric_jacobian = True               # the implicit mode now uses CG (else GMRES)
 
-Claim it only when it holds: before CG runs the claim is tested on two random vectors, and a false
+Claim it only when it holds: the claim is tested (on CG's first search directions, and on two random
+vectors for a batch or when CG does not converge), and a false
 claim raises :class:`~hodl_plugin.errors.LinearSolveError` (whatever ``on_fail`` says). Not
 claiming it costs only speed: GMRES is correct for any Jacobian. To choose explicitly, pass the
 solver, ``hypergrad=hp.Implicit("gmres")``.

@@ -184,3 +184,28 @@ def test_a_failed_adjoint_after_a_diverged_forward_says_so():
     with pytest.raises(hp.LinearSolveError, match="forward solve diverged") as e:
         z.sum().backward()
     assert "unrolled" not in str(e.value)
+
+
+def test_a_false_symmetry_claim_hidden_from_cgs_first_directions_is_still_named():
+    """A skew part deep in a tridiagonal chain and ∇_u F = e_0: CG's first two search directions stay in
+    span(e_0, e_1) and measured no asymmetry (defect 0); CG then failed after 1001 products and the error
+    said '(I - dT/du) may be singular'. A CG solve that does not converge is now also tested on random
+    vectors: the false claim is named. (GMRES gives A⁻ᵀe_0.)"""
+    n = 30
+    off = torch.diag(torch.ones(n - 1, dtype=DT), 1)
+    A = 2.2 * torch.eye(n, dtype=DT) - off - off.T
+    A[10, 11] += 1.5
+    A[11, 10] -= 1.5
+    s = 1 / torch.linalg.matrix_norm(A, 2).item()
+
+    def T(u, x):
+        return u - s * (A @ u - x)
+
+    T.symmetric_jacobian = True  # false
+    x = torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    u = hp.GKMSolver(T, max_steps=200000, tol=1e-13)(torch.zeros(n, dtype=DT), x)
+    with pytest.raises(hp.LinearSolveError, match="needs a symmetric dT/du"):
+        u[0].backward()
+    u = hp.GKMSolver(T, max_steps=200000, tol=1e-13, hypergrad=hp.Implicit("gmres"))(torch.zeros(n, dtype=DT), x)
+    (g,) = torch.autograd.grad(u[0], x)
+    assert rel_err(g, torch.linalg.solve(A.T, torch.eye(n, dtype=DT)[0])) < 1e-9

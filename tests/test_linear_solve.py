@@ -381,3 +381,22 @@ def test_solve_checked_gives_each_sample_its_tolerance_without_a_per_sample_mode
     assert info.converged
     for i in range(2):
         assert rel_err(x[i], exact[i]) < 1e-6
+
+
+def test_a_solve_function_asking_for_a_wrongly_shaped_product_or_returning_another_dtype_is_named():
+    """Your own solve(matvec, b, x0): with batch_dims, b holds the whole batch; a product asked for one
+    sample's vector raised torch's raw 'Mismatch in shape' from deep in autograd; a float32 answer to a
+    float64 system was blamed on matvec ('matvec must return a tensor like its input')."""
+    M = spd(6, 10.0, 3)
+    b = torch.randn(3, 6, dtype=DT, generator=torch.Generator().manual_seed(4))
+
+    def per_column(matvec, b, x0=None):  # builds the matrix from products with single vectors
+        E = torch.eye(b.shape[-1], dtype=b.dtype)
+        return torch.linalg.solve(torch.stack([matvec(E[j]) for j in range(b.shape[-1])], -1), b)
+
+    with pytest.raises(ValueError, match=r"asked for a product with \(6,\).*shaped like b \(3, 6\)"):
+        ls.as_solver(per_column)(lambda v: v @ M.T, b)
+    x, info = ls.as_solver(per_column)(lambda v: M @ v, b[0])  # one system: right
+    assert info.converged and rel_err(x, torch.linalg.solve(M, b[0])) < 1e-12
+    with pytest.raises(TypeError, match=r"must return x like b .*float64.*got .*float32"):
+        ls.as_solver(lambda matvec, b, x0=None: b.float())(lambda v: M @ v, b[0])
