@@ -999,10 +999,16 @@ def check_nonsingular(matvec: MatVec, b: Tensor, solver: LinearSolver,
     if symmetry:  # an asymmetric matrix also fails this solve: say which it is
         verify_symmetric(matvec, r, solver, info)
     if not info.converged:
+        where = ""
+        if info.converged_per_sample is not None:  # a batch: which samples
+            bad = (~info.converged_per_sample).reshape(-1).nonzero().flatten().tolist()
+            where = f" (samples {bad[:8]}{'...' if len(bad) > 8 else ''} of the batch)"
+        how = (f"residual {info.residual:.2e} > {info.threshold:.2e}" if math.isfinite(info.residual)
+               else "it broke down: a zero or NaN inner product, as on a singular matrix")
         raise LinearSolveError(
-            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point: "
-            f"{info.method} could not solve (I - dT/du)^T z = r for a random r (residual {info.residual:.2e} > "
-            f"{info.threshold:.2e} after {info.iterations} products). Fix T is then not a singleton and the "
+            f"I - dT/du is singular (or too ill-conditioned for the adjoint tolerance) at the fixed point{where}: "
+            f"{info.method} could not solve (I - dT/du)^T z = r for a random r ({how}, "
+            f"after {info.iterations} products). Fix T is then not a singleton and the "
             "implicit hypergradient is undefined: differentiate the (aggregated) iteration with "
             "hypergrad='unrolled' or 'truncated', as HODL does (check_unique=False skips this test)"
         )

@@ -209,3 +209,22 @@ def test_a_false_symmetry_claim_hidden_from_cgs_first_directions_is_still_named(
     u = hp.GKMSolver(T, max_steps=200000, tol=1e-13, hypergrad=hp.Implicit("gmres"))(torch.zeros(n, dtype=DT), x)
     (g,) = torch.autograd.grad(u[0], x)
     assert rel_err(g, torch.linalg.solve(A.T, torch.eye(n, dtype=DT)[0])) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab"])
+def test_the_uniqueness_probe_of_a_batch_names_the_singular_sample(solver):
+    """Sample 1 of three has a non-unique fixed-point set (I - J = diag(.5, .5, 0, 0)): check_unique raises
+    naming it — the message said 'residual nan' when BiCGSTAB broke down, and named no sample."""
+    d = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.0, 0.0], [0.9, 0.1, 0.3, 0.7]], dtype=DT)
+    x = torch.tensor([[1.0, 2, 3, 4]] * 3, dtype=DT, requires_grad=True)
+    solver_ = hp.GKMSolver(lambda u, x: u - d * (u - x), max_steps=5000, tol=1e-13, batch_dims=1,
+                           hypergrad=hp.Implicit(solver=solver, check_unique=True))
+    u = solver_(torch.zeros(3, 4, dtype=DT), x)
+    with pytest.raises(hp.LinearSolveError, match="singular") as e:
+        u.sum().backward()
+    msg = str(e.value)
+    assert "nan" not in msg
+    if solver == "gmres":  # per sample (BiCGSTAB solves the batch as one system: no sample to name)
+        assert "at the fixed point (samples [1] of the batch)" in msg
+    else:
+        assert "broke down" in msg
