@@ -81,6 +81,28 @@ def choice(options: Iterable[str]) -> Any:
     return parse
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (``--K 0`` was taken for "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
 def load_xy(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels: ``X.npy`` / ``y.npy`` of ``--data-dir``, else scikit-learn's digits in [0, 1]."""
     if getattr(args, "data_dir", None):

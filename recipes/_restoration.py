@@ -47,7 +47,7 @@ from torch import nn
 
 import hodl_plugin as hp
 
-from ._common import acceleration, add_anderson, print_table, progress, save_json
+from ._common import acceleration, add_anderson, positive_int, print_table, progress, save_json
 from ._images import TEST_IMAGES, TRAIN_IMAGES, load_gray, random_patches
 
 DT = torch.float32
@@ -385,8 +385,8 @@ def center_crops(images: list[np.ndarray], size: int) -> torch.Tensor:
 
 def add_args(ap: Any) -> None:
     """Training/evaluation options of the restoration recipes."""
-    ap.add_argument("--K", type=int, default=None, help="GKM steps trained (default 8 quick / 10)")
-    ap.add_argument("--iters", type=int, default=None, help="training iterations (default 150 quick / 300)")
+    ap.add_argument("--K", type=positive_int, default=None, help="GKM steps trained (default 8 quick / 10)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="training iterations (default 150 quick / 300)")
     ap.add_argument("--channels", type=int, default=None, help="channels of N_ω (default 12 quick / 16)")
     ap.add_argument("--batch", type=int, default=None, help="patches per batch (default 8 quick / 12)")
     ap.add_argument("--patch", type=int, default=None, help="patch size (default 32 quick / 40)")

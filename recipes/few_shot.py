@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as Fnn
 from torch import nn
 
-from ._common import load_xy, parse_list, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import load_xy, parse_list, parser, plot_curves, positive_int, print_table, progress, save_json, setup
 
 NAME = "few_shot"
 DT = torch.float64
@@ -306,9 +306,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--shots", default=None, help="comma list of k-shot settings (default 1 quick / 1,5)")
     ap.add_argument("--ways", type=int, default=5, help="classes per episode (N-way)")
     ap.add_argument("--queries", type=int, default=15, help="query samples per class in each episode")
-    ap.add_argument("--K", type=int, default=10, help="inner GKM steps (unrolled)")
+    ap.add_argument("--K", type=positive_int, default=10, help="inner GKM steps (unrolled)")
     ap.add_argument("--mu", type=float, default=0.05, help="ridge weight of the inner problem")
-    ap.add_argument("--iters", type=int, default=None, help="meta-training episodes (default 100 quick / 300)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="meta-training episodes (default 100 quick / 300)")
     ap.add_argument("--test-episodes", type=int, default=None, help="meta-test episodes (default 200 / 600)")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="episodes between validation points (default iters/5 quick / iters/12)")

@@ -44,7 +44,19 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import acceleration, add_anderson, load_xy, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import (
+    acceleration,
+    add_anderson,
+    fraction,
+    load_xy,
+    parser,
+    plot_curves,
+    positive_int,
+    print_table,
+    progress,
+    save_json,
+    setup,
+)
 
 NAME = "hyper_cleaning"
 DT = torch.float64
@@ -279,10 +291,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=None, help="training samples (default 400 quick / 800)")
     ap.add_argument("--n-val", type=int, default=300, help="clean validation samples (the upper loss)")
-    ap.add_argument("--corrupt", type=float, default=0.5, help="fraction of training labels corrupted")
+    ap.add_argument("--corrupt", type=fraction, default=0.5, help="fraction of training labels corrupted")
     ap.add_argument("--mu", type=float, default=1e-2, help="ridge weight of the lower level")
-    ap.add_argument("--K", type=int, default=None, help="lower GKM steps per outer step (default 30 quick / 60)")
-    ap.add_argument("--iters", type=int, default=None, help="outer steps (default 50 quick / 300)")
+    ap.add_argument("--K", type=positive_int, default=None,
+                    help="lower GKM steps per outer step (default 30 quick / 60)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="outer steps (default 50 quick / 300)")
     ap.add_argument("--lr", type=float, default=0.3, help="Adam step on the weight logits")
     ap.add_argument("--modes", default=",".join(m.split(" ")[0] for m in MODES),
                     help="comma list of modes to run (default the GKM modes: %(default)s; the baselines "

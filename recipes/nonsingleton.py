@@ -41,7 +41,7 @@ import torch
 
 import hodl_plugin as hp
 
-from ._common import choice, parse_list, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import choice, parse_list, parser, plot_curves, positive_int, print_table, progress, save_json, setup
 
 NAME = "nonsingleton"
 
@@ -167,8 +167,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
     ap.add_argument("--p", type=int, default=10, help="rows of A (constraints)")
     ap.add_argument("--n", type=int, default=30, help="dimension of u")
-    ap.add_argument("--K", type=int, default=None, help="lower GKM steps (default 300 quick / 1000)")
-    ap.add_argument("--iters", type=int, default=None, help="outer iterations (default 150 quick / 400)")
+    ap.add_argument("--K", type=positive_int, default=None, help="lower GKM steps (default 300 quick / 1000)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="outer iterations (default 150 quick / 400)")
     ap.add_argument("--mu", type=float, default=0.1, help="weight of (μ/2)||x||²")
     ap.add_argument("--lr", type=float, default=0.5, help="outer step size")
     ap.add_argument("--methods", default=",".join(HODL_METHODS),

@@ -39,7 +39,7 @@ import torch.nn.functional as Fnn
 
 import hodl_plugin as hp
 
-from ._common import parse_list, parser, plot_curves, print_table, progress, save_json, setup
+from ._common import parse_list, parser, plot_curves, positive_int, print_table, progress, save_json, setup
 
 NAME = "sparse_coding"
 DT = torch.float32
@@ -391,8 +391,8 @@ def train(model: LearnedModel, A, snr, K, iters, batch, lr, g, args, label) -> l
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = parser(NAME, __doc__.split("\n")[0])
-    ap.add_argument("--K", type=int, default=16, help="layers / GKM steps")
-    ap.add_argument("--iters", type=int, default=None, help="training iterations (default 250 quick / 600)")
+    ap.add_argument("--K", type=positive_int, default=16, help="layers / GKM steps")
+    ap.add_argument("--iters", type=positive_int, default=None, help="training iterations (default 250 quick / 600)")
     ap.add_argument("--batch", type=int, default=64, help="codes per training batch")
     ap.add_argument("--lr", type=float, default=None, help="Adam step (default 5e-3)")
     ap.add_argument("--alpha0", type=float, default=1.0, help="HODL aggregation weight α_0 of every schedule")

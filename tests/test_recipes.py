@@ -73,6 +73,14 @@ def test_hyper_cleaning_modes_by_their_short_names(capsys):
     ("sparse_coding", ["--methods", "lista+foo"], "unknown token 'foo'"),
     ("sparse_coding", ["--settings", "loud"], "--settings: 'loud': noiseless or an SNR in dB"),
     ("derain", ["--settings", "medium"], "--settings: 'medium': choose from light, heavy"),
+    # a count of 0 was taken for "the default" (the run and its JSON used K = 30 while args said 0)
+    ("hyper_cleaning", ["--K", "0"], "argument --K: must be an integer >= 1, got 0"),
+    ("hyper_cleaning", ["--iters", "0"], "argument --iters: must be an integer >= 1, got 0"),
+    ("nonsingleton", ["--K", "0"], "argument --K: must be an integer >= 1, got 0"),
+    ("sparse_coding", ["--iters", "-2"], "argument --iters: must be an integer >= 1, got -2"),
+    ("deconvolution", ["--K", "0"], "argument --K: must be an integer >= 1, got 0"),
+    ("few_shot", ["--iters", "0"], "argument --iters: must be an integer >= 1, got 0"),
+    ("hyper_cleaning", ["--corrupt", "1.5"], "argument --corrupt: must lie in [0, 1), got 1.5"),
 ])
 def test_a_mistyped_list_flag_is_a_usage_error_before_any_work(name, argv, says, capsys):
     """Comma-list flags are parsed item by item up front: a typo exits 2 naming the flag (was a traceback
