@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import io
 import os
 import random
 import tempfile
@@ -392,7 +394,7 @@ def save_checkpoint(engine: Any, path: PathLike) -> None:
     >>> torch.equal(m0.x, m1.x)
     True
     """
-    state = engine_state_dict(engine)
+    state = _sealed(engine_state_dict(engine))
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
@@ -411,7 +413,8 @@ def save_checkpoint(engine: Any, path: PathLike) -> None:
 def load_checkpoint(engine: Any, path: PathLike) -> None:
     """Load a file written by :func:`save_checkpoint` into a freshly built engine.
 
-    A file that is not one (corrupt, truncated, foreign) raises :class:`CheckpointError` naming it.
+    A file that is not one (corrupt, truncated, foreign) raises :class:`CheckpointError` naming it; the
+    content is sealed with its SHA-256 when saved, so a changed byte anywhere is caught.
     The file is read with ``torch.load(weights_only=True)``: loading runs no pickled code.
 
     Args:
@@ -464,4 +467,34 @@ def load_checkpoint(engine: Any, path: PathLike) -> None:
     except Exception as exc:
         raise _fail(path, f"not a valid hodl_plugin checkpoint: torch.load failed ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
-    load_engine_state_dict(engine, state, source=path)
+    load_engine_state_dict(engine, _opened(state, path), source=path)
+
+
+def _sealed(state: dict) -> dict:
+    """The state serialised and sealed with its SHA-256: a changed byte anywhere in it is caught on load
+    (``torch.load`` checks no checksum: a flipped byte in a tensor loaded as another number)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
+    return {"format": FORMAT, "sealed": 1, "sha256": hashlib.sha256(payload).hexdigest(),
+            "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+
+
+def _opened(state: Any, source: str) -> Any:
+    """The state inside a sealed file, its checksum verified (an unsealed state, as files written before
+    the seal, is passed through)."""
+    if not (isinstance(state, dict) and state.get("sealed") is not None):
+        return state
+    payload = state.get("payload")
+    digest = state.get("sha256")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
+        raise _fail(source, "not a valid hodl_plugin checkpoint (a damaged seal)")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _fail(source, "the checkpoint is corrupt: its content does not match the SHA-256 it was saved with "
+                    "(a changed byte); restore it from a copy")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:  # (cannot happen with a matching checksum unless the writer was broken)
+        raise _fail(source, f"not a valid hodl_plugin checkpoint: its content does not load ({type(exc).__name__})"
+                    ) from exc

@@ -6,6 +6,7 @@ an engine that already ran, a checkpoint past train_iters, a failing apply (roll
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import warnings
@@ -205,6 +206,8 @@ def test_killed_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
 
     def dies_midway(obj, f, *a, **k):
+        if isinstance(f, io.BytesIO):  # (the state serialised in memory to be sealed: not the file)
+            return real_save(obj, f, *a, **k)
         f.write(b"PK\x03\x04 half a zip")  # some bytes reach the file, then the process "dies"
         raise OSError("disk full")
 
@@ -277,3 +280,28 @@ def test_a_failing_apply_is_rolled_back(tmp_path, monkeypatch, where):
     hb.load_checkpoint(eng, path)
     eng.run()
     assert same(final(eng, xm, low), straight())
+
+
+@pytest.mark.parametrize("where", ["upper parameter", "middle"])
+def test_a_changed_byte_is_caught(tmp_path, where):
+    """torch.load checks no checksum: one flipped byte in the stored upper parameter loaded as x[0] = 25669
+    (was 0.39), one in the middle of the file changed the stored random state — both silently. The content
+    is sealed with its SHA-256: refused, naming the file, the engine untouched."""
+    path = first_part(tmp_path)
+    raw = bytearray(path.read_bytes())
+    if where == "middle":
+        i = len(raw) // 2
+    else:
+        eng, xm, _ = build()
+        eng.train_iters = 5
+        torch.manual_seed(123)
+        eng.run()  # the same run as first_part: its x is the one stored
+        i = bytes(raw).find(xm.x.detach().numpy().tobytes())
+        assert i > 0
+    raw[i + 3] ^= 0x7F
+    path.write_bytes(bytes(raw))
+    eng, xm, low = build()
+    with pytest.raises(hb.CheckpointError) as e:
+        hb.load_checkpoint(eng, path)
+    assert str(path) in str(e.value) and ("corrupt" in str(e.value) or "not a valid" in str(e.value))
+    assert fresh_state(eng, xm, low)
