@@ -184,6 +184,7 @@ class Monitor:
         self.batch_shape = tuple(u.shape[: self.bdims])
         self.kept: Optional[Tensor] = None
         self.kept_mask: Any = None
+        self.last_thr: Any = None  # the per-sample thresholds of the last check (a batch)
         if self.scalar:
             self.f = _ScalarState(None if r0 is None else float(r0))
         else:
@@ -628,7 +629,7 @@ class Monitor:
             s.converged = torch.zeros_like(s.stopped_at, dtype=torch.bool)
             s.diverged = torch.zeros_like(s.converged)
         running = s.stopped_at < 0
-        thr = None if getattr(self, "last_thr", None) is None else _as_tensor(self.last_thr)
+        thr = None if self.last_thr is None else _as_tensor(self.last_thr)
         if residual is None and s.rprev is not None:  # the last check stands for the returned point
             un = self._final_norm(u)
             s.converged = s.converged | (running & (s.rprev <= torch.clamp(self.noise_tol * un, min=self.atol)))

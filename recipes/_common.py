@@ -81,26 +81,22 @@ def choice(options: Iterable[str]) -> Any:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer >= 1 (``--K 0`` was taken for "the default")."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
+def _checked_type(convert: Any, ok: Any, what: str) -> Any:
+    """An argparse ``type``: ``convert(text)`` where ``ok`` holds, else a usage error saying ``what``."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
 
 
-def fraction(text: str) -> float:
-    """An argparse ``type``: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
-    return value
+#: an integer >= 1 (``--K 0`` was taken for "the default"); a number in [0, 1)
+positive_int = _checked_type(int, lambda v: v >= 1, "an integer >= 1")
+fraction = _checked_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def load_xy(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:

@@ -80,7 +80,7 @@ def test_hyper_cleaning_modes_by_their_short_names(capsys):
     ("sparse_coding", ["--iters", "-2"], "argument --iters: must be an integer >= 1, got -2"),
     ("deconvolution", ["--K", "0"], "argument --K: must be an integer >= 1, got 0"),
     ("few_shot", ["--iters", "0"], "argument --iters: must be an integer >= 1, got 0"),
-    ("hyper_cleaning", ["--corrupt", "1.5"], "argument --corrupt: must lie in [0, 1), got 1.5"),
+    ("hyper_cleaning", ["--corrupt", "1.5"], "argument --corrupt: must be a number in [0, 1), got 1.5"),
 ])
 def test_a_mistyped_list_flag_is_a_usage_error_before_any_work(name, argv, says, capsys):
     """Comma-list flags are parsed item by item up front: a typo exits 2 naming the flag (was a traceback
